@@ -1,0 +1,3 @@
+pub mod definition;
+pub mod desktop;
+pub mod exec;

@@ -1,0 +1,183 @@
+//! The command line: busvisor's subcommands, plus dbus-daemon's flags so
+//! that busvisor can stand wherever a dbus-daemon binary is expected.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "busvisor",
+    version,
+    about = "A D-Bus session bus that starts services on demand and supervises them",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// dbus-daemon compatible flags, when no subcommand is given.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the bus (the default when only dbus-daemon flags are given).
+    Daemon(DaemonArgs),
+    /// Start a private bus, run CMD on it, exit with CMD's status
+    /// (like dbus-run-session).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct DaemonArgs {
+    /// Use the standard session bus configuration (the default).
+    #[arg(long)]
+    pub session: bool,
+    /// The system bus is not supported; accepted to fail with a clear message.
+    #[arg(long)]
+    pub system: bool,
+    /// dbus-daemon XML configuration file.
+    #[arg(long = "config-file", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// busvisor TOML configuration file.
+    #[arg(long = "config", value_name = "FILE", conflicts_with = "config_file")]
+    pub config: Option<PathBuf>,
+    /// Listen address, overriding the configuration's <listen>.
+    #[arg(long, value_name = "ADDRESS")]
+    pub address: Option<String>,
+    /// Print the bus address to stdout, or to file descriptor FD.
+    #[arg(long = "print-address", value_name = "FD", num_args = 0..=1,
+          require_equals = true, default_missing_value = "")]
+    pub print_address: Option<String>,
+    /// Print the bus pid to stdout, or to file descriptor FD.
+    #[arg(long = "print-pid", value_name = "FD", num_args = 0..=1,
+          require_equals = true, default_missing_value = "")]
+    pub print_pid: Option<String>,
+    /// Stay in the foreground (the default).
+    #[arg(long)]
+    pub nofork: bool,
+    /// Detach into the background once the bus is ready.
+    #[arg(long, overrides_with = "nofork")]
+    pub fork: bool,
+    /// Do not write a pid file (busvisor never writes one).
+    #[arg(long)]
+    pub nopidfile: bool,
+    /// Accepted for compatibility; systemd activation is not used.
+    #[arg(long = "systemd-activation")]
+    pub systemd_activation: bool,
+    /// Accepted for compatibility; busvisor logs to stderr.
+    #[arg(long)]
+    pub syslog: bool,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub nosyslog: bool,
+    /// Accepted for compatibility.
+    #[arg(long = "syslog-only")]
+    pub syslog_only: bool,
+    /// Print the bus's introspection XML and exit.
+    #[arg(long)]
+    pub introspect: bool,
+    /// Directory of busvisor service definitions (*.toml); repeatable.
+    #[arg(long = "services-dir", value_name = "DIR")]
+    pub services_dir: Vec<PathBuf>,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// dbus-daemon XML configuration file for the private bus.
+    #[arg(long = "config-file", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// busvisor TOML configuration file for the private bus.
+    #[arg(long = "config", value_name = "FILE", conflicts_with = "config_file")]
+    pub config: Option<PathBuf>,
+    /// Accepted for dbus-run-session compatibility; busvisor is the bus.
+    #[arg(long = "dbus-daemon", value_name = "BINARY")]
+    pub dbus_daemon: Option<PathBuf>,
+    /// Directory of busvisor service definitions (*.toml); repeatable.
+    #[arg(long = "services-dir", value_name = "DIR")]
+    pub services_dir: Vec<PathBuf>,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+/// dbus-daemon accepts `--print-address FD` with the FD as a separate word;
+/// clap takes optional values only with `=`. Join such pairs first.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    let mut it = args.into_iter().peekable();
+    let mut passthrough = false;
+    while let Some(a) = it.next() {
+        if passthrough {
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            passthrough = true;
+            out.push(a);
+            continue;
+        }
+        if a == "--print-address" || a == "--print-pid" {
+            if let Some(next) = it.peek() {
+                let n = next.to_string_lossy();
+                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                    let mut joined = a.clone();
+                    joined.push("=");
+                    joined.push(next);
+                    out.push(joined);
+                    it.next();
+                    continue;
+                }
+            }
+        }
+        out.push(a);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn dbus_daemon_flags() {
+        let c = parse(&[
+            "busvisor",
+            "--nofork",
+            "--print-address",
+            "5",
+            "--config-file",
+            "/x.conf",
+        ]);
+        assert!(c.command.is_none());
+        assert_eq!(c.daemon.print_address.as_deref(), Some("5"));
+        assert_eq!(c.daemon.config_file, Some(PathBuf::from("/x.conf")));
+        let c = parse(&["busvisor", "--print-address=7", "--config-file=/y", "--print-pid"]);
+        assert_eq!(c.daemon.print_address.as_deref(), Some("7"));
+        assert_eq!(c.daemon.print_pid.as_deref(), Some(""));
+        let c = parse(&["busvisor", "--session", "--print-address", "--nofork"]);
+        assert_eq!(c.daemon.print_address.as_deref(), Some(""));
+        assert!(c.daemon.session);
+    }
+
+    #[test]
+    fn run_takes_command() {
+        let c = parse(&["busvisor", "run", "--", "sh", "-c", "exit 3"]);
+        match c.command {
+            Some(Command::Run(r)) => assert_eq!(r.command.len(), 3),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

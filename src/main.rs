@@ -1,0 +1,97 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use busvisor::cli::{normalize_args, Cli, Command, DaemonArgs, RunArgs};
+use busvisor::daemon::{self, Options, Output};
+
+fn init_logging(level: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn daemon_options(a: &DaemonArgs) -> Options {
+    Options {
+        config_file: a.config_file.clone(),
+        toml_config: a.config.clone(),
+        address: a.address.clone(),
+        print_address: a.print_address.as_deref().map(Output::from_flag),
+        print_pid: a.print_pid.as_deref().map(Output::from_flag),
+        services_dirs: a.services_dir.clone(),
+    }
+}
+
+fn daemon_main(a: DaemonArgs) -> ExitCode {
+    init_logging(a.log_level.as_deref());
+    if a.system {
+        eprintln!("busvisor: the system bus is not supported: busvisor is a session bus");
+        return ExitCode::FAILURE;
+    }
+    if a.introspect {
+        print!("{}</node>\n", busvisor::driver::INTROSPECTION);
+        return ExitCode::SUCCESS;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("busvisor: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon::run_daemon(daemon_options(&a))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("busvisor: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_main(a: RunArgs) -> ExitCode {
+    init_logging(Some(a.log_level.as_deref().unwrap_or("warn")));
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("busvisor run: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = Options {
+        config_file: a.config_file.clone(),
+        toml_config: a.config.clone(),
+        services_dirs: a.services_dir.clone(),
+        ..Default::default()
+    };
+    match rt.block_on(daemon::run_command(opts, a.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("busvisor run: {e}");
+            ExitCode::from(127)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Some(Command::Daemon(a)) => daemon_main(a),
+        Some(Command::Run(a)) => run_main(a),
+        None => daemon_main(cli.daemon),
+    }
+}

@@ -1,0 +1,169 @@
+//! One connected client: its identity, credentials and bounded outbound queue.
+//!
+//! The router never awaits a socket. It pushes shared `Message` handles into a
+//! peer's [`Outbox`] (a cheap `Arc` clone, no copy) and the peer's writer task
+//! drains the queue into the socket, several messages per write. The queue is
+//! bounded in bytes and fds; see [`PushError`] for what the router does when a
+//! peer stops reading.
+
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+use zbus::message::Message;
+
+/// A connection's number; its unique name is `:1.<id>`.
+pub type PeerId = u64;
+
+/// The unique name of a peer.
+pub fn unique_name(id: PeerId) -> String {
+    format!(":1.{id}")
+}
+
+/// The peer id behind a unique name of this bus, if it is one.
+pub fn parse_unique_name(name: &str) -> Option<PeerId> {
+    name.strip_prefix(":1.")?.parse().ok()
+}
+
+/// Credentials read from the socket when the peer connected.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
+    pub gids: Vec<u32>,
+    /// A pidfd for the peer process (SO_PEERPIDFD), when the kernel gives one.
+    pub pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Why a message could not be queued for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue holds its limit of bytes or fds: the peer is not reading.
+    Full,
+    /// The peer is gone or going.
+    Closed,
+}
+
+struct Queue {
+    messages: VecDeque<Message>,
+    bytes: usize,
+    fds: usize,
+    closed: bool,
+}
+
+/// A peer's bounded outbound queue.
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    ready: Notify,
+    max_bytes: usize,
+    max_fds: usize,
+    /// Messages dropped because the queue was full (broadcast signals).
+    pub dropped: AtomicU64,
+    /// Set once a write showed that the peer did not negotiate fd passing.
+    no_fds: AtomicBool,
+}
+
+impl Outbox {
+    pub fn new(max_bytes: usize, max_fds: usize) -> Self {
+        Outbox {
+            queue: Mutex::new(Queue {
+                messages: VecDeque::new(),
+                bytes: 0,
+                fds: 0,
+                closed: false,
+            }),
+            ready: Notify::new(),
+            max_bytes,
+            max_fds,
+            dropped: AtomicU64::new(0),
+            no_fds: AtomicBool::new(false),
+        }
+    }
+
+    /// Queue `msg`, unless that would pass the limits. A single message larger
+    /// than the limit is still accepted into an empty queue, so that a peer
+    /// that reads can always receive anything the bus accepted.
+    pub fn push(&self, msg: Message) -> Result<(), PushError> {
+        let len = msg.data().len();
+        let fds = msg.data().fds().len();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.closed {
+                return Err(PushError::Closed);
+            }
+            let over = q.bytes + len > self.max_bytes || q.fds + fds > self.max_fds;
+            if over && !q.messages.is_empty() {
+                return Err(PushError::Full);
+            }
+            q.bytes += len;
+            q.fds += fds;
+            q.messages.push_back(msg);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Wait for queued messages and move them all into `batch`. Returns false
+    /// once the outbox is closed and empty.
+    pub async fn next_batch(&self, batch: &mut Vec<Message>) -> bool {
+        loop {
+            {
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if !q.messages.is_empty() {
+                    batch.extend(q.messages.drain(..));
+                    return true;
+                }
+                if q.closed {
+                    return false;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Account for messages that have left through the socket. The bytes
+    /// stay counted while being written, so that a peer stuck mid-write
+    /// still counts as full.
+    pub fn sent(&self, batch: &[Message]) {
+        let (bytes, fds) = batch.iter().fold((0, 0), |(b, f), m| {
+            (b + m.data().len(), f + m.data().fds().len())
+        });
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.bytes = q.bytes.saturating_sub(bytes);
+        q.fds = q.fds.saturating_sub(fds);
+    }
+
+    /// Refuse further messages; the writer flushes what is queued, then ends.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_one();
+    }
+
+    pub fn fds_ok(&self) -> bool {
+        !self.no_fds.load(Ordering::Relaxed)
+    }
+
+    pub fn set_no_fds(&self) {
+        self.no_fds.store(true, Ordering::Relaxed);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+}
+
+/// A handle that can cut a peer's socket from outside its tasks: both the
+/// reader and a writer blocked in a write wake up with an error.
+pub struct Cutter(UnixStream);
+
+impl Cutter {
+    pub fn new(stream: UnixStream) -> Self {
+        Cutter(stream)
+    }
+
+    pub fn cut(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}

@@ -1,0 +1,590 @@
+//! The routing core: the bus state and the path of every message.
+//!
+//! Each peer's reader task calls [`Bus::handle`] with a message whose sender
+//! field it has already stamped. `handle` takes the state lock, decides every
+//! recipient, pushes the message into their outboxes and returns; it never
+//! awaits, so the lock is never held across an await and a slow peer can only
+//! fill its own outbox. Because one lock orders all state changes, the
+//! messages caused by one event (NameOwnerChanged, NameLost, NameAcquired,
+//! replies) reach every queue in one consistent order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, info, warn};
+use zbus::message::{Flags, Message, Type};
+
+use crate::config::Limits;
+use crate::matching::{MatchIndex, MatchRule, MessageInfo, Owners};
+use crate::names::{NameChange, Names};
+use crate::peer::{parse_unique_name, unique_name, Credentials, Cutter, Outbox, PeerId, PushError};
+
+pub const BUS_NAME: &str = "org.freedesktop.DBus";
+pub const BUS_PATH: &str = "/org/freedesktop/DBus";
+
+/// Error names the bus uses, without repeating the prefix everywhere.
+pub mod err {
+    pub const SERVICE_UNKNOWN: &str = "org.freedesktop.DBus.Error.ServiceUnknown";
+    pub const NAME_HAS_NO_OWNER: &str = "org.freedesktop.DBus.Error.NameHasNoOwner";
+    pub const NO_REPLY: &str = "org.freedesktop.DBus.Error.NoReply";
+    pub const LIMITS_EXCEEDED: &str = "org.freedesktop.DBus.Error.LimitsExceeded";
+    pub const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
+    pub const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
+    pub const UNKNOWN_INTERFACE: &str = "org.freedesktop.DBus.Error.UnknownInterface";
+    pub const UNKNOWN_PROPERTY: &str = "org.freedesktop.DBus.Error.UnknownProperty";
+    pub const PROPERTY_READ_ONLY: &str = "org.freedesktop.DBus.Error.PropertyReadOnly";
+    pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
+    pub const MATCH_RULE_INVALID: &str = "org.freedesktop.DBus.Error.MatchRuleInvalid";
+    pub const MATCH_RULE_NOT_FOUND: &str = "org.freedesktop.DBus.Error.MatchRuleNotFound";
+    pub const NOT_SUPPORTED: &str = "org.freedesktop.DBus.Error.NotSupported";
+    pub const FAILED: &str = "org.freedesktop.DBus.Error.Failed";
+    pub const UNIX_PROCESS_ID_UNKNOWN: &str = "org.freedesktop.DBus.Error.UnixProcessIdUnknown";
+    pub const ADT_AUDIT_DATA_UNKNOWN: &str = "org.freedesktop.DBus.Error.AdtAuditDataUnknown";
+    pub const SELINUX_CONTEXT_UNKNOWN: &str =
+        "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown";
+}
+
+/// What the reader should do after handing a message to the bus.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    Disconnect(&'static str),
+}
+
+pub(crate) struct PeerEntry {
+    pub outbox: Arc<Outbox>,
+    pub cutter: Arc<Cutter>,
+    pub creds: Credentials,
+    pub hello: bool,
+    /// Some once the peer became a monitor: its rules (empty = everything).
+    pub monitor: Option<Vec<MatchRule>>,
+    /// Calls this peer made that still wait for a reply.
+    pub pending_calls: usize,
+    pub eavesdrop_rules: usize,
+}
+
+/// Everything the routing core owns, behind one lock.
+#[derive(Default)]
+pub(crate) struct State {
+    pub peers: HashMap<PeerId, PeerEntry>,
+    pub names: Names,
+    pub matches: MatchIndex<PeerId>,
+    /// Rules with eavesdrop=true, bus-wide: unicast fan-out is skipped when 0.
+    pub eavesdrop_rules: usize,
+    /// (caller, serial of its call) -> the peer that may reply.
+    pub replies: HashMap<(PeerId, u32), PeerId>,
+    pub monitors: Vec<PeerId>,
+    pub activation_env: Vec<(String, String)>,
+}
+
+/// The bus: fixed facts and the locked state.
+pub struct Bus {
+    state: Mutex<State>,
+    pub guid: String,
+    pub limits: Limits,
+    pub uid: u32,
+    pub pid: u32,
+    pub machine_id: String,
+    /// The address clients use, once listening.
+    pub address: std::sync::OnceLock<String>,
+    /// The number of the next unique name; given out at Hello, from 0, as dbus-daemon does.
+    next_unique: std::sync::atomic::AtomicU64,
+}
+
+/// Answers match rules' sender and destination keys against the registry.
+struct NameView<'a> {
+    names: &'a Names,
+    /// None when the bus itself sent the message.
+    sender: Option<PeerId>,
+    /// The addressed recipient: Some(None) for the bus, None for no destination.
+    dest: Option<Option<PeerId>>,
+}
+
+fn owns(names: &Names, peer: PeerId, name: &str) -> bool {
+    if name.starts_with(':') {
+        parse_unique_name(name) == Some(peer)
+    } else {
+        names.is_primary(name, peer)
+    }
+}
+
+impl Owners for NameView<'_> {
+    fn sender_is(&self, name: &str) -> bool {
+        match self.sender {
+            None => name == BUS_NAME,
+            Some(p) => owns(self.names, p, name),
+        }
+    }
+    fn destination_is(&self, name: &str) -> bool {
+        match self.dest {
+            None => false,
+            Some(None) => name == BUS_NAME,
+            Some(Some(p)) => owns(self.names, p, name),
+        }
+    }
+}
+
+/// A method-return or error built by the bus in reply to `call`.
+pub(crate) fn bus_reply<B>(call: &Message, body: &B) -> Option<Message>
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    Message::method_return(&call.header())
+        .sender(BUS_NAME)
+        .build(body)
+        .map_err(|e| warn!("cannot build reply: {e}"))
+        .ok()
+}
+
+pub(crate) fn bus_error(call: &Message, name: &str, text: &str) -> Option<Message> {
+    Message::error(&call.header(), name)
+        .sender(BUS_NAME)
+        .build(&(text,))
+        .map_err(|e| warn!("cannot build error {name}: {e}"))
+        .ok()
+}
+
+fn bus_signal<B>(member: &str, dest: Option<&str>, body: &B) -> Option<Message>
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    let mut b = Message::signal(BUS_PATH, BUS_NAME, member).sender(BUS_NAME);
+    if let Some(d) = dest {
+        b = b.destination(d.to_owned());
+    }
+    b.build(body)
+        .map_err(|e| warn!("cannot build signal {member}: {e}"))
+        .ok()
+}
+
+/// An error reply to a call that is not at hand, only its caller and serial.
+fn detached_error(caller: PeerId, serial: u32, name: &str, text: &str) -> Option<Message> {
+    let serial = std::num::NonZeroU32::new(serial)?;
+    // Message::error needs a header to reply to: make the smallest one.
+    let call = Message::method_call("/", "x")
+        .sender(unique_name(caller))
+        .serial(serial)
+        .build(&())
+        .ok()?;
+    bus_error(&call, name, text)
+}
+
+impl Bus {
+    pub fn new(guid: String, limits: Limits) -> Self {
+        let machine_id = std::fs::read_to_string("/etc/machine-id")
+            .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| guid.clone());
+        Bus {
+            state: Mutex::new(State::default()),
+            guid,
+            limits,
+            uid: nix::unistd::getuid().as_raw(),
+            pid: std::process::id(),
+            machine_id,
+            address: std::sync::OnceLock::new(),
+            next_unique: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while routing must not take the bus down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a connection that sent Hello; its id is its unique name's number.
+    pub fn add_peer(&self, outbox: Arc<Outbox>, cutter: Arc<Cutter>, creds: Credentials) -> PeerId {
+        let id = self
+            .next_unique
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().peers.insert(
+            id,
+            PeerEntry {
+                outbox,
+                cutter,
+                creds,
+                hello: false,
+                monitor: None,
+                pending_calls: 0,
+                eavesdrop_rules: 0,
+            },
+        );
+        id
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.lock().peers.len()
+    }
+
+    /// Cut every connection (shutdown).
+    pub fn cut_all(&self) {
+        for p in self.lock().peers.values() {
+            p.cutter.cut();
+        }
+    }
+
+    /// Route one message from `from`; its sender field is already stamped.
+    pub fn handle(&self, from: PeerId, msg: Message) -> Verdict {
+        let mut st = self.lock();
+        let Some(peer) = st.peers.get(&from) else {
+            return Verdict::Disconnect("unknown peer");
+        };
+        if peer.monitor.is_some() {
+            return Verdict::Disconnect("monitors may not send messages");
+        }
+        let hdr = msg.header();
+        let to_bus = hdr.destination().map(|d| d.as_str()) == Some(BUS_NAME);
+        if !peer.hello {
+            let is_hello = to_bus
+                && msg.message_type() == Type::MethodCall
+                && hdr.member().map(|m| m.as_str()) == Some("Hello");
+            if !is_hello {
+                return Verdict::Disconnect("the first message must be Hello");
+            }
+        }
+        if msg.data().len() as u64 > self.limits.max_message_size {
+            return Verdict::Disconnect("message larger than max_message_size");
+        }
+        if msg.data().fds().len() as u64 > self.limits.max_message_unix_fds {
+            return Verdict::Disconnect("message carries more fds than max_message_unix_fds");
+        }
+        st.capture(&msg, Some(from), if to_bus { Some(None) } else { None });
+        match msg.message_type() {
+            Type::MethodReturn | Type::Error => st.route_reply(from, &msg),
+            _ => match hdr.destination() {
+                None => st.broadcast(&msg, Some(from)),
+                Some(_) if to_bus => {
+                    st.eavesdrop(&msg, Some(from), Some(None));
+                    return crate::driver::handle(self, &mut st, from, &msg);
+                }
+                Some(dest) => {
+                    let dest = dest.as_str().to_owned();
+                    st.route_unicast(self, from, &msg, &dest);
+                }
+            },
+        }
+        Verdict::Continue
+    }
+
+    /// A peer's connection ended: release its names, fail calls waiting on it.
+    pub fn remove_peer(&self, id: PeerId) {
+        let mut st = self.lock();
+        let Some(peer) = st.peers.remove(&id) else {
+            return;
+        };
+        peer.outbox.close();
+        st.matches.remove_all(id);
+        st.eavesdrop_rules -= peer.eavesdrop_rules;
+        st.monitors.retain(|m| *m != id);
+        let changes = st.names.remove_peer(id);
+        st.announce(changes);
+        if peer.hello && peer.monitor.is_none() {
+            let me = unique_name(id);
+            st.announce_owner(&me, Some(&me), None);
+        }
+        // Calls to this peer will never be answered; calls from it need no answer.
+        let mut orphaned = Vec::new();
+        st.replies.retain(|&(caller, serial), replier| {
+            if caller == id {
+                return false;
+            }
+            if *replier == id {
+                orphaned.push((caller, serial));
+                return false;
+            }
+            true
+        });
+        for (caller, serial) in orphaned {
+            if let Some(p) = st.peers.get_mut(&caller) {
+                p.pending_calls = p.pending_calls.saturating_sub(1);
+            }
+            if let Some(e) = detached_error(
+                caller,
+                serial,
+                err::NO_REPLY,
+                "Message recipient disconnected from message bus without replying",
+            ) {
+                st.send_to(caller, e);
+            }
+        }
+        let dropped = peer.outbox.dropped.load(std::sync::atomic::Ordering::Relaxed);
+        info!(
+            peer = %unique_name(id),
+            pid = ?peer.creds.pid,
+            dropped,
+            "disconnected"
+        );
+    }
+}
+
+impl State {
+    /// Queue a message the bus sends (reply, error or unicast signal) to one peer.
+    pub fn send_to(&mut self, to: PeerId, msg: Message) {
+        self.capture(&msg, None, Some(Some(to)));
+        let is_reply = matches!(msg.message_type(), Type::MethodReturn | Type::Error);
+        if self.push(to, msg) == Err(PushError::Full) && is_reply {
+            // A peer that does not read its own replies cannot be served consistently.
+            warn!(peer = %unique_name(to), "outbox full on a reply from the bus; disconnecting");
+            if let Some(p) = self.peers.get(&to) {
+                p.cutter.cut();
+            }
+        }
+    }
+
+    fn push(&mut self, to: PeerId, msg: Message) -> Result<(), PushError> {
+        let Some(p) = self.peers.get(&to) else {
+            return Err(PushError::Closed);
+        };
+        let r = p.outbox.push(msg);
+        if r == Err(PushError::Full) {
+            p.outbox
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Copy a message to the monitors whose rules match it.
+    fn capture(&self, msg: &Message, sender: Option<PeerId>, dest: Option<Option<PeerId>>) {
+        if self.monitors.is_empty() {
+            return;
+        }
+        let info = MessageInfo::new(msg);
+        let view = NameView {
+            names: &self.names,
+            sender,
+            dest,
+        };
+        for m in &self.monitors {
+            let Some(p) = self.peers.get(m) else { continue };
+            let rules = p.monitor.as_deref().unwrap_or(&[]);
+            if rules.is_empty() || rules.iter().any(|r| r.matches(&info, &view)) {
+                // A monitor that falls behind loses messages, counted; it never stalls the bus.
+                if p.outbox.push(msg.clone()).is_err() {
+                    p.outbox
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Deliver to every connection with a matching rule.
+    pub fn broadcast(&mut self, msg: &Message, sender: Option<PeerId>) {
+        let info = MessageInfo::new(msg);
+        let view = NameView {
+            names: &self.names,
+            sender,
+            dest: None,
+        };
+        let peers = &self.peers;
+        self.matches
+            .for_each_match(&info, &view, |_, _| true, |k| {
+                if let Some(p) = peers.get(&k) {
+                    if p.outbox.push(msg.clone()).is_err() {
+                        p.outbox
+                            .dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+    }
+
+    /// Deliver a unicast message to eavesdropping rules other than its recipient's.
+    fn eavesdrop(&self, msg: &Message, sender: Option<PeerId>, dest: Option<Option<PeerId>>) {
+        if self.eavesdrop_rules == 0 {
+            return;
+        }
+        let info = MessageInfo::new(msg);
+        let view = NameView {
+            names: &self.names,
+            sender,
+            dest,
+        };
+        let recipient = dest.flatten();
+        let peers = &self.peers;
+        self.matches.for_each_match(
+            &info,
+            &view,
+            |k, rule| rule.eavesdrop() && Some(k) != recipient,
+            |k| {
+                if let Some(p) = peers.get(&k) {
+                    let _ = p.outbox.push(msg.clone());
+                }
+            },
+        );
+    }
+
+    /// Resolve a destination name to a connected peer.
+    fn resolve(&self, name: &str) -> Option<PeerId> {
+        if name.starts_with(':') {
+            parse_unique_name(name).filter(|id| self.peers.get(id).is_some_and(|p| p.hello))
+        } else {
+            self.names.owner(name)
+        }
+    }
+
+    fn reply_error(&mut self, call: &Message, name: &str, text: &str) {
+        if call.message_type() != Type::MethodCall
+            || call.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED)
+        {
+            return;
+        }
+        let Some(to) = call.header().sender().and_then(|s| parse_unique_name(s)) else {
+            return;
+        };
+        if let Some(e) = bus_error(call, name, text) {
+            self.send_to(to, e);
+        }
+    }
+
+    fn route_unicast(&mut self, bus: &Bus, from: PeerId, msg: &Message, dest: &str) {
+        let Some(to) = self.resolve(dest) else {
+            let no_auto_start = msg.primary_header().flags().contains(Flags::NO_AUTO_START);
+            if no_auto_start {
+                self.reply_error(
+                    msg,
+                    err::NAME_HAS_NO_OWNER,
+                    &format!("Name \"{dest}\" does not exist"),
+                );
+            } else {
+                self.reply_error(
+                    msg,
+                    err::SERVICE_UNKNOWN,
+                    &format!("The name {dest} was not provided by any .service files"),
+                );
+            }
+            return;
+        };
+        let wants_reply = msg.message_type() == Type::MethodCall
+            && !msg.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED);
+        if wants_reply {
+            let pending = self.peers.get(&from).map_or(0, |p| p.pending_calls);
+            if pending as u64 >= bus.limits.max_replies_per_connection {
+                self.reply_error(
+                    msg,
+                    err::LIMITS_EXCEEDED,
+                    "The maximum number of pending replies per connection has been reached",
+                );
+                return;
+            }
+        }
+        match self.push(to, msg.clone()) {
+            Ok(()) => {
+                if wants_reply {
+                    let serial = msg.primary_header().serial_num().get();
+                    if self.replies.insert((from, serial), to).is_none() {
+                        if let Some(p) = self.peers.get_mut(&from) {
+                            p.pending_calls += 1;
+                        }
+                    }
+                }
+                self.eavesdrop(msg, Some(from), Some(Some(to)));
+            }
+            Err(PushError::Full) => {
+                debug!(to = %unique_name(to), "outbox full, refusing message");
+                self.reply_error(
+                    msg,
+                    err::LIMITS_EXCEEDED,
+                    &format!(
+                        "The message queue of {dest} is full: it is not reading its messages"
+                    ),
+                );
+            }
+            Err(PushError::Closed) => self.reply_error(
+                msg,
+                err::NO_REPLY,
+                "Message recipient disconnected from message bus without replying",
+            ),
+        }
+    }
+
+    fn route_reply(&mut self, from: PeerId, msg: &Message) {
+        let hdr = msg.header();
+        let (Some(dest), Some(serial)) = (hdr.destination(), hdr.reply_serial()) else {
+            debug!("reply without destination or reply serial dropped");
+            return;
+        };
+        let Some(to) = self.resolve(dest.as_str()) else {
+            return;
+        };
+        match self.replies.get(&(to, serial.get())) {
+            Some(&replier) if replier == from => {
+                self.replies.remove(&(to, serial.get()));
+                if let Some(p) = self.peers.get_mut(&to) {
+                    p.pending_calls = p.pending_calls.saturating_sub(1);
+                }
+                if self.push(to, msg.clone()) == Err(PushError::Full) {
+                    // The caller does not read even its own replies: it cannot be
+                    // served consistently any more.
+                    warn!(peer = %unique_name(to), "outbox full on a reply; disconnecting");
+                    if let Some(p) = self.peers.get(&to) {
+                        p.cutter.cut();
+                    }
+                }
+                self.eavesdrop(msg, Some(from), Some(Some(to)));
+            }
+            _ => debug!(from = %unique_name(from), "unrequested reply dropped"),
+        }
+    }
+
+    /// Broadcast NameOwnerChanged.
+    pub fn announce_owner(&mut self, name: &str, old: Option<&str>, new: Option<&str>) {
+        if let Some(sig) = bus_signal(
+            "NameOwnerChanged",
+            None,
+            &(name, old.unwrap_or(""), new.unwrap_or("")),
+        ) {
+            self.capture(&sig, None, None);
+            self.broadcast(&sig, None);
+        }
+    }
+
+    /// Turn registry changes into the bus's signals, in order.
+    pub fn announce(&mut self, changes: Vec<NameChange>) {
+        for c in changes {
+            match c {
+                NameChange::OwnerChanged { name, old, new } => {
+                    let old = old.map(unique_name);
+                    let new = new.map(unique_name);
+                    self.announce_owner(&name, old.as_deref(), new.as_deref());
+                }
+                NameChange::Lost { peer, name } => self.name_signal("NameLost", peer, &name),
+                NameChange::Acquired { peer, name } => {
+                    self.name_signal("NameAcquired", peer, &name)
+                }
+            }
+        }
+    }
+
+    pub fn name_signal(&mut self, member: &str, peer: PeerId, name: &str) {
+        let dest = unique_name(peer);
+        if let Some(sig) = bus_signal(member, Some(&dest), &(name,)) {
+            self.send_to(peer, sig);
+        }
+    }
+}
+
+impl Bus {
+    /// A message carrying fds could not be written to a peer that cannot
+    /// receive them: answer its caller instead of losing it silently.
+    pub fn undeliverable_fds(&self, msg: &Message) {
+        if msg.message_type() != Type::MethodCall {
+            return;
+        }
+        let mut st = self.lock();
+        if let Some(caller) = msg.header().sender().and_then(|s| parse_unique_name(s)) {
+            let serial = msg.primary_header().serial_num().get();
+            if st.replies.remove(&(caller, serial)).is_some() {
+                if let Some(p) = st.peers.get_mut(&caller) {
+                    p.pending_calls = p.pending_calls.saturating_sub(1);
+                }
+            }
+        }
+        st.reply_error(
+            msg,
+            err::NOT_SUPPORTED,
+            "Tried to send message with Unix file descriptors to a client that doesn't support that.",
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! Listening sockets, the accept loop, authentication and the two tasks of
+//! each connection (reader and writer).
+//!
+//! SASL EXTERNAL runs through zbus's server handshake, under the configured
+//! auth timeout and holding no shared state, so a client that never
+//! authenticates costs one task and one socket and blocks nobody. Only the
+//! bus's own uid (or root) may connect.
+
+use std::num::NonZeroUsize;
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::UnixListener;
+use tracing::{debug, info, warn};
+use zbus::connection::{AuthMechanism, Builder};
+use zbus::message::Message;
+use zbus::names::OwnedUniqueName;
+
+use crate::config::address::ListenAddress;
+use crate::peer::{unique_name, Credentials, Cutter, Outbox, PeerId};
+use crate::router::{Bus, Verdict};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is in use by a running bus; refusing to replace it")]
+    InUse(String),
+    #[error("unsupported listen address {0}: busvisor listens on unix sockets only")]
+    Unsupported(String),
+}
+
+/// A bound listening socket and the address clients use for it.
+pub struct Bound {
+    pub listener: UnixListener,
+    /// Client address, without the guid.
+    pub address: String,
+    /// Socket file to remove at shutdown (the caller's job).
+    pub path: Option<PathBuf>,
+}
+
+fn random_suffix() -> String {
+    let g = zbus::Guid::generate();
+    g.as_str()[..16].to_owned()
+}
+
+fn bind_path(path: &Path, spec: &str) -> Result<Bound, TransportError> {
+    if path.exists() {
+        // A live bus answers a connect; a stale socket file does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(TransportError::InUse(path.display().to_string()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let std = StdUnixListener::bind(path).map_err(|source| TransportError::Bind {
+        address: spec.to_owned(),
+        source,
+    })?;
+    finish(std, crate::config::address::client_address_for_path(path), Some(path.to_owned()), spec)
+}
+
+fn finish(
+    std: StdUnixListener,
+    address: String,
+    path: Option<PathBuf>,
+    spec: &str,
+) -> Result<Bound, TransportError> {
+    let err = |source| TransportError::Bind {
+        address: spec.to_owned(),
+        source,
+    };
+    std.set_nonblocking(true).map_err(err)?;
+    let listener = UnixListener::from_std(std).map_err(err)?;
+    Ok(Bound {
+        listener,
+        address,
+        path,
+    })
+}
+
+/// Bind one listen address. Must be called inside the tokio runtime.
+pub fn bind(addr: &ListenAddress, spec: &str) -> Result<Bound, TransportError> {
+    match addr {
+        ListenAddress::Path(p) => bind_path(p, spec),
+        ListenAddress::Dir(d) | ListenAddress::Tmpdir(d) => {
+            let p = d.join(format!("dbus-{}", random_suffix()));
+            bind_path(&p, spec)
+        }
+        ListenAddress::Runtime => {
+            let dir = std::env::var_os("XDG_RUNTIME_DIR").ok_or_else(|| TransportError::Bind {
+                address: spec.to_owned(),
+                source: std::io::Error::other("XDG_RUNTIME_DIR is not set"),
+            })?;
+            bind_path(&Path::new(&dir).join("bus"), spec)
+        }
+        ListenAddress::Abstract(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let err = |source| TransportError::Bind {
+                address: spec.to_owned(),
+                source,
+            };
+            let sa = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .map_err(err)?;
+            if std::os::unix::net::UnixStream::connect_addr(&sa).is_ok() {
+                return Err(TransportError::InUse(format!("abstract socket {name}")));
+            }
+            let std = StdUnixListener::bind_addr(&sa).map_err(err)?;
+            finish(
+                std,
+                format!(
+                    "unix:abstract={}",
+                    crate::config::address::escape_value(name)
+                ),
+                None,
+                spec,
+            )
+        }
+        ListenAddress::Tcp { .. } => Err(TransportError::Unsupported(spec.to_owned())),
+    }
+}
+
+/// Counters shared by the accept loop and connection tasks.
+#[derive(Default)]
+pub struct Gate {
+    incomplete: AtomicUsize,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Gate {
+            incomplete: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Accept connections until the task is dropped.
+pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let pending = gate.incomplete.load(Ordering::Relaxed) as u64;
+        if pending >= bus.limits.max_incomplete_connections {
+            warn!("too many connections still authenticating ({pending}); refusing one");
+            continue;
+        }
+        if bus.peer_count() as u64 >= bus.limits.max_completed_connections {
+            warn!("max_completed_connections reached; refusing a connection");
+            continue;
+        }
+        tokio::spawn(connection(bus.clone(), gate.clone(), stream));
+    }
+}
+
+async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStream) {
+    let std = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => return debug!("socket conversion failed: {e}"),
+    };
+    let cutter = match std.try_clone() {
+        Ok(s) => Arc::new(Cutter::new(s)),
+        Err(e) => return warn!("cannot duplicate socket: {e}"),
+    };
+    gate.incomplete.fetch_add(1, Ordering::Relaxed);
+    let timeout = Duration::from_millis(bus.limits.auth_timeout_ms.max(1));
+    let guid = bus.guid.clone();
+    let handshake = async {
+        let stream = Builder::unix_stream(std)
+            .server(guid.as_str())
+            .p2p()
+            .auth_mechanism(AuthMechanism::External)
+            .max_queued(NonZeroUsize::new(16).expect("16 > 0"))
+            .validate_bodies()
+            .build_message_stream()
+            .await?;
+        let conn = zbus::Connection::from(&stream);
+        let creds = conn.peer_creds().await.map_err(zbus::Error::from)?.clone();
+        Ok::<_, zbus::Error>((stream, conn, creds))
+    };
+    let result = tokio::time::timeout(timeout, handshake).await;
+    gate.incomplete.fetch_sub(1, Ordering::Relaxed);
+    let (mut stream, conn, creds) = match result {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return debug!("authentication failed: {e}"),
+        Err(_) => {
+            cutter.cut();
+            return info!("dropped a connection that did not authenticate within {timeout:?}");
+        }
+    };
+    let uid = creds.unix_user_id();
+    if uid != Some(bus.uid) && uid != Some(0) {
+        cutter.cut();
+        return warn!("refused a connection from uid {uid:?}: only uid {} may connect", bus.uid);
+    }
+    let creds = Credentials {
+        uid,
+        pid: creds.process_id(),
+        gids: creds.unix_group_ids().cloned().unwrap_or_default(),
+        pidfd: creds
+            .process_fd()
+            .and_then(|fd| std::os::fd::AsFd::as_fd(fd).try_clone_to_owned().ok()),
+    };
+    let pid = creds.pid;
+    let outbox = Arc::new(Outbox::new(
+        bus.limits.max_outgoing_bytes as usize,
+        bus.limits.max_outgoing_unix_fds as usize,
+    ));
+    // The peer joins the bus, and gets its unique name, with its Hello.
+    let first = match stream.next().await {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => return debug!("read error before Hello: {e}"),
+        None => return,
+    };
+    if !is_hello(&first) {
+        cutter.cut();
+        return info!(?pid, "disconnecting a client whose first message is not Hello");
+    }
+    let id = bus.add_peer(outbox.clone(), cutter.clone(), creds);
+    let me = match OwnedUniqueName::try_from(unique_name(id)) {
+        Ok(n) => n,
+        Err(e) => {
+            bus.remove_peer(id);
+            return warn!("bad unique name: {e}");
+        }
+    };
+    info!(peer = %me, ?pid, "connected");
+    let writer = tokio::spawn(write_loop(bus.clone(), id, conn, outbox, cutter.clone()));
+
+    let mut next = Some(Ok(first));
+    while let Some(item) = match next.take() {
+        Some(m) => Some(m),
+        None => stream.next().await,
+    } {
+        let msg = match item {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(peer = %me, "read error: {e}");
+                break;
+            }
+        };
+        // Stamp the sender: peers may not speak for anyone else.
+        let msg = if msg.header().sender().is_some_and(|s| *s == *me) {
+            msg
+        } else {
+            match msg.with_sender(&me) {
+                Ok(m) => m,
+                Err(e) => {
+                    info!(peer = %me, "cannot stamp message: {e}");
+                    break;
+                }
+            }
+        };
+        if let Verdict::Disconnect(why) = bus.handle(id, msg) {
+            info!(peer = %me, "disconnecting: {why}");
+            break;
+        }
+    }
+    bus.remove_peer(id);
+    // Let the writer flush what is queued, but never wait on a stuck peer.
+    if tokio::time::timeout(Duration::from_millis(200), writer)
+        .await
+        .is_err()
+    {
+        cutter.cut();
+    }
+    cutter.cut();
+}
+
+fn is_hello(msg: &Message) -> bool {
+    let h = msg.header();
+    msg.message_type() == zbus::message::Type::MethodCall
+        && h.destination().map(|d| d.as_str()) == Some(crate::router::BUS_NAME)
+        && h.member().map(|m| m.as_str()) == Some("Hello")
+}
+
+async fn write_loop(
+    bus: Arc<Bus>,
+    id: PeerId,
+    conn: zbus::Connection,
+    outbox: Arc<Outbox>,
+    cutter: Arc<Cutter>,
+) {
+    let mut batch: Vec<Message> = Vec::new();
+    while outbox.next_batch(&mut batch).await {
+        let result = conn.send_all(&batch).await;
+        let result = match result {
+            Err(zbus::Error::Unsupported) => {
+                // The peer did not negotiate fd passing: send what it can take.
+                outbox.set_no_fds();
+                send_without_fds(&bus, id, &conn, &batch).await
+            }
+            r => r,
+        };
+        outbox.sent(&batch);
+        batch.clear();
+        if let Err(e) = result {
+            debug!(peer = %unique_name(id), "write failed: {e}");
+            cutter.cut();
+            break;
+        }
+    }
+}
+
+async fn send_without_fds(
+    bus: &Bus,
+    id: PeerId,
+    conn: &zbus::Connection,
+    batch: &[Message],
+) -> zbus::Result<()> {
+    for m in batch {
+        if m.data().fds().is_empty() {
+            conn.send(m).await?;
+        } else {
+            warn!(peer = %unique_name(id), "dropped a message with fds for a peer that cannot receive them");
+            bus.undeliverable_fds(m);
+        }
+    }
+    Ok(())
+}
