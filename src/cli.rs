@@ -125,17 +125,17 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
             out.push(a);
             continue;
         }
-        if a == "--print-address" || a == "--print-pid" {
-            if let Some(next) = it.peek() {
-                let n = next.to_string_lossy();
-                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
-                    let mut joined = a.clone();
-                    joined.push("=");
-                    joined.push(next);
-                    out.push(joined);
-                    it.next();
-                    continue;
-                }
+        if (a == "--print-address" || a == "--print-pid")
+            && let Some(next) = it.peek()
+        {
+            let n = next.to_string_lossy();
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                let mut joined = a.clone();
+                joined.push("=");
+                joined.push(next);
+                out.push(joined);
+                it.next();
+                continue;
             }
         }
         out.push(a);
@@ -164,7 +164,12 @@ mod tests {
         assert!(c.command.is_none());
         assert_eq!(c.daemon.print_address.as_deref(), Some("5"));
         assert_eq!(c.daemon.config_file, Some(PathBuf::from("/x.conf")));
-        let c = parse(&["busvisor", "--print-address=7", "--config-file=/y", "--print-pid"]);
+        let c = parse(&[
+            "busvisor",
+            "--print-address=7",
+            "--config-file=/y",
+            "--print-pid",
+        ]);
         assert_eq!(c.daemon.print_address.as_deref(), Some("7"));
         assert_eq!(c.daemon.print_pid.as_deref(), Some(""));
         let c = parse(&["busvisor", "--session", "--print-address", "--nofork"]);

@@ -6,11 +6,15 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use crate::activation::definition::{Catalog, ServiceDirSpec};
 use crate::config::{self, BusConfig};
 use crate::router::Bus;
+use crate::supervision::SupervisorHandle;
+use crate::supervision::reaper::ExitKind;
+use crate::supervision::spawner::SpawnRequest;
 use crate::transport::{self, Bound, Gate};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +107,7 @@ pub fn load_config(opts: &Options) -> Result<BusConfig, DaemonError> {
 /// A running bus: its address and the handles to stop it.
 pub struct Running {
     pub bus: Arc<Bus>,
+    pub supervisor: SupervisorHandle,
     pub address: String,
     listeners: Vec<tokio::task::JoinHandle<()>>,
     _bound: Vec<BoundGuard>,
@@ -130,7 +135,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         return Err(DaemonError::NoListen);
     }
     let guid = zbus::Guid::generate().as_str().to_owned();
-    let bus = Arc::new(Bus::new(guid.clone(), cfg.limits.clone()));
+    let bus = Arc::new(Bus::new(guid.clone(), cfg.limits));
     let gate = Arc::new(Gate::new());
     let mut addresses = Vec::new();
     let mut listeners = Vec::new();
@@ -157,9 +162,32 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     }
     let address = addresses.join(";");
     let _ = bus.address.set(address.clone());
+    let supervisor = crate::supervision::start(bus.clone())?;
+    {
+        let mut st = bus.lock();
+        st.supervisor = Some(supervisor.clone());
+        st.service_dirs = (
+            opts.services_dirs.clone(),
+            cfg.servicedirs
+                .iter()
+                .map(|d| ServiceDirSpec {
+                    path: d.path.clone(),
+                    strict_naming: d.strict_naming,
+                })
+                .collect(),
+        );
+        let (toml_dirs, service_dirs) = st.service_dirs.clone();
+        let (catalog, warnings) = Catalog::scan(&toml_dirs, &service_dirs);
+        for w in &warnings {
+            warn!("{w}");
+        }
+        info!(services = catalog.len(), "service definitions loaded");
+        st.set_catalog(catalog);
+    }
     info!(%address, "listening");
     Ok(Running {
         bus,
+        supervisor,
         address,
         listeners,
         _bound: guards,
@@ -171,6 +199,23 @@ impl Running {
     pub async fn shutdown(self) {
         for l in &self.listeners {
             l.abort();
+        }
+        // Services first: none may outlive the bus. Each stop is bounded by
+        // its stop timeout plus the SIGKILL loop.
+        let longest = {
+            let st = self.bus.lock();
+            st.services
+                .values()
+                .map(|s| s.def.stop_timeout)
+                .max()
+                .unwrap_or_default()
+        };
+        let bound = longest + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(bound, self.supervisor.shutdown())
+            .await
+            .is_err()
+        {
+            warn!("services did not stop within {bound:?}");
         }
         self.bus.cut_all();
         // Give readers a moment to notice, so disconnects are logged cleanly.
@@ -200,7 +245,10 @@ pub async fn run_daemon(opts: Options) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => { info!("SIGHUP: reloading configuration"); }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading configuration");
+                crate::driver::reload(&mut running.bus.lock());
+            }
         }
     }
     running.shutdown().await;
@@ -216,38 +264,47 @@ pub async fn run_command(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let running = start(&opts).await?;
-    let (program, args) = command.split_first().ok_or(DaemonError::NoListen)?;
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
-        .env("DBUS_SESSION_BUS_ADDRESS", &running.address)
-        .env_remove("DBUS_STARTER_ADDRESS")
-        .env_remove("DBUS_STARTER_BUS_TYPE");
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let argv: Vec<String> = command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut env: std::collections::HashMap<_, _> = std::env::vars_os().collect();
+    env.insert(
+        "DBUS_SESSION_BUS_ADDRESS".into(),
+        running.address.clone().into(),
+    );
+    env.remove(std::ffi::OsStr::new("DBUS_STARTER_ADDRESS"));
+    env.remove(std::ffi::OsStr::new("DBUS_STARTER_BUS_TYPE"));
+    let req = SpawnRequest {
+        argv: argv.clone(),
+        env,
+        cwd: None,
+        capture: false,
+        new_session: false,
+    };
+    // The command is reaped by busvisor's reaper like everything else.
+    let (pid, exit) = match running.supervisor.run_command(req).await {
+        Ok(x) => x,
         Err(e) => {
             running.shutdown().await;
             return Err(DaemonError::Io(std::io::Error::new(
                 e.kind(),
-                format!("cannot run {}: {e}", program.to_string_lossy()),
+                format!("cannot run {}: {e}", argv[0]),
             )));
         }
     };
-    let pid = child.id();
-    let wait = tokio::task::spawn_blocking(move || child.wait());
-    tokio::pin!(wait);
-    let status = loop {
+    tokio::pin!(exit);
+    let kind = loop {
         tokio::select! {
-            r = &mut wait => break r.map_err(std::io::Error::other)??,
-            _ = term.recv() => forward(pid, nix::sys::signal::Signal::SIGTERM),
-            _ = int.recv() => forward(pid, nix::sys::signal::Signal::SIGINT),
+            r = &mut exit => break r.unwrap_or(ExitKind::Code(1)),
+            _ = term.recv() => forward(pid as u32, nix::sys::signal::Signal::SIGTERM),
+            _ = int.recv() => forward(pid as u32, nix::sys::signal::Signal::SIGINT),
         }
     };
     running.shutdown().await;
-    use std::os::unix::process::ExitStatusExt;
-    Ok(match (status.code(), status.signal()) {
-        (Some(c), _) => c as u8,
-        (None, Some(s)) => 128u8.wrapping_add(s as u8),
-        _ => 1,
+    Ok(match kind {
+        ExitKind::Code(c) => c as u8,
+        ExitKind::Signal(s) => 128u8.wrapping_add(s as u8),
     })
 }
 

@@ -10,8 +10,8 @@ use zbus::names::{BusName, WellKnownName};
 use zbus::wire::Variant;
 
 use crate::matching::MatchRule;
-use crate::peer::{parse_unique_name, unique_name, PeerId};
-use crate::router::{bus_error, bus_reply, err, Bus, State, Verdict, BUS_NAME, BUS_PATH};
+use crate::peer::{PeerId, parse_unique_name, unique_name};
+use crate::router::{BUS_NAME, BUS_PATH, Bus, State, Verdict, bus_error, bus_reply, err};
 
 const IFACE_DBUS: &str = "org.freedesktop.DBus";
 const IFACE_PROPS: &str = "org.freedesktop.DBus.Properties";
@@ -41,7 +41,12 @@ const METHODS: &[(&str, &str, &str, bool)] = &[
     (IFACE_DBUS, "GetConnectionUnixUser", "s", false),
     (IFACE_DBUS, "GetConnectionUnixProcessID", "s", false),
     (IFACE_DBUS, "GetAdtAuditSessionData", "s", false),
-    (IFACE_DBUS, "GetConnectionSELinuxSecurityContext", "s", false),
+    (
+        IFACE_DBUS,
+        "GetConnectionSELinuxSecurityContext",
+        "s",
+        false,
+    ),
     (IFACE_DBUS, "GetConnectionCredentials", "s", false),
     (IFACE_DBUS, "ReloadConfig", "", false),
     (IFACE_DBUS, "GetId", "", false),
@@ -206,7 +211,10 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
     let iface = hdr.interface().map(|i| i.as_str());
     let path = hdr.path().map(|p| p.as_str()).unwrap_or("/");
     let signature = crate::matching::body_signature(msg);
-    let no_reply = msg.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED);
+    let no_reply = msg
+        .primary_header()
+        .flags()
+        .contains(Flags::NO_REPLY_EXPECTED);
 
     let found = METHODS
         .iter()
@@ -225,18 +233,14 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
             } else {
                 Err((
                     err::UNKNOWN_INTERFACE,
-                    format!(
-                        "Interface \"{}\" doesn't exist",
-                        iface.unwrap_or("(null)")
-                    ),
+                    format!("Interface \"{}\" doesn't exist", iface.unwrap_or("(null)")),
                 ))
             }
         }
         Some((i, m, sig, canonical)) => {
             if *canonical && path != BUS_PATH {
-                let text = format!(
-                    "{i}.{m} is only available at the canonical object path {BUS_PATH}"
-                );
+                let text =
+                    format!("{i}.{m} is only available at the canonical object path {BUS_PATH}");
                 if *i == IFACE_PROPS {
                     Err((err::UNKNOWN_INTERFACE, text))
                 } else {
@@ -265,17 +269,22 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
             if member == "Hello" {
                 return Verdict::Disconnect("Hello failed");
             }
-            if !no_reply {
-                if let Some(e) = bus_error(msg, name, &text) {
-                    st.send_to(from, e);
-                }
+            if !no_reply && let Some(e) = bus_error(msg, name, &text) {
+                st.send_to(from, e);
             }
         }
     }
     Verdict::Continue
 }
 
-fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, member: &str) -> Answer {
+fn call(
+    bus: &Bus,
+    st: &mut State,
+    from: PeerId,
+    msg: &Message,
+    iface: &str,
+    member: &str,
+) -> Answer {
     let ok = |body: &dyn Fn() -> Option<Message>| Ok(body());
     match (iface, member) {
         (IFACE_DBUS, "Hello") => hello(st, from, msg),
@@ -298,10 +307,25 @@ fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, mem
             let body = msg.body();
             let (name, _flags): (&str, u32) =
                 body.deserialize().map_err(|e| invalid(e.to_string()))?;
-            Err((
-                err::SERVICE_UNKNOWN,
-                format!("The name {name} was not provided by any .service files"),
-            ))
+            check_bus_name(name)?;
+            // The definition is looked up first: an owned name without one is unknown.
+            if st.catalog.lookup(name).is_none() {
+                return Err((
+                    err::SERVICE_UNKNOWN,
+                    format!("The name {name} was not provided by any .service files"),
+                ));
+            }
+            if owner_of(st, name).is_some() {
+                return ok(&|| bus_reply(msg, &(2u32,)));
+            }
+            st.activate(
+                name,
+                crate::activation::Waiter::Start {
+                    call: msg.clone(),
+                    from,
+                },
+            )?;
+            Ok(None)
         }
         (IFACE_DBUS, "UpdateActivationEnvironment") => {
             let uid = st.peers.get(&from).and_then(|p| p.creds.uid);
@@ -340,13 +364,15 @@ fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, mem
             ok(&|| bus_reply(msg, &(&list,)))
         }
         (IFACE_DBUS, "ListActivatableNames") => {
-            let list = vec![BUS_NAME.to_owned()];
+            let mut list = vec![BUS_NAME.to_owned()];
+            list.extend(st.catalog.names().map(str::to_owned));
             ok(&|| bus_reply(msg, &(&list,)))
         }
         (IFACE_DBUS, "AddMatch") => {
             let body = msg.body();
             let text: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
-            let rule = MatchRule::parse(text).map_err(|e| (err::MATCH_RULE_INVALID, e.to_string()))?;
+            let rule =
+                MatchRule::parse(text).map_err(|e| (err::MATCH_RULE_INVALID, e.to_string()))?;
             if st.matches.count(from) as u64 >= bus.limits.max_match_rules_per_connection {
                 return Err((
                     err::LIMITS_EXCEEDED,
@@ -369,7 +395,8 @@ fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, mem
         (IFACE_DBUS, "RemoveMatch") => {
             let body = msg.body();
             let text: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
-            let rule = MatchRule::parse(text).map_err(|e| (err::MATCH_RULE_INVALID, e.to_string()))?;
+            let rule =
+                MatchRule::parse(text).map_err(|e| (err::MATCH_RULE_INVALID, e.to_string()))?;
             if !st.matches.remove(from, &rule) {
                 return Err((
                     err::MATCH_RULE_NOT_FOUND,
@@ -397,7 +424,7 @@ fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, mem
                         return Err((
                             err::NAME_HAS_NO_OWNER,
                             format!("Could not get owner of name '{name}': no such name"),
-                        ))
+                        ));
                     }
                 }
             };
@@ -456,12 +483,17 @@ fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, mem
         (IFACE_DBUS, "GetConnectionCredentials") => credentials(bus, st, from, msg),
         (IFACE_DBUS, "ReloadConfig") => {
             info!("ReloadConfig requested by {}", unique_name(from));
+            reload(st);
             ok(&|| bus_reply(msg, &()))
         }
         (IFACE_DBUS, "GetId") => ok(&|| bus_reply(msg, &(&bus.guid,))),
         (IFACE_MONITORING, "BecomeMonitor") => become_monitor(bus, st, from, msg),
         (IFACE_INTROSPECT, "Introspect") => {
-            let path = msg.header().path().map(|p| p.as_str().to_owned()).unwrap_or_default();
+            let path = msg
+                .header()
+                .path()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default();
             let xml = introspect(&path);
             ok(&|| bus_reply(msg, &(&xml,)))
         }
@@ -498,7 +530,10 @@ fn call(bus: &Bus, st: &mut State, from: PeerId, msg: &Message, iface: &str, mem
                 format!("Property '{prop}' cannot be changed"),
             ))
         }
-        _ => Err((err::UNKNOWN_METHOD, format!("Method \"{member}\" doesn't exist"))),
+        _ => Err((
+            err::UNKNOWN_METHOD,
+            format!("Method \"{member}\" doesn't exist"),
+        )),
     }
 }
 
@@ -618,7 +653,12 @@ fn request_name(
 
 type Creds = (Option<u32>, Option<u32>);
 
-fn creds_of(bus: &Bus, st: &State, msg: &Message, what: &str) -> Result<Creds, (&'static str, String)> {
+fn creds_of(
+    bus: &Bus,
+    st: &State,
+    msg: &Message,
+    what: &str,
+) -> Result<Creds, (&'static str, String)> {
     let body = msg.body();
     let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
     check_bus_name(name)?;
@@ -639,11 +679,10 @@ fn credentials(bus: &Bus, st: &State, from: PeerId, msg: &Message) -> Answer {
     let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
     check_bus_name(name)?;
     let mut dict: HashMap<&str, Variant<'_>> = HashMap::new();
-    let pidfd;
-    if name == BUS_NAME {
+    let pidfd = if name == BUS_NAME {
         dict.insert("UnixUserID", Variant::from(bus.uid));
         dict.insert("ProcessID", Variant::from(bus.pid));
-        pidfd = None;
+        None
     } else {
         let Some(peer) = owner_of(st, name).and_then(|id| st.peers.get(&id)) else {
             return Err((
@@ -663,8 +702,8 @@ fn credentials(bus: &Bus, st: &State, from: PeerId, msg: &Message) -> Answer {
         if let Some(pid) = peer.creds.pid {
             dict.insert("ProcessID", Variant::from(pid));
         }
-        pidfd = peer.creds.pidfd.as_ref().and_then(|fd| fd.try_clone().ok());
-    }
+        peer.creds.pidfd.as_ref().and_then(|fd| fd.try_clone().ok())
+    };
     let caller_takes_fds = st.peers.get(&from).is_some_and(|p| p.outbox.fds_ok());
     if let (Some(fd), true) = (pidfd, caller_takes_fds) {
         dict.insert("ProcessFD", Variant::from(zbus::wire::Fd::from(fd)));
@@ -708,4 +747,23 @@ fn become_monitor(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> Ans
         warn!("{} monitors attached", st.monitors.len());
     }
     Ok(None)
+}
+
+/// Re-read the service definitions and tell everyone, as dbus-daemon does
+/// (ActivatableServicesChanged is sent even when nothing changed).
+pub fn reload(st: &mut State) {
+    let (toml_dirs, service_dirs) = st.service_dirs.clone();
+    let (catalog, warnings) =
+        crate::activation::definition::Catalog::scan(&toml_dirs, &service_dirs);
+    for w in &warnings {
+        warn!("{w}");
+    }
+    info!(services = catalog.len(), "service definitions loaded");
+    st.set_catalog(catalog);
+    if let Ok(sig) = Message::signal(BUS_PATH, BUS_NAME, "ActivatableServicesChanged")
+        .sender(BUS_NAME)
+        .build(&())
+    {
+        st.broadcast_from_bus(&sig);
+    }
 }

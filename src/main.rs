@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use busvisor::cli::{normalize_args, Cli, Command, DaemonArgs, RunArgs};
+use busvisor::cli::{Cli, Command, DaemonArgs, RunArgs, normalize_args};
 use busvisor::daemon::{self, Options, Output};
 
 fn init_logging(level: Option<&str>) {
@@ -41,7 +41,7 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if a.introspect {
-        print!("{}</node>\n", busvisor::driver::INTROSPECTION);
+        println!("{}</node>", busvisor::driver::INTROSPECTION);
         return ExitCode::SUCCESS;
     }
     let rt = match runtime() {

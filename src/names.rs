@@ -55,7 +55,10 @@ pub struct Names {
 
 impl Names {
     pub fn owner(&self, name: &str) -> Option<PeerId> {
-        self.queues.get(name).and_then(|q| q.front()).map(|e| e.peer)
+        self.queues
+            .get(name)
+            .and_then(|q| q.front())
+            .map(|e| e.peer)
     }
 
     pub fn is_primary(&self, name: &str, peer: PeerId) -> bool {

@@ -8,16 +8,19 @@
 //! messages caused by one event (NameOwnerChanged, NameLost, NameAcquired,
 //! replies) reach every queue in one consistent order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
 use zbus::message::{Flags, Message, Type};
 
+use crate::activation::Waiter;
+use crate::activation::definition::{Catalog, ServiceDirSpec};
 use crate::config::Limits;
 use crate::matching::{MatchIndex, MatchRule, MessageInfo, Owners};
 use crate::names::{NameChange, Names};
-use crate::peer::{parse_unique_name, unique_name, Credentials, Cutter, Outbox, PeerId, PushError};
+use crate::peer::{Credentials, Cutter, Outbox, PeerId, PushError, parse_unique_name, unique_name};
+use crate::supervision::{Service, SupervisorHandle};
 
 pub const BUS_NAME: &str = "org.freedesktop.DBus";
 pub const BUS_PATH: &str = "/org/freedesktop/DBus";
@@ -51,7 +54,7 @@ pub enum Verdict {
     Disconnect(&'static str),
 }
 
-pub(crate) struct PeerEntry {
+pub struct PeerEntry {
     pub outbox: Arc<Outbox>,
     pub cutter: Arc<Cutter>,
     pub creds: Credentials,
@@ -64,8 +67,7 @@ pub(crate) struct PeerEntry {
 }
 
 /// Everything the routing core owns, behind one lock.
-#[derive(Default)]
-pub(crate) struct State {
+pub struct State {
     pub peers: HashMap<PeerId, PeerEntry>,
     pub names: Names,
     pub matches: MatchIndex<PeerId>,
@@ -75,6 +77,41 @@ pub(crate) struct State {
     pub replies: HashMap<(PeerId, u32), PeerId>,
     pub monitors: Vec<PeerId>,
     pub activation_env: Vec<(String, String)>,
+    pub limits: Limits,
+    /// Activatable services, by name and id.
+    pub catalog: Catalog,
+    /// Where the catalog comes from, for reloads.
+    pub service_dirs: (Vec<std::path::PathBuf>, Vec<ServiceDirSpec>),
+    /// Runtime state of every service that has been started, by id.
+    pub services: BTreeMap<String, Service>,
+    /// Per bus name: what waits for it to be taken.
+    pub pending: HashMap<String, Vec<Waiter>>,
+    pub pending_count: usize,
+    /// The connection of each running service, for activity and name loss.
+    pub peer_service: HashMap<PeerId, String>,
+    pub supervisor: Option<SupervisorHandle>,
+}
+
+impl State {
+    fn new(limits: Limits) -> Self {
+        State {
+            peers: HashMap::new(),
+            names: Names::default(),
+            matches: MatchIndex::default(),
+            eavesdrop_rules: 0,
+            replies: HashMap::new(),
+            monitors: Vec::new(),
+            activation_env: Vec::new(),
+            limits,
+            catalog: Catalog::default(),
+            service_dirs: (Vec::new(), Vec::new()),
+            services: BTreeMap::new(),
+            pending: HashMap::new(),
+            pending_count: 0,
+            peer_service: HashMap::new(),
+            supervisor: None,
+        }
+    }
 }
 
 /// The bus: fixed facts and the locked state.
@@ -176,7 +213,7 @@ impl Bus {
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| guid.clone());
         Bus {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(limits)),
             guid,
             limits,
             uid: nix::unistd::getuid().as_raw(),
@@ -187,7 +224,7 @@ impl Bus {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while routing must not take the bus down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -233,6 +270,18 @@ impl Bus {
             return Verdict::Disconnect("monitors may not send messages");
         }
         let hdr = msg.header();
+        tracing::trace!(
+            peer = %unique_name(from),
+            kind = ?msg.message_type(),
+            serial = msg.primary_header().serial_num().get(),
+            reply_serial = ?hdr.reply_serial(),
+            dest = ?hdr.destination().map(|d| d.as_str()),
+            path = ?hdr.path().map(|p| p.as_str()),
+            iface = ?hdr.interface().map(|i| i.as_str()),
+            member = ?hdr.member().map(|m| m.as_str()),
+            signature = crate::matching::body_signature(&msg),
+            "message"
+        );
         let to_bus = hdr.destination().map(|d| d.as_str()) == Some(BUS_NAME);
         if !peer.hello {
             let is_hello = to_bus
@@ -259,7 +308,7 @@ impl Bus {
                 }
                 Some(dest) => {
                     let dest = dest.as_str().to_owned();
-                    st.route_unicast(self, from, &msg, &dest);
+                    st.route_unicast(from, &msg, &dest);
                 }
             },
         }
@@ -276,6 +325,7 @@ impl Bus {
         st.matches.remove_all(id);
         st.eavesdrop_rules -= peer.eavesdrop_rules;
         st.monitors.retain(|m| *m != id);
+        st.peer_service.remove(&id);
         let changes = st.names.remove_peer(id);
         st.announce(changes);
         if peer.hello && peer.monitor.is_none() {
@@ -307,7 +357,10 @@ impl Bus {
                 st.send_to(caller, e);
             }
         }
-        let dropped = peer.outbox.dropped.load(std::sync::atomic::Ordering::Relaxed);
+        let dropped = peer
+            .outbox
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
         info!(
             peer = %unique_name(id),
             pid = ?peer.creds.pid,
@@ -378,16 +431,20 @@ impl State {
             dest: None,
         };
         let peers = &self.peers;
-        self.matches
-            .for_each_match(&info, &view, |_, _| true, |k| {
-                if let Some(p) = peers.get(&k) {
-                    if p.outbox.push(msg.clone()).is_err() {
-                        p.outbox
-                            .dropped
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+        self.matches.for_each_match(
+            &info,
+            &view,
+            |_, _| true,
+            |k| {
+                if let Some(p) = peers.get(&k)
+                    && p.outbox.push(msg.clone()).is_err()
+                {
+                    p.outbox
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-            });
+            },
+        );
     }
 
     /// Deliver a unicast message to eavesdropping rules other than its recipient's.
@@ -426,7 +483,10 @@ impl State {
 
     fn reply_error(&mut self, call: &Message, name: &str, text: &str) {
         if call.message_type() != Type::MethodCall
-            || call.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED)
+            || call
+                .primary_header()
+                .flags()
+                .contains(Flags::NO_REPLY_EXPECTED)
         {
             return;
         }
@@ -438,29 +498,67 @@ impl State {
         }
     }
 
-    fn route_unicast(&mut self, bus: &Bus, from: PeerId, msg: &Message, dest: &str) {
-        let Some(to) = self.resolve(dest) else {
-            let no_auto_start = msg.primary_header().flags().contains(Flags::NO_AUTO_START);
+    fn route_unicast(&mut self, from: PeerId, msg: &Message, dest: &str) {
+        let no_auto_start = msg.primary_header().flags().contains(Flags::NO_AUTO_START);
+        let to = match self.resolve(dest) {
+            // A service stopping for idleness keeps its name until it exits:
+            // hold its messages for the next instance instead of losing them.
+            Some(to) if !dest.starts_with(':') && !no_auto_start && self.idle_stopping(to) => None,
+            other => other,
+        };
+        let Some(to) = to else {
             if no_auto_start {
                 self.reply_error(
                     msg,
                     err::NAME_HAS_NO_OWNER,
                     &format!("Name \"{dest}\" does not exist"),
                 );
-            } else {
-                self.reply_error(
-                    msg,
-                    err::SERVICE_UNKNOWN,
-                    &format!("The name {dest} was not provided by any .service files"),
-                );
+                return;
+            }
+            let waiter = Waiter::Message {
+                msg: msg.clone(),
+                from,
+            };
+            if let Err((name, text)) = self.activate(dest, waiter) {
+                self.reply_error(msg, name, &text);
             }
             return;
         };
+        self.deliver(from, msg, to, dest);
+    }
+
+    fn idle_stopping(&self, peer: PeerId) -> bool {
+        self.peer_service
+            .get(&peer)
+            .and_then(|id| self.services.get(id))
+            .is_some_and(|s| {
+                s.state == crate::supervision::ServiceState::Stopping
+                    && s.stop_reason == Some(crate::supervision::StopReason::Idle)
+            })
+    }
+
+    fn touch(&mut self, peer: PeerId) {
+        if let Some(id) = self.peer_service.get(&peer)
+            && let Some(s) = self.services.get_mut(id)
+        {
+            s.last_activity = std::time::Instant::now();
+        }
+    }
+
+    /// Deliver a unicast message to the connected peer `to`.
+    fn deliver(&mut self, from: PeerId, msg: &Message, to: PeerId, dest: &str) {
+        if !self.peer_service.is_empty() {
+            self.touch(to);
+            self.touch(from);
+        }
         let wants_reply = msg.message_type() == Type::MethodCall
-            && !msg.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED);
+            && !msg
+                .primary_header()
+                .flags()
+                .contains(Flags::NO_REPLY_EXPECTED);
         if wants_reply {
             let pending = self.peers.get(&from).map_or(0, |p| p.pending_calls);
-            if pending as u64 >= bus.limits.max_replies_per_connection {
+            if pending as u64 >= self.limits.max_replies_per_connection {
                 self.reply_error(
                     msg,
                     err::LIMITS_EXCEEDED,
@@ -473,10 +571,10 @@ impl State {
             Ok(()) => {
                 if wants_reply {
                     let serial = msg.primary_header().serial_num().get();
-                    if self.replies.insert((from, serial), to).is_none() {
-                        if let Some(p) = self.peers.get_mut(&from) {
-                            p.pending_calls += 1;
-                        }
+                    if self.replies.insert((from, serial), to).is_none()
+                        && let Some(p) = self.peers.get_mut(&from)
+                    {
+                        p.pending_calls += 1;
                     }
                 }
                 self.eavesdrop(msg, Some(from), Some(Some(to)));
@@ -486,9 +584,7 @@ impl State {
                 self.reply_error(
                     msg,
                     err::LIMITS_EXCEEDED,
-                    &format!(
-                        "The message queue of {dest} is full: it is not reading its messages"
-                    ),
+                    &format!("The message queue of {dest} is full: it is not reading its messages"),
                 );
             }
             Err(PushError::Closed) => self.reply_error(
@@ -528,6 +624,12 @@ impl State {
         }
     }
 
+    /// Broadcast a signal the bus itself emits.
+    pub fn broadcast_from_bus(&mut self, sig: &Message) {
+        self.capture(sig, None, None);
+        self.broadcast(sig, None);
+    }
+
     /// Broadcast NameOwnerChanged.
     pub fn announce_owner(&mut self, name: &str, old: Option<&str>, new: Option<&str>) {
         if let Some(sig) = bus_signal(
@@ -540,18 +642,40 @@ impl State {
         }
     }
 
-    /// Turn registry changes into the bus's signals, in order.
+    /// Turn registry changes into the bus's signals, in order; complete
+    /// pending activations of names that were taken.
     pub fn announce(&mut self, changes: Vec<NameChange>) {
+        let mut held: Vec<(PeerId, String, Vec<Waiter>)> = Vec::new();
         for c in changes {
             match c {
                 NameChange::OwnerChanged { name, old, new } => {
-                    let old = old.map(unique_name);
-                    let new = new.map(unique_name);
-                    self.announce_owner(&name, old.as_deref(), new.as_deref());
+                    let old_name = old.map(unique_name);
+                    let new_name = new.map(unique_name);
+                    self.announce_owner(&name, old_name.as_deref(), new_name.as_deref());
+                    match (old, new) {
+                        (_, Some(owner)) => {
+                            let queued = self.name_taken(&name, owner);
+                            if !queued.is_empty() {
+                                held.push((owner, name, queued));
+                            }
+                        }
+                        (Some(old), None) => self.name_released(&name, old),
+                        (None, None) => {}
+                    }
                 }
                 NameChange::Lost { peer, name } => self.name_signal("NameLost", peer, &name),
                 NameChange::Acquired { peer, name } => {
-                    self.name_signal("NameAcquired", peer, &name)
+                    self.name_signal("NameAcquired", peer, &name);
+                    if let Some(i) = held.iter().position(|(p, n, _)| *p == peer && *n == name) {
+                        let (_, name, queued) = held.swap_remove(i);
+                        for w in queued {
+                            if let Waiter::Message { msg, from } = w
+                                && self.peers.contains_key(&from)
+                            {
+                                self.deliver(from, &msg, peer, &name);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -575,10 +699,10 @@ impl Bus {
         let mut st = self.lock();
         if let Some(caller) = msg.header().sender().and_then(|s| parse_unique_name(s)) {
             let serial = msg.primary_header().serial_num().get();
-            if st.replies.remove(&(caller, serial)).is_some() {
-                if let Some(p) = st.peers.get_mut(&caller) {
-                    p.pending_calls = p.pending_calls.saturating_sub(1);
-                }
+            if st.replies.remove(&(caller, serial)).is_some()
+                && let Some(p) = st.peers.get_mut(&caller)
+            {
+                p.pending_calls = p.pending_calls.saturating_sub(1);
             }
         }
         st.reply_error(

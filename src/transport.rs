@@ -9,8 +9,8 @@
 use std::num::NonZeroUsize;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -21,7 +21,7 @@ use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::config::address::ListenAddress;
-use crate::peer::{unique_name, Credentials, Cutter, Outbox, PeerId};
+use crate::peer::{Credentials, Cutter, Outbox, PeerId, unique_name};
 use crate::router::{Bus, Verdict};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,12 @@ fn bind_path(path: &Path, spec: &str) -> Result<Bound, TransportError> {
         address: spec.to_owned(),
         source,
     })?;
-    finish(std, crate::config::address::client_address_for_path(path), Some(path.to_owned()), spec)
+    finish(
+        std,
+        crate::config::address::client_address_for_path(path),
+        Some(path.to_owned()),
+        spec,
+    )
 }
 
 fn finish(
@@ -106,8 +111,8 @@ pub fn bind(addr: &ListenAddress, spec: &str) -> Result<Bound, TransportError> {
                 address: spec.to_owned(),
                 source,
             };
-            let sa = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-                .map_err(err)?;
+            let sa =
+                std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(err)?;
             if std::os::unix::net::UnixStream::connect_addr(&sa).is_ok() {
                 return Err(TransportError::InUse(format!("abstract socket {name}")));
             }
@@ -203,7 +208,10 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     let uid = creds.unix_user_id();
     if uid != Some(bus.uid) && uid != Some(0) {
         cutter.cut();
-        return warn!("refused a connection from uid {uid:?}: only uid {} may connect", bus.uid);
+        return warn!(
+            "refused a connection from uid {uid:?}: only uid {} may connect",
+            bus.uid
+        );
     }
     let creds = Credentials {
         uid,
@@ -226,7 +234,10 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     };
     if !is_hello(&first) {
         cutter.cut();
-        return info!(?pid, "disconnecting a client whose first message is not Hello");
+        return info!(
+            ?pid,
+            "disconnecting a client whose first message is not Hello"
+        );
     }
     let id = bus.add_peer(outbox.clone(), cutter.clone(), creds);
     let me = match OwnedUniqueName::try_from(unique_name(id)) {

@@ -1,0 +1,66 @@
+//! Finding a service's processes through /proc.
+//!
+//! Each service process gets `BUSVISOR_INVOCATION=<token>` in its
+//! environment at spawn. Forked children inherit it, whatever they do with
+//! sessions and process groups, so scanning /proc for the token finds the
+//! whole tree even after double forks and `setsid()`. Reading another
+//! process's environ needs the same uid, which a session bus has.
+
+use std::collections::BTreeSet;
+
+pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
+
+/// The token in a process's environment, if any.
+pub fn token_of(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{TOKEN_VAR}=");
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Parent pid and state letter, from /proc/PID/stat (parsed after the last ')').
+pub fn stat_of(pid: i32) -> Option<(i32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Every live (non-zombie) process carrying `token`.
+pub fn with_token(token: &str) -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if token_of(pid).as_deref() == Some(token)
+            && stat_of(pid).is_some_and(|(_, state)| state != 'Z')
+        {
+            out.insert(pid);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_stat() {
+        let me = std::process::id() as i32;
+        let (ppid, state) = stat_of(me).unwrap();
+        assert!(ppid > 0);
+        assert!(state == 'R' || state == 'S');
+    }
+}

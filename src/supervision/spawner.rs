@@ -1,0 +1,154 @@
+//! Starting service processes.
+//!
+//! Every fork happens on one dedicated thread that lives as long as
+//! busvisor: PR_SET_PDEATHSIG fires when the *forking thread* exits, and
+//! tokio's blocking pool retires idle threads, which would kill services at
+//! random. Spawning holds [`SPAWN_LOCK`], which the reaper also takes, so the
+//! reaper can never collect a child whose exec failure std is still
+//! reporting (std waits for such a child itself).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
+
+/// Held while forking and while reaping.
+pub static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SpawnRequest {
+    pub argv: Vec<String>,
+    pub env: HashMap<OsString, OsString>,
+    pub cwd: Option<PathBuf>,
+    /// Capture stdout/stderr (services); inherit them otherwise (`run`'s command).
+    pub capture: bool,
+    /// Put the process in a session of its own (services).
+    pub new_session: bool,
+}
+
+/// A started process: its pid and the read ends of its output pipes.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    pub program: PathBuf,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+type Job = (SpawnRequest, oneshot::Sender<std::io::Result<Spawned>>);
+
+/// Handle to the spawner thread.
+#[derive(Clone)]
+pub struct Spawner {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Spawner {
+    /// Start the spawner thread. Call once, early.
+    pub fn start() -> std::io::Result<Spawner> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("busvisor-spawner".into())
+            .spawn(move || {
+                for (req, reply) in rx {
+                    let _ = reply.send(spawn_now(&req));
+                }
+            })?;
+        Ok(Spawner { tx })
+    }
+
+    pub async fn spawn(&self, req: SpawnRequest) -> std::io::Result<Spawned> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((req, tx))
+            .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the spawner thread dropped a request"))?
+    }
+}
+
+/// Resolve argv[0]: absolute as given, otherwise searched in PATH.
+pub fn resolve_program(
+    program: &str,
+    env: &HashMap<OsString, OsString>,
+) -> std::io::Result<PathBuf> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .get(&OsString::from("PATH"))
+        .cloned()
+        .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{program} not found in PATH"),
+    ))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
+    let Some((program, args)) = req.argv.split_first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "empty command line",
+        ));
+    };
+    let resolved = resolve_program(program, &req.env)?;
+    let mut cmd = Command::new(&resolved);
+    cmd.arg0(program)
+        .args(args)
+        .env_clear()
+        .envs(&req.env)
+        .stdin(Stdio::null());
+    if req.capture {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    if let Some(dir) = &req.cwd {
+        cmd.current_dir(dir);
+    }
+    let new_session = req.new_session;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe syscalls (setsid, prctl); it allocates nothing and
+    // touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+            }
+            // If busvisor dies without stopping its services, they hear about it.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let child = cmd.spawn();
+    drop(guard);
+    let mut child = child?;
+    // The reaper owns the child's exit status: never wait through `Child`.
+    let stdout = child.stdout.take().map(OwnedFd::from);
+    let stderr = child.stderr.take().map(OwnedFd::from);
+    Ok(Spawned {
+        pid: child.id() as i32,
+        program: resolved,
+        stdout,
+        stderr,
+    })
+}
