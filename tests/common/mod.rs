@@ -105,6 +105,17 @@ impl TestBus {
     }
 }
 
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- last lines of the bus log ({}):\n{}", self.stderr_path.display(), tail.join("\n"));
+        }
+    }
+}
+
 /// The dbus-daemon style configuration the tests use, with extra `<limit>`s.
 pub fn config_xml(limits: &[(&str, u64)]) -> String {
     let mut s = String::from(
