@@ -1,0 +1,179 @@
+//! The command line: `busvisor run -- CMD` (dbus-run-session) and the
+//! dbus-daemon compatible flags.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn run_busvisor(args: &[&str]) -> ToolOutput {
+    run_tool(busvisor_bin(), args, Duration::from_secs(20))
+}
+
+/// The socket path in a `unix:path=...` address, if it is one.
+fn socket_path(address: &str) -> Option<std::path::PathBuf> {
+    let rest = address.strip_prefix("unix:path=")?;
+    Some(rest.split(',').next()?.into())
+}
+
+#[test]
+fn run_exits_with_the_command_status() {
+    let out = run_busvisor(&["run", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = run_busvisor(&["run", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn run_reports_a_killed_command_as_128_plus_signal() {
+    let out = run_busvisor(&["run", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(out.status.code(), Some(128 + 15), "{out:?}");
+}
+
+#[test]
+fn run_with_a_missing_command_fails_clearly() {
+    let out = run_busvisor(&["run", "--", "/nonexistent/busvisor-no-such-cmd"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    assert!(out.stderr.contains("busvisor-no-such-cmd"), "{out:?}");
+}
+
+#[test]
+fn run_gives_the_command_a_working_bus_that_goes_away() {
+    let script = r#"
+        echo "ADDR=$DBUS_SESSION_BUS_ADDRESS"
+        gdbus call --session --dest org.freedesktop.DBus --object-path /org/freedesktop/DBus \
+            --method org.freedesktop.DBus.GetId || exit 11
+        dbus-send --session --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
+            org.freedesktop.DBus.ListNames || exit 12
+        gdbus call --session --dest org.freedesktop.DBus --object-path /org/freedesktop/DBus \
+            --method org.freedesktop.DBus.RequestName org.busvisor.RunTest 0 || exit 13
+        exit 7
+    "#;
+    let out = run_busvisor(&["run", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let addr = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ADDR="))
+        .expect("no address printed")
+        .to_owned();
+    assert!(addr.starts_with("unix:") && addr.contains("guid="), "{addr}");
+    // Not the machine's bus.
+    assert_ne!(Some(addr.clone()), std::env::var("DBUS_SESSION_BUS_ADDRESS").ok());
+    // gdbus printed the bus id: 32 hex digits in ('...',).
+    assert!(out.stdout.contains("('") && out.stdout.contains("',)"), "{}", out.stdout);
+    assert!(out.stdout.contains("org.freedesktop.DBus"), "{}", out.stdout);
+    assert!(out.stdout.contains("(uint32 1,)"), "RequestName reply: {}", out.stdout);
+    // The bus is gone: its socket file is removed and nothing listens.
+    if let Some(p) = socket_path(&addr) {
+        assert!(!p.exists(), "socket {} left behind", p.display());
+    }
+    let probe = run_tool("busctl", &["--address", &addr, "list", "--no-pager"], OP_TIMEOUT);
+    assert!(!probe.success(), "bus still answers after run: {probe:?}");
+}
+
+#[test]
+fn run_bus_sees_the_command_as_a_peer() {
+    // The command's own connection shows up with its pid.
+    let script = r#"
+        gdbus call --session --dest org.freedesktop.DBus --object-path /org/freedesktop/DBus \
+            --method org.freedesktop.DBus.ListNames
+    "#;
+    let out = run_busvisor(&["run", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // The bus itself plus gdbus's unique name.
+    assert!(out.stdout.contains("'org.freedesktop.DBus'"), "{}", out.stdout);
+    assert!(out.stdout.contains("':1."), "{}", out.stdout);
+}
+
+#[test]
+fn print_address_and_pid_and_dbus_daemon_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bus");
+    let child = std::process::Command::new(busvisor_bin())
+        .args(["--session", "--nofork", "--nopidfile", "--nosyslog"])
+        .arg(format!("--address=unix:path={}", sock.display()))
+        .args(["--print-address", "--print-pid"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard::new(child);
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(guard.child.stdout.take().unwrap());
+    let mut addr = String::new();
+    let mut pid = String::new();
+    r.read_line(&mut addr).unwrap();
+    r.read_line(&mut pid).unwrap();
+    assert!(addr.starts_with(&format!("unix:path={}", sock.display())), "{addr:?}");
+    assert_eq!(pid.trim().parse::<u32>().ok(), Some(guard.pid()), "{pid:?}");
+    let out = run_tool(
+        "dbus-send",
+        &[&format!("--bus={}", addr.trim()), "--print-reply", "--dest=org.freedesktop.DBus",
+          "/org/freedesktop/DBus", "org.freedesktop.DBus.GetConnectionUnixProcessID",
+          "string:org.freedesktop.DBus"],
+        OP_TIMEOUT,
+    );
+    out.assert_ok();
+    assert!(out.stdout.contains(&format!("uint32 {}", guard.pid())), "{}", out.stdout);
+    guard.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(guard.wait_timeout(OP_TIMEOUT).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn print_address_to_a_file_descriptor() {
+    // dbus-daemon style: --print-address 3 writes to an inherited fd.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bus");
+    let out_path = dir.path().join("addr");
+    let script = format!(
+        "exec 3>{out} ; exec {bin} --nofork --address=unix:path={sock} --print-address 3",
+        out = out_path.display(),
+        bin = busvisor_bin(),
+        sock = sock.display()
+    );
+    let child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = ChildGuard::new(child);
+    assert!(
+        wait_until(OP_TIMEOUT, || std::fs::read_to_string(&out_path).unwrap_or_default().ends_with('\n')),
+        "no address written to fd 3"
+    );
+    let addr = std::fs::read_to_string(&out_path).unwrap();
+    assert!(addr.starts_with(&format!("unix:path={}", sock.display())), "{addr:?}");
+    run_tool("busctl", &["--address", addr.trim(), "list", "--no-pager"], OP_TIMEOUT).assert_ok();
+}
+
+#[test]
+fn system_bus_is_refused_and_introspect_prints_xml() {
+    let out = run_busvisor(&["--system", "--nofork"]);
+    assert!(!out.success());
+    assert!(out.stderr.contains("system bus"), "{out:?}");
+    let out = run_busvisor(&["--introspect"]);
+    out.assert_ok();
+    assert!(out.stdout.contains("<interface name=\"org.freedesktop.DBus\">"), "{}", out.stdout);
+    assert!(out.stdout.trim_end().ends_with("</node>"));
+}
+
+#[test]
+fn bad_config_file_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.conf");
+    std::fs::write(&cfg, "<busconfig><limit name=\"max_message_size\">notanumber</limit>").unwrap();
+    let sock = dir.path().join("bus");
+    let out = run_busvisor(&[
+        "--nofork",
+        &format!("--config-file={}", cfg.display()),
+        &format!("--address=unix:path={}", sock.display()),
+        "--print-address",
+    ]);
+    assert!(!out.success(), "{out:?}");
+    assert!(out.stdout.trim().is_empty());
+    assert!(!out.stderr.trim().is_empty());
+    assert!(!sock.exists());
+}

@@ -1,0 +1,623 @@
+//! Shared helpers for busvisor's integration tests: start the real binary on
+//! a private socket, run real D-Bus tools against it, connect zbus clients,
+//! and speak raw D-Bus for misbehaving clients.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use zbus::message::Message;
+
+pub const BUS: &str = "org.freedesktop.DBus";
+pub const BUS_PATH: &str = "/org/freedesktop/DBus";
+
+/// Default per-operation timeout: a hang fails the test instead of blocking it.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// True when the suite runs against dbus-daemon (BUSVISOR_TEST_REFERENCE=1)
+/// to check its expectations; busvisor-only features are then skipped.
+pub fn is_reference() -> bool {
+    std::env::var_os("BUSVISOR_TEST_REFERENCE").is_some()
+}
+
+pub fn busvisor_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_busvisor")
+}
+
+/// A child process that is killed (by pid) and reaped when dropped.
+pub struct ChildGuard {
+    pub child: Child,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        ChildGuard { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the process to exit, at most `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A running busvisor on a socket in its own temporary directory.
+pub struct TestBus {
+    /// Client address as printed by the bus (`unix:path=...,guid=...`).
+    pub address: String,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub stderr_path: PathBuf,
+    pub proc: ChildGuard,
+}
+
+impl TestBus {
+    /// The bus's log so far (stderr), for assertions and diagnostics.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Assert the bus process is still alive.
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.proc.is_running(),
+            "busvisor died; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- last lines of the bus log ({}):\n{}", self.stderr_path.display(), tail.join("\n"));
+        }
+    }
+}
+
+/// The dbus-daemon style configuration the tests use, with extra `<limit>`s.
+pub fn config_xml(limits: &[(&str, u64)]) -> String {
+    let mut s = String::from(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:tmpdir=/tmp</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+"#,
+    );
+    for (name, v) in limits {
+        s.push_str(&format!("  <limit name=\"{name}\">{v}</limit>\n"));
+    }
+    s.push_str("</busconfig>\n");
+    s
+}
+
+/// Start busvisor on `<tmpdir>/bus`, optionally with a config file holding `config`.
+pub fn start_bus(config: Option<&str>) -> TestBus {
+    start_bus_with_args(config, &[])
+}
+
+pub fn start_bus_with_args(config: Option<&str>, extra: &[&str]) -> TestBus {
+    let dir = tempfile::Builder::new()
+        .prefix("busvisor-test")
+        .tempdir()
+        .expect("tempdir");
+    let socket = dir.path().join("bus");
+    let stderr_path = dir.path().join("busvisor.log");
+    // BUSVISOR_TEST_REFERENCE=1 runs the same test against dbus-daemon, to
+    // check the tests' expectations against the reference implementation.
+    let reference = is_reference();
+    let mut cmd = Command::new(if reference { "dbus-daemon" } else { busvisor_bin() });
+    if reference && config.is_none() {
+        cmd.arg("--session");
+    }
+    cmd.arg("--nofork")
+        .arg(format!("--address=unix:path={}", socket.display()))
+        .arg("--print-address");
+    if let Some(text) = config {
+        let cfg = dir.path().join("bus.conf");
+        std::fs::write(&cfg, text).expect("write config");
+        cmd.arg(format!("--config-file={}", cfg.display()));
+    }
+    cmd.args(extra)
+        .env("RUST_LOG", "debug")
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("log file"));
+    let mut child = cmd.spawn().expect("spawn busvisor");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut proc = ChildGuard::new(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(OP_TIMEOUT) {
+        Ok(l) => l,
+        Err(_) => panic!(
+            "busvisor printed no address within {OP_TIMEOUT:?}; log:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        ),
+    };
+    let address = line.trim().to_owned();
+    if address.is_empty() {
+        let st = proc.wait_timeout(Duration::from_secs(2));
+        panic!(
+            "busvisor printed no address (exit {st:?}); log:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
+    }
+    assert!(
+        address.starts_with(&format!("unix:path={}", socket.display())) && address.contains(",guid="),
+        "unexpected address line {address:?}"
+    );
+    TestBus {
+        address,
+        socket,
+        dir,
+        stderr_path,
+        proc,
+    }
+}
+
+/// Captured result of a CLI tool run.
+#[derive(Debug)]
+pub struct ToolOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ToolOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.success(), "tool failed: {self:?}");
+        self
+    }
+}
+
+/// Run a tool with a timeout (killed and the test failed on timeout); the
+/// machine's session bus is never inherited.
+pub fn run_tool(program: &str, args: &[&str], timeout: Duration) -> ToolOutput {
+    run_tool_env(program, args, &[], timeout)
+}
+
+pub fn run_tool_env(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> ToolOutput {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .env_remove("DBUS_STARTER_ADDRESS")
+        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/no-session-bus")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut guard = ChildGuard::new(child);
+    let status = match guard.wait_timeout(timeout) {
+        Some(st) => st,
+        None => {
+            drop(guard);
+            panic!("{program} {args:?} did not finish within {timeout:?}");
+        }
+    };
+    ToolOutput {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// Spawn a long-running tool (e.g. dbus-monitor) with stdout going to a file.
+pub fn spawn_tool(program: &str, args: &[&str], stdout_file: &Path) -> ChildGuard {
+    let child = Command::new(program)
+        .args(args)
+        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/no-session-bus")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(stdout_file).expect("out file"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    ChildGuard::new(child)
+}
+
+/// Poll `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- zbus clients
+
+/// Await `f`, failing the test if it takes longer than [`OP_TIMEOUT`].
+#[track_caller]
+pub fn within<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    within_t(OP_TIMEOUT, f)
+}
+
+#[track_caller]
+pub fn within_t<F: Future>(t: Duration, f: F) -> impl Future<Output = F::Output> {
+    let loc = std::panic::Location::caller();
+    async move {
+        match tokio::time::timeout(t, f).await {
+            Ok(v) => v,
+            Err(_) => panic!("operation timed out after {t:?} at {loc}"),
+        }
+    }
+}
+
+/// A zbus bus connection (Hello done) to `address`.
+pub async fn connect(address: &str) -> zbus::Connection {
+    within(async {
+        zbus::connection::Builder::address(address)
+            .build()
+            .await
+            .expect("connect to busvisor")
+    })
+    .await
+}
+
+pub fn unique(conn: &zbus::Connection) -> String {
+    conn.unique_name().expect("unique name").to_string()
+}
+
+/// Call a method on the bus driver.
+pub async fn bus_call<B>(conn: &zbus::Connection, member: &str, body: &B) -> zbus::Result<Message>
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    within(conn.call_method(Some(BUS), BUS_PATH, Some(BUS), member, body)).await
+}
+
+/// Call a driver method expecting success; deserialize its reply.
+pub async fn bus_ok<B, R>(conn: &zbus::Connection, member: &str, body: &B) -> R
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+    R: for<'d> serde::Deserialize<'d> + zbus::wire::Type,
+{
+    let m = bus_call(conn, member, body)
+        .await
+        .unwrap_or_else(|e| panic!("{member} failed: {e}"));
+    m.body()
+        .deserialize::<R>()
+        .unwrap_or_else(|e| panic!("{member} reply: {e}"))
+}
+
+/// The D-Bus error name of a failed call.
+pub fn err_name(e: &zbus::Error) -> String {
+    use zbus::DBusError;
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(f) => f.name().to_string(),
+        other => format!("(not a D-Bus error: {other})"),
+    }
+}
+
+/// Call a driver method expecting the error `want`.
+#[track_caller]
+pub fn bus_err<'a, B>(
+    conn: &'a zbus::Connection,
+    member: &'a str,
+    body: &'a B,
+    want: &'a str,
+) -> impl Future<Output = ()> + 'a
+where
+    B: serde::Serialize + zbus::wire::DynamicType + Sync,
+{
+    let loc = std::panic::Location::caller();
+    async move {
+        match bus_call(conn, member, body).await {
+            Ok(m) => panic!("{member} succeeded ({m:?}), expected {want} at {loc}"),
+            Err(e) => assert_eq!(err_name(&e), want, "{member}: {e} at {loc}"),
+        }
+    }
+}
+
+pub async fn add_match(conn: &zbus::Connection, rule: &str) {
+    bus_call(conn, "AddMatch", &(rule,))
+        .await
+        .unwrap_or_else(|e| panic!("AddMatch {rule}: {e}"));
+}
+
+/// A stream of every message a connection receives; create it before the
+/// messages are sent.
+pub fn stream(conn: &zbus::Connection) -> zbus::MessageStream {
+    zbus::MessageStream::from(conn)
+}
+
+/// Next message on `s` satisfying `pred`, within `t`.
+pub async fn next_matching(
+    s: &mut zbus::MessageStream,
+    t: Duration,
+    mut pred: impl FnMut(&Message) -> bool,
+) -> Option<Message> {
+    use futures_util::StreamExt;
+    let fut = async {
+        while let Some(m) = s.next().await {
+            let m = m.expect("stream error");
+            if pred(&m) {
+                return Some(m);
+            }
+        }
+        None
+    };
+    tokio::time::timeout(t, fut).await.ok().flatten()
+}
+
+/// Every message arriving on `s` during `t` that satisfies `pred`.
+pub async fn collect_for(
+    s: &mut zbus::MessageStream,
+    t: Duration,
+    mut pred: impl FnMut(&Message) -> bool,
+) -> Vec<Message> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + t;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, s.next()).await {
+        let m = m.expect("stream error");
+        if pred(&m) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+pub fn is_signal(m: &Message, member: &str) -> bool {
+    m.message_type() == zbus::message::Type::Signal
+        && m.header().member().map(|x| x.as_str()) == Some(member)
+}
+
+pub fn member(m: &Message) -> String {
+    m.header().member().map(|x| x.to_string()).unwrap_or_default()
+}
+
+pub fn sender(m: &Message) -> String {
+    m.header().sender().map(|x| x.to_string()).unwrap_or_default()
+}
+
+/// Round trip with the bus: every message the bus queued for `conn` before
+/// this returns has been sent before the Ping reply.
+pub async fn sync(conn: &zbus::Connection) {
+    within(conn.call_method(Some(BUS), "/", Some("org.freedesktop.DBus.Peer"), "Ping", &()))
+        .await
+        .expect("Ping");
+}
+
+// ---------------------------------------------------------------- raw clients
+
+/// A client speaking D-Bus by hand over a blocking Unix socket.
+pub struct RawClient {
+    pub stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connect without authenticating.
+    pub fn connect(socket: &Path) -> RawClient {
+        let stream = UnixStream::connect(socket).expect("raw connect");
+        stream
+            .set_read_timeout(Some(OP_TIMEOUT))
+            .expect("read timeout");
+        stream
+            .set_write_timeout(Some(OP_TIMEOUT))
+            .expect("write timeout");
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// SASL EXTERNAL by hand, then BEGIN.
+    pub fn authenticate(&mut self) {
+        let uid = nix::unistd::getuid().as_raw().to_string();
+        let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+        self.stream
+            .write_all(format!("\0AUTH EXTERNAL {hex}\r\n").as_bytes())
+            .expect("write AUTH");
+        let line = self.read_line();
+        assert!(line.starts_with("OK "), "AUTH answered {line:?}");
+        self.stream.write_all(b"BEGIN\r\n").expect("write BEGIN");
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            let n = self.stream.read(&mut b).expect("read SASL line");
+            assert!(n == 1, "EOF during SASL");
+            line.push(b[0]);
+            if line.ends_with(b"\r\n") {
+                return String::from_utf8_lossy(&line).into_owned();
+            }
+        }
+    }
+
+    pub fn connect_authenticated(socket: &Path) -> RawClient {
+        let mut c = RawClient::connect(socket);
+        c.authenticate();
+        c
+    }
+
+    pub fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        self.stream.write_all(msg.data().bytes())
+    }
+
+    /// Read one whole message, or None at EOF / error.
+    pub fn recv(&mut self) -> Option<Message> {
+        loop {
+            if let Some(len) = frame_len(&self.buf) {
+                if self.buf.len() >= len {
+                    let rest = self.buf.split_off(len);
+                    let bytes = std::mem::replace(&mut self.buf, rest);
+                    let endian = if bytes[0] == b'l' {
+                        zbus::wire::Endian::Little
+                    } else {
+                        zbus::wire::Endian::Big
+                    };
+                    let ctxt = zbus::wire::serialized::Context::new(endian, 0);
+                    let data = zbus::wire::serialized::Data::new(bytes, ctxt);
+                    // SAFETY: the bytes come from the bus under test; a bad
+                    // encoding yields an error, which fails the test.
+                    return Some(unsafe { Message::from_bytes(data) }.expect("parse message"));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Send Hello and return the unique name from its reply.
+    pub fn hello(&mut self) -> String {
+        let hello = hello_msg();
+        self.send(&hello).expect("send Hello");
+        loop {
+            let m = self.recv().expect("Hello reply");
+            if m.message_type() == zbus::message::Type::MethodReturn {
+                return m.body().deserialize::<String>().expect("Hello body");
+            }
+        }
+    }
+
+    /// True once the bus has closed the socket (EOF or reset), within `t`.
+    pub fn closed_within(&mut self, t: Duration) -> bool {
+        let deadline = Instant::now() + t;
+        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut chunk = [0u8; 65536];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return true,
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+}
+
+/// Total length of the message at the start of `buf`, once its fixed header is there.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 16 {
+        return None;
+    }
+    let rd = |b: &[u8]| -> usize {
+        let a: [u8; 4] = b.try_into().unwrap();
+        (if buf[0] == b'l' {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }) as usize
+    };
+    let body = rd(&buf[4..8]);
+    let fields = rd(&buf[12..16]);
+    let header = 16 + fields;
+    let header = (header + 7) & !7;
+    Some(header + body)
+}
+
+pub fn hello_msg() -> Message {
+    Message::method_call(BUS_PATH, "Hello")
+        .destination(BUS)
+        .interface(BUS)
+        .build(&())
+        .expect("Hello")
+}
+
+pub fn bus_method_msg<B>(member: &str, body: &B) -> Message
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    Message::method_call(BUS_PATH, member)
+        .destination(BUS)
+        .interface(BUS)
+        .build(body)
+        .expect("method call")
+}
