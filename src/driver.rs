@@ -266,9 +266,6 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
         Ok(Some(reply)) if !no_reply => st.send_to(from, reply),
         Ok(_) => {}
         Err((name, text)) => {
-            if member == "Hello" {
-                return Verdict::Disconnect("Hello failed");
-            }
             if !no_reply && let Some(e) = bus_error(msg, name, &text) {
                 st.send_to(from, e);
             }
@@ -633,7 +630,8 @@ fn request_name(
     flags: u32,
 ) -> Answer {
     check_well_known(name, "acquire")?;
-    if st.names.count_for(from) as u64 >= bus.limits.max_names_per_connection
+    // The unique name counts, as in dbus-daemon.
+    if st.names.count_for(from) as u64 + 1 >= bus.limits.max_names_per_connection
         && !st.names.queued(name).contains(&from)
     {
         return Err((

@@ -150,6 +150,11 @@ impl Names {
         if !do_not_queue && (!replace || !allow_replacement) {
             match position {
                 Some(i) => queue[i].flags = flags,
+                // A would-be replacer waits right behind the owner (dbus-daemon's order).
+                None if replace => {
+                    queue.insert(1, Entry { peer, flags });
+                    self.link(peer, name);
+                }
                 None => {
                     queue.push_back(Entry { peer, flags });
                     self.link(peer, name);
@@ -284,8 +289,10 @@ mod tests {
     fn replacement_rules() {
         let mut n = Names::default();
         n.request("a.b", 1, 0);
-        // Owner does not allow replacement: queued.
+        n.request("a.b", 4, 0);
+        // Owner does not allow replacement: queued right behind it.
         assert_eq!(n.request("a.b", 2, REPLACE_EXISTING).0, IN_QUEUE);
+        assert_eq!(n.queued("a.b"), vec![1, 2, 4]);
         assert_eq!(
             n.request("a.b", 3, REPLACE_EXISTING | DO_NOT_QUEUE).0,
             EXISTS
@@ -294,7 +301,7 @@ mod tests {
         n.request("a.b", 1, ALLOW_REPLACEMENT);
         assert_eq!(n.request("a.b", 3, REPLACE_EXISTING).0, PRIMARY_OWNER);
         // Old owner moved to second place.
-        assert_eq!(n.queued("a.b"), vec![3, 1, 2]);
+        assert_eq!(n.queued("a.b"), vec![3, 1, 2, 4]);
     }
 
     #[test]

@@ -194,16 +194,27 @@ where
         .ok()
 }
 
-/// An error reply to a call that is not at hand, only its caller and serial.
-fn detached_error(caller: PeerId, serial: u32, name: &str, text: &str) -> Option<Message> {
+/// The smallest call from `caller` with `serial`: Message's reply builders
+/// need a header to answer.
+fn stand_in_call(caller: PeerId, serial: u32) -> Option<Message> {
     let serial = std::num::NonZeroU32::new(serial)?;
-    // Message::error needs a header to reply to: make the smallest one.
-    let call = Message::method_call("/", "x")
+    Message::method_call("/", "x")
         .sender(unique_name(caller))
         .serial(serial)
         .build(&())
-        .ok()?;
-    bus_error(&call, name, text)
+        .ok()
+}
+
+/// An error reply to a call that is not at hand, only its caller and serial.
+fn detached_error(caller: PeerId, serial: u32, name: &str, text: &str) -> Option<Message> {
+    bus_error(&stand_in_call(caller, serial)?, name, text)
+}
+
+fn detached_reply<B>(caller: PeerId, serial: u32, body: &B) -> Option<Message>
+where
+    B: serde::Serialize + zbus::wire::Type,
+{
+    bus_reply(&stand_in_call(caller, serial)?, &(body,))
 }
 
 impl Bus {
@@ -690,25 +701,52 @@ impl State {
 }
 
 impl Bus {
-    /// A message carrying fds could not be written to a peer that cannot
-    /// receive them: answer its caller instead of losing it silently.
-    pub fn undeliverable_fds(&self, msg: &Message) {
-        if msg.message_type() != Type::MethodCall {
-            return;
-        }
-        let mut st = self.lock();
-        if let Some(caller) = msg.header().sender().and_then(|s| parse_unique_name(s)) {
-            let serial = msg.primary_header().serial_num().get();
-            if st.replies.remove(&(caller, serial)).is_some()
-                && let Some(p) = st.peers.get_mut(&caller)
-            {
-                p.pending_calls = p.pending_calls.saturating_sub(1);
+    /// A message carrying fds could not be written to a peer that did not
+    /// negotiate fd passing. Nothing is lost silently: a call's sender gets
+    /// NotSupported; a reply becomes an error for its caller, except the
+    /// bus's own replies, which are sent again without their fds (the
+    /// ProcessFD of GetConnectionCredentials). Returns what to send instead.
+    pub fn undeliverable_fds(&self, msg: &Message) -> Option<Message> {
+        let hdr = msg.header();
+        match msg.message_type() {
+            Type::MethodCall => {
+                let mut st = self.lock();
+                if let Some(caller) = hdr.sender().and_then(|s| parse_unique_name(s)) {
+                    let serial = msg.primary_header().serial_num().get();
+                    if st.replies.remove(&(caller, serial)).is_some()
+                        && let Some(p) = st.peers.get_mut(&caller)
+                    {
+                        p.pending_calls = p.pending_calls.saturating_sub(1);
+                    }
+                }
+                st.reply_error(
+                    msg,
+                    err::NOT_SUPPORTED,
+                    "Tried to send message with Unix file descriptors to a client that doesn't support that.",
+                );
+                None
             }
+            Type::MethodReturn | Type::Error => {
+                let caller = hdr.destination().and_then(|d| parse_unique_name(d))?;
+                let serial = hdr.reply_serial()?.get();
+                let from_bus = hdr.sender().map(|s| s.as_str()) == Some(BUS_NAME);
+                if from_bus && msg.message_type() == Type::MethodReturn {
+                    let body = msg.body();
+                    if let Ok(mut dict) =
+                        body.deserialize::<HashMap<String, zbus::wire::OwnedVariant>>()
+                    {
+                        dict.retain(|_, v| !matches!(**v, zbus::wire::Variant::Fd(_)));
+                        return detached_reply(caller, serial, &dict);
+                    }
+                }
+                detached_error(
+                    caller,
+                    serial,
+                    err::NOT_SUPPORTED,
+                    "The reply carried Unix file descriptors, which this connection did not negotiate",
+                )
+            }
+            Type::Signal => None,
         }
-        st.reply_error(
-            msg,
-            err::NOT_SUPPORTED,
-            "Tried to send message with Unix file descriptors to a client that doesn't support that.",
-        );
     }
 }

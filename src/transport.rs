@@ -335,8 +335,10 @@ async fn send_without_fds(
         if m.data().fds().is_empty() {
             conn.send(m).await?;
         } else {
-            warn!(peer = %unique_name(id), "dropped a message with fds for a peer that cannot receive them");
-            bus.undeliverable_fds(m);
+            debug!(peer = %unique_name(id), "a message with fds for a peer that cannot receive them");
+            if let Some(instead) = bus.undeliverable_fds(m) {
+                conn.send(&instead).await?;
+            }
         }
     }
     Ok(())

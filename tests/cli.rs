@@ -58,18 +58,40 @@ fn run_gives_the_command_a_working_bus_that_goes_away() {
         .find_map(|l| l.strip_prefix("ADDR="))
         .expect("no address printed")
         .to_owned();
-    assert!(addr.starts_with("unix:") && addr.contains("guid="), "{addr}");
+    assert!(
+        addr.starts_with("unix:") && addr.contains("guid="),
+        "{addr}"
+    );
     // Not the machine's bus.
-    assert_ne!(Some(addr.clone()), std::env::var("DBUS_SESSION_BUS_ADDRESS").ok());
+    assert_ne!(
+        Some(addr.clone()),
+        std::env::var("DBUS_SESSION_BUS_ADDRESS").ok()
+    );
     // gdbus printed the bus id: 32 hex digits in ('...',).
-    assert!(out.stdout.contains("('") && out.stdout.contains("',)"), "{}", out.stdout);
-    assert!(out.stdout.contains("org.freedesktop.DBus"), "{}", out.stdout);
-    assert!(out.stdout.contains("(uint32 1,)"), "RequestName reply: {}", out.stdout);
+    assert!(
+        out.stdout.contains("('") && out.stdout.contains("',)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("org.freedesktop.DBus"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("(uint32 1,)"),
+        "RequestName reply: {}",
+        out.stdout
+    );
     // The bus is gone: its socket file is removed and nothing listens.
     if let Some(p) = socket_path(&addr) {
         assert!(!p.exists(), "socket {} left behind", p.display());
     }
-    let probe = run_tool("busctl", &["--address", &addr, "list", "--no-pager"], OP_TIMEOUT);
+    let probe = run_tool(
+        "busctl",
+        &["--address", &addr, "list", "--no-pager"],
+        OP_TIMEOUT,
+    );
     assert!(!probe.success(), "bus still answers after run: {probe:?}");
 }
 
@@ -83,7 +105,11 @@ fn run_bus_sees_the_command_as_a_peer() {
     let out = run_busvisor(&["run", "--", "sh", "-c", script]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     // The bus itself plus gdbus's unique name.
-    assert!(out.stdout.contains("'org.freedesktop.DBus'"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("'org.freedesktop.DBus'"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("':1."), "{}", out.stdout);
 }
 
@@ -106,19 +132,34 @@ fn print_address_and_pid_and_dbus_daemon_flags() {
     let mut pid = String::new();
     r.read_line(&mut addr).unwrap();
     r.read_line(&mut pid).unwrap();
-    assert!(addr.starts_with(&format!("unix:path={}", sock.display())), "{addr:?}");
+    assert!(
+        addr.starts_with(&format!("unix:path={}", sock.display())),
+        "{addr:?}"
+    );
     assert_eq!(pid.trim().parse::<u32>().ok(), Some(guard.pid()), "{pid:?}");
     let out = run_tool(
         "dbus-send",
-        &[&format!("--bus={}", addr.trim()), "--print-reply", "--dest=org.freedesktop.DBus",
-          "/org/freedesktop/DBus", "org.freedesktop.DBus.GetConnectionUnixProcessID",
-          "string:org.freedesktop.DBus"],
+        &[
+            &format!("--bus={}", addr.trim()),
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.GetConnectionUnixProcessID",
+            "string:org.freedesktop.DBus",
+        ],
         OP_TIMEOUT,
     );
     out.assert_ok();
-    assert!(out.stdout.contains(&format!("uint32 {}", guard.pid())), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("uint32 {}", guard.pid())),
+        "{}",
+        out.stdout
+    );
     guard.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(guard.wait_timeout(OP_TIMEOUT).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        guard.wait_timeout(OP_TIMEOUT).and_then(|s| s.code()),
+        Some(0)
+    );
 }
 
 #[test]
@@ -141,12 +182,22 @@ fn print_address_to_a_file_descriptor() {
         .unwrap();
     let _guard = ChildGuard::new(child);
     assert!(
-        wait_until(OP_TIMEOUT, || std::fs::read_to_string(&out_path).unwrap_or_default().ends_with('\n')),
+        wait_until(OP_TIMEOUT, || std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .ends_with('\n')),
         "no address written to fd 3"
     );
     let addr = std::fs::read_to_string(&out_path).unwrap();
-    assert!(addr.starts_with(&format!("unix:path={}", sock.display())), "{addr:?}");
-    run_tool("busctl", &["--address", addr.trim(), "list", "--no-pager"], OP_TIMEOUT).assert_ok();
+    assert!(
+        addr.starts_with(&format!("unix:path={}", sock.display())),
+        "{addr:?}"
+    );
+    run_tool(
+        "busctl",
+        &["--address", addr.trim(), "list", "--no-pager"],
+        OP_TIMEOUT,
+    )
+    .assert_ok();
 }
 
 #[test]
@@ -156,7 +207,12 @@ fn system_bus_is_refused_and_introspect_prints_xml() {
     assert!(out.stderr.contains("system bus"), "{out:?}");
     let out = run_busvisor(&["--introspect"]);
     out.assert_ok();
-    assert!(out.stdout.contains("<interface name=\"org.freedesktop.DBus\">"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("<interface name=\"org.freedesktop.DBus\">"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.trim_end().ends_with("</node>"));
 }
 
@@ -164,7 +220,11 @@ fn system_bus_is_refused_and_introspect_prints_xml() {
 fn bad_config_file_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.conf");
-    std::fs::write(&cfg, "<busconfig><limit name=\"max_message_size\">notanumber</limit>").unwrap();
+    std::fs::write(
+        &cfg,
+        "<busconfig><limit name=\"max_message_size\">notanumber</limit>",
+    )
+    .unwrap();
     let sock = dir.path().join("bus");
     let out = run_busvisor(&[
         "--nofork",

@@ -43,7 +43,9 @@ async fn client_that_stops_reading_does_not_stall_others() {
             while let Some(Ok(m)) = ss.next().await {
                 if m.message_type() == Type::MethodCall && member(&m) == "Work" {
                     let (i,): (u32,) = m.body().deserialize().unwrap();
-                    let r = Message::method_return(&m.header()).build(&(i, "x".repeat(200))).unwrap();
+                    let r = Message::method_return(&m.header())
+                        .build(&(i, "x".repeat(200)))
+                        .unwrap();
                     service.send(&r).await.unwrap();
                     answered += 1;
                     if answered == CALLS {
@@ -87,9 +89,15 @@ async fn client_that_stops_reading_does_not_stall_others() {
     });
     let dest = unique(&service);
     for i in 0..CALLS {
-        let r = within(client.call_method(Some(dest.as_str()), "/w", Some("org.busvisor.W"), "Work", &(i,)))
-            .await
-            .expect("Work call");
+        let r = within(client.call_method(
+            Some(dest.as_str()),
+            "/w",
+            Some("org.busvisor.W"),
+            "Work",
+            &(i,),
+        ))
+        .await
+        .expect("Work call");
         let (j, _): (u32, String) = r.body().deserialize().unwrap();
         assert_eq!(i, j);
     }
@@ -119,8 +127,16 @@ async fn unauthenticated_clients_block_nobody_and_time_out() {
     use std::io::Write;
     partial.stream.write_all(b"\0AUTH EXTERN").unwrap();
     let mut no_begin = RawClient::connect(&bus.socket);
-    let uid_hex: String = nix::unistd::getuid().as_raw().to_string().bytes().map(|b| format!("{b:02x}")).collect();
-    no_begin.stream.write_all(format!("\0AUTH EXTERNAL {uid_hex}\r\n").as_bytes()).unwrap();
+    let uid_hex: String = nix::unistd::getuid()
+        .as_raw()
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    no_begin
+        .stream
+        .write_all(format!("\0AUTH EXTERNAL {uid_hex}\r\n").as_bytes())
+        .unwrap();
     let opened = Instant::now();
 
     // Others connect and talk meanwhile.
@@ -130,15 +146,32 @@ async fn unauthenticated_clients_block_nobody_and_time_out() {
     let dest = unique(&b);
     let call = tokio::spawn({
         let a = a.clone();
-        async move { within_t(Duration::from_secs(3), a.call_method(Some(dest.as_str()), "/", Some("org.busvisor.X"), "Hi", &())).await }
+        async move {
+            within_t(
+                Duration::from_secs(3),
+                a.call_method(Some(dest.as_str()), "/", Some("org.busvisor.X"), "Hi", &()),
+            )
+            .await
+        }
     });
-    let m = next_matching(&mut sb, Duration::from_secs(3), |m| member(m) == "Hi").await.expect("call delivered");
-    within(b.send(&Message::method_return(&m.header()).build(&()).unwrap())).await.unwrap();
+    let m = next_matching(&mut sb, Duration::from_secs(3), |m| member(m) == "Hi")
+        .await
+        .expect("call delivered");
+    within(b.send(&Message::method_return(&m.header()).build(&()).unwrap()))
+        .await
+        .unwrap();
     call.await.unwrap().expect("reply");
 
     // The unauthenticated sockets are dropped after about auth_timeout.
-    for (what, c) in [("silent", &mut silent), ("partial", &mut partial), ("no BEGIN", &mut no_begin)] {
-        assert!(c.closed_within(Duration::from_secs(5)), "{what} client not dropped");
+    for (what, c) in [
+        ("silent", &mut silent),
+        ("partial", &mut partial),
+        ("no BEGIN", &mut no_begin),
+    ] {
+        assert!(
+            c.closed_within(Duration::from_secs(5)),
+            "{what} client not dropped"
+        );
     }
     let t = opened.elapsed();
     assert!(t >= Duration::from_millis(800), "dropped too early ({t:?})");
@@ -160,24 +193,42 @@ async fn oversize_message_disconnects_only_its_sender() {
     let big_name = unique(&big);
 
     // Just under the limit: delivered.
-    let small = Message::signal("/s", "org.busvisor.Size", "Small").build(&("z".repeat(60000),)).unwrap();
+    let small = Message::signal("/s", "org.busvisor.Size", "Small")
+        .build(&("z".repeat(60000),))
+        .unwrap();
     assert!(small.data().len() < 65536);
     within(big.send(&small)).await.unwrap();
-    assert!(next_matching(&mut sw, OP_TIMEOUT, |m| member(m) == "Small").await.is_some());
+    assert!(
+        next_matching(&mut sw, OP_TIMEOUT, |m| member(m) == "Small")
+            .await
+            .is_some()
+    );
 
     // Over the limit: not delivered, and the sender is disconnected.
-    let huge = Message::signal("/s", "org.busvisor.Size", "Huge").build(&("z".repeat(100_000),)).unwrap();
+    let huge = Message::signal("/s", "org.busvisor.Size", "Huge")
+        .build(&("z".repeat(100_000),))
+        .unwrap();
     let _ = within(big.send(&huge)).await;
     let gone = next_matching(&mut sw, OP_TIMEOUT, |m| {
         member(m) == "Huge"
             || (member(m) == "NameOwnerChanged"
-                && m.body().deserialize::<(String, String, String)>().unwrap() == (big_name.clone(), big_name.clone(), String::new()))
+                && m.body().deserialize::<(String, String, String)>().unwrap()
+                    == (big_name.clone(), big_name.clone(), String::new()))
     })
     .await
     .expect("sender was not disconnected");
-    assert_eq!(member(&gone), "NameOwnerChanged", "oversize message was delivered");
+    assert_eq!(
+        member(&gone),
+        "NameOwnerChanged",
+        "oversize message was delivered"
+    );
     let r = big.call_method(Some(BUS), BUS_PATH, Some(BUS), "GetId", &());
-    assert!(tokio::time::timeout(OP_TIMEOUT, r).await.map(|r| r.is_err()).unwrap_or(true));
+    assert!(
+        tokio::time::timeout(OP_TIMEOUT, r)
+            .await
+            .map(|r| r.is_err())
+            .unwrap_or(true)
+    );
 
     // Everyone else is fine.
     bus.assert_alive();
@@ -194,14 +245,30 @@ async fn too_many_match_rules() {
     for i in 0..5 {
         add_match(&a, &format!("type='signal',member='M{i}'")).await;
     }
-    bus_err(&a, "AddMatch", &("type='signal',member='M5'",), LIMITS_EXCEEDED).await;
+    bus_err(
+        &a,
+        "AddMatch",
+        &("type='signal',member='M5'",),
+        LIMITS_EXCEEDED,
+    )
+    .await;
     // Another connection has its own quota.
     let b = connect(&bus.address).await;
     add_match(&b, "type='signal',member='M5'").await;
     // Removing one makes room again.
-    assert!(bus_call(&a, "RemoveMatch", &("type='signal',member='M0'",)).await.is_ok());
+    assert!(
+        bus_call(&a, "RemoveMatch", &("type='signal',member='M0'",))
+            .await
+            .is_ok()
+    );
     add_match(&a, "type='signal',member='M5'").await;
-    bus_err(&a, "AddMatch", &("type='signal',member='M6'",), LIMITS_EXCEEDED).await;
+    bus_err(
+        &a,
+        "AddMatch",
+        &("type='signal',member='M6'",),
+        LIMITS_EXCEEDED,
+    )
+    .await;
 }
 
 /// Ask for org.busvisor.N0.. until refused; returns how many were granted
@@ -224,19 +291,34 @@ async fn too_many_names() {
     let b = connect(&bus.address).await;
     let (owned, err) = fill_names(&a, 1).await;
     assert_eq!(err.as_deref(), Some(LIMITS_EXCEEDED));
-    assert!((2..=3).contains(&owned), "{owned} names granted with max_names_per_connection=3");
+    assert!(
+        (2..=3).contains(&owned),
+        "{owned} names granted with max_names_per_connection=3"
+    );
     // Queued requests count too: b gets the same number, in the queues.
     let (queued, err) = fill_names(&b, 2).await;
     assert_eq!(err.as_deref(), Some(LIMITS_EXCEEDED));
     assert_eq!(queued, owned);
     // Releasing makes room.
-    assert_eq!(bus_ok::<_, u32>(&a, "ReleaseName", &("org.busvisor.N0",)).await, 1);
-    assert_eq!(bus_ok::<_, u32>(&a, "RequestName", &("org.busvisor.Z", 0u32)).await, 1);
-    bus_err(&a, "RequestName", &("org.busvisor.Z2", 0u32), LIMITS_EXCEEDED).await;
+    assert_eq!(
+        bus_ok::<_, u32>(&a, "ReleaseName", &("org.busvisor.N0",)).await,
+        1
+    );
+    assert_eq!(
+        bus_ok::<_, u32>(&a, "RequestName", &("org.busvisor.Z", 0u32)).await,
+        1
+    );
+    bus_err(
+        &a,
+        "RequestName",
+        &("org.busvisor.Z2", 0u32),
+        LIMITS_EXCEEDED,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: max_names_per_connection does not count the unique name (dbus-daemon does): one name too many"]
+
 async fn names_limit_counts_the_unique_name() {
     // dbus-daemon 1.14 counts the unique name among a connection's names:
     // with max_names_per_connection=3 a connection gets 2 well-known names.
@@ -255,8 +337,16 @@ fn sigterm_exits_zero_and_removes_socket() {
     // A connected client does not keep the bus alive.
     let _c = std::os::unix::net::UnixStream::connect(&bus.socket).unwrap();
     bus.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let st = bus.proc.wait_timeout(OP_TIMEOUT).expect("bus did not exit on SIGTERM");
-    assert_eq!(st.code(), Some(0), "exit status {st:?}; log:\n{}", bus.log());
+    let st = bus
+        .proc
+        .wait_timeout(OP_TIMEOUT)
+        .expect("bus did not exit on SIGTERM");
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "exit status {st:?}; log:\n{}",
+        bus.log()
+    );
     assert!(!bus.socket.exists(), "socket file left behind");
 }
 
@@ -264,7 +354,10 @@ fn sigterm_exits_zero_and_removes_socket() {
 fn sigint_exits_zero_too() {
     let mut bus = start_bus(None);
     bus.proc.signal(nix::sys::signal::Signal::SIGINT);
-    let st = bus.proc.wait_timeout(OP_TIMEOUT).expect("bus did not exit on SIGINT");
+    let st = bus
+        .proc
+        .wait_timeout(OP_TIMEOUT)
+        .expect("bus did not exit on SIGINT");
     assert_eq!(st.code(), Some(0));
     assert!(!bus.socket.exists());
 }
@@ -273,9 +366,16 @@ fn sigint_exits_zero_too() {
 fn second_bus_on_same_socket_is_refused() {
     let mut first = start_bus(None);
     let addr = format!("--address=unix:path={}", first.socket.display());
-    let out = run_tool(busvisor_bin(), &["--nofork", &addr, "--print-address"], OP_TIMEOUT);
+    let out = run_tool(
+        busvisor_bin(),
+        &["--nofork", &addr, "--print-address"],
+        OP_TIMEOUT,
+    );
     assert!(!out.success(), "second bus started: {out:?}");
-    assert!(out.stdout.trim().is_empty(), "second bus printed an address: {out:?}");
+    assert!(
+        out.stdout.trim().is_empty(),
+        "second bus printed an address: {out:?}"
+    );
     assert!(
         out.stderr.contains("in use") && out.stderr.contains(&first.socket.display().to_string()),
         "unclear message: {:?}",
@@ -284,7 +384,11 @@ fn second_bus_on_same_socket_is_refused() {
     // The first bus is untouched and still reachable.
     first.assert_alive();
     assert!(first.socket.exists());
-    let out = run_tool("busctl", &["--address", &first.address, "list", "--no-pager"], OP_TIMEOUT);
+    let out = run_tool(
+        "busctl",
+        &["--address", &first.address, "list", "--no-pager"],
+        OP_TIMEOUT,
+    );
     out.assert_ok();
 }
 
@@ -310,7 +414,11 @@ fn stale_socket_file_is_replaced() {
     let mut r = std::io::BufReader::new(child.child.stdout.take().unwrap());
     r.read_line(&mut line).unwrap();
     assert!(line.starts_with("unix:path="), "{line:?}");
-    let out = run_tool("busctl", &["--address", line.trim(), "list", "--no-pager"], OP_TIMEOUT);
+    let out = run_tool(
+        "busctl",
+        &["--address", line.trim(), "list", "--no-pager"],
+        OP_TIMEOUT,
+    );
     out.assert_ok();
     assert!(child.is_running());
 }
@@ -326,8 +434,15 @@ async fn abrupt_disconnects_with_pending_calls_and_names() {
     for i in 0..20 {
         let mut raw = RawClient::connect_authenticated(&bus.socket);
         raw.hello();
-        raw.send(&bus_method_msg("RequestName", &(format!("org.busvisor.Gone{i}"), 0u32))).unwrap();
-        let call = Message::method_call("/", "Pending").destination(t.as_str()).build(&()).unwrap();
+        raw.send(&bus_method_msg(
+            "RequestName",
+            &(format!("org.busvisor.Gone{i}"), 0u32),
+        ))
+        .unwrap();
+        let call = Message::method_call("/", "Pending")
+            .destination(t.as_str())
+            .build(&())
+            .unwrap();
         raw.send(&call).unwrap();
         raw.send(&bus_method_msg("AddMatch", &("",))).unwrap();
         drop(raw);

@@ -31,7 +31,10 @@ async fn sender_is_stamped_and_spoofing_is_overwritten() {
     add_match(&observer, "type='signal',interface='org.busvisor.Spoof'").await;
     let mut raw = RawClient::connect_authenticated(&bus.socket);
     let me = raw.hello();
-    for (i, fake) in [BUS, unique(&victim).as_str(), ":1.12345"].iter().enumerate() {
+    for (i, fake) in [BUS, unique(&victim).as_str(), ":1.12345"]
+        .iter()
+        .enumerate()
+    {
         let m = Message::signal("/s", "org.busvisor.Spoof", format!("S{i}"))
             .sender(*fake)
             .build(&())
@@ -39,7 +42,8 @@ async fn sender_is_stamped_and_spoofing_is_overwritten() {
         raw.send(&m).unwrap();
     }
     // And one without any sender field.
-    raw.send(&signal("/s", "org.busvisor.Spoof", "S3", &())).unwrap();
+    raw.send(&signal("/s", "org.busvisor.Spoof", "S3", &()))
+        .unwrap();
     let got = collect_for(&mut so, Duration::from_millis(700), |m| {
         m.header().interface().map(|i| i.as_str()) == Some("org.busvisor.Spoof")
     })
@@ -58,7 +62,9 @@ async fn sender_is_stamped_and_spoofing_is_overwritten() {
         .build(&())
         .unwrap();
     raw.send(&call).unwrap();
-    let m = next_matching(&mut sv, OP_TIMEOUT, |m| member(m) == "Who").await.expect("call delivered");
+    let m = next_matching(&mut sv, OP_TIMEOUT, |m| member(m) == "Who")
+        .await
+        .expect("call delivered");
     assert_eq!(sender(&m), me);
 }
 
@@ -78,7 +84,9 @@ async fn unicast_call_and_reply_between_clients() {
             while let Some(Ok(m)) = ss.next().await {
                 if m.message_type() == Type::MethodCall && member(&m) == "Echo" {
                     let (s, i): (String, u32) = m.body().deserialize().unwrap();
-                    let r = Message::method_return(&m.header()).build(&(format!("echo:{s}"), i + 1)).unwrap();
+                    let r = Message::method_return(&m.header())
+                        .build(&(format!("echo:{s}"), i + 1))
+                        .unwrap();
                     service.send(&r).await.unwrap();
                     n += 1;
                     if n == 20 {
@@ -92,9 +100,15 @@ async fn unicast_call_and_reply_between_clients() {
     for i in 0..10u32 {
         // By well-known name and by unique name.
         for dest in [name.to_owned(), unique(&service)] {
-            let r = within(client.call_method(Some(dest.as_str()), "/echo", Some("org.busvisor.Echo"), "Echo", &("x", i)))
-                .await
-                .expect("Echo");
+            let r = within(client.call_method(
+                Some(dest.as_str()),
+                "/echo",
+                Some("org.busvisor.Echo"),
+                "Echo",
+                &("x", i),
+            ))
+            .await
+            .expect("Echo");
             assert_eq!(sender(&r), unique(&service));
             assert_eq!(r.header().destination().unwrap().as_str(), unique(&client));
             let (s, j): (String, u32) = r.body().deserialize().unwrap();
@@ -106,10 +120,17 @@ async fn unicast_call_and_reply_between_clients() {
     let mut ss = stream(&service);
     let call = tokio::spawn({
         let client = client.clone();
-        async move { within(client.call_method(Some(name), "/echo", Some("org.busvisor.Echo"), "Fail", &())).await }
+        async move {
+            within(client.call_method(Some(name), "/echo", Some("org.busvisor.Echo"), "Fail", &()))
+                .await
+        }
     });
-    let m = next_matching(&mut ss, OP_TIMEOUT, |m| member(m) == "Fail").await.unwrap();
-    let e = Message::error(&m.header(), "org.busvisor.Error.Nope").build(&("nope",)).unwrap();
+    let m = next_matching(&mut ss, OP_TIMEOUT, |m| member(m) == "Fail")
+        .await
+        .unwrap();
+    let e = Message::error(&m.header(), "org.busvisor.Error.Nope")
+        .build(&("nope",))
+        .unwrap();
     emit(&service, &e).await;
     let e = call.await.unwrap().expect_err("error reply");
     assert_eq!(err_name(&e), "org.busvisor.Error.Nope");
@@ -135,7 +156,10 @@ async fn broadcast_reaches_only_matching_rules_and_unicast_needs_eavesdrop() {
 
     // Broadcast on X, then unicast to b on X, then a method call to b on X.
     emit(&a, &signal("/p", x, "Broad", &())).await;
-    let uni = Message::signal("/p", x, "Uni").destination(unique(&b)).build(&()).unwrap();
+    let uni = Message::signal("/p", x, "Uni")
+        .destination(unique(&b))
+        .build(&())
+        .unwrap();
     emit(&a, &uni).await;
     let call = Message::method_call("/p", "Call")
         .destination(unique(&b))
@@ -145,7 +169,10 @@ async fn broadcast_reaches_only_matching_rules_and_unicast_needs_eavesdrop() {
         .unwrap();
     emit(&a, &call).await;
     // A signal to the bus itself is not a broadcast.
-    let to_bus = Message::signal("/p", x, "ToBus").destination(BUS).build(&()).unwrap();
+    let to_bus = Message::signal("/p", x, "ToBus")
+        .destination(BUS)
+        .build(&())
+        .unwrap();
     emit(&a, &to_bus).await;
     sync(&a).await;
 
@@ -160,10 +187,22 @@ async fn broadcast_reaches_only_matching_rules_and_unicast_needs_eavesdrop() {
         seen.push(members);
     }
     let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    assert_eq!(seen[0], v(&["Broad", "Call", "Uni"]), "b: broadcast by rule, unicast as recipient");
+    assert_eq!(
+        seen[0],
+        v(&["Broad", "Call", "Uni"]),
+        "b: broadcast by rule, unicast as recipient"
+    );
     assert_eq!(seen[1], v(&[]), "c: rule on another interface");
-    assert_eq!(seen[2], v(&["Broad", "Call", "ToBus", "Uni"]), "d: eavesdrop on X sees unicast too");
-    assert_eq!(seen[3], v(&["Call", "Uni"]), "e: eavesdrops on messages to b");
+    assert_eq!(
+        seen[2],
+        v(&["Broad", "Call", "ToBus", "Uni"]),
+        "d: eavesdrop on X sees unicast too"
+    );
+    assert_eq!(
+        seen[3],
+        v(&["Call", "Uni"]),
+        "e: eavesdrops on messages to b"
+    );
     assert_eq!(seen[4], v(&[]), "f: eavesdrops on messages to c");
     assert_eq!(seen[5], v(&[]), "g: no rule");
 }
@@ -180,12 +219,21 @@ async fn unicast_signal_not_seen_by_third_party_without_eavesdrop() {
     add_match(&c, "type='method_call'").await;
     let mut sb = stream(&b);
     let mut sc = stream(&c);
-    let uni = Message::signal("/p", "org.busvisor.Private", "Secret").destination(unique(&b)).build(&()).unwrap();
+    let uni = Message::signal("/p", "org.busvisor.Private", "Secret")
+        .destination(unique(&b))
+        .build(&())
+        .unwrap();
     emit(&a, &uni).await;
     let got_b = next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Secret").await;
     assert!(got_b.is_some(), "recipient did not get the unicast signal");
-    let got_c = collect_for(&mut sc, Duration::from_millis(500), |m| member(m) == "Secret").await;
-    assert!(got_c.is_empty(), "third party saw a unicast signal: {got_c:?}");
+    let got_c = collect_for(&mut sc, Duration::from_millis(500), |m| {
+        member(m) == "Secret"
+    })
+    .await;
+    assert!(
+        got_c.is_empty(),
+        "third party saw a unicast signal: {got_c:?}"
+    );
 }
 
 /// One signal of the match-rule table: (path, interface, member) plus a body.
@@ -199,7 +247,12 @@ fn table_signals(emitter2: bool) -> Vec<Message> {
         signal("/a/bc", "org.busvisor.M", "Beta", &("foo.bar",)),   // B
         signal("/a/b/c", "org.busvisor.N", "Alpha", &("/aa/bb/",)), // C
         signal("/", "org.busvisor.N", "Gamma", &(op,)),             // D
-        signal("/x", "org.busvisor.M", "Delta", &("foo.bar.baz", "x", "y", "last")), // E
+        signal(
+            "/x",
+            "org.busvisor.M",
+            "Delta",
+            &("foo.bar.baz", "x", "y", "last"),
+        ), // E
         signal("/a", "org.busvisor.M", "Eps", &("/aa",)),           // F
         signal("/a/b", "org.busvisor.M", "Zeta", &("/aa/bb",)),     // G
         signal("/h", "org.busvisor.N", "Eta", &("/",)),             // H
@@ -209,7 +262,10 @@ fn table_signals(emitter2: bool) -> Vec<Message> {
 
 fn tag(m: &Message) -> &'static str {
     let h = m.header();
-    match (h.path().map(|p| p.as_str()).unwrap_or(""), h.member().map(|p| p.as_str()).unwrap_or("")) {
+    match (
+        h.path().map(|p| p.as_str()).unwrap_or(""),
+        h.member().map(|p| p.as_str()).unwrap_or(""),
+    ) {
         ("/a/b", "Alpha") => "A",
         ("/a/bc", "Beta") => "B",
         ("/a/b/c", "Alpha") => "C",
@@ -236,7 +292,10 @@ async fn match_rule_keys() {
         ("type='signal'".into(), all),
         ("type='method_call'".into(), ""),
         ("sender='org.busvisor.Emitter'".into(), "A B C D E F G H J"),
-        (format!("sender='{}'", unique(&emitter)), "A B C D E F G H J"),
+        (
+            format!("sender='{}'", unique(&emitter)),
+            "A B C D E F G H J",
+        ),
         (format!("sender='{e2}'"), "I"),
         ("sender='org.busvisor.NoOne'".into(), ""),
         ("interface='org.busvisor.N'".into(), "C D H J"),
@@ -255,7 +314,10 @@ async fn match_rule_keys() {
         ("arg0path='/aa'".into(), "F H"),
         ("arg0namespace='foo.bar'".into(), "B E"),
         ("arg0namespace='foo'".into(), "A B E I"),
-        ("type='signal',interface='org.busvisor.M',member='Alpha',path='/a/b'".into(), "A"),
+        (
+            "type='signal',interface='org.busvisor.M',member='Alpha',path='/a/b'".into(),
+            "A",
+        ),
         ("sender='org.busvisor.Emitter',arg0='foo'".into(), "A"),
         ("destination='org.busvisor.Emitter'".into(), ""),
     ];
@@ -286,7 +348,11 @@ async fn match_rule_keys() {
                 if m.message_type() != Type::Signal {
                     continue;
                 }
-                let iface = m.header().interface().map(|i| i.to_string()).unwrap_or_default();
+                let iface = m
+                    .header()
+                    .interface()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
                 if iface == "org.busvisor.End" {
                     ends += 1;
                     if ends == 2 {
@@ -304,16 +370,26 @@ async fn match_rule_keys() {
             failures.push(format!("rule {rule}: got {got:?}, want {want:?}"));
         }
     }
-    assert!(failures.is_empty(), "match rule mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "match rule mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_to_missing_names() {
     let bus = start_bus(None);
     let a = connect(&bus.address).await;
-    let e = within(a.call_method(Some("org.busvisor.Nobody"), "/", Some("org.busvisor.X"), "Foo", &()))
-        .await
-        .expect_err("no owner");
+    let e = within(a.call_method(
+        Some("org.busvisor.Nobody"),
+        "/",
+        Some("org.busvisor.X"),
+        "Foo",
+        &(),
+    ))
+    .await
+    .expect_err("no owner");
     assert_eq!(err_name(&e), "org.freedesktop.DBus.Error.ServiceUnknown");
     let e = within(a.call_method(Some(":1.9999"), "/", Some("org.busvisor.X"), "Foo", &()))
         .await
@@ -330,24 +406,49 @@ async fn calls_to_missing_names() {
         .unwrap();
     let serial = call.primary_header().serial_num();
     emit(&a, &call).await;
-    let r = next_matching(&mut sa, OP_TIMEOUT, |m| m.header().reply_serial() == Some(serial))
-        .await
-        .expect("reply to NO_AUTO_START call");
+    let r = next_matching(&mut sa, OP_TIMEOUT, |m| {
+        m.header().reply_serial() == Some(serial)
+    })
+    .await
+    .expect("reply to NO_AUTO_START call");
     assert_eq!(r.message_type(), Type::Error);
-    assert_eq!(r.header().error_name().unwrap().as_str(), "org.freedesktop.DBus.Error.NameHasNoOwner");
+    assert_eq!(
+        r.header().error_name().unwrap().as_str(),
+        "org.freedesktop.DBus.Error.NameHasNoOwner"
+    );
     assert_eq!(sender(&r), BUS);
 
     // The same through busctl.
     let out = run_tool(
         "busctl",
-        &["--address", &bus.address, "call", "org.busvisor.Nobody", "/", "org.busvisor.X", "Foo"],
+        &[
+            "--address",
+            &bus.address,
+            "call",
+            "org.busvisor.Nobody",
+            "/",
+            "org.busvisor.X",
+            "Foo",
+        ],
         OP_TIMEOUT,
     );
     assert!(!out.success());
-    assert!(out.stderr.contains("not provided by any .service files"), "{out:?}");
+    assert!(
+        out.stderr.contains("not provided by any .service files"),
+        "{out:?}"
+    );
     let out = run_tool(
         "busctl",
-        &["--address", &bus.address, "--auto-start=no", "call", "org.busvisor.Nobody", "/", "org.busvisor.X", "Foo"],
+        &[
+            "--address",
+            &bus.address,
+            "--auto-start=no",
+            "call",
+            "org.busvisor.Nobody",
+            "/",
+            "org.busvisor.X",
+            "Foo",
+        ],
         OP_TIMEOUT,
     );
     assert!(!out.success());
@@ -363,9 +464,20 @@ async fn callee_disconnecting_gives_no_reply_error() {
     let dest = unique(&b);
     let call = tokio::spawn({
         let a = a.clone();
-        async move { within(a.call_method(Some(dest.as_str()), "/", Some("org.busvisor.X"), "Hang", &())).await }
+        async move {
+            within(a.call_method(
+                Some(dest.as_str()),
+                "/",
+                Some("org.busvisor.X"),
+                "Hang",
+                &(),
+            ))
+            .await
+        }
     });
-    next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Hang").await.expect("call delivered");
+    next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Hang")
+        .await
+        .expect("call delivered");
     drop(sb);
     drop(b);
     let e = call.await.unwrap().expect_err("must fail");
@@ -384,9 +496,13 @@ async fn unrequested_replies_are_not_delivered() {
         .destination(unique(&b))
         .build(&())
         .unwrap();
-    let forged = Message::method_return(&fake_call.header()).build(&("forged",)).unwrap();
+    let forged = Message::method_return(&fake_call.header())
+        .build(&("forged",))
+        .unwrap();
     emit(&b, &forged).await;
-    let forged_err = Message::error(&fake_call.header(), "org.busvisor.Forged").build(&("forged",)).unwrap();
+    let forged_err = Message::error(&fake_call.header(), "org.busvisor.Forged")
+        .build(&("forged",))
+        .unwrap();
     emit(&b, &forged_err).await;
 
     // A real call: its reply is delivered once; a second reply is dropped.
@@ -394,11 +510,26 @@ async fn unrequested_replies_are_not_delivered() {
     let dest = unique(&b);
     let call = tokio::spawn({
         let a = a.clone();
-        async move { within(a.call_method(Some(dest.as_str()), "/", Some("org.busvisor.X"), "Once", &())).await }
+        async move {
+            within(a.call_method(
+                Some(dest.as_str()),
+                "/",
+                Some("org.busvisor.X"),
+                "Once",
+                &(),
+            ))
+            .await
+        }
     });
-    let m = next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Once").await.unwrap();
-    let r1 = Message::method_return(&m.header()).build(&("first",)).unwrap();
-    let r2 = Message::method_return(&m.header()).build(&("forged",)).unwrap();
+    let m = next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Once")
+        .await
+        .unwrap();
+    let r1 = Message::method_return(&m.header())
+        .build(&("first",))
+        .unwrap();
+    let r2 = Message::method_return(&m.header())
+        .build(&("forged",))
+        .unwrap();
     emit(&b, &r1).await;
     emit(&b, &r2).await;
     let r = call.await.unwrap().expect("real reply");
@@ -431,7 +562,9 @@ async fn fd_passing_through_the_bus() {
     let serial = call.primary_header().serial_num();
     let mut sa = stream(&a);
     emit(&a, &call).await;
-    let m = next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "TakeFd").await.expect("fd call delivered");
+    let m = next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "TakeFd")
+        .await
+        .expect("fd call delivered");
     assert_eq!(m.data().fds().len(), 1);
     let body = m.body();
     let fd: zbus::wire::Fd = body.deserialize().unwrap();
@@ -454,12 +587,16 @@ async fn fd_passing_through_the_bus() {
         .serial(serial)
         .build(&())
         .unwrap();
-    let reply = Message::method_return(&hdr_call.header()).build(&(zbus::wire::Fd::from(&rd2),)).unwrap();
+    let reply = Message::method_return(&hdr_call.header())
+        .build(&(zbus::wire::Fd::from(&rd2),))
+        .unwrap();
     drop(rd2);
     emit(&b, &reply).await;
-    let rm = next_matching(&mut sa, OP_TIMEOUT, |m| m.header().reply_serial() == Some(serial))
-        .await
-        .expect("reply with fd");
+    let rm = next_matching(&mut sa, OP_TIMEOUT, |m| {
+        m.header().reply_serial() == Some(serial)
+    })
+    .await
+    .expect("reply with fd");
     let body = rm.body();
     let fd: zbus::wire::Fd = body.deserialize().unwrap();
     let dup = std::os::fd::AsFd::as_fd(&fd).try_clone_to_owned().unwrap();

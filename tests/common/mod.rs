@@ -111,7 +111,11 @@ impl Drop for TestBus {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
-            eprintln!("--- last lines of the bus log ({}):\n{}", self.stderr_path.display(), tail.join("\n"));
+            eprintln!(
+                "--- last lines of the bus log ({}):\n{}",
+                self.stderr_path.display(),
+                tail.join("\n")
+            );
         }
     }
 }
@@ -154,7 +158,11 @@ pub fn start_bus_with_args(config: Option<&str>, extra: &[&str]) -> TestBus {
     // BUSVISOR_TEST_REFERENCE=1 runs the same test against dbus-daemon, to
     // check the tests' expectations against the reference implementation.
     let reference = is_reference();
-    let mut cmd = Command::new(if reference { "dbus-daemon" } else { busvisor_bin() });
+    let mut cmd = Command::new(if reference {
+        "dbus-daemon"
+    } else {
+        busvisor_bin()
+    });
     if reference && config.is_none() {
         cmd.arg("--session");
     }
@@ -197,7 +205,8 @@ pub fn start_bus_with_args(config: Option<&str>, extra: &[&str]) -> TestBus {
         );
     }
     assert!(
-        address.starts_with(&format!("unix:path={}", socket.display())) && address.contains(",guid="),
+        address.starts_with(&format!("unix:path={}", socket.display()))
+            && address.contains(",guid="),
         "unexpected address line {address:?}"
     );
     TestBus {
@@ -244,7 +253,10 @@ pub fn run_tool_env(
     cmd.args(args)
         .env_remove("DBUS_SESSION_BUS_ADDRESS")
         .env_remove("DBUS_STARTER_ADDRESS")
-        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/no-session-bus")
+        .env(
+            "DBUS_SESSION_BUS_ADDRESS",
+            "unix:path=/nonexistent/no-session-bus",
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -285,7 +297,10 @@ pub fn run_tool_env(
 pub fn spawn_tool(program: &str, args: &[&str], stdout_file: &Path) -> ChildGuard {
     let child = Command::new(program)
         .args(args)
-        .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/no-session-bus")
+        .env(
+            "DBUS_SESSION_BUS_ADDRESS",
+            "unix:path=/nonexistent/no-session-bus",
+        )
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(stdout_file).expect("out file"))
         .stderr(Stdio::piped())
@@ -449,19 +464,31 @@ pub fn is_signal(m: &Message, member: &str) -> bool {
 }
 
 pub fn member(m: &Message) -> String {
-    m.header().member().map(|x| x.to_string()).unwrap_or_default()
+    m.header()
+        .member()
+        .map(|x| x.to_string())
+        .unwrap_or_default()
 }
 
 pub fn sender(m: &Message) -> String {
-    m.header().sender().map(|x| x.to_string()).unwrap_or_default()
+    m.header()
+        .sender()
+        .map(|x| x.to_string())
+        .unwrap_or_default()
 }
 
 /// Round trip with the bus: every message the bus queued for `conn` before
 /// this returns has been sent before the Ping reply.
 pub async fn sync(conn: &zbus::Connection) {
-    within(conn.call_method(Some(BUS), "/", Some("org.freedesktop.DBus.Peer"), "Ping", &()))
-        .await
-        .expect("Ping");
+    within(conn.call_method(
+        Some(BUS),
+        "/",
+        Some("org.freedesktop.DBus.Peer"),
+        "Ping",
+        &(),
+    ))
+    .await
+    .expect("Ping");
 }
 
 // ---------------------------------------------------------------- raw clients
@@ -565,7 +592,9 @@ impl RawClient {
     /// True once the bus has closed the socket (EOF or reset), within `t`.
     pub fn closed_within(&mut self, t: Duration) -> bool {
         let deadline = Instant::now() + t;
-        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(100)));
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(100)));
         let mut chunk = [0u8; 65536];
         loop {
             match self.stream.read(&mut chunk) {
