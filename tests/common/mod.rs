@@ -553,21 +553,21 @@ impl RawClient {
     /// Read one whole message, or None at EOF / error.
     pub fn recv(&mut self) -> Option<Message> {
         loop {
-            if let Some(len) = frame_len(&self.buf) {
-                if self.buf.len() >= len {
-                    let rest = self.buf.split_off(len);
-                    let bytes = std::mem::replace(&mut self.buf, rest);
-                    let endian = if bytes[0] == b'l' {
-                        zbus::wire::Endian::Little
-                    } else {
-                        zbus::wire::Endian::Big
-                    };
-                    let ctxt = zbus::wire::serialized::Context::new(endian, 0);
-                    let data = zbus::wire::serialized::Data::new(bytes, ctxt);
-                    // SAFETY: the bytes come from the bus under test; a bad
-                    // encoding yields an error, which fails the test.
-                    return Some(unsafe { Message::from_bytes(data) }.expect("parse message"));
-                }
+            if let Some(len) = frame_len(&self.buf)
+                && self.buf.len() >= len
+            {
+                let rest = self.buf.split_off(len);
+                let bytes = std::mem::replace(&mut self.buf, rest);
+                let endian = if bytes[0] == b'l' {
+                    zbus::wire::Endian::Little
+                } else {
+                    zbus::wire::Endian::Big
+                };
+                let ctxt = zbus::wire::serialized::Context::new(endian, 0);
+                let data = zbus::wire::serialized::Data::new(bytes, ctxt);
+                // SAFETY: the bytes come from the bus under test; a bad
+                // encoding yields an error, which fails the test.
+                return Some(unsafe { Message::from_bytes(data) }.expect("parse message"));
             }
             let mut chunk = [0u8; 65536];
             match self.stream.read(&mut chunk) {
