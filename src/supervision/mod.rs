@@ -410,7 +410,7 @@ impl Supervisor {
             SpawnRequest {
                 argv,
                 env: self.environment(&st, svc),
-                cwd: svc.def.working_dir.clone(),
+                cwd: working_dir(&svc.def),
                 capture: true,
                 new_session: true,
             }
@@ -829,6 +829,18 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Where a service runs: its `working_directory`, else, for busvisor's own
+/// definitions, the directory of the definition file (so that examples can
+/// name scripts beside them), else busvisor's own.
+fn working_dir(def: &ServiceDef) -> Option<std::path::PathBuf> {
+    def.working_dir.clone().or_else(|| match def.source {
+        crate::activation::definition::Source::Toml => {
+            def.file.parent().map(|p| p.to_path_buf()).filter(|p| !p.as_os_str().is_empty())
+        }
+        crate::activation::definition::Source::DBusService => None,
+    })
 }
 
 /// Read a service's output line by line into the log and its buffer.
