@@ -9,6 +9,7 @@
 pub mod definition;
 pub mod desktop;
 pub mod exec;
+pub mod watch;
 
 use std::sync::Arc;
 
