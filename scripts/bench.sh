@@ -79,7 +79,7 @@ DD_ADDR=$(read_address "$D2/address" "$DD_PID") || { cat "$D2/log" >&2; exit 1; 
 
 echo "== busvisor   pid $BV_PID  $BV_ADDR" >&2
 echo "== dbus-daemon pid $DD_PID  $DD_ADDR ($("$DBUS_DAEMON" --version | head -n1))" >&2
-echo "== $(nproc) CPUs, RLIMIT_NOFILE $(ulimit -n), CLK_TCK $(getconf CLK_TCK)" >&2
+echo "== $(nproc) CPUs, load average $(cut -d" " -f1-3 /proc/loadavg), RLIMIT_NOFILE $(ulimit -n), CLK_TCK $(getconf CLK_TCK)" >&2
 
 status=0
 "$BENCH_EXE" "${BENCH_ARGS[@]}" \
