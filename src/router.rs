@@ -90,6 +90,8 @@ pub struct State {
     /// The connection of each running service, for activity and name loss.
     pub peer_service: HashMap<PeerId, String>,
     pub supervisor: Option<SupervisorHandle>,
+    /// When the catalog was last read.
+    pub scanned_at: std::time::SystemTime,
     /// The serial of the last lifecycle event.
     pub event_serial: u64,
     /// Service properties as last announced with PropertiesChanged.
@@ -115,6 +117,7 @@ impl State {
             peer_service: HashMap::new(),
             supervisor: None,
             event_serial: 0,
+            scanned_at: std::time::SystemTime::UNIX_EPOCH,
             announced: HashMap::new(),
         }
     }

@@ -41,6 +41,10 @@ pub type ActivationError = (&'static str, String);
 impl State {
     /// Queue `waiter` until `name` is taken, starting its service if needed.
     pub fn activate(&mut self, name: &str, waiter: Waiter) -> Result<(), ActivationError> {
+        if self.catalog.lookup(name).is_none() && self.service_dirs_changed() {
+            // As dbus-daemon: a miss rescans, so a new file works without a reload.
+            self.rescan();
+        }
         let Some(def) = self.catalog.lookup(name).cloned() else {
             return Err((
                 err::SERVICE_UNKNOWN,
@@ -105,6 +109,7 @@ impl State {
         }
         svc.requester = requester.clone();
         svc.launched_pid = None;
+        svc.auto_restart = false;
         svc.set_state(ServiceState::Activating, "activation requested");
         crate::lifecycle::activation_requested(self, id, requester);
         if let Some(sup) = &self.supervisor {
@@ -224,7 +229,8 @@ impl State {
             svc.pids.insert(pid as i32);
         }
         svc.peer = Some(owner);
-        svc.consecutive_failures = 0;
+        svc.auto_restart = false;
+        svc.last_start_error = None;
         svc.last_activity = std::time::Instant::now();
         svc.set_state(ServiceState::Running, format!("{name} taken"));
         for w in svc.waiting_start.drain(..) {
@@ -251,6 +257,27 @@ impl State {
         }
     }
 
+    /// Whether a service directory changed since the last scan (a cheap
+    /// stat per directory: adding, removing or renaming a file changes it).
+    pub fn service_dirs_changed(&self) -> bool {
+        let (toml_dirs, service_dirs) = &self.service_dirs;
+        toml_dirs
+            .iter()
+            .chain(service_dirs.iter().map(|d| &d.path))
+            .filter_map(|d| std::fs::metadata(d).and_then(|m| m.modified()).ok())
+            .any(|m| m >= self.scanned_at)
+    }
+
+    /// Re-read the definitions without announcing it (see driver::reload).
+    pub fn rescan(&mut self) {
+        let (toml_dirs, service_dirs) = self.service_dirs.clone();
+        let (catalog, warnings) = definition::Catalog::scan(&toml_dirs, &service_dirs);
+        for w in &warnings {
+            warn!("{w}");
+        }
+        self.set_catalog(catalog);
+    }
+
     /// Replace the catalog (reload); running services keep their definition
     /// until they start again.
     pub fn set_catalog(&mut self, catalog: definition::Catalog) {
@@ -269,6 +296,9 @@ impl State {
             }
         }
         self.catalog = catalog;
+        // A margin for changes made during the scan and for coarse timestamps:
+        // at worst a miss soon after a scan reads the directories again.
+        self.scanned_at = std::time::SystemTime::now() - std::time::Duration::from_secs(2);
         crate::lifecycle::flush_properties(self);
     }
 }

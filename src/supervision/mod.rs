@@ -102,6 +102,11 @@ pub struct Service {
     /// Control calls waiting for this service to reach a state.
     pub waiting_stop: Vec<oneshot::Sender<Result<(), String>>>,
     pub waiting_start: Vec<oneshot::Sender<Result<(), String>>>,
+    /// The current start is an automatic restart (its failure goes back to
+    /// the restart policy instead of ending the activation).
+    pub auto_restart: bool,
+    /// The error of the last failed restart attempt, for the final report.
+    pub last_start_error: Option<(String, String)>,
 }
 
 impl Service {
@@ -131,6 +136,8 @@ impl Service {
             logs: VecDeque::new(),
             waiting_stop: Vec::new(),
             waiting_start: Vec::new(),
+            auto_restart: false,
+            last_start_error: None,
         }
     }
 
@@ -212,6 +219,8 @@ pub enum Cmd {
     StartTimeout(String, u64),
     RestartDue(String, u64),
     StopTimeout(String, u64),
+    /// Look again whether an activating service has any process left.
+    Recheck(String, u64),
     IdleCheck,
     /// Stop every service, then answer.
     Shutdown(oneshot::Sender<()>),
@@ -352,6 +361,7 @@ impl Supervisor {
                 Cmd::StartTimeout(id, inv) => self.start_timeout(&id, inv),
                 Cmd::RestartDue(id, inv) => self.restart_due(&id, inv),
                 Cmd::StopTimeout(id, inv) => self.stop_timeout(&id, inv),
+                Cmd::Recheck(id, inv) => self.recheck(&id, inv),
                 Cmd::IdleCheck => self.idle_check(),
                 Cmd::Shutdown(reply) => {
                     self.shutting_down = true;
@@ -401,6 +411,18 @@ impl Supervisor {
                 return;
             }
             let argv = match &svc.def.argv {
+                // dbus-daemon execs Exec='s program as given, without a PATH
+                // search: a bare name does not run.
+                Ok(a) if svc.def.source == crate::activation::definition::Source::DBusService
+                    && !a[0].contains('/') =>
+                {
+                    let text = format!(
+                        "Failed to execute program {}: No such file or directory",
+                        svc.def.names[0]
+                    );
+                    st.activation_failed(id, "org.freedesktop.DBus.Error.Spawn.ExecFailed", &text);
+                    return;
+                }
                 Ok(a) => a.clone(),
                 Err(e) => {
                     let text = e.message().to_owned();
@@ -433,7 +455,12 @@ impl Supervisor {
             Err(e) => {
                 let text = format!("Failed to execute program {program}: {e}");
                 warn!(service = id, "{text}");
-                st.activation_failed(id, "org.freedesktop.DBus.Error.Spawn.ExecFailed", &text);
+                self.start_failed(
+                    &mut st,
+                    id,
+                    "org.freedesktop.DBus.Error.Spawn.ExecFailed",
+                    &text,
+                );
             }
             Ok(spawned) => {
                 let Some(svc) = st.services.get_mut(id) else {
@@ -498,31 +525,43 @@ impl Supervisor {
         crate::lifecycle::exited(&mut st, &id, pid, kind, failure && (is_launched || is_main));
         let svc = st.services.get_mut(&id).expect("found above");
         match svc.state {
-            ServiceState::Activating if is_launched => {
-                svc.launched_pid = None;
+            ServiceState::Activating if is_launched || svc.launched_pid.is_none() => {
+                if is_launched {
+                    svc.launched_pid = None;
+                }
                 let name = svc.def.names[0].clone();
+                let nothing_left = svc.pids.is_empty();
                 match kind {
-                    ExitKind::Code(0) => {
-                        // A daemon that forked: keep waiting for the name.
+                    // The launcher of a daemon that forked: keep waiting for the name.
+                    ExitKind::Code(0) if is_launched && !nothing_left => {
                         info!(service = %id, "launcher exited 0; waiting for its daemon to take {name}");
+                    }
+                    // A forked process of a daemon ended, others remain.
+                    _ if !is_launched && !nothing_left => {}
+                    // Exit 0 and nothing found: look again shortly before
+                    // concluding (a process can be caught between fork and
+                    // exec); dbus-daemon would wait for the whole timeout.
+                    ExitKind::Code(0) => {
+                        let inv = svc.invocation;
+                        after(&self.tx, Duration::from_millis(100), Cmd::Recheck(id.clone(), inv));
                     }
                     ExitKind::Code(c) => {
                         let text = format!("Process {name} exited with status {c}");
-                        st.activation_failed(
+                        self.start_failed(
+                            &mut st,
                             &id,
                             "org.freedesktop.DBus.Error.Spawn.ChildExited",
                             &text,
                         );
-                        self.finish_failed_start(&mut st, &id);
                     }
                     ExitKind::Signal(s) => {
                         let text = format!("Process {name} received signal {s}");
-                        st.activation_failed(
+                        self.start_failed(
+                            &mut st,
                             &id,
                             "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
                             &text,
                         );
-                        self.finish_failed_start(&mut st, &id);
                     }
                 }
             }
@@ -538,6 +577,24 @@ impl Supervisor {
             }
             _ => {}
         }
+    }
+
+    /// A start failed before the name was taken. A first activation tells
+    /// its waiters now; an automatic restart goes back to the restart policy
+    /// (with a longer delay, and the start limit), keeping its waiters queued.
+    fn start_failed(&mut self, st: &mut State, id: &str, error: &str, text: &str) {
+        let Some(svc) = st.services.get_mut(id) else {
+            return;
+        };
+        if svc.auto_restart && svc.def.restart != RestartPolicy::No {
+            warn!(service = id, "restart failed: {text}");
+            svc.last_start_error = Some((error.to_owned(), text.to_owned()));
+            svc.ended_with_failure = true;
+            self.begin_stop(st, id, StopReason::Ended);
+            return;
+        }
+        st.activation_failed(id, error, text);
+        self.finish_failed_start(st, id);
     }
 
     fn finish_failed_start(&mut self, st: &mut State, id: &str) {
@@ -658,6 +715,14 @@ impl Supervisor {
                     RestartPolicy::OnFailure => failure,
                     RestartPolicy::No => false,
                 };
+                // A run longer than the start-limit interval counts as stable:
+                // the backoff starts over.
+                let stable = svc.started_at.and_then(|t| t.elapsed().ok()).is_some_and(|d| {
+                    d > svc.def.start_limit_interval.max(svc.def.restart_delay_max)
+                });
+                if stable {
+                    svc.consecutive_failures = 0;
+                }
                 if failure {
                     svc.consecutive_failures += 1;
                 }
@@ -676,13 +741,20 @@ impl Supervisor {
                 }
                 if svc.start_limit_hit() {
                     svc.start_limited = true;
+                    svc.auto_restart = false;
                     svc.set_state(ServiceState::Failed, "start limit hit");
-                    let text = format!(
+                    let mut text = format!(
                         "Service {id} was restarted too often ({} starts within {:?}); it stays failed until started explicitly",
                         svc.def.start_limit_burst, svc.def.start_limit_interval
                     );
+                    if let Some((_, last)) = svc.last_start_error.take() {
+                        text.push_str(&format!(" (last attempt: {last})"));
+                    }
                     crate::lifecycle::failed(st, id, "start-limit");
                     st.fail_waiters(id, err::FAILED, &text);
+                    for w in svc_waiting_start(st, id) {
+                        let _ = w.send(Err(text.clone()));
+                    }
                     return;
                 }
                 let delay = svc.restart_delay();
@@ -707,9 +779,34 @@ impl Supervisor {
             return;
         }
         svc.next_restart = None;
+        svc.auto_restart = true;
         svc.set_state(ServiceState::Activating, "restarting");
         drop(st);
         let _ = self.tx.send(Cmd::Spawn(id.to_owned()));
+    }
+
+    fn recheck(&mut self, id: &str, inv: u64) {
+        let bus = self.bus.clone();
+        let mut st = bus.lock();
+        let Some(svc) = st.services.get_mut(id) else {
+            return;
+        };
+        if svc.state != ServiceState::Activating || svc.invocation != inv {
+            return;
+        }
+        svc.refresh_pids();
+        if svc.pids.is_empty() {
+            let text = format!(
+                "Process {} exited with status 0 and left no process to take the name",
+                svc.def.names[0]
+            );
+            self.start_failed(
+                &mut st,
+                id,
+                "org.freedesktop.DBus.Error.Spawn.ChildExited",
+                &text,
+            );
+        }
     }
 
     fn start_timeout(&mut self, id: &str, inv: u64) {
@@ -727,12 +824,10 @@ impl Supervisor {
             svc.def.names[0]
         );
         warn!(service = id, "{text}");
-        st.activation_failed(id, "org.freedesktop.DBus.Error.TimedOut", &text);
-        if let Some(svc) = st.services.get_mut(id) {
-            svc.refresh_pids();
-            signal_all(&svc.pids, Signal::SIGKILL);
-        }
-        self.begin_stop(&mut st, id, StopReason::Failed);
+        // dbus-daemon kills the process it spawned; busvisor kills the tree.
+        svc.refresh_pids();
+        signal_all(&svc.pids, Signal::SIGKILL);
+        self.start_failed(&mut st, id, "org.freedesktop.DBus.Error.TimedOut", &text);
     }
 
     fn idle_check(&mut self) {
@@ -839,6 +934,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+fn svc_waiting_start(
+    st: &mut State,
+    id: &str,
+) -> Vec<oneshot::Sender<Result<(), String>>> {
+    st.services
+        .get_mut(id)
+        .map(|s| std::mem::take(&mut s.waiting_start))
+        .unwrap_or_default()
 }
 
 /// Where a service runs: its `working_directory`, else, for busvisor's own

@@ -12,7 +12,17 @@ pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
 
 /// The token in a process's environment, if any.
 pub fn token_of(pid: i32) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let path = format!("/proc/{pid}/environ");
+    let mut env = std::fs::read(&path).ok()?;
+    // A process in the middle of execve shows an empty environment for a
+    // moment: look again rather than lose it. (Kernel threads, pid 2 and its
+    // children, have none at all.)
+    let mut tries = 0;
+    while env.is_empty() && tries < 20 && pid != 2 && stat_of(pid).is_some_and(|(ppid, s)| ppid != 2 && s != 'Z') {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        env = std::fs::read(&path).ok()?;
+        tries += 1;
+    }
     let prefix = format!("{TOKEN_VAR}=");
     env.split(|b| *b == 0)
         .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
