@@ -184,6 +184,19 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         info!(services = catalog.len(), "service definitions loaded");
         st.set_catalog(catalog);
     }
+    // $XDG_RUNTIME_DIR/dbus-1/services is not watched, as in dbus-daemon.
+    let watched: Vec<PathBuf> = opts
+        .services_dirs
+        .iter()
+        .cloned()
+        .chain(
+            cfg.servicedirs
+                .iter()
+                .filter(|d| d.watch)
+                .map(|d| d.path.clone()),
+        )
+        .collect();
+    crate::activation::watch::spawn(bus.clone(), watched);
     info!(%address, "listening");
     Ok(Running {
         bus,

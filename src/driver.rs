@@ -20,7 +20,7 @@ const IFACE_PEER: &str = "org.freedesktop.DBus.Peer";
 const IFACE_MONITORING: &str = "org.freedesktop.DBus.Monitoring";
 
 /// Bus features advertised in the Features property.
-pub const FEATURES: &[&str] = &["ActivatableServicesChanged"];
+pub const FEATURES: &[&str] = &["ActivatableServicesChanged", crate::lifecycle::NAME];
 /// Extra interfaces advertised in the Interfaces property.
 pub const INTERFACES: &[&str] = &[IFACE_MONITORING];
 
@@ -346,11 +346,11 @@ fn call(
             let body = msg.body();
             let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
             check_bus_name(name)?;
-            let has = name == BUS_NAME || owner_of(st, name).is_some();
+            let has = is_bus_owned(name) || owner_of(st, name).is_some();
             ok(&|| bus_reply(msg, &(has,)))
         }
         (IFACE_DBUS, "ListNames") => {
-            let mut list = vec![BUS_NAME.to_owned()];
+            let mut list = vec![BUS_NAME.to_owned(), crate::lifecycle::NAME.to_owned()];
             list.extend(
                 st.peers
                     .iter()
@@ -412,7 +412,7 @@ fn call(
             let body = msg.body();
             let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
             check_bus_name(name)?;
-            let owner = if name == BUS_NAME {
+            let owner = if is_bus_owned(name) {
                 BUS_NAME.to_owned()
             } else {
                 match owner_of(st, name) {
@@ -431,7 +431,7 @@ fn call(
             let body = msg.body();
             let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
             check_bus_name(name)?;
-            let list: Vec<String> = if name == BUS_NAME {
+            let list: Vec<String> = if is_bus_owned(name) {
                 vec![BUS_NAME.to_owned()]
             } else if name.starts_with(':') {
                 owner_of(st, name).map(unique_name).into_iter().collect()
@@ -568,6 +568,11 @@ fn introspect(path: &str) -> String {
     xml
 }
 
+/// Names the bus itself owns.
+fn is_bus_owned(name: &str) -> bool {
+    name == BUS_NAME || name == crate::lifecycle::NAME
+}
+
 fn check_bus_name(name: &str) -> Result<(), (&'static str, String)> {
     BusName::try_from(name)
         .map(|_| ())
@@ -587,6 +592,14 @@ fn check_well_known(name: &str, verb: &str) -> Result<(), (&'static str, String)
         return Err(invalid(format!(
             "Connection is not allowed to own the service \"{name}\" because it is reserved for D-Bus' use only"
         )));
+    }
+    if name == crate::lifecycle::NAME {
+        return Err((
+            err::ACCESS_DENIED,
+            format!(
+                "Connection is not allowed to own the service \"{name}\": busvisor itself owns it"
+            ),
+        ));
     }
     Ok(())
 }
@@ -660,7 +673,7 @@ fn creds_of(
     let body = msg.body();
     let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
     check_bus_name(name)?;
-    if name == BUS_NAME {
+    if is_bus_owned(name) {
         return Ok((Some(bus.uid), Some(bus.pid)));
     }
     let Some(peer) = owner_of(st, name).and_then(|id| st.peers.get(&id)) else {
@@ -677,7 +690,7 @@ fn credentials(bus: &Bus, st: &State, from: PeerId, msg: &Message) -> Answer {
     let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
     check_bus_name(name)?;
     let mut dict: HashMap<&str, Variant<'_>> = HashMap::new();
-    let pidfd = if name == BUS_NAME {
+    let pidfd = if is_bus_owned(name) {
         dict.insert("UnixUserID", Variant::from(bus.uid));
         dict.insert("ProcessID", Variant::from(bus.pid));
         None

@@ -5,6 +5,7 @@ pub mod activation;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod driver;
 pub mod lifecycle;

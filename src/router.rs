@@ -90,6 +90,10 @@ pub struct State {
     /// The connection of each running service, for activity and name loss.
     pub peer_service: HashMap<PeerId, String>,
     pub supervisor: Option<SupervisorHandle>,
+    /// The serial of the last lifecycle event.
+    pub event_serial: u64,
+    /// Service properties as last announced with PropertiesChanged.
+    pub announced: HashMap<String, Vec<(&'static str, zbus::wire::OwnedVariant)>>,
 }
 
 impl State {
@@ -110,6 +114,8 @@ impl State {
             pending_count: 0,
             peer_service: HashMap::new(),
             supervisor: None,
+            event_serial: 0,
+            announced: HashMap::new(),
         }
     }
 }
@@ -148,14 +154,14 @@ fn owns(names: &Names, peer: PeerId, name: &str) -> bool {
 impl Owners for NameView<'_> {
     fn sender_is(&self, name: &str) -> bool {
         match self.sender {
-            None => name == BUS_NAME,
+            None => name == BUS_NAME || name == crate::lifecycle::NAME,
             Some(p) => owns(self.names, p, name),
         }
     }
     fn destination_is(&self, name: &str) -> bool {
         match self.dest {
             None => false,
-            Some(None) => name == BUS_NAME,
+            Some(None) => name == BUS_NAME || name == crate::lifecycle::NAME,
             Some(Some(p)) => owns(self.names, p, name),
         }
     }
@@ -272,7 +278,7 @@ impl Bus {
     }
 
     /// Route one message from `from`; its sender field is already stamped.
-    pub fn handle(&self, from: PeerId, msg: Message) -> Verdict {
+    pub fn handle(self: &Arc<Self>, from: PeerId, msg: Message) -> Verdict {
         let mut st = self.lock();
         let Some(peer) = st.peers.get(&from) else {
             return Verdict::Disconnect("unknown peer");
@@ -316,6 +322,10 @@ impl Bus {
                 Some(_) if to_bus => {
                     st.eavesdrop(&msg, Some(from), Some(None));
                     return crate::driver::handle(self, &mut st, from, &msg);
+                }
+                Some(dest) if dest.as_str() == crate::lifecycle::NAME => {
+                    st.eavesdrop(&msg, Some(from), Some(None));
+                    return crate::control::handle(self, &mut st, from, &msg);
                 }
                 Some(dest) => {
                     let dest = dest.as_str().to_owned();
@@ -633,6 +643,11 @@ impl State {
             }
             _ => debug!(from = %unique_name(from), "unrequested reply dropped"),
         }
+    }
+
+    /// True when no rule or monitor could want a signal: skip building it.
+    pub fn matches_nothing_from_bus(&self) -> bool {
+        self.matches.is_empty() && self.monitors.is_empty()
     }
 
     /// Broadcast a signal the bus itself emits.

@@ -9,6 +9,7 @@
 pub mod definition;
 pub mod desktop;
 pub mod exec;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -253,13 +254,21 @@ impl State {
     /// Replace the catalog (reload); running services keep their definition
     /// until they start again.
     pub fn set_catalog(&mut self, catalog: definition::Catalog) {
-        for (id, svc) in self.services.iter_mut() {
-            if let Some(def) = catalog.get(id)
-                && matches!(svc.state, ServiceState::Inactive | ServiceState::Failed)
-            {
-                svc.def = Arc::clone(def);
+        let idle = |s: &Service| matches!(s.state, ServiceState::Inactive | ServiceState::Failed);
+        // Services that are gone from the definitions leave once they stop.
+        self.services
+            .retain(|id, svc| catalog.get(id).is_some() || !idle(svc));
+        for def in catalog.defs() {
+            match self.services.get_mut(&def.id) {
+                Some(svc) if idle(svc) => svc.def = Arc::clone(def),
+                Some(_) => {}
+                None => {
+                    self.services
+                        .insert(def.id.clone(), Service::new(Arc::clone(def)));
+                }
             }
         }
         self.catalog = catalog;
+        crate::lifecycle::flush_properties(self);
     }
 }

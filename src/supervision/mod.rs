@@ -195,8 +195,9 @@ impl Service {
             return;
         }
         let found = procs::with_token(&self.token);
-        self.pids
-            .retain(|p| procs::stat_of(*p).is_some_and(|(_, s)| s != 'Z'));
+        // Zombies stay until the reaper collects them, so that their exit is
+        // attributed and announced.
+        self.pids.retain(|p| procs::stat_of(*p).is_some());
         self.pids.extend(found);
     }
 }
@@ -335,6 +336,14 @@ fn signal_all(pids: &BTreeSet<i32>, sig: Signal) {
 impl Supervisor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         while let Some(cmd) = rx.recv().await {
+            self.command(cmd).await;
+            // Announce property changes made by this command.
+            crate::lifecycle::flush_properties(&mut self.bus.lock());
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd) {
+        {
             match cmd {
                 Cmd::Spawn(id) => self.spawn(&id).await,
                 Cmd::Exited(pid, kind) => self.exited(pid, kind),
@@ -836,9 +845,11 @@ impl Supervisor {
 /// name scripts beside them), else busvisor's own.
 fn working_dir(def: &ServiceDef) -> Option<std::path::PathBuf> {
     def.working_dir.clone().or_else(|| match def.source {
-        crate::activation::definition::Source::Toml => {
-            def.file.parent().map(|p| p.to_path_buf()).filter(|p| !p.as_os_str().is_empty())
-        }
+        crate::activation::definition::Source::Toml => def
+            .file
+            .parent()
+            .map(|p| p.to_path_buf())
+            .filter(|p| !p.as_os_str().is_empty()),
         crate::activation::definition::Source::DBusService => None,
     })
 }
@@ -853,8 +864,11 @@ fn capture_output(bus: Arc<Bus>, id: String, pid: i32, fd: std::os::fd::OwnedFd)
         while let Ok(Some(line)) = lines.next_line().await {
             info!(service = %id, pid, "{line}");
             let mut st = bus.lock();
-            if let Some(svc) = st.services.get_mut(&id) {
-                svc.push_log(line);
+            if st.services.contains_key(&id) {
+                crate::lifecycle::log_line(&mut st, &id, pid, &line);
+                if let Some(svc) = st.services.get_mut(&id) {
+                    svc.push_log(line);
+                }
             }
         }
     });
