@@ -212,6 +212,37 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
         }
         out.push(a);
     }
+    hoist_client_options(out)
+}
+
+/// The control commands' names (see [`ClientCommand`]).
+pub const CLIENT_COMMANDS: &[&str] = &[
+    "list", "status", "start", "stop", "restart", "logs", "events", "reload",
+];
+
+/// `busvisor --address=A list` means `busvisor list --address=A`: move
+/// `--address` and `--json` given before a control command after it (the
+/// top level's `--address` is the daemon's listen address otherwise).
+pub fn hoist_client_options(args: Vec<OsString>) -> Vec<OsString> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--address" && i + 1 < args.len() {
+            i += 2;
+        } else if a.starts_with("--address=") || a == "--json" {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    if i == 1 || i >= args.len() || !CLIENT_COMMANDS.contains(&&*args[i].to_string_lossy()) {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len());
+    out.push(args[0].clone());
+    out.push(args[i].clone());
+    out.extend_from_slice(&args[1..i]);
+    out.extend_from_slice(&args[i + 1..]);
     out
 }
 
@@ -312,6 +343,25 @@ mod tests {
     }
 
     #[test]
+    fn options_before_a_control_command() {
+        match client(&["busvisor", "--address=unix:path=/x", "--json", "status", "svc"]) {
+            ClientCommand::Status(a) => {
+                assert_eq!(a.client.address.as_deref(), Some("unix:path=/x"));
+                assert!(a.client.json);
+                assert_eq!(a.name, "svc");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match client(&["busvisor", "--address", "unix:path=/y", "list"]) {
+            ClientCommand::List(a) => assert_eq!(a.address.as_deref(), Some("unix:path=/y")),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Not a control command: left alone.
+        let c = parse(&["busvisor", "run", "--", "busvisor", "--address=x", "list"]);
+        assert!(matches!(c.command, Some(Command::Run(_))));
+    }
+
+    #[test]
     fn control_command_usage_errors() {
         let bad = |args: &[&str]| {
             Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap_err()
@@ -321,6 +371,7 @@ mod tests {
         assert_eq!(bad(&["busvisor", "list", "--bogus"]).exit_code(), 2);
         assert_eq!(bad(&["busvisor", "logs", "svc", "-n", "x"]).exit_code(), 2);
         // Daemon flags still work without a subcommand.
+        assert!(parse(&["busvisor", "--address", "unix:path=/x", "--nofork"]).command.is_none());
         assert!(parse(&["busvisor", "--address", "unix:path=/x"]).command.is_none());
     }
 }
