@@ -35,6 +35,9 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
+/// Set in the environment of the background copy that `--fork` starts.
+pub const FORKED_ENV: &str = "BUSVISOR_FORKED";
+
 /// Where `--print-address` / `--print-pid` output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -88,6 +91,17 @@ pub struct Options {
     pub print_address: Option<Output>,
     pub print_pid: Option<Output>,
     pub services_dirs: Vec<PathBuf>,
+    /// No address and no configuration file given: listen where a user
+    /// session expects its bus.
+    pub user_session_default: bool,
+}
+
+/// `$XDG_RUNTIME_DIR/bus` when that directory exists, else a private socket.
+pub fn default_session_address() -> String {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if std::path::Path::new(&dir).is_dir() => "unix:runtime=yes".to_owned(),
+        _ => "unix:tmpdir=/tmp".to_owned(),
+    }
 }
 
 pub fn load_config(opts: &Options) -> Result<BusConfig, DaemonError> {
@@ -129,6 +143,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     let cfg = load_config(opts)?;
     let listen: Vec<String> = match &opts.address {
         Some(a) => vec![a.clone()],
+        None if opts.user_session_default => vec![default_session_address()],
         None => cfg.listen.clone(),
     };
     if listen.is_empty() {
@@ -253,6 +268,11 @@ pub async fn run_daemon(opts: Options) -> Result<(), DaemonError> {
     }
     if let Some(out) = &opts.print_pid {
         write_output(out, &format!("{}\n", std::process::id()))?;
+    }
+    if std::env::var_os(FORKED_ENV).is_some() {
+        // Started by --fork: closing stdout tells the parent we are ready.
+        let devnull = std::fs::File::open("/dev/null")?;
+        nix::unistd::dup2_stdout(&devnull).map_err(std::io::Error::from)?;
     }
     loop {
         tokio::select! {

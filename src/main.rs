@@ -31,10 +31,65 @@ fn daemon_options(a: &DaemonArgs) -> Options {
         print_address: a.print_address.as_deref().map(Output::from_flag),
         print_pid: a.print_pid.as_deref().map(Output::from_flag),
         services_dirs: a.services_dir.clone(),
+        user_session_default: !a.session && a.config_file.is_none() && a.config.is_none(),
+    }
+}
+
+/// `--fork`: start a copy of busvisor with `--nofork` in the background,
+/// pass on what it prints to stdout (the address and pid), and leave once it
+/// is ready, as dbus-daemon does.
+fn fork_main() -> ExitCode {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--fork")
+        .chain([std::ffi::OsString::from("--nofork")])
+        .collect();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("busvisor: cannot find my own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let child = std::process::Command::new(exe)
+        .args(args)
+        .env(daemon::FORKED_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("busvisor: cannot start the daemon: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The child closes its stdout once it is listening and has printed.
+    let mut out = Vec::new();
+    if let Some(mut pipe) = child.stdout.take() {
+        let _ = pipe.read_to_end(&mut out);
+    }
+    let _ = std::io::stdout().write_all(&out);
+    match child.try_wait() {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(status)) => {
+            eprintln!("busvisor: the daemon exited at start ({status})");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("busvisor: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn daemon_main(a: DaemonArgs) -> ExitCode {
+    if a.fork && !a.nofork && std::env::var_os(daemon::FORKED_ENV).is_none() {
+        return fork_main();
+    }
     init_logging(a.log_level.as_deref());
     if a.system {
         eprintln!("busvisor: the system bus is not supported: busvisor is a session bus");

@@ -162,7 +162,11 @@ pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
             warn!("too many connections still authenticating ({pending}); refusing one");
             continue;
         }
-        if bus.peer_count() as u64 >= bus.limits.max_completed_connections {
+        let connected = bus.peer_count() as u64;
+        // Every client has the bus's uid (or is root): the per-user limit is the total.
+        if connected >= bus.limits.max_completed_connections
+            || connected >= bus.limits.max_connections_per_user
+        {
             warn!("max_completed_connections reached; refusing a connection");
             continue;
         }

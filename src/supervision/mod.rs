@@ -264,6 +264,7 @@ const DROPPED_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
     "INVOCATION_ID",
     procs::TOKEN_VAR,
+    crate::daemon::FORKED_ENV,
 ];
 
 /// Start the supervisor: the subreaper, the spawner thread, the reaper and
