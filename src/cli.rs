@@ -339,12 +339,21 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(client(&["busvisor", "reload"]), ClientCommand::Reload(_)));
+        assert!(matches!(
+            client(&["busvisor", "reload"]),
+            ClientCommand::Reload(_)
+        ));
     }
 
     #[test]
     fn options_before_a_control_command() {
-        match client(&["busvisor", "--address=unix:path=/x", "--json", "status", "svc"]) {
+        match client(&[
+            "busvisor",
+            "--address=unix:path=/x",
+            "--json",
+            "status",
+            "svc",
+        ]) {
             ClientCommand::Status(a) => {
                 assert_eq!(a.client.address.as_deref(), Some("unix:path=/x"));
                 assert!(a.client.json);
@@ -371,7 +380,15 @@ mod tests {
         assert_eq!(bad(&["busvisor", "list", "--bogus"]).exit_code(), 2);
         assert_eq!(bad(&["busvisor", "logs", "svc", "-n", "x"]).exit_code(), 2);
         // Daemon flags still work without a subcommand.
-        assert!(parse(&["busvisor", "--address", "unix:path=/x", "--nofork"]).command.is_none());
-        assert!(parse(&["busvisor", "--address", "unix:path=/x"]).command.is_none());
+        assert!(
+            parse(&["busvisor", "--address", "unix:path=/x", "--nofork"])
+                .command
+                .is_none()
+        );
+        assert!(
+            parse(&["busvisor", "--address", "unix:path=/x"])
+                .command
+                .is_none()
+        );
     }
 }

@@ -162,7 +162,13 @@ impl Client {
         B: serde::Serialize + zbus::wire::DynamicType,
     {
         self.conn
-            .call_method(Some(SUPERVISOR), SUPERVISOR_PATH, Some(SUPERVISOR), method, body)
+            .call_method(
+                Some(SUPERVISOR),
+                SUPERVISOR_PATH,
+                Some(SUPERVISOR),
+                method,
+                body,
+            )
             .await
     }
 
@@ -207,7 +213,11 @@ impl Client {
         let msg = match ename.as_str() {
             ERR_NO_SUCH_SERVICE => format!("no such service: {name}"),
             ERR_START_FAILED => {
-                let verb = if method == "Restart" { "restart" } else { "start" };
+                let verb = if method == "Restart" {
+                    "restart"
+                } else {
+                    "start"
+                };
                 if detail.is_empty() {
                     format!("cannot {verb} {name}")
                 } else {
@@ -259,7 +269,13 @@ impl Client {
     ) -> Result<HashMap<String, OwnedVariant>> {
         let reply = self
             .conn
-            .call_method(Some(SUPERVISOR), path, Some(PROPERTIES), "GetAll", &(SERVICE_IFACE,))
+            .call_method(
+                Some(SUPERVISOR),
+                path,
+                Some(PROPERTIES),
+                "GetAll",
+                &(SERVICE_IFACE,),
+            )
             .await
             .map_err(|e| self.explain(e, "GetAll", Some(name)))?;
         reply
@@ -544,7 +560,11 @@ pub fn human_property(key: &str, v: &Json, all: &Map<String, Json>, now_us: u64)
         "StartTime" | "LastExitTime" if u == 0 => "never".to_owned(),
         "NextRestartTime" if u == 0 => "none".to_owned(),
         "StartTime" | "StateChangeTime" | "LastExitTime" | "NextRestartTime" => {
-            format!("{} ({})", format_local_time(u, false), relative_time(u, now_us))
+            format!(
+                "{} ({})",
+                format_local_time(u, false),
+                relative_time(u, now_us)
+            )
         }
         "IdleTimeout" if u == 0 => "none".to_owned(),
         "IdleTimeout" => format_duration(Duration::from_micros(u)),
@@ -671,14 +691,21 @@ async fn logs(c: &Client, a: &LogsArgs, out: &mut Output) -> Result<()> {
         // Resolve the id (LogLine carries it), subscribe, and only then
         // fetch the backlog: no line is lost between the two.
         id = c.service_entry(&a.name).await?.id;
-        let rule = format!("{EVENTS_MATCH},member='LogLine',arg0='{}'", match_escape(&id));
+        let rule = format!(
+            "{EVENTS_MATCH},member='LogLine',arg0='{}'",
+            match_escape(&id)
+        );
         follow = Some(c.subscribe(&rule).await?);
     }
     let lines: Vec<String> = c
         .call_decode("GetLogs", &(a.name.as_str(), a.lines), Some(&a.name))
         .await?;
     if json && id.is_empty() {
-        id = c.service_entry(&a.name).await.map(|e| e.id).unwrap_or_default();
+        id = c
+            .service_entry(&a.name)
+            .await
+            .map(|e| e.id)
+            .unwrap_or_default();
     }
     for l in &lines {
         if json {
@@ -775,12 +802,17 @@ impl Event {
             fields,
         };
         let typed = match member.as_str() {
-            "ActivationRequested" => b
-                .deserialize::<(u64, String, String, u32)>()
-                .ok()
-                .map(|(s, id, r, p)| {
-                    ev(s, id, vec![("requester", json!(r)), ("requester_pid", json!(p))])
-                }),
+            "ActivationRequested" => {
+                b.deserialize::<(u64, String, String, u32)>()
+                    .ok()
+                    .map(|(s, id, r, p)| {
+                        ev(
+                            s,
+                            id,
+                            vec![("requester", json!(r)), ("requester_pid", json!(p))],
+                        )
+                    })
+            }
             "Started" => b
                 .deserialize::<(u64, String, u32)>()
                 .ok()
@@ -804,12 +836,13 @@ impl Event {
                         ],
                     )
                 }),
-            "Restarting" => b
-                .deserialize::<(u64, String, u32, u64)>()
-                .ok()
-                .map(|(s, id, att, d)| {
-                    ev(s, id, vec![("attempt", json!(att)), ("delay_ms", json!(d))])
-                }),
+            "Restarting" => {
+                b.deserialize::<(u64, String, u32, u64)>()
+                    .ok()
+                    .map(|(s, id, att, d)| {
+                        ev(s, id, vec![("attempt", json!(att)), ("delay_ms", json!(d))])
+                    })
+            }
             "Failed" => b
                 .deserialize::<(u64, String, String)>()
                 .ok()
@@ -1041,7 +1074,10 @@ pub fn relative_time(us: u64, now_us: u64) -> String {
             format!("{} ago", format_duration_coarse(d))
         }
     } else {
-        format!("in {}", format_duration_coarse(Duration::from_micros(us - now_us)))
+        format!(
+            "in {}",
+            format_duration_coarse(Duration::from_micros(us - now_us))
+        )
     }
 }
 
@@ -1056,27 +1092,39 @@ pub fn format_duration_coarse(d: Duration) -> String {
     }
     let (m, s) = (s / 60, s % 60);
     if m < 60 {
-        return if s == 0 { format!("{m}min") } else { format!("{m}min {s}s") };
+        return if s == 0 {
+            format!("{m}min")
+        } else {
+            format!("{m}min {s}s")
+        };
     }
     let (h, m) = (m / 60, m % 60);
     if h < 24 {
-        return if m == 0 { format!("{h}h") } else { format!("{h}h {m}min") };
+        return if m == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h {m}min")
+        };
     }
     let (dd, h) = (h / 24, h % 24);
-    if h == 0 { format!("{dd}d") } else { format!("{dd}d {h}h") }
+    if h == 0 {
+        format!("{dd}d")
+    } else {
+        format!("{dd}d {h}h")
+    }
 }
 
 /// An exact duration: `250ms`, `1.5s`, `60s`, `1min 30s`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
-        if d.subsec_micros() % 1000 != 0 && ms < 10 {
+        if !d.subsec_micros().is_multiple_of(1000) && ms < 10 {
             return format!("{}us", d.as_micros());
         }
         return format!("{ms}ms");
     }
     if d.as_secs() < 60 {
-        return if ms % 1000 == 0 {
+        return if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{}s", (ms as f64) / 1000.0)
@@ -1128,15 +1176,24 @@ mod tests {
             human_property("LastExitStatus", &json!(-1), &all, now),
             "-1 (killed by SIGKILL)"
         );
-        assert_eq!(human_property("LastExitSignal", &json!(9), &all, now), "9 (SIGKILL)");
+        assert_eq!(
+            human_property("LastExitSignal", &json!(9), &all, now),
+            "9 (SIGKILL)"
+        );
         assert_eq!(human_property("MainPID", &json!(0), &all, now), "none");
         assert_eq!(human_property("PIDs", &json!([1, 2]), &all, now), "1 2");
         assert_eq!(human_property("StartTime", &json!(0), &all, now), "never");
         assert!(human_property("StartTime", &json!(7_000_000), &all, now).ends_with("(3s ago)"));
-        assert_eq!(human_property("IdleTimeout", &json!(60_000_000), &all, now), "1min");
+        assert_eq!(
+            human_property("IdleTimeout", &json!(60_000_000), &all, now),
+            "1min"
+        );
         assert_eq!(human_property("IdleTimeout", &json!(0), &all, now), "none");
         all.insert("LastExitPID".into(), json!(0));
-        assert_eq!(human_property("LastExitStatus", &json!(-1), &all, now), "none");
+        assert_eq!(
+            human_property("LastExitStatus", &json!(-1), &all, now),
+            "none"
+        );
     }
 
     #[test]

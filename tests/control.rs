@@ -319,7 +319,10 @@ fn list_shows_services_and_states() {
         assert!(lines[0].contains(h), "{out}");
     }
     let echo = lines.iter().find(|l| l.starts_with("echo ")).expect(&out);
-    assert!(echo.contains("inactive") && echo.contains(ECHO_NAME), "{out}");
+    assert!(
+        echo.contains("inactive") && echo.contains(ECHO_NAME),
+        "{out}"
+    );
     // Aligned: the STATE column starts at the same place on every line.
     let col = lines[0].find("STATE").unwrap();
     for l in &lines[1..] {
@@ -368,7 +371,10 @@ fn start_stop_restart_change_the_state() {
     assert_eq!(st["State"], "running", "{st}");
     let pid1 = st["MainPID"].as_u64().unwrap();
     assert!(pid1 > 0);
-    assert_eq!(out.trim(), format!("started echo: running, main pid {pid1}"));
+    assert_eq!(
+        out.trim(),
+        format!("started echo: running, main pid {pid1}")
+    );
     assert_eq!(env.busctl_property("echo", "State"), "s \"running\"");
     assert_eq!(env.busctl_property("echo", "MainPID"), format!("u {pid1}"));
 
@@ -385,10 +391,12 @@ fn start_stop_restart_change_the_state() {
     assert_eq!(env.main_pid("echo") as u64, pid2);
     assert_eq!(env.busctl_property("echo", "MainPID"), format!("u {pid2}"));
     // the first process is gone
-    assert!(!Path::new(&format!("/proc/{pid1}")).exists() || {
-        let s = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap_or_default();
-        s.contains(") Z ")
-    });
+    assert!(
+        !Path::new(&format!("/proc/{pid1}")).exists() || {
+            let s = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap_or_default();
+            s.contains(") Z ")
+        }
+    );
 
     // stop
     let out = env.cli_ok(&["stop", "echo"]);
@@ -465,7 +473,10 @@ fn status_shows_every_property() {
     let col = lines[0].find("echo").unwrap();
     for (l, p) in lines.iter().zip(props) {
         assert!(l.starts_with(&format!("{p}:")), "{l:?}\n{text}");
-        assert!(l.len() > col && !l[..col].ends_with(|c: char| !c.is_whitespace()), "{text}");
+        assert!(
+            l.len() > col && !l[..col].ends_with(|c: char| !c.is_whitespace()),
+            "{text}"
+        );
     }
     let line = |k: &str| {
         lines
@@ -477,7 +488,10 @@ fn status_shows_every_property() {
     assert_eq!(line("State"), "running");
     assert_eq!(line("LastExitPID"), pid.to_string());
     assert_eq!(line("LastExitSignal"), "9 (SIGKILL)");
-    assert!(line("LastExitStatus").contains("killed by SIGKILL"), "{text}");
+    assert!(
+        line("LastExitStatus").contains("killed by SIGKILL"),
+        "{text}"
+    );
     assert!(line("LastExitTime").ends_with(" ago)"), "{text}");
     assert!(line("StartTime").ends_with(" ago)"), "{text}");
     assert_eq!(line("Restarts"), "1");
@@ -497,7 +511,9 @@ fn logs_return_what_the_service_printed() {
     env.call_echo("Hello1");
     let want = format!("echo service {ECHO_NAME} up, pid {pid}");
     assert!(
-        wait_until(OP_TIMEOUT, || env.cli_ok(&["logs", "echo"]).contains("call Hello1")),
+        wait_until(OP_TIMEOUT, || env
+            .cli_ok(&["logs", "echo"])
+            .contains("call Hello1")),
         "{}",
         env.cli_ok(&["logs", "echo"])
     );
@@ -533,8 +549,15 @@ fn logs_return_what_the_service_printed() {
         read()
     );
     let text = read();
-    let calls: Vec<&str> = text.lines().map(|l| l.split(' ').nth(1).unwrap_or("")).collect();
-    assert_eq!(calls, ["Hello1", "Hello2", "Hello3", "Hello4", "Hello5"], "{text}");
+    let calls: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        calls,
+        ["Hello1", "Hello2", "Hello3", "Hello4", "Hello5"],
+        "{text}"
+    );
     assert!(follow.is_running());
     follow.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(follow.wait_timeout(OP_TIMEOUT).is_some());
@@ -665,7 +688,10 @@ fn events_follow_a_full_lifecycle() {
     assert!(text.lines().any(|l| l.ends_with(&ready)), "{text}");
     let crash = format!("  echo  exited  pid={pid1} signal=SIGKILL failure=true");
     assert!(text.lines().any(|l| l.ends_with(&crash)), "{text}");
-    assert!(text.contains("  echo  restarting  attempt=1 delay="), "{text}");
+    assert!(
+        text.contains("  echo  restarting  attempt=1 delay="),
+        "{text}"
+    );
 }
 
 #[test]
@@ -689,7 +715,11 @@ fn events_can_follow_one_service_and_its_output() {
     );
     env.cli_ok(&["start", "sentinel"]);
     env.call_echo("LogMe");
-    assert!(wait_until(OP_TIMEOUT, || read().contains("call LogMe")), "{}", read());
+    assert!(
+        wait_until(OP_TIMEOUT, || read().contains("call LogMe")),
+        "{}",
+        read()
+    );
     ev.signal(nix::sys::signal::Signal::SIGTERM);
     ev.wait_timeout(OP_TIMEOUT);
     let all = parse_lines(&read());
@@ -721,7 +751,11 @@ fn reload_rereads_the_definitions() {
         j.as_array().unwrap().iter().any(|e| e["id"] == "extra"),
         "{j}"
     );
-    assert!(env.cli_ok(&["list"]).lines().any(|l| l.starts_with("extra ")));
+    assert!(
+        env.cli_ok(&["list"])
+            .lines()
+            .any(|l| l.starts_with("extra "))
+    );
 }
 
 #[test]
@@ -733,16 +767,26 @@ fn errors_name_the_cause_and_exit_non_zero() {
     for cmd in ["status", "start", "stop", "restart", "logs"] {
         let out = env.cli(&[cmd, "nope"]);
         assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
-        assert_eq!(out.stderr.trim(), "busvisor: no such service: nope", "{cmd}: {out:?}");
+        assert_eq!(
+            out.stderr.trim(),
+            "busvisor: no such service: nope",
+            "{cmd}: {out:?}"
+        );
         assert!(out.stdout.is_empty(), "{out:?}");
     }
     // A failed start carries the bus's message.
     let out = env.cli(&["start", "broken"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(out.stderr.starts_with("busvisor: cannot start broken: "), "{out:?}");
+    assert!(
+        out.stderr.starts_with("busvisor: cannot start broken: "),
+        "{out:?}"
+    );
     assert!(out.stderr.contains('7'), "no exit status in {out:?}");
     // The service's own output explains more.
-    assert!(env.cli_ok(&["logs", "broken"]).contains("broken service failing"));
+    assert!(
+        env.cli_ok(&["logs", "broken"])
+            .contains("broken service failing")
+    );
 
     // No address at all.
     let out = Command::new(busvisor_bin())
@@ -764,8 +808,9 @@ fn errors_name_the_cause_and_exit_non_zero() {
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
-        out.stderr
-            .starts_with("busvisor: cannot connect to the bus at unix:path=/nonexistent/busvisor-test: "),
+        out.stderr.starts_with(
+            "busvisor: cannot connect to the bus at unix:path=/nonexistent/busvisor-test: "
+        ),
         "{out:?}"
     );
     // Usage errors are clap's: exit 2.
@@ -792,7 +837,11 @@ fn address_from_the_environment_or_before_the_command() {
     assert_eq!(j.as_array().unwrap().len(), 3);
     // `busvisor --address=A status NAME`, as the README writes it.
     let addr = format!("--address={}", env.bus.address);
-    let out = run_tool(busvisor_bin(), &[&addr, "--json", "status", "echo"], CLI_TIMEOUT);
+    let out = run_tool(
+        busvisor_bin(),
+        &[&addr, "--json", "status", "echo"],
+        CLI_TIMEOUT,
+    );
     out.assert_ok();
     let j: Json = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(j["Id"], "echo");
