@@ -209,7 +209,11 @@ impl Client {
                 ));
             }
         };
-        let name = name.unwrap_or("");
+        let name = match name {
+            Some("") => "\"\"",
+            Some(n) => n,
+            None => "",
+        };
         let msg = match ename.as_str() {
             ERR_NO_SUCH_SERVICE => format!("no such service: {name}"),
             ERR_START_FAILED => {

@@ -863,3 +863,28 @@ fn address_from_the_environment_or_before_the_command() {
     let j: Json = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(j["Id"], "echo");
 }
+
+#[test]
+fn events_and_logs_end_when_the_bus_goes_away() {
+    if skip() {
+        return;
+    }
+    let mut env = Env::new();
+    env.cli_ok(&["start", "echo"]);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("events");
+    let mut ev = env.spawn_cli(&["events"], &f);
+    let mut logs = env.spawn_cli(&["logs", "echo", "-f"], &dir.path().join("logs"));
+    env.sync_events(&[&f]);
+    env.bus.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    for (what, child) in [("events", &mut ev), ("logs -f", &mut logs)] {
+        let st = child.wait_timeout(OP_TIMEOUT);
+        assert_eq!(st.and_then(|s| s.code()), Some(1), "{what}: {st:?}");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(
+            err.starts_with("busvisor: the bus at ") && err.contains("closed the connection"),
+            "{what}: {err:?}"
+        );
+    }
+}
