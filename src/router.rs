@@ -458,13 +458,19 @@ impl State {
             |_, _| true,
             |k| {
                 if let Some(p) = peers.get(&k)
-                    && p.outbox.push(msg.clone()).is_err()
+                    && let Err(e) = p.outbox.push(msg.clone())
                 {
-                    p.outbox
+                    let n = p
+                        .outbox
                         .dropped
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    debug!(peer = %unique_name(k), dropped = n + 1, "broadcast not queued: {e:?}");
                 }
             },
+        );
+        tracing::trace!(
+            serial = msg.primary_header().serial_num().get(),
+            "broadcast done"
         );
     }
 

@@ -145,6 +145,15 @@ impl Gate {
     }
 }
 
+/// Holds one incomplete-connection slot.
+struct Incomplete(Arc<Gate>);
+
+impl Drop for Incomplete {
+    fn drop(&mut self) {
+        self.0.incomplete.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accept connections until the task is dropped.
 pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
     loop {
@@ -199,8 +208,12 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         let creds = conn.peer_creds().await.map_err(zbus::Error::from)?.clone();
         Ok::<_, zbus::Error>((stream, conn, creds))
     };
-    let result = tokio::time::timeout(timeout, handshake).await;
-    gate.incomplete.fetch_sub(1, Ordering::Relaxed);
+    // Until its Hello, a connection is incomplete (as in dbus-daemon): it
+    // counts against max_incomplete_connections and has auth_timeout to get
+    // there. The guard gives the slot back however this task ends.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let incomplete = Incomplete(gate.clone());
+    let result = tokio::time::timeout_at(deadline, handshake).await;
     let (mut stream, conn, creds) = match result {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return debug!("authentication failed: {e}"),
@@ -231,11 +244,19 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         bus.limits.max_outgoing_unix_fds as usize,
     ));
     // The peer joins the bus, and gets its unique name, with its Hello.
-    let first = match stream.next().await {
-        Some(Ok(m)) => m,
-        Some(Err(e)) => return debug!("read error before Hello: {e}"),
-        None => return,
+    let first = match tokio::time::timeout_at(deadline, stream.next()).await {
+        Ok(Some(Ok(m))) => m,
+        Ok(Some(Err(e))) => return debug!("read error before Hello: {e}"),
+        Ok(None) => return,
+        Err(_) => {
+            cutter.cut();
+            return info!(
+                ?pid,
+                "dropped a connection that sent no Hello within {timeout:?}"
+            );
+        }
     };
+    drop(incomplete);
     if !is_hello(&first) {
         cutter.cut();
         return info!(

@@ -650,3 +650,151 @@ where
         .build(body)
         .expect("method call")
 }
+
+// ---------------------------------------------------------------- processes
+
+/// Parent pid and state letter of a process, from /proc/PID/stat (fields
+/// after the last ')', so a command name with spaces or parens is fine).
+pub fn proc_stat(pid: u32) -> Option<(u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// True while the process exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(_, s)| s != 'Z')
+}
+
+/// True once /proc/PID is gone: the process exited *and* was reaped.
+pub fn pid_gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every process whose environment has `var` with a value containing `needle`.
+pub fn pids_with_env(var: &str, needle: &str) -> Vec<u32> {
+    let prefix = format!("{var}=");
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let hit = env.split(|b| *b == 0).any(|kv| {
+            kv.strip_prefix(prefix.as_bytes())
+                .is_some_and(|v| String::from_utf8_lossy(v).contains(needle))
+        });
+        if hit {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The processes busvisor `bus_pid` started as services (and their
+/// descendants): they carry `BUSVISOR_INVOCATION=<id>-<bus pid>-<n>`.
+pub fn service_pids_of(bus_pid: u32) -> Vec<u32> {
+    pids_with_env("BUSVISOR_INVOCATION", &format!("-{bus_pid}-"))
+}
+
+/// Direct children of `pid` that are zombies (exited, not reaped).
+pub fn zombie_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                && proc_stat(p).is_some_and(|(pp, s)| pp == pid && s == 'Z')
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Pids SIGKILLed when dropped: for processes a test made but does not own
+/// as a `Child` (services, daemons, grandchildren).
+#[derive(Default)]
+pub struct PidGuard {
+    pub pids: Vec<u32>,
+}
+
+impl PidGuard {
+    pub fn add(&mut self, pid: u32) {
+        self.pids.push(pid);
+    }
+}
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        for p in &self.pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Start busvisor like [`start_bus_with_args`], with extra environment
+/// variables for the bus process (which its services inherit).
+pub fn start_bus_with_env(config: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> TestBus {
+    let dir = tempfile::Builder::new()
+        .prefix("busvisor-test")
+        .tempdir()
+        .expect("tempdir");
+    let socket = dir.path().join("bus");
+    let stderr_path = dir.path().join("busvisor.log");
+    let mut cmd = Command::new(busvisor_bin());
+    cmd.arg("--nofork")
+        .arg(format!("--address=unix:path={}", socket.display()))
+        .arg("--print-address");
+    if let Some(text) = config {
+        let cfg = dir.path().join("bus.conf");
+        std::fs::write(&cfg, text).expect("write config");
+        cmd.arg(format!("--config-file={}", cfg.display()));
+    }
+    cmd.args(extra)
+        .env("RUST_LOG", "debug")
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("log file"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn busvisor");
+    let stdout = child.stdout.take().expect("stdout");
+    let proc = ChildGuard::new(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let address = rx
+        .recv_timeout(OP_TIMEOUT)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    assert!(
+        !address.is_empty(),
+        "busvisor printed no address; log:\n{}",
+        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
+    TestBus {
+        address,
+        socket,
+        dir,
+        stderr_path,
+        proc,
+    }
+}
