@@ -869,7 +869,7 @@ fn events_and_logs_end_when_the_bus_goes_away() {
     if skip() {
         return;
     }
-    let mut env = Env::new();
+    let env = Env::new();
     env.cli_ok(&["start", "echo"]);
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("events");
