@@ -28,6 +28,78 @@ pub enum Command {
     /// Start a private bus, run CMD on it, exit with CMD's status
     /// (like dbus-run-session).
     Run(RunArgs),
+    /// Control commands: talk to a running busvisor over D-Bus.
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// The control commands (`busvisor list`, `status`, ...): clients of the
+/// `org.busvisor.Supervisor1` API of a running busvisor (docs/CLI.md).
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// List every known service: id, state, main pid, bus names, reason.
+    List(ClientArgs),
+    /// Show every property of one service.
+    Status(ServiceArgs),
+    /// Start a service; returns once it has taken its bus name.
+    Start(ServiceArgs),
+    /// Stop every process of a service; returns once none is left.
+    Stop(ServiceArgs),
+    /// Stop, then start a service; returns once it is running again.
+    Restart(ServiceArgs),
+    /// Print what a service wrote to stdout and stderr.
+    Logs(LogsArgs),
+    /// Follow lifecycle events live, one line per event.
+    Events(EventsArgs),
+    /// Re-read every service definition.
+    Reload(ClientArgs),
+}
+
+/// Options common to every control command.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ClientArgs {
+    /// Address of the bus (default: $DBUS_SESSION_BUS_ADDRESS).
+    #[arg(long, value_name = "ADDRESS")]
+    pub address: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service id, or any bus name the service provides.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service id, or any bus name the service provides.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Print the last N lines (0: every line kept, at most 1000).
+    #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
+    pub lines: u32,
+    /// Keep printing new lines as the service writes them.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Also print the services' output lines (`LogLine`).
+    #[arg(long)]
+    pub logs: bool,
+    /// Only events of this service (id or bus name).
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -140,6 +212,37 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
         }
         out.push(a);
     }
+    hoist_client_options(out)
+}
+
+/// The control commands' names (see [`ClientCommand`]).
+pub const CLIENT_COMMANDS: &[&str] = &[
+    "list", "status", "start", "stop", "restart", "logs", "events", "reload",
+];
+
+/// `busvisor --address=A list` means `busvisor list --address=A`: move
+/// `--address` and `--json` given before a control command after it (the
+/// top level's `--address` is the daemon's listen address otherwise).
+pub fn hoist_client_options(args: Vec<OsString>) -> Vec<OsString> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--address" && i + 1 < args.len() {
+            i += 2;
+        } else if a.starts_with("--address=") || a == "--json" {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    if i == 1 || i >= args.len() || !CLIENT_COMMANDS.contains(&&*args[i].to_string_lossy()) {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len());
+    out.push(args[0].clone());
+    out.push(args[i].clone());
+    out.extend_from_slice(&args[1..i]);
+    out.extend_from_slice(&args[i + 1..]);
     out
 }
 
@@ -184,5 +287,108 @@ mod tests {
             Some(Command::Run(r)) => assert_eq!(r.command.len(), 3),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn client(args: &[&str]) -> ClientCommand {
+        match parse(args).command {
+            Some(Command::Client(c)) => c,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_commands() {
+        match client(&["busvisor", "list", "--json", "--address", "unix:path=/x"]) {
+            ClientCommand::List(a) => {
+                assert!(a.json);
+                assert_eq!(a.address.as_deref(), Some("unix:path=/x"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match client(&["busvisor", "status", "org.x.Y"]) {
+            ClientCommand::Status(a) => {
+                assert_eq!(a.name, "org.x.Y");
+                assert!(!a.client.json);
+                assert!(a.client.address.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for (cmd, want) in [("start", 0), ("stop", 1), ("restart", 2)] {
+            let got = match client(&["busvisor", cmd, "svc"]) {
+                ClientCommand::Start(a) if a.name == "svc" => 0,
+                ClientCommand::Stop(a) if a.name == "svc" => 1,
+                ClientCommand::Restart(a) if a.name == "svc" => 2,
+                other => panic!("unexpected {other:?}"),
+            };
+            assert_eq!(got, want);
+        }
+        match client(&["busvisor", "logs", "svc", "-n", "5", "-f"]) {
+            ClientCommand::Logs(a) => {
+                assert_eq!((a.name.as_str(), a.lines, a.follow), ("svc", 5, true));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match client(&["busvisor", "logs", "svc"]) {
+            ClientCommand::Logs(a) => assert_eq!((a.lines, a.follow), (0, false)),
+            other => panic!("unexpected {other:?}"),
+        }
+        match client(&["busvisor", "events", "--logs", "--service", "svc", "--json"]) {
+            ClientCommand::Events(a) => {
+                assert!(a.logs && a.client.json);
+                assert_eq!(a.service.as_deref(), Some("svc"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            client(&["busvisor", "reload"]),
+            ClientCommand::Reload(_)
+        ));
+    }
+
+    #[test]
+    fn options_before_a_control_command() {
+        match client(&[
+            "busvisor",
+            "--address=unix:path=/x",
+            "--json",
+            "status",
+            "svc",
+        ]) {
+            ClientCommand::Status(a) => {
+                assert_eq!(a.client.address.as_deref(), Some("unix:path=/x"));
+                assert!(a.client.json);
+                assert_eq!(a.name, "svc");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match client(&["busvisor", "--address", "unix:path=/y", "list"]) {
+            ClientCommand::List(a) => assert_eq!(a.address.as_deref(), Some("unix:path=/y")),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Not a control command: left alone.
+        let c = parse(&["busvisor", "run", "--", "busvisor", "--address=x", "list"]);
+        assert!(matches!(c.command, Some(Command::Run(_))));
+    }
+
+    #[test]
+    fn control_command_usage_errors() {
+        let bad = |args: &[&str]| {
+            Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap_err()
+        };
+        // A missing NAME, an unknown flag, a non-numeric -n.
+        assert_eq!(bad(&["busvisor", "status"]).exit_code(), 2);
+        assert_eq!(bad(&["busvisor", "list", "--bogus"]).exit_code(), 2);
+        assert_eq!(bad(&["busvisor", "logs", "svc", "-n", "x"]).exit_code(), 2);
+        // Daemon flags still work without a subcommand.
+        assert!(
+            parse(&["busvisor", "--address", "unix:path=/x", "--nofork"])
+                .command
+                .is_none()
+        );
+        assert!(
+            parse(&["busvisor", "--address", "unix:path=/x"])
+                .command
+                .is_none()
+        );
     }
 }

@@ -147,6 +147,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Daemon(a)) => daemon_main(a),
         Some(Command::Run(a)) => run_main(a),
+        Some(Command::Client(c)) => busvisor::client::main(c),
         None => daemon_main(cli.daemon),
     }
 }
