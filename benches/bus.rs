@@ -240,15 +240,15 @@ fn spawn_service(conn: Connection, stop: Arc<AtomicBool>) -> tokio::task::JoinHa
         while let Some(Ok(msg)) = stream.next().await {
             let mut next = Some(msg);
             while let Some(m) = next.take() {
-                if m.message_type() == Type::MethodCall {
-                    if let Ok(r) = Message::method_return(&m.header()).build(&()) {
-                        replies.push(r);
-                    }
+                if m.message_type() == Type::MethodCall
+                    && let Ok(r) = Message::method_return(&m.header()).build(&())
+                {
+                    replies.push(r);
                 }
-                if replies.len() < 128 {
-                    if let Some(Some(Ok(m))) = stream.next().now_or_never() {
-                        next = Some(m);
-                    }
+                if replies.len() < 128
+                    && let Some(Some(Ok(m))) = stream.next().now_or_never()
+                {
+                    next = Some(m);
                 }
             }
             if !replies.is_empty() {
@@ -424,11 +424,18 @@ async fn wl_pipelined(bus: &Bus, p: &Params, pairs: usize, payload: Option<usize
         services.push(spawn_service(svc, stop.clone()));
         let kind = match payload {
             None => CallKind::Empty { dest },
-            Some(n) => CallKind::Payload { dest, body: Arc::new(vec![0x5a; n]) },
+            Some(n) => CallKind::Payload {
+                dest,
+                body: Arc::new(vec![0x5a; n]),
+            },
         };
         callers.push((caller, kind));
     }
-    let total = if payload.is_some() { p.payload_calls } else { p.pipelined_calls } / pairs;
+    let total = if payload.is_some() {
+        p.payload_calls
+    } else {
+        p.pipelined_calls
+    } / pairs;
     let r = run_callers(bus, p, callers, total, 2).await;
     stop.store(true, Ordering::Relaxed);
     services.iter().for_each(|h| h.abort());
@@ -444,7 +451,14 @@ async fn run_callers(
 ) -> Res<Outcome> {
     // Warm up every pair briefly.
     for (c, k) in &callers {
-        pipelined_caller(c.clone(), k.clone(), 200, p.window, Instant::now() + p.limit).await?;
+        pipelined_caller(
+            c.clone(),
+            k.clone(),
+            200,
+            p.window,
+            Instant::now() + p.limit,
+        )
+        .await?;
     }
     let t0 = cpu_ticks(bus.pid);
     let start = Instant::now();
@@ -492,7 +506,7 @@ async fn subscriber(
         match h.member().map(|m| m.as_str()) {
             Some("Tick") => {
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 32 == 0 {
+                if n.is_multiple_of(32) {
                     progress.notify_one();
                 }
             }
@@ -506,7 +520,12 @@ async fn subscriber(
     Err("subscriber connection closed".into())
 }
 
-async fn wl_fanout(bus: &Bus, p: &Params, subs: usize, idle: Option<&[Connection]>) -> Res<Outcome> {
+async fn wl_fanout(
+    bus: &Bus,
+    p: &Params,
+    subs: usize,
+    idle: Option<&[Connection]>,
+) -> Res<Outcome> {
     let _ = idle; // only held open by the caller
     let emitter = connect(&bus.address).await?;
     let progress = Arc::new(Notify::new());
@@ -528,7 +547,11 @@ async fn wl_fanout(bus: &Bus, p: &Params, subs: usize, idle: Option<&[Connection
     // Fewer signals with many subscribers: the bus work is signals x subs.
     let total = (p.signals as u64 / subs.max(1) as u64 * 4).clamp(500, p.signals as u64);
     let min_count = |counts: &[Arc<AtomicU64>]| {
-        counts.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(0)
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
     };
     let t0 = cpu_ticks(bus.pid);
     let start = Instant::now();
@@ -537,7 +560,9 @@ async fn wl_fanout(bus: &Bus, p: &Params, subs: usize, idle: Option<&[Connection
     let mut msgs = Vec::with_capacity(batch);
     while sent < total && Instant::now() < deadline {
         while sent - min_count(&counts) + batch as u64 > window {
-            if tokio::time::timeout(STALL, progress.notified()).await.is_err()
+            if tokio::time::timeout(STALL, progress.notified())
+                .await
+                .is_err()
                 && sent - min_count(&counts) + batch as u64 > window
             {
                 let got: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
@@ -657,15 +682,14 @@ fn print_table(rows: &[Row], buses: &[Bus], hz: u64, mem: &[Memory]) {
         tick_us
     );
     println!(
-        "{:<34} {:>14} {:>14} {:>7} | {:>12} {:>12} {:>7}  {}",
+        "{:<34} {:>14} {:>14} {:>7} | {:>12} {:>12} {:>7}  CPU unit",
         "workload",
         format!("{a} rate"),
         format!("{b} rate"),
         "ratio",
         format!("{a} CPU"),
         format!("{b} CPU"),
-        "ratio",
-        "CPU unit"
+        "ratio"
     );
     println!("{}", "-".repeat(128));
     for r in rows {
@@ -687,7 +711,11 @@ fn print_table(rows: &[Row], buses: &[Bus], hz: u64, mem: &[Memory]) {
         };
         let rate_ratio = o1.map(|o1| o0.rate / o1.rate).unwrap_or(f64::NAN);
         let cpu_ratio = o1.map(|o1| cpu(o0) / cpu(o1)).unwrap_or(f64::NAN);
-        let mark = if cpu_ratio.is_finite() && cpu_ratio <= 0.7 { " " } else { "!" };
+        let mark = if cpu_ratio.is_finite() && cpu_ratio <= 0.7 {
+            " "
+        } else {
+            "!"
+        };
         println!(
             "{:<34} {:>14} {:>14} {:>7.2} | {:>12.2} {:>12.2} {:>6.2}{}  µs/{}",
             r.name,
@@ -702,7 +730,10 @@ fn print_table(rows: &[Row], buses: &[Bus], hz: u64, mem: &[Memory]) {
         );
         for (bus, o) in buses.iter().zip(&r.outcomes) {
             if let Some((p50, p99)) = o.lat {
-                println!("{:<34}   {}: median {:.1} µs, p99 {:.1} µs", "", bus.name, p50, p99);
+                println!(
+                    "{:<34}   {}: median {:.1} µs, p99 {:.1} µs",
+                    "", bus.name, p50, p99
+                );
             }
             if o.errors > 0 {
                 println!("{:<34}   {}: {} errors / missing", "", bus.name, o.errors);
@@ -747,8 +778,15 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
     let hz = clk_tck();
     let mut rows: Vec<Row> = Vec::new();
     let mut mem: Vec<Memory> = Vec::new();
-    eprintln!("bench: {} mode, buses: {}", if p.quick { "quick" } else { "full" },
-        buses.iter().map(|b| format!("{} (pid {})", b.name, b.pid)).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "bench: {} mode, buses: {}",
+        if p.quick { "quick" } else { "full" },
+        buses
+            .iter()
+            .map(|b| format!("{} (pid {})", b.name, b.pid))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     // Memory first, on fresh buses; the idle connections then hold
     // non-matching rules for the fan-out row.
@@ -763,8 +801,16 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
         let conns = open_idle(bus, p.idle_conns).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let loaded_kib = rss_kib(bus.pid);
-        mem.push(Memory { idle_kib, loaded_kib, conns: conns.len() });
-        eprintln!("  memory {}: idle {idle_kib} KiB, {} conns {loaded_kib} KiB", bus.name, conns.len());
+        mem.push(Memory {
+            idle_kib,
+            loaded_kib,
+            conns: conns.len(),
+        });
+        eprintln!(
+            "  memory {}: idle {idle_kib} KiB, {} conns {loaded_kib} KiB",
+            bus.name,
+            conns.len()
+        );
         for (i, chunk) in conns.chunks(16).enumerate() {
             let tasks: Vec<_> = chunk
                 .iter()
@@ -788,7 +834,12 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
 
     macro_rules! row {
         ($name:expr, $unit:expr, $per:expr, |$bus:ident| $body:expr) => {{
-            let mut row = Row { name: $name.to_string(), rate_unit: $unit, per: $per, outcomes: vec![] };
+            let mut row = Row {
+                name: $name.to_string(),
+                rate_unit: $unit,
+                per: $per,
+                outcomes: vec![],
+            };
             for $bus in buses.iter().filter(|_| p.wanted(&row.name)) {
                 let o = measure($bus, || async { $body.await }).await;
                 eprintln!("  {} on {}: {:.0}/s", row.name, $bus.name, o.rate);
@@ -801,21 +852,51 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
         }};
     }
 
-    row!("call round-trip (1 pair, serial)", "call/s", "msg", |bus| wl_latency(bus, &p));
-    row!(format!("pipelined calls, 1 pair x {}", p.window), "call/s", "msg",
-        |bus| wl_pipelined(bus, &p, 1, None));
-    row!(format!("pipelined calls, 4 pairs x {}", p.window), "call/s", "msg",
-        |bus| wl_pipelined(bus, &p, 4, None));
-    row!("4 KiB payload calls, 1 pair x 64", "call/s", "msg",
-        |bus| wl_pipelined(bus, &p, 1, Some(4096)));
-    row!("driver GetNameOwner x 64", "call/s", "msg", |bus| wl_driver(bus, &p));
-    row!("signal fan-out, 1 subscriber", "msg/s", "delivery", |bus| wl_fanout(bus, &p, 1, None));
-    row!("signal fan-out, 10 subscribers", "msg/s", "delivery", |bus| wl_fanout(bus, &p, 10, None));
-    row!("signal fan-out, 100 subscribers", "msg/s", "delivery", |bus| wl_fanout(bus, &p, 100, None));
+    row!("call round-trip (1 pair, serial)", "call/s", "msg", |bus| {
+        wl_latency(bus, &p)
+    });
+    row!(
+        format!("pipelined calls, 1 pair x {}", p.window),
+        "call/s",
+        "msg",
+        |bus| wl_pipelined(bus, &p, 1, None)
+    );
+    row!(
+        format!("pipelined calls, 4 pairs x {}", p.window),
+        "call/s",
+        "msg",
+        |bus| wl_pipelined(bus, &p, 4, None)
+    );
+    row!("4 KiB payload calls, 1 pair x 64", "call/s", "msg", |bus| {
+        wl_pipelined(bus, &p, 1, Some(4096))
+    });
+    row!(
+        "driver GetNameOwner x 64",
+        "call/s",
+        "msg",
+        |bus| wl_driver(bus, &p)
+    );
+    row!("signal fan-out, 1 subscriber", "msg/s", "delivery", |bus| {
+        wl_fanout(bus, &p, 1, None)
+    });
+    row!(
+        "signal fan-out, 10 subscribers",
+        "msg/s",
+        "delivery",
+        |bus| wl_fanout(bus, &p, 10, None)
+    );
+    row!(
+        "signal fan-out, 100 subscribers",
+        "msg/s",
+        "delivery",
+        |bus| wl_fanout(bus, &p, 100, None)
+    );
     if !idle_row.outcomes.is_empty() {
         rows.push(idle_row);
     }
-    row!("connection setup (2 at a time)", "conn/s", "conn", |bus| wl_setup(bus, &p));
+    row!("connection setup (2 at a time)", "conn/s", "conn", |bus| {
+        wl_setup(bus, &p)
+    });
 
     print_table(&rows, &buses, hz, &mem);
     Ok(())

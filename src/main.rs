@@ -23,6 +23,14 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Service directories as absolute paths, so that definition files are
+/// reported in a form any client can use.
+fn absolute(dirs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
+    dirs.iter()
+        .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
+        .collect()
+}
+
 fn daemon_options(a: &DaemonArgs) -> Options {
     Options {
         config_file: a.config_file.clone(),
@@ -30,7 +38,7 @@ fn daemon_options(a: &DaemonArgs) -> Options {
         address: a.address.clone(),
         print_address: a.print_address.as_deref().map(Output::from_flag),
         print_pid: a.print_pid.as_deref().map(Output::from_flag),
-        services_dirs: a.services_dir.clone(),
+        services_dirs: absolute(&a.services_dir),
         user_session_default: !a.session && a.config_file.is_none() && a.config.is_none(),
     }
 }
@@ -127,7 +135,7 @@ fn run_main(a: RunArgs) -> ExitCode {
     let opts = Options {
         config_file: a.config_file.clone(),
         toml_config: a.config.clone(),
-        services_dirs: a.services_dir.clone(),
+        services_dirs: absolute(&a.services_dir),
         ..Default::default()
     };
     match rt.block_on(daemon::run_command(opts, a.command)) {

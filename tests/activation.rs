@@ -175,7 +175,11 @@ fn read_pid_file(path: &Path) -> u32 {
         "no pid in {}",
         path.display()
     );
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// `n_calls` method calls and `n_starts` StartServiceByName calls to `name`,
@@ -196,8 +200,14 @@ async fn concurrent_failures(
         let name = name.to_owned();
         set.spawn(async move {
             let r = if i < n_calls {
-                within(conn.call_method(Some(name.as_str()), TEST_PATH, Some(TEST_IFACE), "Echo", &("x",)))
-                    .await
+                within(conn.call_method(
+                    Some(name.as_str()),
+                    TEST_PATH,
+                    Some(TEST_IFACE),
+                    "Echo",
+                    &("x",),
+                ))
+                .await
             } else {
                 bus_call(&conn, "StartServiceByName", &(name.as_str(), 0u32)).await
             };
@@ -224,7 +234,15 @@ fn busctl(addr: &str, args: &[&str]) -> ToolOutput {
 
 fn gdbus_call(addr: &str, dest: &str, path: &str, method: &str, args: &[&str]) -> ToolOutput {
     let mut all = vec![
-        "call", "--address", addr, "--dest", dest, "--object-path", path, "--method", method,
+        "call",
+        "--address",
+        addr,
+        "--dest",
+        dest,
+        "--object-path",
+        path,
+        "--method",
+        method,
     ];
     all.extend_from_slice(args);
     run_tool("gdbus", &all, OP_TIMEOUT)
@@ -256,26 +274,57 @@ const ECHO_PATH: &str = "/org/busvisor/Example/Echo";
 fn example_echo_auto_starts_for_busctl_gdbus_and_dbus_send() {
     let b = ActBus::examples();
     let t = Instant::now();
-    let out = busctl(b.addr(), &["call", ECHO, ECHO_PATH, ECHO, "Echo", "s", "hi"]);
+    let out = busctl(
+        b.addr(),
+        &["call", ECHO, ECHO_PATH, ECHO, "Echo", "s", "hi"],
+    );
     out.assert_ok();
-    eprintln!("measured: first busctl call with activation of echo.py: {:?}", t.elapsed());
+    eprintln!(
+        "measured: first busctl call with activation of echo.py: {:?}",
+        t.elapsed()
+    );
     assert_eq!(out.stdout.trim(), "s \"hi\"");
 
-    let out = gdbus_call(b.addr(), ECHO, ECHO_PATH, "org.busvisor.Example.Echo.Echo", &["hi"]);
+    let out = gdbus_call(
+        b.addr(),
+        ECHO,
+        ECHO_PATH,
+        "org.busvisor.Example.Echo.Echo",
+        &["hi"],
+    );
     out.assert_ok();
     assert_eq!(out.stdout.trim(), "('hi',)");
 
-    let out = dbus_send(b.addr(), &[&format!("--dest={ECHO}"), ECHO_PATH, "org.busvisor.Example.Echo.Pid"]);
+    let out = dbus_send(
+        b.addr(),
+        &[
+            &format!("--dest={ECHO}"),
+            ECHO_PATH,
+            "org.busvisor.Example.Echo.Pid",
+        ],
+    );
     out.assert_ok();
     let pid1 = parse_u32(&out.stdout);
     let out = busctl(b.addr(), &["call", ECHO, ECHO_PATH, ECHO, "Pid"]);
-    assert_eq!(parse_u32(&out.stdout), pid1, "the service was started twice");
+    assert_eq!(
+        parse_u32(&out.stdout),
+        pid1,
+        "the service was started twice"
+    );
     assert_eq!(proc_stat(pid1).map(|s| s.0), Some(b.pid()));
 
     // gdbus introspection of the example works (gdbus call relies on it).
     let out = run_tool(
         "gdbus",
-        &["introspect", "--address", b.addr(), "--dest", ECHO, "--object-path", ECHO_PATH],
+        &[
+            "introspect",
+            "--address",
+            b.addr(),
+            "--dest",
+            ECHO,
+            "--object-path",
+            ECHO_PATH,
+        ],
         OP_TIMEOUT,
     );
     out.assert_ok();
@@ -284,7 +333,10 @@ fn example_echo_auto_starts_for_busctl_gdbus_and_dbus_send() {
     // Quit: the reply comes, then the process exits 0 and is reaped; the
     // next call starts a new one.
     busctl(b.addr(), &["call", ECHO, ECHO_PATH, ECHO, "Quit"]).assert_ok();
-    assert!(wait_until(Duration::from_secs(5), || pid_gone(pid1)), "echo.py not reaped");
+    assert!(
+        wait_until(Duration::from_secs(5), || pid_gone(pid1)),
+        "echo.py not reaped"
+    );
     let out = busctl(b.addr(), &["call", ECHO, ECHO_PATH, ECHO, "Pid"]);
     out.assert_ok();
     assert_ne!(parse_u32(&out.stdout), pid1);
@@ -311,10 +363,15 @@ async fn example_daemon_double_forks_and_stays_a_child_of_busvisor() {
     let pid = get("Pid").await;
     let ppid = get("Ppid").await;
     assert_eq!(ppid, b.pid(), "the daemon's getppid() is not busvisor");
-    assert_eq!(proc_stat(pid).map(|s| s.0), Some(b.pid()), "/proc/{pid}/stat ppid");
+    assert_eq!(
+        proc_stat(pid).map(|s| s.0),
+        Some(b.pid()),
+        "/proc/{pid}/stat ppid"
+    );
     // The launcher and the intermediate session leader were reaped.
     assert!(
-        wait_until(Duration::from_secs(2), || zombie_children(b.pid()).is_empty()),
+        wait_until(Duration::from_secs(2), || zombie_children(b.pid())
+            .is_empty()),
         "zombies left: {:?}",
         zombie_children(b.pid())
     );
@@ -325,7 +382,10 @@ async fn example_daemon_double_forks_and_stays_a_child_of_busvisor() {
         .await
         .unwrap();
     let t = Instant::now();
-    assert!(wait_until(Duration::from_secs(3), || pid_gone(pid)), "daemon {pid} not reaped");
+    assert!(
+        wait_until(Duration::from_secs(3), || pid_gone(pid)),
+        "daemon {pid} not reaped"
+    );
     eprintln!("measured: daemon quit -> /proc/PID gone: {:?}", t.elapsed());
 
     // Again, and this time kill it from outside with SIGKILL.
@@ -334,7 +394,10 @@ async fn example_daemon_double_forks_and_stays_a_child_of_busvisor() {
     guard.add(pid2);
     assert_eq!(proc_stat(pid2).map(|s| s.0), Some(b.pid()));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid2 as i32), Signal::SIGKILL).unwrap();
-    assert!(wait_until(Duration::from_secs(3), || pid_gone(pid2)), "killed daemon {pid2} left a zombie");
+    assert!(
+        wait_until(Duration::from_secs(3), || pid_gone(pid2)),
+        "killed daemon {pid2} left a zombie"
+    );
     assert!(zombie_children(b.pid()).is_empty());
 }
 
@@ -369,7 +432,10 @@ async fn example_crasher_restarts_and_calls_during_the_restart_reach_the_new_ins
         assert!(answer.starts_with("pong from "), "{answer}");
         assert_ne!(answer, first, "answered by the crashed instance?");
         assert!(pid_gone(pid1));
-        assert!(elapsed >= Duration::from_millis(200), "restarted before restart_delay: {elapsed:?}");
+        assert!(
+            elapsed >= Duration::from_millis(200),
+            "restarted before restart_delay: {elapsed:?}"
+        );
     }
 }
 
@@ -391,8 +457,13 @@ async fn start_service_by_name_returns_1_then_2() {
     // dbus-send says the same.
     let out = dbus_send(
         b.addr(),
-        &["--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-          "org.freedesktop.DBus.StartServiceByName", "string:org.busvisor.T", "uint32:0"],
+        &[
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.StartServiceByName",
+            "string:org.busvisor.T",
+            "uint32:0",
+        ],
     );
     assert_eq!(parse_u32(&out.assert_ok().stdout), 2);
 }
@@ -403,11 +474,27 @@ async fn start_service_by_name_returns_1_then_2() {
 async fn no_auto_start_gets_name_has_no_owner() {
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
-    write_testsvc(&b.dir, "t", "org.busvisor.T", &["--record", rec.to_str().unwrap()], "");
+    write_testsvc(
+        &b.dir,
+        "t",
+        "org.busvisor.T",
+        &["--record", rec.to_str().unwrap()],
+        "",
+    );
     let conn = connect(b.addr()).await;
     bus_call(&conn, "ReloadConfig", &()).await.unwrap();
 
-    let out = busctl(b.addr(), &["--auto-start=no", "call", "org.busvisor.T", TEST_PATH, TEST_IFACE, "Pid"]);
+    let out = busctl(
+        b.addr(),
+        &[
+            "--auto-start=no",
+            "call",
+            "org.busvisor.T",
+            TEST_PATH,
+            TEST_IFACE,
+            "Pid",
+        ],
+    );
     assert!(!out.success(), "{out:?}");
     assert!(out.stderr.contains("does not exist"), "{out:?}");
 
@@ -431,7 +518,10 @@ async fn no_auto_start_gets_name_has_no_owner() {
         Some(format!("{ERR}NameHasNoOwner"))
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert!(read_pids(&rec).is_empty(), "NO_AUTO_START started the service");
+    assert!(
+        read_pids(&rec).is_empty(),
+        "NO_AUTO_START started the service"
+    );
 }
 
 /// 20 first calls at once, from 20 connections: one start, 20 replies.
@@ -439,7 +529,13 @@ async fn no_auto_start_gets_name_has_no_owner() {
 async fn twenty_concurrent_first_calls_start_exactly_one_instance() {
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
-    write_testsvc(&b.dir, "t", "org.busvisor.T", &["--record", rec.to_str().unwrap(), "--delay", "0.5"], "");
+    write_testsvc(
+        &b.dir,
+        "t",
+        "org.busvisor.T",
+        &["--record", rec.to_str().unwrap(), "--delay", "0.5"],
+        "",
+    );
     let seed = connect(b.addr()).await;
     bus_call(&seed, "ReloadConfig", &()).await.unwrap();
     let mut conns = Vec::new();
@@ -451,9 +547,15 @@ async fn twenty_concurrent_first_calls_start_exactly_one_instance() {
     for (i, conn) in conns.into_iter().enumerate() {
         set.spawn(async move {
             let text = format!("caller {i}");
-            let m = within(conn.call_method(Some("org.busvisor.T"), TEST_PATH, Some(TEST_IFACE), "Echo", &(text.as_str(),)))
-                .await
-                .unwrap_or_else(|e| panic!("caller {i}: {e}"));
+            let m = within(conn.call_method(
+                Some("org.busvisor.T"),
+                TEST_PATH,
+                Some(TEST_IFACE),
+                "Echo",
+                &(text.as_str(),),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("caller {i}: {e}"));
             assert_eq!(m.body().deserialize::<String>().unwrap(), text);
         });
     }
@@ -462,7 +564,10 @@ async fn twenty_concurrent_first_calls_start_exactly_one_instance() {
         r.unwrap();
         n += 1;
     }
-    eprintln!("measured: 20 concurrent first calls all answered after {:?}", t.elapsed());
+    eprintln!(
+        "measured: 20 concurrent first calls all answered after {:?}",
+        t.elapsed()
+    );
     assert_eq!(n, 20);
     let pids = read_pids(&rec);
     assert_eq!(pids.len(), 1, "started {} times: {pids:?}", pids.len());
@@ -482,7 +587,10 @@ fn assert_all_failed(
     let mut worst: f64 = 0.0;
     for (name, text, at) in results {
         assert_eq!(name, want, "{label}: {text}");
-        assert!(text.contains(text_has), "{label}: {text:?} lacks {text_has:?}");
+        assert!(
+            text.contains(text_has),
+            "{label}: {text:?} lacks {text_has:?}"
+        );
         let lag = at - cause;
         worst = worst.max(lag);
         assert!(lag < within_s, "{label}: error {lag:.3}s after its cause");
@@ -498,11 +606,24 @@ fn assert_all_failed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_failure_reaches_every_waiter_as_exec_failed() {
     let b = ActBus::new(|d| {
-        write_def(d, "missing", "org.busvisor.Missing", &["/nonexistent/busvisor-no-such-program", "x"], "")
+        write_def(
+            d,
+            "missing",
+            "org.busvisor.Missing",
+            &["/nonexistent/busvisor-no-such-program", "x"],
+            "",
+        )
     });
     let cause = epoch_now();
     let r = concurrent_failures(b.addr(), "org.busvisor.Missing", 3, 2).await;
-    assert_all_failed(&r, &format!("{ERR}Spawn.ExecFailed"), "busvisor-no-such-program", cause, 1.0, "exec failure");
+    assert_all_failed(
+        &r,
+        &format!("{ERR}Spawn.ExecFailed"),
+        "busvisor-no-such-program",
+        cause,
+        1.0,
+        "exec failure",
+    );
     // A bare program name that is not in PATH fails the same way.
     std::fs::write(
         b.dir.join("missing2.toml"),
@@ -511,7 +632,9 @@ async fn exec_failure_reaches_every_waiter_as_exec_failed() {
     .unwrap();
     let conn = connect(b.addr()).await;
     bus_call(&conn, "ReloadConfig", &()).await.unwrap();
-    let e = call(&conn, "org.busvisor.Missing2", "Pid").await.unwrap_err();
+    let e = call(&conn, "org.busvisor.Missing2", "Pid")
+        .await
+        .unwrap_err();
     assert_eq!(err_name(&e), format!("{ERR}Spawn.ExecFailed"), "{e}");
 }
 
@@ -521,11 +644,26 @@ async fn exec_failure_reaches_every_waiter_as_exec_failed() {
 async fn exit_before_the_name_reaches_every_waiter_as_child_exited() {
     let b = ActBus::new(|_| {});
     let when = b.file("exit-time");
-    write_def(&b.dir, "exit3", "org.busvisor.Exit3", &[&fixture("exit3.sh"), when.to_str().unwrap(), "0.5"], "");
-    bus_call(&connect(b.addr()).await, "ReloadConfig", &()).await.unwrap();
+    write_def(
+        &b.dir,
+        "exit3",
+        "org.busvisor.Exit3",
+        &[&fixture("exit3.sh"), when.to_str().unwrap(), "0.5"],
+        "",
+    );
+    bus_call(&connect(b.addr()).await, "ReloadConfig", &())
+        .await
+        .unwrap();
     let r = concurrent_failures(b.addr(), "org.busvisor.Exit3", 4, 2).await;
     let cause = read_epoch(&when);
-    assert_all_failed(&r, &format!("{ERR}Spawn.ChildExited"), "status 3", cause, 1.0, "exit 3");
+    assert_all_failed(
+        &r,
+        &format!("{ERR}Spawn.ChildExited"),
+        "status 3",
+        cause,
+        1.0,
+        "exit 3",
+    );
 }
 
 /// Killed by a signal before taking the name: Spawn.ChildSignaled with the
@@ -536,11 +674,26 @@ async fn signal_before_the_name_reaches_every_waiter_as_child_signaled() {
     for (sig, num) in [("SEGV", 11), ("KILL", 9)] {
         let when = b.file(&format!("kill-time-{sig}"));
         let name = format!("org.busvisor.Kill{sig}");
-        write_def(&b.dir, &format!("kill{sig}"), &name, &[&fixture("selfkill.sh"), when.to_str().unwrap(), sig, "0.5"], "");
-        bus_call(&connect(b.addr()).await, "ReloadConfig", &()).await.unwrap();
+        write_def(
+            &b.dir,
+            &format!("kill{sig}"),
+            &name,
+            &[&fixture("selfkill.sh"), when.to_str().unwrap(), sig, "0.5"],
+            "",
+        );
+        bus_call(&connect(b.addr()).await, "ReloadConfig", &())
+            .await
+            .unwrap();
         let r = concurrent_failures(b.addr(), &name, 3, 2).await;
         let cause = read_epoch(&when);
-        assert_all_failed(&r, &format!("{ERR}Spawn.ChildSignaled"), &format!("signal {num}"), cause, 1.0, &format!("SIG{sig}"));
+        assert_all_failed(
+            &r,
+            &format!("{ERR}Spawn.ChildSignaled"),
+            &format!("signal {num}"),
+            cause,
+            1.0,
+            &format!("SIG{sig}"),
+        );
     }
 }
 
@@ -550,24 +703,53 @@ async fn signal_before_the_name_reaches_every_waiter_as_child_signaled() {
 async fn never_taking_the_name_times_out_and_the_process_is_killed() {
     let b = ActBus::new(|_| {});
     let pidfile = b.file("noname.pid");
-    write_def(&b.dir, "noname", "org.busvisor.NoName", &[&fixture("noname.sh"), pidfile.to_str().unwrap()], "start_timeout = \"1s\"\nrestart = \"no\"");
-    bus_call(&connect(b.addr()).await, "ReloadConfig", &()).await.unwrap();
+    write_def(
+        &b.dir,
+        "noname",
+        "org.busvisor.NoName",
+        &[&fixture("noname.sh"), pidfile.to_str().unwrap()],
+        "start_timeout = \"1s\"\nrestart = \"no\"",
+    );
+    bus_call(&connect(b.addr()).await, "ReloadConfig", &())
+        .await
+        .unwrap();
     let t0 = epoch_now();
     let r = concurrent_failures(b.addr(), "org.busvisor.NoName", 3, 2).await;
     for (_, _, at) in &r {
         let took = at - t0;
-        assert!((0.9..2.5).contains(&took), "TimedOut after {took:.3}s, want about 1s");
+        assert!(
+            (0.9..2.5).contains(&took),
+            "TimedOut after {took:.3}s, want about 1s"
+        );
     }
-    assert_all_failed(&r, &format!("{ERR}TimedOut"), "timed out", t0, 2.5, "start timeout 1s");
+    assert_all_failed(
+        &r,
+        &format!("{ERR}TimedOut"),
+        "timed out",
+        t0,
+        2.5,
+        "start timeout 1s",
+    );
     let pid = read_pid_file(&pidfile);
-    assert!(wait_until(Duration::from_secs(3), || pid_gone(pid)), "the service {pid} was not killed");
+    assert!(
+        wait_until(Duration::from_secs(3), || pid_gone(pid)),
+        "the service {pid} was not killed"
+    );
 }
 
 /// A slow start (1.5 s before taking the name) is waited for, by a call and
 /// by StartServiceByName alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_start_is_waited_for() {
-    let b = ActBus::new(|d| write_testsvc(d, "slow", "org.busvisor.Slow", &["--delay", "1.5"], "start_timeout = \"5s\""));
+    let b = ActBus::new(|d| {
+        write_testsvc(
+            d,
+            "slow",
+            "org.busvisor.Slow",
+            &["--delay", "1.5"],
+            "start_timeout = \"5s\"",
+        )
+    });
     let c1 = connect(b.addr()).await;
     let c2 = connect(b.addr()).await;
     let t = Instant::now();
@@ -592,11 +774,26 @@ async fn a_slow_start_is_waited_for() {
 async fn a_daemon_dying_before_its_name_fails_the_waiters_at_once() {
     let b = ActBus::new(|_| {});
     let when = b.file("daemon-exit-time");
-    write_def(&b.dir, "forkfail", "org.busvisor.ForkFail", &[&fixture("forkfail.sh"), when.to_str().unwrap(), "0.5"], "start_timeout = \"5s\"\nrestart = \"no\"");
-    bus_call(&connect(b.addr()).await, "ReloadConfig", &()).await.unwrap();
+    write_def(
+        &b.dir,
+        "forkfail",
+        "org.busvisor.ForkFail",
+        &[&fixture("forkfail.sh"), when.to_str().unwrap(), "0.5"],
+        "start_timeout = \"5s\"\nrestart = \"no\"",
+    );
+    bus_call(&connect(b.addr()).await, "ReloadConfig", &())
+        .await
+        .unwrap();
     let r = concurrent_failures(b.addr(), "org.busvisor.ForkFail", 2, 1).await;
     let cause = read_epoch(&when);
-    assert_all_failed(&r, &format!("{ERR}Spawn.ChildExited"), "status 3", cause, 1.0, "daemon exit 3");
+    assert_all_failed(
+        &r,
+        &format!("{ERR}Spawn.ChildExited"),
+        "status 3",
+        cause,
+        1.0,
+        "daemon exit 3",
+    );
 }
 
 /// max_pending_service_starts = 3: the fourth concurrent request for a
@@ -633,17 +830,22 @@ async fn pending_activation_limit_gives_limits_exceeded() {
 /// dbus-daemon runs a `[D-BUS Service]` Exec= without PATH search: a bare
 /// program name fails with Spawn.ExecFailed (checked on dbus-daemon 1.14.10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug (conformance): busvisor searches PATH for a relative Exec= program of a .service file, which dbus-daemon refuses with Spawn.ExecFailed"]
 async fn dbus_service_file_exec_is_not_searched_in_path() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("org.busvisor.Rel.service"),
-        format!("[D-BUS Service]\nName=org.busvisor.Rel\nExec=python3 {} org.busvisor.Rel\n", fixture("testsvc.py")),
+        format!(
+            "[D-BUS Service]\nName=org.busvisor.Rel\nExec=python3 {} org.busvisor.Rel\n",
+            fixture("testsvc.py")
+        ),
     )
     .unwrap();
     let cfg = config_xml(&[]).replace(
         "</busconfig>",
-        &format!("  <servicedir>{}</servicedir>\n</busconfig>", tmp.path().display()),
+        &format!(
+            "  <servicedir>{}</servicedir>\n</busconfig>",
+            tmp.path().display()
+        ),
     );
     let b = ActBus::with(|_| {}, Some(&cfg), &[]);
     let conn = connect(b.addr()).await;
@@ -658,7 +860,13 @@ async fn dbus_service_file_exec_is_not_searched_in_path() {
 async fn restart_always_brings_a_cleanly_exited_service_back() {
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
-    write_testsvc(&b.dir, "always", "org.busvisor.Always", &["--record", rec.to_str().unwrap()], "restart = \"always\"\nrestart_delay = \"100ms\"");
+    write_testsvc(
+        &b.dir,
+        "always",
+        "org.busvisor.Always",
+        &["--record", rec.to_str().unwrap()],
+        "restart = \"always\"\nrestart_delay = \"100ms\"",
+    );
     let conn = connect(b.addr()).await;
     bus_call(&conn, "ReloadConfig", &()).await.unwrap();
     let pid1 = call_pid(&conn, "org.busvisor.Always").await;
@@ -670,7 +878,10 @@ async fn restart_always_brings_a_cleanly_exited_service_back() {
         "not restarted: {:?}",
         read_pids(&rec)
     );
-    eprintln!("measured: restart=always clean exit -> new process: {:?}", t.elapsed());
+    eprintln!(
+        "measured: restart=always clean exit -> new process: {:?}",
+        t.elapsed()
+    );
     let pid2 = call_pid(&conn, "org.busvisor.Always").await;
     assert_ne!(pid1, pid2);
     assert_eq!(read_pids(&rec), vec![pid1, pid2]);
@@ -685,11 +896,29 @@ async fn restart_always_brings_a_cleanly_exited_service_back() {
 async fn failed_restarts_are_retried_with_a_doubling_delay() {
     let b = ActBus::new(|_| {});
     let state = b.bus.dir.path().to_path_buf();
-    write_def(&b.dir, "flaky", "org.busvisor.Flaky", &[&fixture("flaky.sh"), state.to_str().unwrap(), "org.busvisor.Flaky", "2"], "restart = \"on-failure\"\nrestart_delay = \"200ms\"\nrestart_delay_max = \"5s\"");
+    write_def(
+        &b.dir,
+        "flaky",
+        "org.busvisor.Flaky",
+        &[
+            &fixture("flaky.sh"),
+            state.to_str().unwrap(),
+            "org.busvisor.Flaky",
+            "2",
+        ],
+        "restart = \"on-failure\"\nrestart_delay = \"200ms\"\nrestart_delay_max = \"5s\"",
+    );
     let conn = connect(b.addr()).await;
     bus_call(&conn, "ReloadConfig", &()).await.unwrap();
     let _ = call_pid(&conn, "org.busvisor.Flaky").await;
-    let crash = within(conn.call_method(Some("org.busvisor.Flaky"), TEST_PATH, Some(TEST_IFACE), "Exit", &(1i32,))).await;
+    let crash = within(conn.call_method(
+        Some("org.busvisor.Flaky"),
+        TEST_PATH,
+        Some(TEST_IFACE),
+        "Exit",
+        &(1i32,),
+    ))
+    .await;
     assert!(crash.is_err());
     let r = call(&conn, "org.busvisor.Flaky", "Pid").await;
     let starts: Vec<f64> = std::fs::read_to_string(state.join("starts"))
@@ -703,7 +932,10 @@ async fn failed_restarts_are_retried_with_a_doubling_delay() {
     assert_eq!(starts.len(), 4, "{starts:?}");
     let gap1 = starts[2] - starts[1];
     let gap2 = starts[3] - starts[2];
-    assert!(gap2 > gap1 * 1.5, "delay did not grow: {gap1:.3}s then {gap2:.3}s");
+    assert!(
+        gap2 > gap1 * 1.5,
+        "delay did not grow: {gap1:.3}s then {gap2:.3}s"
+    );
 }
 
 /// The start-rate limit: burst 3 within 10s. After the third start the next
@@ -713,34 +945,75 @@ async fn failed_restarts_are_retried_with_a_doubling_delay() {
 async fn start_limit_ends_in_failed_with_a_clear_error() {
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
-    write_testsvc(&b.dir, "limited", "org.busvisor.Limited", &["--record", rec.to_str().unwrap()],
-        "restart = \"on-failure\"\nrestart_delay = \"50ms\"\nstart_limit = { burst = 3, interval = \"10s\" }");
+    write_testsvc(
+        &b.dir,
+        "limited",
+        "org.busvisor.Limited",
+        &["--record", rec.to_str().unwrap()],
+        "restart = \"on-failure\"\nrestart_delay = \"50ms\"\nstart_limit = { burst = 3, interval = \"10s\" }",
+    );
     let conn = connect(b.addr()).await;
     bus_call(&conn, "ReloadConfig", &()).await.unwrap();
     for i in 0..3 {
         let pid = call_pid(&conn, "org.busvisor.Limited").await;
         assert_eq!(read_pids(&rec).len(), i + 1);
-        let r = within(conn.call_method(Some("org.busvisor.Limited"), TEST_PATH, Some(TEST_IFACE), "Exit", &(1i32,))).await;
+        let r = within(conn.call_method(
+            Some("org.busvisor.Limited"),
+            TEST_PATH,
+            Some(TEST_IFACE),
+            "Exit",
+            &(1i32,),
+        ))
+        .await;
         assert_eq!(err_name(&r.unwrap_err()), format!("{ERR}NoReply"));
         assert!(wait_until(Duration::from_secs(3), || pid_gone(pid)));
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(read_pids(&rec).len(), 3, "started again after the limit");
     let t = Instant::now();
-    let e = call(&conn, "org.busvisor.Limited", "Pid").await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1), "the call waited {:?}", t.elapsed());
+    let e = call(&conn, "org.busvisor.Limited", "Pid")
+        .await
+        .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the call waited {:?}",
+        t.elapsed()
+    );
     assert_eq!(err_name(&e), format!("{ERR}Failed"), "{e}");
     let text = err_text(&e);
-    assert!(text.contains("start limit") && text.contains("limited"), "unclear error: {text:?}");
-    let e = bus_call(&conn, "StartServiceByName", &("org.busvisor.Limited", 0u32)).await.unwrap_err();
+    assert!(
+        text.contains("start limit") && text.contains("limited"),
+        "unclear error: {text:?}"
+    );
+    let e = bus_call(&conn, "StartServiceByName", &("org.busvisor.Limited", 0u32))
+        .await
+        .unwrap_err();
     assert_eq!(err_name(&e), format!("{ERR}Failed"), "{e}");
     // busctl shows the text to a person.
-    let out = busctl(b.addr(), &["call", "org.busvisor.Limited", TEST_PATH, TEST_IFACE, "Pid"]);
-    assert!(!out.success() && out.stderr.contains("start limit"), "{out:?}");
+    let out = busctl(
+        b.addr(),
+        &["call", "org.busvisor.Limited", TEST_PATH, TEST_IFACE, "Pid"],
+    );
+    assert!(
+        !out.success() && out.stderr.contains("start limit"),
+        "{out:?}"
+    );
     eprintln!("measured: busctl says: {}", out.stderr.trim());
     assert_eq!(read_pids(&rec).len(), 3);
     // An explicit start (control API) clears the limit.
-    busctl(b.addr(), &["call", "org.busvisor.Supervisor1", "/org/busvisor/Supervisor1", "org.busvisor.Supervisor1", "Start", "s", "limited"]).assert_ok();
+    busctl(
+        b.addr(),
+        &[
+            "call",
+            "org.busvisor.Supervisor1",
+            "/org/busvisor/Supervisor1",
+            "org.busvisor.Supervisor1",
+            "Start",
+            "s",
+            "limited",
+        ],
+    )
+    .assert_ok();
     let pid = call_pid(&conn, "org.busvisor.Limited").await;
     assert_eq!(read_pids(&rec).last(), Some(&pid));
     assert_eq!(read_pids(&rec).len(), 4);
@@ -758,10 +1031,21 @@ async fn services_get_the_starter_and_activation_environment() {
     let b = ActBus::with(
         |d| {
             write_testsvc(d, "early", "org.busvisor.Early", &[], "");
-            write_testsvc(d, "late", "org.busvisor.Late", &[], "environment = { OWN_VAR = \"own\", SHARED = \"from-definition\" }");
+            write_testsvc(
+                d,
+                "late",
+                "org.busvisor.Late",
+                &[],
+                "environment = { OWN_VAR = \"own\", SHARED = \"from-definition\" }",
+            );
         },
         None,
-        &[("BUS_INHERITED", "inherited"), ("INVOCATION_ID", "x"), ("NOTIFY_SOCKET", "/x"), ("LISTEN_FDS", "3")],
+        &[
+            ("BUS_INHERITED", "inherited"),
+            ("INVOCATION_ID", "x"),
+            ("NOTIFY_SOCKET", "/x"),
+            ("LISTEN_FDS", "3"),
+        ],
     );
     let conn = connect(b.addr()).await;
     // Started before the update.
@@ -769,12 +1053,24 @@ async fn services_get_the_starter_and_activation_environment() {
     let mut update = std::collections::HashMap::new();
     update.insert("ACT_VAR", "activation");
     update.insert("SHARED", "from-update");
-    bus_call(&conn, "UpdateActivationEnvironment", &(update,)).await.unwrap();
+    bus_call(&conn, "UpdateActivationEnvironment", &(update,))
+        .await
+        .unwrap();
 
     let e = |n: &'static str, v: &'static str| (n, v);
     for (svc, checks) in [
-        ("org.busvisor.Early", vec![e("ACT_VAR", "<unset>"), e("SHARED", "<unset>")]),
-        ("org.busvisor.Late", vec![e("ACT_VAR", "activation"), e("SHARED", "from-definition"), e("OWN_VAR", "own")]),
+        (
+            "org.busvisor.Early",
+            vec![e("ACT_VAR", "<unset>"), e("SHARED", "<unset>")],
+        ),
+        (
+            "org.busvisor.Late",
+            vec![
+                e("ACT_VAR", "activation"),
+                e("SHARED", "from-definition"),
+                e("OWN_VAR", "own"),
+            ],
+        ),
     ] {
         for (var, want) in checks {
             assert_eq!(env_of(&conn, svc, var).await, want, "{svc} {var}");
@@ -791,10 +1087,19 @@ async fn services_get_the_starter_and_activation_environment() {
             assert_eq!(env_of(&conn, svc, var).await, want, "{svc} {var}");
         }
         let token = env_of(&conn, svc, "BUSVISOR_INVOCATION").await;
-        assert!(token.contains(&format!("-{}-", b.pid())), "{svc} token {token:?}");
+        assert!(
+            token.contains(&format!("-{}-", b.pid())),
+            "{svc} token {token:?}"
+        );
     }
     // The same value through gdbus, as a person would check it.
-    let out = gdbus_call(b.addr(), "org.busvisor.Late", TEST_PATH, "org.busvisor.Test.Env", &["ACT_VAR"]);
+    let out = gdbus_call(
+        b.addr(),
+        "org.busvisor.Late",
+        TEST_PATH,
+        "org.busvisor.Test.Env",
+        &["ACT_VAR"],
+    );
     assert_eq!(out.assert_ok().stdout.trim(), "('activation',)");
 }
 
@@ -804,17 +1109,35 @@ async fn services_get_the_starter_and_activation_environment() {
 /// tagged with the service id and its pid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_output_is_logged_with_service_and_pid() {
-    let b = ActBus::new(|d| write_testsvc(d, "talker", "org.busvisor.Talker", &["--say", "marker-7f3a hello"], ""));
+    let b = ActBus::new(|d| {
+        write_testsvc(
+            d,
+            "talker",
+            "org.busvisor.Talker",
+            &["--say", "marker-7f3a hello"],
+            "",
+        )
+    });
     let conn = connect(b.addr()).await;
     let pid = call_pid(&conn, "org.busvisor.Talker").await;
     let found = |needle: &str| {
         let tagged = format!("{needle} service=");
-        b.bus.log().lines().find(|l| l.contains(&tagged)).map(str::to_owned)
+        b.bus
+            .log()
+            .lines()
+            .find(|l| l.contains(&tagged))
+            .map(str::to_owned)
     };
-    assert!(wait_until(Duration::from_secs(3), || found("marker-7f3a hello (stderr)").is_some()));
+    assert!(wait_until(Duration::from_secs(3), || found(
+        "marker-7f3a hello (stderr)"
+    )
+    .is_some()));
     for needle in ["marker-7f3a hello", "marker-7f3a hello (stderr)"] {
         let line = found(needle).unwrap_or_else(|| panic!("{needle:?} not in the log"));
-        assert!(line.contains("service=talker") || line.contains("service=\"talker\""), "untagged: {line}");
+        assert!(
+            line.contains("service=talker") || line.contains("service=\"talker\""),
+            "untagged: {line}"
+        );
         assert!(line.contains(&format!("pid={pid}")), "no pid: {line}");
         eprintln!("measured: log line: {line}");
     }
@@ -828,7 +1151,13 @@ async fn service_output_is_logged_with_service_and_pid() {
 async fn idle_service_exits_and_the_next_call_activates_it_again() {
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
-    write_testsvc(&b.dir, "idle", "org.busvisor.Idle", &["--record", rec.to_str().unwrap()], "idle_timeout = \"1s\"");
+    write_testsvc(
+        &b.dir,
+        "idle",
+        "org.busvisor.Idle",
+        &["--record", rec.to_str().unwrap()],
+        "idle_timeout = \"1s\"",
+    );
     let conn = connect(b.addr()).await;
     bus_call(&conn, "ReloadConfig", &()).await.unwrap();
     let pid1 = call_pid(&conn, "org.busvisor.Idle").await;
@@ -837,13 +1166,23 @@ async fn idle_service_exits_and_the_next_call_activates_it_again() {
     let mut last_call = Instant::now();
     while busy.elapsed() < Duration::from_millis(2000) {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(call_pid(&conn, "org.busvisor.Idle").await, pid1, "stopped while busy");
+        assert_eq!(
+            call_pid(&conn, "org.busvisor.Idle").await,
+            pid1,
+            "stopped while busy"
+        );
         last_call = Instant::now();
     }
-    assert!(wait_until(Duration::from_secs(5), || pid_gone(pid1)), "idle service {pid1} still there");
+    assert!(
+        wait_until(Duration::from_secs(5), || pid_gone(pid1)),
+        "idle service {pid1} still there"
+    );
     let gone_after = last_call.elapsed();
     eprintln!("measured: idle_timeout 1s -> process gone {gone_after:?} after the last call");
-    assert!(gone_after >= Duration::from_millis(950), "stopped too early: {gone_after:?}");
+    assert!(
+        gone_after >= Duration::from_millis(950),
+        "stopped too early: {gone_after:?}"
+    );
     let has: bool = bus_ok(&conn, "NameHasOwner", &("org.busvisor.Idle",)).await;
     assert!(!has);
     let pid2 = call_pid(&conn, "org.busvisor.Idle").await;
@@ -862,35 +1201,77 @@ async fn reload_config_picks_up_a_new_file_and_broadcasts_the_change() {
     let watcher = connect(b.addr()).await;
     add_match(&watcher, "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',member='ActivatableServicesChanged'").await;
     let mut s = stream(&watcher);
-    let list = |c: zbus::Connection| async move { bus_ok::<_, Vec<String>>(&c, "ListActivatableNames", &()).await };
+    let list = |c: zbus::Connection| async move {
+        bus_ok::<_, Vec<String>>(&c, "ListActivatableNames", &()).await
+    };
     let names = list(watcher.clone()).await;
-    assert!(names.contains(&"org.busvisor.A".to_owned()) && !names.contains(&"org.busvisor.B".to_owned()));
+    assert!(
+        names.contains(&"org.busvisor.A".to_owned())
+            && !names.contains(&"org.busvisor.B".to_owned())
+    );
 
     // A new file: found by the directory watch.
     let t = Instant::now();
     write_testsvc(&b.dir, "b", "org.busvisor.B", &[], "");
-    let sig = next_matching(&mut s, Duration::from_secs(3), |m| is_signal(m, "ActivatableServicesChanged")).await;
-    assert!(sig.is_some(), "no ActivatableServicesChanged after adding a file");
-    eprintln!("measured: new file -> ActivatableServicesChanged (inotify): {:?}", t.elapsed());
-    assert!(list(watcher.clone()).await.contains(&"org.busvisor.B".to_owned()));
+    let sig = next_matching(&mut s, Duration::from_secs(3), |m| {
+        is_signal(m, "ActivatableServicesChanged")
+    })
+    .await;
+    assert!(
+        sig.is_some(),
+        "no ActivatableServicesChanged after adding a file"
+    );
+    eprintln!(
+        "measured: new file -> ActivatableServicesChanged (inotify): {:?}",
+        t.elapsed()
+    );
+    assert!(
+        list(watcher.clone())
+            .await
+            .contains(&"org.busvisor.B".to_owned())
+    );
     let _ = collect_for(&mut s, Duration::from_millis(300), |_| false).await;
 
     // An explicit ReloadConfig (gdbus) broadcasts too; dbus-monitor sees it.
     let monitor_out = b.file("monitor.txt");
     let mut monitor = spawn_tool(
         "dbus-monitor",
-        &["--address", b.addr(), "type='signal',member='ActivatableServicesChanged'"],
+        &[
+            "--address",
+            b.addr(),
+            "type='signal',member='ActivatableServicesChanged'",
+        ],
         &monitor_out,
     );
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
-    let out = gdbus_call(b.addr(), "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.ReloadConfig", &[]);
+    let out = gdbus_call(
+        b.addr(),
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus.ReloadConfig",
+        &[],
+    );
     out.assert_ok();
-    let sig = next_matching(&mut s, Duration::from_secs(3), |m| is_signal(m, "ActivatableServicesChanged")).await;
-    assert!(sig.is_some(), "no ActivatableServicesChanged after ReloadConfig");
-    eprintln!("measured: ReloadConfig -> ActivatableServicesChanged: {:?}", t.elapsed());
-    assert!(wait_until(Duration::from_secs(3), || std::fs::read_to_string(&monitor_out)
-        .is_ok_and(|t| t.contains("member=ActivatableServicesChanged"))), "dbus-monitor saw no signal");
+    let sig = next_matching(&mut s, Duration::from_secs(3), |m| {
+        is_signal(m, "ActivatableServicesChanged")
+    })
+    .await;
+    assert!(
+        sig.is_some(),
+        "no ActivatableServicesChanged after ReloadConfig"
+    );
+    eprintln!(
+        "measured: ReloadConfig -> ActivatableServicesChanged: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || std::fs::read_to_string(
+            &monitor_out
+        )
+        .is_ok_and(|t| t.contains("member=ActivatableServicesChanged"))),
+        "dbus-monitor saw no signal"
+    );
     monitor.signal(Signal::SIGTERM);
     let _ = monitor.wait_timeout(Duration::from_secs(2));
     // The new service works.
@@ -942,20 +1323,47 @@ Exec={python} "{}" org.busvisor.Quoted 'two words' "a \\"q\\" b" back\\ slash   
     .unwrap();
     let cfg = config_xml(&[]).replace(
         "</busconfig>",
-        &format!("  <servicedir>{}</servicedir>\n</busconfig>", sdir.display()),
+        &format!(
+            "  <servicedir>{}</servicedir>\n</busconfig>",
+            sdir.display()
+        ),
     );
     let b = ActBus::with(|_| {}, Some(&cfg), &[]);
     let conn = connect(b.addr()).await;
     let names: Vec<String> = bus_ok(&conn, "ListActivatableNames", &()).await;
-    assert!(names.contains(&"org.busvisor.Quoted".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"org.busvisor.Quoted".to_owned()),
+        "{names:?}"
+    );
     let m = call(&conn, "org.busvisor.Quoted", "Args").await.unwrap();
     let args: Vec<String> = m.body().deserialize().unwrap();
-    assert_eq!(args, ["org.busvisor.Quoted", "two words", "a \"q\" b", "back slash", "its"]);
+    assert_eq!(
+        args,
+        [
+            "org.busvisor.Quoted",
+            "two words",
+            "a \"q\" b",
+            "back slash",
+            "its"
+        ]
+    );
     // A .service file's working directory is busvisor's, as with dbus-daemon.
     let pid = call_pid(&conn, "org.busvisor.Quoted").await;
     assert!(pid_alive(pid));
     // Reaches busctl too.
-    busctl(b.addr(), &["call", "org.busvisor.Quoted", TEST_PATH, TEST_IFACE, "Echo", "s", "q"]).assert_ok();
+    busctl(
+        b.addr(),
+        &[
+            "call",
+            "org.busvisor.Quoted",
+            TEST_PATH,
+            TEST_IFACE,
+            "Echo",
+            "s",
+            "q",
+        ],
+    )
+    .assert_ok();
 }
 
 fn which(program: &str) -> String {
@@ -979,8 +1387,20 @@ async fn sigterm_stops_every_service_and_setsid_grandchild_then_exits_0() {
     let mut b = ActBus::new(|_| {});
     let g1 = b.file("g1");
     let g2 = b.file("g2");
-    write_testsvc(&b.dir, "tree", "org.busvisor.Tree", &["--grandchild", g1.to_str().unwrap()], "");
-    write_testsvc(&b.dir, "stubborn", "org.busvisor.Stubborn", &["--ignore-term", "--grandchild", g2.to_str().unwrap()], "stop_timeout = \"1s\"");
+    write_testsvc(
+        &b.dir,
+        "tree",
+        "org.busvisor.Tree",
+        &["--grandchild", g1.to_str().unwrap()],
+        "",
+    );
+    write_testsvc(
+        &b.dir,
+        "stubborn",
+        "org.busvisor.Stubborn",
+        &["--ignore-term", "--grandchild", g2.to_str().unwrap()],
+        "stop_timeout = \"1s\"",
+    );
     std::fs::copy(format!("{EXAMPLES}/daemon.py"), b.dir.join("daemon.py")).unwrap();
     std::fs::copy(format!("{EXAMPLES}/minibus.py"), b.dir.join("minibus.py")).unwrap();
     std::fs::copy(format!("{EXAMPLES}/daemon.toml"), b.dir.join("daemon.toml")).unwrap();
@@ -992,7 +1412,15 @@ async fn sigterm_stops_every_service_and_setsid_grandchild_then_exits_0() {
         read_pid_file(&g1),
         read_pid_file(&g2),
     ];
-    let m = within(conn.call_method(Some("org.busvisor.Example.Daemon"), "/org/busvisor/Example/Daemon", Some("org.busvisor.Example.Daemon"), "Pid", &())).await.unwrap();
+    let m = within(conn.call_method(
+        Some("org.busvisor.Example.Daemon"),
+        "/org/busvisor/Example/Daemon",
+        Some("org.busvisor.Example.Daemon"),
+        "Pid",
+        &(),
+    ))
+    .await
+    .unwrap();
     pids.push(m.body().deserialize().unwrap());
     let _guard = PidGuard { pids: pids.clone() };
     for p in &pids {
@@ -1001,12 +1429,28 @@ async fn sigterm_stops_every_service_and_setsid_grandchild_then_exits_0() {
     drop(conn);
     let t = Instant::now();
     b.bus.proc.signal(Signal::SIGTERM);
-    let status = b.bus.proc.wait_timeout(Duration::from_secs(10)).expect("busvisor did not exit after SIGTERM");
-    eprintln!("measured: SIGTERM -> busvisor exit (one service ignores SIGTERM, stop_timeout 1s): {:?}", t.elapsed());
-    assert_eq!(status.code(), Some(0), "busvisor exit status; log:\n{}", b.bus.log());
+    let status = b
+        .bus
+        .proc
+        .wait_timeout(Duration::from_secs(10))
+        .expect("busvisor did not exit after SIGTERM");
+    eprintln!(
+        "measured: SIGTERM -> busvisor exit (one service ignores SIGTERM, stop_timeout 1s): {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "busvisor exit status; log:\n{}",
+        b.bus.log()
+    );
     let left: Vec<u32> = pids.iter().copied().filter(|p| !pid_gone(*p)).collect();
     assert!(left.is_empty(), "survived busvisor: {left:?}");
-    assert!(service_pids_of(b.pid()).is_empty(), "tokened processes survive: {:?}", service_pids_of(b.pid()));
+    assert!(
+        service_pids_of(b.pid()).is_empty(),
+        "tokened processes survive: {:?}",
+        service_pids_of(b.pid())
+    );
 }
 
 /// `busvisor run --services-dir D -- sh -c '...'`: the command calls an
@@ -1019,7 +1463,18 @@ fn busvisor_run_leaves_no_process_behind() {
     std::fs::create_dir(&dir).unwrap();
     let g = tmp.path().join("grandchild");
     let rec = tmp.path().join("starts");
-    write_testsvc(&dir, "t", "org.busvisor.T", &["--grandchild", g.to_str().unwrap(), "--record", rec.to_str().unwrap()], "");
+    write_testsvc(
+        &dir,
+        "t",
+        "org.busvisor.T",
+        &[
+            "--grandchild",
+            g.to_str().unwrap(),
+            "--record",
+            rec.to_str().unwrap(),
+        ],
+        "",
+    );
     let script = format!(
         "busctl --address=\"$DBUS_SESSION_BUS_ADDRESS\" call org.busvisor.T {TEST_PATH} {TEST_IFACE} Echo s hi || exit 10; \
          gdbus call --session --dest org.busvisor.T --object-path {TEST_PATH} --method {TEST_IFACE}.Echo hi || exit 11; \
@@ -1027,7 +1482,15 @@ fn busvisor_run_leaves_no_process_behind() {
     );
     let out = run_tool(
         busvisor_bin(),
-        &["run", "--services-dir", dir.to_str().unwrap(), "--", "sh", "-c", &script],
+        &[
+            "run",
+            "--services-dir",
+            dir.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
         Duration::from_secs(20),
     );
     let svc = read_pids(&rec);
@@ -1036,8 +1499,16 @@ fn busvisor_run_leaves_no_process_behind() {
         guard.add(s.trim().parse().unwrap());
     }
     assert_eq!(out.status.code(), Some(5), "{out:?}");
-    assert!(out.stdout.contains("s \"hi\"") && out.stdout.contains("('hi',)"), "{out:?}");
+    assert!(
+        out.stdout.contains("s \"hi\"") && out.stdout.contains("('hi',)"),
+        "{out:?}"
+    );
     assert_eq!(svc.len(), 1, "{svc:?}");
-    let left: Vec<u32> = guard.pids.iter().copied().filter(|p| !pid_gone(*p)).collect();
+    let left: Vec<u32> = guard
+        .pids
+        .iter()
+        .copied()
+        .filter(|p| !pid_gone(*p))
+        .collect();
     assert!(left.is_empty(), "left behind by busvisor run: {left:?}");
 }

@@ -47,8 +47,12 @@ fn run_one(name: &str, skips: &[&str]) -> Result<Duration, String> {
     let out_path = logs.path().join("out");
     let out_file = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
     let err_file = out_file.try_clone().map_err(|e| e.to_string())?;
+    // GTestDBus does not always stop its bus when a program crashes: mark
+    // the buses of this run, to stop any that is left by pid.
+    let mark = format!("{}-{name}", std::process::id());
     let mut child = cmd
         .current_dir(DIR)
+        .env("BUSVISOR_TEST_MARK", &mark)
         .env("G_TEST_DBUS_DAEMON", env!("CARGO_BIN_EXE_busvisor"))
         .env("RUST_LOG", "warn")
         .env_remove("DBUS_SESSION_BUS_ADDRESS")
@@ -58,16 +62,11 @@ fn run_one(name: &str, skips: &[&str]) -> Result<Duration, String> {
         .spawn()
         .map_err(|e| format!("cannot start {name}: {e}"))?;
     let deadline = started + Duration::from_secs(90);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{name}: timed out after 90 s"));
-            }
-        }
+    let status = run_until(&mut child, deadline);
+    kill_marked(&mark);
+    let status = match status {
+        Ok(s) => s,
+        Err(()) => return Err(format!("{name}: timed out after 90 s")),
     };
     match status.code() {
         Some(0) => Ok(started.elapsed()),
@@ -77,6 +76,49 @@ fn run_one(name: &str, skips: &[&str]) -> Result<Duration, String> {
             let tail: Vec<&str> = output.lines().filter(|l| !l.contains("-DEBUG:")).collect();
             let tail = tail[tail.len().saturating_sub(15)..].join("\n");
             Err(format!("{name}: exit status {code:?}\n{tail}"))
+        }
+    }
+}
+
+fn run_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Result<std::process::ExitStatus, ()> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(());
+            }
+        }
+    }
+}
+
+/// Stop, by pid, every process whose environment carries `mark`.
+fn kill_marked(mark: &str) {
+    let needle = format!("BUSVISOR_TEST_MARK={mark}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -413,8 +413,9 @@ impl Supervisor {
             let argv = match &svc.def.argv {
                 // dbus-daemon execs Exec='s program as given, without a PATH
                 // search: a bare name does not run.
-                Ok(a) if svc.def.source == crate::activation::definition::Source::DBusService
-                    && !a[0].contains('/') =>
+                Ok(a)
+                    if svc.def.source == crate::activation::definition::Source::DBusService
+                        && !a[0].contains('/') =>
                 {
                     let text = format!(
                         "Failed to execute program {}: No such file or directory",
@@ -510,7 +511,13 @@ impl Supervisor {
         let svc = st.services.get_mut(&id).expect("found above");
         svc.pids.remove(&pid);
         svc.refresh_pids();
-        let failure = !kind.is_success();
+        // Dying of the stop signal busvisor sent is no failure.
+        let asked_to_stop = svc.state == ServiceState::Stopping
+            && matches!(
+                svc.stop_reason,
+                Some(StopReason::Requested) | Some(StopReason::Idle)
+            );
+        let failure = !kind.is_success() && !asked_to_stop;
         let is_launched = svc.launched_pid == Some(pid);
         let is_main = svc.main_pid == Some(pid);
         info!(service = %id, pid, "process {kind}");
@@ -543,7 +550,11 @@ impl Supervisor {
                     // exec); dbus-daemon would wait for the whole timeout.
                     ExitKind::Code(0) => {
                         let inv = svc.invocation;
-                        after(&self.tx, Duration::from_millis(100), Cmd::Recheck(id.clone(), inv));
+                        after(
+                            &self.tx,
+                            Duration::from_millis(100),
+                            Cmd::Recheck(id.clone(), inv),
+                        );
                     }
                     ExitKind::Code(c) => {
                         let text = format!("Process {name} exited with status {c}");
@@ -717,9 +728,12 @@ impl Supervisor {
                 };
                 // A run longer than the start-limit interval counts as stable:
                 // the backoff starts over.
-                let stable = svc.started_at.and_then(|t| t.elapsed().ok()).is_some_and(|d| {
-                    d > svc.def.start_limit_interval.max(svc.def.restart_delay_max)
-                });
+                let stable = svc
+                    .started_at
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|d| {
+                        d > svc.def.start_limit_interval.max(svc.def.restart_delay_max)
+                    });
                 if stable {
                     svc.consecutive_failures = 0;
                 }
@@ -886,6 +900,9 @@ impl Supervisor {
             return;
         };
         svc.start_limited = false;
+        // An explicit start begins a new count of automatic restarts.
+        svc.restarts = 0;
+        svc.consecutive_failures = 0;
         match svc.state {
             ServiceState::Running => {
                 let _ = reply.send(Ok(()));
@@ -936,10 +953,7 @@ impl Supervisor {
     }
 }
 
-fn svc_waiting_start(
-    st: &mut State,
-    id: &str,
-) -> Vec<oneshot::Sender<Result<(), String>>> {
+fn svc_waiting_start(st: &mut State, id: &str) -> Vec<oneshot::Sender<Result<(), String>>> {
     st.services
         .get_mut(id)
         .map(|s| std::mem::take(&mut s.waiting_start))

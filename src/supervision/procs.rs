@@ -18,7 +18,11 @@ pub fn token_of(pid: i32) -> Option<String> {
     // moment: look again rather than lose it. (Kernel threads, pid 2 and its
     // children, have none at all.)
     let mut tries = 0;
-    while env.is_empty() && tries < 20 && pid != 2 && stat_of(pid).is_some_and(|(ppid, s)| ppid != 2 && s != 'Z') {
+    while env.is_empty()
+        && tries < 20
+        && pid != 2
+        && stat_of(pid).is_some_and(|(ppid, s)| ppid != 2 && s != 'Z')
+    {
         std::thread::sleep(std::time::Duration::from_micros(500));
         env = std::fs::read(&path).ok()?;
         tries += 1;

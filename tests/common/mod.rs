@@ -577,6 +577,10 @@ impl RawClient {
         }
     }
 
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_read_timeout(t)
+    }
+
     /// Send Hello and return the unique name from its reply.
     pub fn hello(&mut self) -> String {
         let hello = hello_msg();
