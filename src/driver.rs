@@ -704,11 +704,11 @@ fn credentials(bus: &Bus, st: &State, from: PeerId, msg: &Message) -> Answer {
         if let Some(uid) = peer.creds.uid {
             dict.insert("UnixUserID", Variant::from(uid));
         }
-        if !peer.creds.gids.is_empty() {
-            let mut gids = peer.creds.gids.clone();
-            gids.sort_unstable();
-            gids.dedup();
-            dict.insert("UnixGroupIDs", Variant::from(gids));
+        if let (Some(uid), Some(gid)) = (peer.creds.uid, peer.creds.gid) {
+            let gids = bus.groups_of(uid, gid);
+            if !gids.is_empty() {
+                dict.insert("UnixGroupIDs", Variant::from(gids));
+            }
         }
         if let Some(pid) = peer.creds.pid {
             dict.insert("ProcessID", Variant::from(pid));

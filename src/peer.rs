@@ -31,8 +31,9 @@ pub fn parse_unique_name(name: &str) -> Option<PeerId> {
 #[derive(Debug, Default)]
 pub struct Credentials {
     pub uid: Option<u32>,
+    /// Primary gid; the full group list is looked up when asked for.
+    pub gid: Option<u32>,
     pub pid: Option<u32>,
-    pub gids: Vec<u32>,
     /// A pidfd for the peer process (SO_PEERPIDFD), when the kernel gives one.
     pub pidfd: Option<std::os::fd::OwnedFd>,
 }

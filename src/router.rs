@@ -133,6 +133,8 @@ pub struct Bus {
     pub machine_id: String,
     /// The address clients use, once listening.
     pub address: std::sync::OnceLock<String>,
+    /// Group lists by (uid, primary gid), looked up once (a session bus sees one uid).
+    groups: Mutex<HashMap<(u32, u32), Vec<u32>>>,
     /// The number of the next unique name; given out at Hello, from 0, as dbus-daemon does.
     next_unique: std::sync::atomic::AtomicU64,
 }
@@ -241,12 +243,37 @@ impl Bus {
             machine_id,
             address: std::sync::OnceLock::new(),
             next_unique: std::sync::atomic::AtomicU64::new(0),
+            groups: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while routing must not take the bus down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sorted groups of a user, as GetConnectionCredentials reports them
+    /// (the primary group and the user's supplementary groups).
+    pub fn groups_of(&self, uid: u32, gid: u32) -> Vec<u32> {
+        let mut cache = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((uid, gid))
+            .or_insert_with(|| {
+                let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten();
+                let mut gids: Vec<u32> = user
+                    .and_then(|u| {
+                        let name = std::ffi::CString::new(u.name).ok()?;
+                        nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok()
+                    })
+                    .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                    .unwrap_or_else(|| vec![gid]);
+                gids.sort_unstable();
+                gids.dedup();
+                gids
+            })
+            .clone()
     }
 
     /// Register a connection that sent Hello; its id is its unique name's number.

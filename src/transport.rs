@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use nix::sys::socket::sockopt;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 use zbus::connection::{AuthMechanism, Builder};
@@ -195,26 +196,43 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     gate.incomplete.fetch_add(1, Ordering::Relaxed);
     let timeout = Duration::from_millis(bus.limits.auth_timeout_ms.max(1));
     let guid = bus.guid.clone();
-    let handshake = async {
-        let stream = Builder::unix_stream(std)
+    // Credentials straight from the socket (SO_PEERCRED, SO_PEERPIDFD): a
+    // foreign uid is refused before it costs a handshake.
+    let peer = match nix::sys::socket::getsockopt(&std, sockopt::PeerCredentials) {
+        Ok(c) => c,
+        Err(e) => return debug!("cannot read peer credentials: {e}"),
+    };
+    if peer.uid() != bus.uid && peer.uid() != 0 {
+        return warn!(
+            "refused a connection from uid {}: only uid {} may connect",
+            peer.uid(),
+            bus.uid
+        );
+    }
+    let creds = Credentials {
+        uid: Some(peer.uid()),
+        gid: Some(peer.gid()),
+        pid: u32::try_from(peer.pid()).ok().filter(|p| *p > 0),
+        pidfd: nix::sys::socket::getsockopt(&std, sockopt::PeerPidfd).ok(),
+    };
+    // Boxed: the handshake's state is large and must not stay part of this
+    // long-lived task's future.
+    let handshake = Box::pin(
+        Builder::unix_stream(std)
             .server(guid.as_str())
             .p2p()
             .auth_mechanism(AuthMechanism::External)
             .max_queued(NonZeroUsize::new(16).expect("16 > 0"))
             .validate_bodies()
-            .build_message_stream()
-            .await?;
-        let conn = zbus::Connection::from(&stream);
-        let creds = conn.peer_creds().await.map_err(zbus::Error::from)?.clone();
-        Ok::<_, zbus::Error>((stream, conn, creds))
-    };
+            .build_message_stream(),
+    );
     // Until its Hello, a connection is incomplete (as in dbus-daemon): it
     // counts against max_incomplete_connections and has auth_timeout to get
     // there. The guard gives the slot back however this task ends.
     let deadline = tokio::time::Instant::now() + timeout;
     let incomplete = Incomplete(gate.clone());
     let result = tokio::time::timeout_at(deadline, handshake).await;
-    let (mut stream, conn, creds) = match result {
+    let mut stream = match result {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return debug!("authentication failed: {e}"),
         Err(_) => {
@@ -222,22 +240,7 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
             return info!("dropped a connection that did not authenticate within {timeout:?}");
         }
     };
-    let uid = creds.unix_user_id();
-    if uid != Some(bus.uid) && uid != Some(0) {
-        cutter.cut();
-        return warn!(
-            "refused a connection from uid {uid:?}: only uid {} may connect",
-            bus.uid
-        );
-    }
-    let creds = Credentials {
-        uid,
-        pid: creds.process_id(),
-        gids: creds.unix_group_ids().cloned().unwrap_or_default(),
-        pidfd: creds
-            .process_fd()
-            .and_then(|fd| std::os::fd::AsFd::as_fd(fd).try_clone_to_owned().ok()),
-    };
+    let conn = zbus::Connection::from(&stream);
     let pid = creds.pid;
     let outbox = Arc::new(Outbox::new(
         bus.limits.max_outgoing_bytes as usize,
