@@ -106,6 +106,15 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queue `msg`, counting it as dropped when it does not fit.
+    pub fn push_counted(&self, msg: Message) -> Result<(), PushError> {
+        let r = self.push(msg);
+        if r.is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Wait for queued messages and move them all into `batch`. Returns false
     /// once the outbox is closed and empty.
     pub async fn next_batch(&self, batch: &mut Vec<Message>) -> bool {

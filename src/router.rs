@@ -439,13 +439,7 @@ impl State {
         let Some(p) = self.peers.get(&to) else {
             return Err(PushError::Closed);
         };
-        let r = p.outbox.push(msg);
-        if r == Err(PushError::Full) {
-            p.outbox
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
+        p.outbox.push_counted(msg)
     }
 
     /// Copy a message to the monitors whose rules match it.
@@ -464,11 +458,7 @@ impl State {
             let rules = p.monitor.as_deref().unwrap_or(&[]);
             if rules.is_empty() || rules.iter().any(|r| r.matches(&info, &view)) {
                 // A monitor that falls behind loses messages, counted; it never stalls the bus.
-                if p.outbox.push(msg.clone()).is_err() {
-                    p.outbox
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                let _ = p.outbox.push_counted(msg.clone());
             }
         }
     }
@@ -488,13 +478,9 @@ impl State {
             |_, _| true,
             |k| {
                 if let Some(p) = peers.get(&k)
-                    && let Err(e) = p.outbox.push(msg.clone())
+                    && let Err(e) = p.outbox.push_counted(msg.clone())
                 {
-                    let n = p
-                        .outbox
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    debug!(peer = %unique_name(k), dropped = n + 1, "broadcast not queued: {e:?}");
+                    debug!(peer = %unique_name(k), "broadcast not queued: {e:?}");
                 }
             },
         );

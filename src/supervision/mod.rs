@@ -664,12 +664,9 @@ impl Supervisor {
     fn stop_timeout(&mut self, id: &str, inv: u64) {
         let bus = self.bus.clone();
         let mut st = bus.lock();
-        let Some(svc) = st.services.get_mut(id) else {
+        let Some(svc) = current(&mut st, id, ServiceState::Stopping, inv) else {
             return;
         };
-        if svc.state != ServiceState::Stopping || svc.invocation != inv {
-            return;
-        }
         svc.refresh_pids();
         if svc.pids.is_empty() {
             self.stopped(&mut st, id);
@@ -786,12 +783,9 @@ impl Supervisor {
     fn restart_due(&mut self, id: &str, inv: u64) {
         let bus = self.bus.clone();
         let mut st = bus.lock();
-        let Some(svc) = st.services.get_mut(id) else {
+        let Some(svc) = current(&mut st, id, ServiceState::Restarting, inv) else {
             return;
         };
-        if svc.state != ServiceState::Restarting || svc.invocation != inv {
-            return;
-        }
         svc.next_restart = None;
         svc.auto_restart = true;
         svc.set_state(ServiceState::Activating, "restarting");
@@ -802,12 +796,9 @@ impl Supervisor {
     fn recheck(&mut self, id: &str, inv: u64) {
         let bus = self.bus.clone();
         let mut st = bus.lock();
-        let Some(svc) = st.services.get_mut(id) else {
+        let Some(svc) = current(&mut st, id, ServiceState::Activating, inv) else {
             return;
         };
-        if svc.state != ServiceState::Activating || svc.invocation != inv {
-            return;
-        }
         svc.refresh_pids();
         if svc.pids.is_empty() {
             let text = format!(
@@ -826,12 +817,9 @@ impl Supervisor {
     fn start_timeout(&mut self, id: &str, inv: u64) {
         let bus = self.bus.clone();
         let mut st = bus.lock();
-        let Some(svc) = st.services.get_mut(id) else {
+        let Some(svc) = current(&mut st, id, ServiceState::Activating, inv) else {
             return;
         };
-        if svc.state != ServiceState::Activating || svc.invocation != inv {
-            return;
-        }
         let ms = svc.start_timeout(&self.bus).as_millis();
         let text = format!(
             "Failed to activate service '{}': timed out (service_start_timeout={ms}ms)",
@@ -951,6 +939,19 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The service, if it is still in `state` in invocation `inv`: timers carry
+/// both, so that one armed for an earlier start or state does nothing.
+fn current<'a>(
+    st: &'a mut State,
+    id: &str,
+    state: ServiceState,
+    inv: u64,
+) -> Option<&'a mut Service> {
+    st.services
+        .get_mut(id)
+        .filter(|s| s.state == state && s.invocation == inv)
 }
 
 fn svc_waiting_start(st: &mut State, id: &str) -> Vec<oneshot::Sender<Result<(), String>>> {
