@@ -178,9 +178,10 @@ fn event<B>(st: &mut State, member: &str, body: impl FnOnce(u64) -> B)
 where
     B: serde::Serialize + zbus::wire::DynamicType,
 {
+    // Properties first: a client acting on the event reads them up to date.
+    flush_properties(st);
     let serial = next_serial(st);
     emit(st, member, &body(serial));
-    flush_properties(st);
 }
 
 pub fn activation_requested(st: &mut State, id: &str, requester: Option<(String, Option<u32>)>) {

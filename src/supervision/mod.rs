@@ -695,22 +695,28 @@ impl Supervisor {
         for w in svc.waiting_stop.drain(..) {
             let _ = w.send(Ok(()));
         }
-        crate::lifecycle::stopped(st, id);
-        let svc = st.services.get_mut(id).expect("checked above");
+        // The state after the stop is set before Stopped is announced, so
+        // that the PropertiesChanged that goes with it shows it.
         if self.shutting_down {
             svc.set_state(ServiceState::Inactive, "bus shutting down");
+            crate::lifecycle::stopped(st, id);
             self.check_shutdown(st);
             return;
         }
         match reason {
-            Some(StopReason::Requested) | None => svc.set_state(ServiceState::Inactive, "stopped"),
+            Some(StopReason::Requested) | None => {
+                svc.set_state(ServiceState::Inactive, "stopped");
+                crate::lifecycle::stopped(st, id);
+            }
             Some(StopReason::Failed) => {
                 if svc.state == ServiceState::Stopping {
                     svc.set_state(ServiceState::Failed, "start failed");
                 }
+                crate::lifecycle::stopped(st, id);
             }
             Some(StopReason::Idle) => {
                 svc.set_state(ServiceState::Inactive, "idle");
+                crate::lifecycle::stopped(st, id);
                 crate::lifecycle::idle_stopped(st, id);
                 // Messages that arrived while it stopped start it again.
                 if st.has_waiters_for(id) {
@@ -718,6 +724,8 @@ impl Supervisor {
                 }
             }
             Some(StopReason::Ended) => {
+                crate::lifecycle::stopped(st, id);
+                let svc = st.services.get_mut(id).expect("checked above");
                 let restart = match svc.def.restart {
                     RestartPolicy::Always => true,
                     RestartPolicy::OnFailure => failure,
