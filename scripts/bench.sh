@@ -4,14 +4,29 @@
 #   scripts/bench.sh            full run (about 2-3 minutes)
 #   scripts/bench.sh --quick    short, smaller run (for development)
 #   scripts/bench.sh --only STR run only the rows whose name contains STR
+#   scripts/bench.sh --only activation
+#                               only the activation section (about 30 s;
+#                               with --quick about 15 s)
 #
-# Builds the release binary and the `bus` bench target, starts
-# `target/release/busvisor` and `dbus-daemon --session`, each on a unix
+# Builds the release binary and the `bus` and `activation` bench targets,
+# starts `target/release/busvisor` and `dbus-daemon --session`, each on a unix
 # socket in its own temporary directory, runs benches/bus.rs against both and
 # prints the table. Both buses are stopped by PID at the end.
+#
+# Then the activation section (benches/activation.rs): a second pair of
+# buses, busvisor with a temporary --services-dir and dbus-daemon with a
+# temporary --config-file and <servicedir>, both defining the same two
+# trivial services (org.example.Bench: the activation bench binary with
+# --serve; org.example.BenchPy: benches/activation_service.py on the real
+# python3 interpreter, not a pyenv shim). It times first call -> reply for
+# cold starts on both buses and prints medians, p90/min/max and the ratio
+# busvisor/dbus-daemon. It runs unless --only names something else; both
+# buses are stopped by PID when it ends. Without python3 only the rust
+# service is measured.
 # Environment: CARGO_TARGET_DIR (default: ./target), DBUS_DAEMON (default:
 # dbus-daemon from PATH), BUSVISOR_LOG (busvisor's --log-level via RUST_LOG,
-# default: busvisor's own default).
+# default: busvisor's own default), ACTIVATION_ITERATIONS (cold starts per bus
+# and service, default 40, 20 with --quick; at least 20 is meaningful).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,11 +35,13 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 DBUS_DAEMON=${DBUS_DAEMON:-dbus-daemon}
 
 BENCH_ARGS=()
+ACT_ARGS=()
+ONLY=
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) BENCH_ARGS+=(--quick) ;;
-        --only) BENCH_ARGS+=(--only "$2"); shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --quick) BENCH_ARGS+=(--quick); ACT_ARGS+=(--quick) ;;
+        --only) ONLY=$2; BENCH_ARGS+=(--only "$2"); shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -38,20 +55,33 @@ command -v "$DBUS_DAEMON" >/dev/null || { echo "bench.sh: $DBUS_DAEMON not found
 
 echo "== building (release)" >&2
 cargo build --release --quiet
-BENCH_EXE=$(cargo bench --bench bus --no-run --message-format=json 2>/dev/null \
-    | grep '"kind":\["bench"\]' \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
-[ -x "$BENCH_EXE" ] || { echo "bench.sh: bench executable not found" >&2; exit 1; }
+# The main table runs unless only the activation section is asked for; the
+# activation section runs unless --only names something it does not contain.
+RUN_MAIN=1
+RUN_ACT=1
+[ "$ONLY" = activation ] && RUN_MAIN=
+[ -n "$ONLY" ] && case activation in *"$ONLY"*) ;; *) RUN_ACT= ;; esac
+ARTIFACTS=$(cargo bench --bench bus --bench activation --no-run --message-format=json 2>/dev/null)
+bench_exe() {
+    grep '"kind":\["bench"\]' <<<"$ARTIFACTS" | grep "\"name\":\"$1\"" \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1
+}
+BENCH_EXE=$(bench_exe bus)
+ACT_EXE=$(bench_exe activation)
+[ -x "$BENCH_EXE" ] && [ -x "$ACT_EXE" ] || { echo "bench.sh: bench executable not found" >&2; exit 1; }
 BUSVISOR=$CARGO_TARGET_DIR/release/busvisor
 
 D1=$(mktemp -d /tmp/busvisor-bench.XXXXXX)
 D2=$(mktemp -d /tmp/dbus-daemon-bench.XXXXXX)
-BV_PID=
-DD_PID=
+D3=$(mktemp -d /tmp/busvisor-act.XXXXXX)
+D4=$(mktemp -d /tmp/dbus-daemon-act.XXXXXX)
+PIDS=()
 cleanup() {
-    [ -n "$BV_PID" ] && kill "$BV_PID" 2>/dev/null && wait "$BV_PID" 2>/dev/null
-    [ -n "$DD_PID" ] && kill "$DD_PID" 2>/dev/null && wait "$DD_PID" 2>/dev/null
-    rm -rf "$D1" "$D2"
+    local p
+    for p in "${PIDS[@]}"; do
+        kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
+    done
+    rm -rf "$D1" "$D2" "$D3" "$D4"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -68,29 +98,134 @@ read_address() {
     return 1
 }
 
-${BUSVISOR_LOG:+env RUST_LOG=$BUSVISOR_LOG} "$BUSVISOR" --nofork --address="unix:path=$D1/bus" --print-address \
-    >"$D1/address" 2>"$D1/log" &
-BV_PID=$!
-"$DBUS_DAEMON" --session --nofork --address="unix:path=$D2/bus2" --print-address \
-    >"$D2/address" 2>"$D2/log" &
-DD_PID=$!
-BV_ADDR=$(read_address "$D1/address" "$BV_PID") || { cat "$D1/log" >&2; exit 1; }
-DD_ADDR=$(read_address "$D2/address" "$DD_PID") || { cat "$D2/log" >&2; exit 1; }
+# Stops the buses of one section by PID (and forgets them).
+stop_buses() {
+    local p
+    for p in "$@"; do
+        kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
+    done
+    PIDS=()
+}
 
-echo "== busvisor   pid $BV_PID  $BV_ADDR" >&2
-echo "== dbus-daemon pid $DD_PID  $DD_ADDR ($("$DBUS_DAEMON" --version | head -n1))" >&2
+# Reports buses that died and busvisor's warnings; sets status.
+check_buses() {
+    local log=$1 p
+    shift
+    for p in "$@"; do
+        kill -0 "$p" 2>/dev/null || { echo "bench.sh: bus pid $p died during the run" >&2; status=1; }
+    done
+    if [ -s "$log" ] && grep -qiE "error|warn|panic" "$log"; then
+        echo "== busvisor log (warnings/errors, last 20 lines):" >&2
+        grep -iE "error|warn|panic" "$log" | tail -n 20 >&2
+    fi
+}
+
 echo "== $(nproc) CPUs, load average $(cut -d" " -f1-3 /proc/loadavg), RLIMIT_NOFILE $(ulimit -n), CLK_TCK $(getconf CLK_TCK)" >&2
-
 status=0
-"$BENCH_EXE" "${BENCH_ARGS[@]}" \
-    --bus "busvisor,$BV_PID,$BV_ADDR" \
-    --bus "dbus-daemon,$DD_PID,$DD_ADDR" || status=$?
 
-for p in "$BV_PID" "$DD_PID"; do
-    kill -0 "$p" 2>/dev/null || { echo "bench.sh: bus pid $p died during the run" >&2; status=1; }
-done
-if [ -s "$D1/log" ] && grep -qiE "error|warn|panic" "$D1/log"; then
-    echo "== busvisor log (warnings/errors, last 20 lines):" >&2
-    grep -iE "error|warn|panic" "$D1/log" | tail -n 20 >&2
+if [ -n "$RUN_MAIN" ]; then
+    ${BUSVISOR_LOG:+env RUST_LOG=$BUSVISOR_LOG} "$BUSVISOR" --nofork --address="unix:path=$D1/bus" --print-address \
+        >"$D1/address" 2>"$D1/log" &
+    BV_PID=$!
+    PIDS+=("$BV_PID")
+    "$DBUS_DAEMON" --session --nofork --address="unix:path=$D2/bus2" --print-address \
+        >"$D2/address" 2>"$D2/log" &
+    DD_PID=$!
+    PIDS+=("$DD_PID")
+    BV_ADDR=$(read_address "$D1/address" "$BV_PID") || { cat "$D1/log" >&2; exit 1; }
+    DD_ADDR=$(read_address "$D2/address" "$DD_PID") || { cat "$D2/log" >&2; exit 1; }
+
+    echo "== busvisor   pid $BV_PID  $BV_ADDR" >&2
+    echo "== dbus-daemon pid $DD_PID  $DD_ADDR ($("$DBUS_DAEMON" --version | head -n1))" >&2
+
+    "$BENCH_EXE" "${BENCH_ARGS[@]}" \
+        --bus "busvisor,$BV_PID,$BV_ADDR" \
+        --bus "dbus-daemon,$DD_PID,$DD_ADDR" || status=$?
+
+    check_buses "$D1/log" "$BV_PID" "$DD_PID"
+    stop_buses "$BV_PID" "$DD_PID"
+fi
+
+if [ -n "$RUN_ACT" ]; then
+    echo "== activation section" >&2
+    [ -n "${ACTIVATION_ITERATIONS:-}" ] && ACT_ARGS+=(--iterations "$ACTIVATION_ITERATIONS")
+    # The interpreter itself: a pyenv-style shim in front of it would add its
+    # own startup to every activation.
+    PYTHON=$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || true)
+    PY_SERVICE=$ROOT/benches/activation_service.py
+    for path in "$ACT_EXE" "$PYTHON" "$PY_SERVICE"; do
+        case "$path" in *[[:space:]\'\"\\]*)
+            echo "bench.sh: path with spaces or quotes not supported here: $path" >&2; exit 1 ;;
+        esac
+    done
+    if [ -n "$PYTHON" ]; then
+        ACT_ARGS+=(--python "$PYTHON" --services rust,python)
+    else
+        echo "bench.sh: no python3: measuring the rust service only" >&2
+        ACT_ARGS+=(--services rust)
+    fi
+
+    # busvisor: one TOML file per service in its own --services-dir.
+    mkdir -p "$D3/services"
+    cat >"$D3/services/bench.toml" <<EOT
+name = "org.example.Bench"
+exec = ["$ACT_EXE", "--serve", "org.example.Bench"]
+restart = "no"
+EOT
+    if [ -n "$PYTHON" ]; then
+        cat >"$D3/services/benchpy.toml" <<EOT
+name = "org.example.BenchPy"
+exec = ["$PYTHON", "$PY_SERVICE", "org.example.BenchPy"]
+restart = "no"
+EOT
+    fi
+    # dbus-daemon: a configuration with only this service directory.
+    mkdir -p "$D4/services"
+    cat >"$D4/services/org.example.Bench.service" <<EOT
+[D-BUS Service]
+Name=org.example.Bench
+Exec='$ACT_EXE' --serve org.example.Bench
+EOT
+    if [ -n "$PYTHON" ]; then
+        cat >"$D4/services/org.example.BenchPy.service" <<EOT
+[D-BUS Service]
+Name=org.example.BenchPy
+Exec='$PYTHON' '$PY_SERVICE' org.example.BenchPy
+EOT
+    fi
+    cat >"$D4/session.conf" <<EOT
+<busconfig>
+  <type>session</type>
+  <listen>unix:path=$D4/bus</listen>
+  <auth>EXTERNAL</auth>
+  <servicedir>$D4/services</servicedir>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+EOT
+
+    ${BUSVISOR_LOG:+env RUST_LOG=$BUSVISOR_LOG} "$BUSVISOR" --nofork --address="unix:path=$D3/bus" --print-address \
+        --services-dir "$D3/services" >"$D3/address" 2>"$D3/log" &
+    BV2_PID=$!
+    PIDS+=("$BV2_PID")
+    "$DBUS_DAEMON" --config-file="$D4/session.conf" --nofork --print-address \
+        >"$D4/address" 2>"$D4/log" &
+    DD2_PID=$!
+    PIDS+=("$DD2_PID")
+    BV2_ADDR=$(read_address "$D3/address" "$BV2_PID") || { cat "$D3/log" >&2; exit 1; }
+    DD2_ADDR=$(read_address "$D4/address" "$DD2_PID") || { cat "$D4/log" >&2; exit 1; }
+    echo "== busvisor   pid $BV2_PID  $BV2_ADDR  --services-dir $D3/services" >&2
+    echo "== dbus-daemon pid $DD2_PID  $DD2_ADDR  --config-file $D4/session.conf" >&2
+    [ -n "$PYTHON" ] && echo "== python: $PYTHON ($("$PYTHON" --version 2>&1))" >&2
+
+    "$ACT_EXE" "${ACT_ARGS[@]}" \
+        --bus "busvisor,$BV2_PID,$BV2_ADDR" \
+        --bus "dbus-daemon,$DD2_PID,$DD2_ADDR" || status=$?
+
+    check_buses "$D3/log" "$BV2_PID" "$DD2_PID"
+    stop_buses "$BV2_PID" "$DD2_PID"
 fi
 exit $status
