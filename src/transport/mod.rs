@@ -1,23 +1,27 @@
 //! Listening sockets, the accept loop, authentication and the two tasks of
 //! each connection (reader and writer).
 //!
-//! SASL EXTERNAL runs through zbus's server handshake, under the configured
-//! auth timeout and holding no shared state, so a client that never
-//! authenticates costs one task and one socket and blocks nobody. Only the
-//! bus's own uid (or root) may connect.
+//! Authentication (SASL EXTERNAL, `sasl.rs`) runs under the configured auth
+//! timeout and holds no shared state, so a client that never authenticates
+//! costs one task and one socket and blocks nobody. Only the bus's own uid
+//! (or root) may connect. After it, a connection is two tasks around one
+//! socket (`socket.rs`): zbus frames and parses what the reader receives,
+//! and no zbus `Connection` is kept per peer.
 
-use std::num::NonZeroUsize;
+pub mod sasl;
+pub mod socket;
+
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use nix::sys::socket::sockopt;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
-use zbus::connection::{AuthMechanism, Builder};
+use zbus::connection::socket::ReadHalf;
 use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
@@ -185,20 +189,13 @@ pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
 }
 
 async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStream) {
-    let std = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => return debug!("socket conversion failed: {e}"),
-    };
-    let cutter = match std.try_clone() {
-        Ok(s) => Arc::new(Cutter::new(s)),
+    let cutter = match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => Arc::new(Cutter::new(std::os::unix::net::UnixStream::from(fd))),
         Err(e) => return warn!("cannot duplicate socket: {e}"),
     };
-    gate.incomplete.fetch_add(1, Ordering::Relaxed);
-    let timeout = Duration::from_millis(bus.limits.auth_timeout_ms.max(1));
-    let guid = bus.guid.clone();
     // Credentials straight from the socket (SO_PEERCRED, SO_PEERPIDFD): a
     // foreign uid is refused before it costs a handshake.
-    let peer = match nix::sys::socket::getsockopt(&std, sockopt::PeerCredentials) {
+    let peer = match nix::sys::socket::getsockopt(&stream, sockopt::PeerCredentials) {
         Ok(c) => c,
         Err(e) => return debug!("cannot read peer credentials: {e}"),
     };
@@ -213,44 +210,44 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         uid: Some(peer.uid()),
         gid: Some(peer.gid()),
         pid: u32::try_from(peer.pid()).ok().filter(|p| *p > 0),
-        pidfd: nix::sys::socket::getsockopt(&std, sockopt::PeerPidfd).ok(),
+        pidfd: nix::sys::socket::getsockopt(&stream, sockopt::PeerPidfd).ok(),
     };
-    // Boxed: the handshake's state is large and must not stay part of this
-    // long-lived task's future.
-    let handshake = Box::pin(
-        Builder::unix_stream(std)
-            .server(guid.as_str())
-            .p2p()
-            .auth_mechanism(AuthMechanism::External)
-            .max_queued(NonZeroUsize::new(16).expect("16 > 0"))
-            .validate_bodies()
-            .build_message_stream(),
-    );
+    let pid = creds.pid;
     // Until its Hello, a connection is incomplete (as in dbus-daemon): it
     // counts against max_incomplete_connections and has auth_timeout to get
     // there. The guard gives the slot back however this task ends.
-    let deadline = tokio::time::Instant::now() + timeout;
+    gate.incomplete.fetch_add(1, Ordering::Relaxed);
     let incomplete = Incomplete(gate.clone());
-    let result = tokio::time::timeout_at(deadline, handshake).await;
-    let mut stream = match result {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return debug!("authentication failed: {e}"),
-        Err(_) => {
-            cutter.cut();
-            return info!("dropped a connection that did not authenticate within {timeout:?}");
-        }
-    };
-    let conn = zbus::Connection::from(&stream);
-    let pid = creds.pid;
-    let outbox = Arc::new(Outbox::new(
-        bus.limits.max_outgoing_bytes as usize,
-        bus.limits.max_outgoing_unix_fds as usize,
-    ));
+    let timeout = Duration::from_millis(bus.limits.auth_timeout_ms.max(1));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let negotiated =
+        match tokio::time::timeout_at(deadline, sasl::handshake(&stream, &bus.guid, peer.uid()))
+            .await
+        {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return debug!(?pid, "authentication failed: {e}"),
+            Err(_) => {
+                cutter.cut();
+                return info!(
+                    ?pid,
+                    "dropped a connection that did not authenticate within {timeout:?}"
+                );
+            }
+        };
+    let stream = Arc::new(stream);
+    let mut reader = socket::Reader(stream.clone());
+    let mut leftover = negotiated.leftover;
+    let mut seq = 0u64;
+    let mut received_fds = Vec::new();
     // The peer joins the bus, and gets its unique name, with its Hello.
-    let first = match tokio::time::timeout_at(deadline, stream.next()).await {
-        Ok(Some(Ok(m))) => m,
-        Ok(Some(Err(e))) => return debug!("read error before Hello: {e}"),
-        Ok(None) => return,
+    let first = tokio::time::timeout_at(
+        deadline,
+        reader.receive_message(seq, &mut leftover, &mut received_fds),
+    )
+    .await;
+    let first = match first {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return debug!(?pid, "read error before Hello: {e}"),
         Err(_) => {
             cutter.cut();
             return info!(
@@ -267,6 +264,13 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
             "disconnecting a client whose first message is not Hello"
         );
     }
+    let outbox = Arc::new(Outbox::new(
+        bus.limits.max_outgoing_bytes as usize,
+        bus.limits.max_outgoing_unix_fds as usize,
+    ));
+    if !negotiated.fds {
+        outbox.set_no_fds();
+    }
     let id = bus.add_peer(outbox.clone(), cutter.clone(), creds);
     let me = match OwnedUniqueName::try_from(unique_name(id)) {
         Ok(n) => n,
@@ -276,20 +280,37 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         }
     };
     info!(peer = %me, ?pid, "connected");
-    let writer = tokio::spawn(write_loop(bus.clone(), id, conn, outbox, cutter.clone()));
+    let writer = tokio::spawn(write_loop(
+        bus.clone(),
+        id,
+        stream.clone(),
+        outbox,
+        cutter.clone(),
+    ));
 
-    let mut next = Some(Ok(first));
-    while let Some(item) = match next.take() {
-        Some(m) => Some(m),
-        None => stream.next().await,
-    } {
-        let msg = match item {
-            Ok(m) => m,
-            Err(e) => {
-                debug!(peer = %me, "read error: {e}");
-                break;
+    let mut next = Some(first);
+    loop {
+        let msg = match next.take() {
+            Some(m) => m,
+            None => {
+                seq += 1;
+                match reader
+                    .receive_message(seq, &mut leftover, &mut received_fds)
+                    .await
+                {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(peer = %me, "read error: {e}");
+                        break;
+                    }
+                }
             }
         };
+        // A body that does not match its signature is a protocol error.
+        if let Err(e) = msg.body().validate() {
+            info!(peer = %me, "invalid message body: {e}");
+            break;
+        }
         // Stamp the sender: peers may not speak for anyone else.
         let msg = if msg.header().sender().is_some_and(|s| *s == *me) {
             msg
@@ -328,20 +349,17 @@ fn is_hello(msg: &Message) -> bool {
 async fn write_loop(
     bus: Arc<Bus>,
     id: PeerId,
-    conn: zbus::Connection,
+    stream: Arc<tokio::net::UnixStream>,
     outbox: Arc<Outbox>,
     cutter: Arc<Cutter>,
 ) {
     let mut batch: Vec<Message> = Vec::new();
+    let fds_ok = outbox.fds_ok();
     while outbox.next_batch(&mut batch).await {
-        let result = conn.send_all(&batch).await;
-        let result = match result {
-            Err(zbus::Error::Unsupported) => {
-                // The peer did not negotiate fd passing: send what it can take.
-                outbox.set_no_fds();
-                send_without_fds(&bus, id, &conn, &batch).await
-            }
-            r => r,
+        let result = if fds_ok || batch.iter().all(|m| m.data().fds().is_empty()) {
+            socket::write_all(&stream, &batch).await
+        } else {
+            send_without_fds(&bus, id, &stream, &batch).await
         };
         outbox.sent(&batch);
         batch.clear();
@@ -353,19 +371,21 @@ async fn write_loop(
     }
 }
 
+/// For a peer that did not negotiate fd passing: what carries fds is
+/// answered or replaced (see `Bus::undeliverable_fds`), the rest is sent.
 async fn send_without_fds(
     bus: &Bus,
     id: PeerId,
-    conn: &zbus::Connection,
+    stream: &tokio::net::UnixStream,
     batch: &[Message],
-) -> zbus::Result<()> {
+) -> std::io::Result<()> {
     for m in batch {
         if m.data().fds().is_empty() {
-            conn.send(m).await?;
+            socket::write_all(stream, std::slice::from_ref(m)).await?;
         } else {
             debug!(peer = %unique_name(id), "a message with fds for a peer that cannot receive them");
             if let Some(instead) = bus.undeliverable_fds(m) {
-                conn.send(&instead).await?;
+                socket::write_all(stream, std::slice::from_ref(&instead)).await?;
             }
         }
     }
