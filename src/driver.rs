@@ -713,7 +713,7 @@ fn credentials(bus: &Bus, st: &State, from: PeerId, msg: &Message) -> Answer {
         if let Some(pid) = peer.creds.pid {
             dict.insert("ProcessID", Variant::from(pid));
         }
-        peer.creds.pidfd.as_ref().and_then(|fd| fd.try_clone().ok())
+        peer.cutter.pidfd()
     };
     let caller_takes_fds = st.peers.get(&from).is_some_and(|p| p.outbox.fds_ok());
     if let (Some(fd), true) = (pidfd, caller_takes_fds) {

@@ -7,7 +7,6 @@
 //! peer stops reading.
 
 use std::collections::VecDeque;
-use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -34,8 +33,6 @@ pub struct Credentials {
     /// Primary gid; the full group list is looked up when asked for.
     pub gid: Option<u32>,
     pub pid: Option<u32>,
-    /// A pidfd for the peer process (SO_PEERPIDFD), when the kernel gives one.
-    pub pidfd: Option<std::os::fd::OwnedFd>,
 }
 
 /// Why a message could not be queued for a peer.
@@ -164,16 +161,23 @@ impl Outbox {
     }
 }
 
-/// A handle that can cut a peer's socket from outside its tasks: both the
-/// reader and a writer blocked in a write wake up with an error.
-pub struct Cutter(UnixStream);
+/// The peer's socket, shared by its tasks and the router: cutting it
+/// (shutdown) wakes the reader and a writer blocked in a write with an
+/// error, from anywhere.
+pub struct Cutter(std::sync::Arc<tokio::net::UnixStream>);
 
 impl Cutter {
-    pub fn new(stream: UnixStream) -> Self {
+    pub fn new(stream: std::sync::Arc<tokio::net::UnixStream>) -> Self {
         Cutter(stream)
     }
 
     pub fn cut(&self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
+        use std::os::fd::AsRawFd;
+        let _ = nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+
+    /// A pidfd of the peer process (SO_PEERPIDFD), fetched when asked for.
+    pub fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+        nix::sys::socket::getsockopt(&*self.0, nix::sys::socket::sockopt::PeerPidfd).ok()
     }
 }

@@ -11,7 +11,6 @@
 pub mod sasl;
 pub mod socket;
 
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,10 +188,6 @@ pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
 }
 
 async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStream) {
-    let cutter = match stream.as_fd().try_clone_to_owned() {
-        Ok(fd) => Arc::new(Cutter::new(std::os::unix::net::UnixStream::from(fd))),
-        Err(e) => return warn!("cannot duplicate socket: {e}"),
-    };
     // Credentials straight from the socket (SO_PEERCRED, SO_PEERPIDFD): a
     // foreign uid is refused before it costs a handshake.
     let peer = match nix::sys::socket::getsockopt(&stream, sockopt::PeerCredentials) {
@@ -210,7 +205,6 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         uid: Some(peer.uid()),
         gid: Some(peer.gid()),
         pid: u32::try_from(peer.pid()).ok().filter(|p| *p > 0),
-        pidfd: nix::sys::socket::getsockopt(&stream, sockopt::PeerPidfd).ok(),
     };
     let pid = creds.pid;
     // Until its Hello, a connection is incomplete (as in dbus-daemon): it
@@ -226,8 +220,8 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return debug!(?pid, "authentication failed: {e}"),
+            // Dropping the stream closes it.
             Err(_) => {
-                cutter.cut();
                 return info!(
                     ?pid,
                     "dropped a connection that did not authenticate within {timeout:?}"
@@ -235,6 +229,7 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
             }
         };
     let stream = Arc::new(stream);
+    let cutter = Arc::new(Cutter::new(stream.clone()));
     let mut reader = socket::Reader(stream.clone());
     let mut leftover = negotiated.leftover;
     let mut seq = 0u64;
