@@ -610,3 +610,61 @@ async fn fd_passing_through_the_bus() {
     std::fs::File::from(dup).read_to_string(&mut s).unwrap();
     assert_eq!(s, "and back");
 }
+
+/// Calls with and without fds, sent in bursts so that the bus reads several
+/// in one chunk: every fd reaches the message that carried it, and only it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_fd_messages_keep_their_fds() {
+    let mut bus = start_bus(None);
+    let sender = connect(&bus.address).await;
+    let receiver = connect(&bus.address).await;
+    let mut rs = stream(&receiver);
+    let dest = unique(&receiver);
+    let file = tempfile::tempfile().expect("temp file");
+    const N: u32 = 600;
+    let msgs: Vec<Message> = (0..N)
+        .map(|i| {
+            let b = Message::method_call("/fd", "Take")
+                .destination(dest.as_str())
+                .interface("org.busvisor.Fd")
+                .with_flags(zbus::message::Flags::NO_REPLY_EXPECTED);
+            if i % 5 == 3 {
+                b.build(&(zbus::wire::Fd::from(&file), i)).unwrap()
+            } else {
+                b.build(&(i, "no fd here")).unwrap()
+            }
+        })
+        .collect();
+    for chunk in msgs.chunks(50) {
+        within(sender.send_all(chunk)).await.expect("send_all");
+    }
+    let mut got = 0u32;
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures_util::StreamExt;
+        while let Some(Ok(m)) = rs.next().await {
+            if member(&m) != "Take" {
+                continue;
+            }
+            let fds = m.data().fds().len();
+            let sig = m.body().signature().to_string();
+            if sig.contains('h') {
+                let (_fd, i): (zbus::wire::Fd<'_>, u32) = m.body().deserialize().unwrap();
+                assert_eq!(i % 5, 3, "an fd message out of place: {i}");
+                assert_eq!(fds, 1, "message {i} lost its fd");
+                assert_eq!(i, got, "order");
+            } else {
+                let (i, _): (u32, String) = m.body().deserialize().unwrap();
+                assert_ne!(i % 5, 3);
+                assert_eq!(fds, 0, "message {i} got an fd that was not its own");
+                assert_eq!(i, got, "order");
+            }
+            got += 1;
+            if got == N {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "only {got} of {N} messages arrived");
+    bus.assert_alive();
+}

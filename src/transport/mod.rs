@@ -230,7 +230,7 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         };
     let stream = Arc::new(stream);
     let cutter = Arc::new(Cutter::new(stream.clone()));
-    let mut reader = socket::Reader(stream.clone());
+    let mut reader = socket::Reader::new(stream.clone());
     let mut leftover = negotiated.leftover;
     let mut seq = 0u64;
     let mut received_fds = Vec::new();
