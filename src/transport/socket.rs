@@ -206,11 +206,19 @@ impl zbus::connection::socket::ReadHalf for Reader {
                 fds.extend(self.served(&buf[..n]));
                 return Ok((n, fds));
             }
-            let mut chunk = vec![0u8; CHUNK];
-            let (n, fds) = self
-                .stream
-                .async_io(Interest::READABLE, || recv_now(fd, &mut chunk))
-                .await?;
+            // Wait first, allocate after: an idle peer holds no buffer.
+            let (mut chunk, n, fds) = loop {
+                self.stream.readable().await?;
+                let mut chunk = vec![0u8; CHUNK];
+                match self
+                    .stream
+                    .try_io(Interest::READABLE, || recv_now(fd, &mut chunk))
+                {
+                    Ok((n, fds)) => break (chunk, n, fds),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            };
             if n == 0 {
                 return Ok((0, fds));
             }
