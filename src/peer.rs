@@ -61,6 +61,23 @@ pub struct Outbox {
     pub dropped: AtomicU64,
     /// Set once a write showed that the peer did not negotiate fd passing.
     no_fds: AtomicBool,
+    /// When the writer last got bytes out (ms on the process clock), or
+    /// when the queue last started to fill.
+    last_progress: AtomicU64,
+    /// Woken when queued bytes leave.
+    drained: Notify,
+}
+
+/// A queue that has not moved for this long belongs to a peer that is not
+/// reading: senders stop waiting for it (its broadcasts are then dropped).
+const STUCK_MS: u64 = 500;
+
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 impl Outbox {
@@ -77,6 +94,8 @@ impl Outbox {
             max_fds,
             dropped: AtomicU64::new(0),
             no_fds: AtomicBool::new(false),
+            last_progress: AtomicU64::new(now_ms()),
+            drained: Notify::new(),
         }
     }
 
@@ -94,6 +113,9 @@ impl Outbox {
             let over = q.bytes + len > self.max_bytes || q.fds + fds > self.max_fds;
             if over && !q.messages.is_empty() {
                 return Err(PushError::Full);
+            }
+            if q.bytes == 0 {
+                self.last_progress.store(now_ms(), Ordering::Relaxed);
             }
             q.bytes += len;
             q.fds += fds;
@@ -137,9 +159,44 @@ impl Outbox {
         let (bytes, fds) = batch.iter().fold((0, 0), |(b, f), m| {
             (b + m.data().len(), f + m.data().fds().len())
         });
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.bytes = q.bytes.saturating_sub(bytes);
-        q.fds = q.fds.saturating_sub(fds);
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.bytes = q.bytes.saturating_sub(bytes);
+            q.fds = q.fds.saturating_sub(fds);
+        }
+        self.last_progress.store(now_ms(), Ordering::Relaxed);
+        self.drained.notify_waiters();
+    }
+
+    /// More than half full, and still moving: a sender should wait for it
+    /// (backpressure) rather than have its broadcasts dropped.
+    pub fn pressured(&self) -> bool {
+        self.queued_bytes() > self.max_bytes / 2 && !self.stuck()
+    }
+
+    fn stuck(&self) -> bool {
+        now_ms().saturating_sub(self.last_progress.load(Ordering::Relaxed)) > STUCK_MS
+    }
+
+    /// Wait until the queue is down to a quarter, the peer turns out stuck,
+    /// or it is closed. Never longer than the stuck threshold without progress.
+    pub async fn wait_drained(&self) {
+        loop {
+            {
+                let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if q.closed || q.bytes <= self.max_bytes / 4 {
+                    return;
+                }
+            }
+            if self.stuck() {
+                return;
+            }
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                self.drained.notified(),
+            )
+            .await;
+        }
     }
 
     /// Refuse further messages; the writer flushes what is queued, then ends.

@@ -52,7 +52,24 @@ pub mod err {
 pub enum Verdict {
     Continue,
     Disconnect(&'static str),
+    /// Routed; the sender should wait for this recipient's queue to drain
+    /// before sending more (it is reading, but slower than the sender).
+    Wait(Arc<Outbox>),
 }
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outbox({} bytes)", self.queued_bytes())
+    }
+}
+
+impl PartialEq for Outbox {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Outbox {}
 
 pub struct PeerEntry {
     pub outbox: Arc<Outbox>,
@@ -90,6 +107,9 @@ pub struct State {
     /// The connection of each running service, for activity and name loss.
     pub peer_service: HashMap<PeerId, String>,
     pub supervisor: Option<SupervisorHandle>,
+    /// A recipient of the message being routed whose queue is filling
+    /// while it reads: the sender waits for it (see `Verdict::Wait`).
+    pub pressure: Option<Arc<Outbox>>,
     /// When the catalog was last read.
     pub scanned_at: std::time::SystemTime,
     /// The serial of the last lifecycle event.
@@ -118,6 +138,7 @@ impl State {
             supervisor: None,
             event_serial: 0,
             scanned_at: std::time::SystemTime::UNIX_EPOCH,
+            pressure: None,
             announced: HashMap::new(),
         }
     }
@@ -310,6 +331,7 @@ impl Bus {
     /// Route one message from `from`; its sender field is already stamped.
     pub fn handle(self: &Arc<Self>, from: PeerId, msg: Message) -> Verdict {
         let mut st = self.lock();
+        st.pressure = None;
         let Some(peer) = st.peers.get(&from) else {
             return Verdict::Disconnect("unknown peer");
         };
@@ -363,7 +385,10 @@ impl Bus {
                 }
             },
         }
-        Verdict::Continue
+        match st.pressure.take() {
+            Some(o) => Verdict::Wait(o),
+            None => Verdict::Continue,
+        }
     }
 
     /// A peer's connection ended: release its names, fail calls waiting on it.
@@ -439,7 +464,11 @@ impl State {
         let Some(p) = self.peers.get(&to) else {
             return Err(PushError::Closed);
         };
-        p.outbox.push_counted(msg)
+        let r = p.outbox.push_counted(msg);
+        if self.pressure.is_none() && p.outbox.pressured() {
+            self.pressure = Some(p.outbox.clone());
+        }
+        r
     }
 
     /// Copy a message to the monitors whose rules match it.
@@ -472,15 +501,19 @@ impl State {
             dest: None,
         };
         let peers = &self.peers;
+        let pressure = &mut self.pressure;
         self.matches.for_each_match(
             &info,
             &view,
             |_, _| true,
             |k| {
-                if let Some(p) = peers.get(&k)
-                    && let Err(e) = p.outbox.push_counted(msg.clone())
-                {
-                    debug!(peer = %unique_name(k), "broadcast not queued: {e:?}");
+                if let Some(p) = peers.get(&k) {
+                    if let Err(e) = p.outbox.push_counted(msg.clone()) {
+                        debug!(peer = %unique_name(k), "broadcast not queued: {e:?}");
+                    }
+                    if pressure.is_none() && p.outbox.pressured() {
+                        *pressure = Some(p.outbox.clone());
+                    }
                 }
             },
         );

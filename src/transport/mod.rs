@@ -318,9 +318,16 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
                 }
             }
         };
-        if let Verdict::Disconnect(why) = bus.handle(id, msg) {
-            info!(peer = %me, "disconnecting: {why}");
-            break;
+        match bus.handle(id, msg) {
+            Verdict::Continue => {}
+            Verdict::Disconnect(why) => {
+                info!(peer = %me, "disconnecting: {why}");
+                break;
+            }
+            // Backpressure: read no more from this peer until a recipient that
+            // is reading, only slower, has caught up (bounded: a recipient
+            // that stops moving stops being waited for).
+            Verdict::Wait(outbox) => outbox.wait_drained().await,
         }
     }
     bus.remove_peer(id);
