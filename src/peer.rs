@@ -66,11 +66,19 @@ pub struct Outbox {
     last_progress: AtomicU64,
     /// Woken when queued bytes leave.
     drained: Notify,
+    /// Senders do not wait for this peer before this time (ms): it made
+    /// one wait too long, so it is slow rather than just behind.
+    no_wait_until: AtomicU64,
 }
 
 /// A queue that has not moved for this long belongs to a peer that is not
 /// reading: senders stop waiting for it (its broadcasts are then dropped).
 const STUCK_MS: u64 = 500;
+/// The longest one wait for a peer's queue may last; a peer that needs more
+/// is not waited for during `SLOW_PENALTY_MS`, so that a reader that drains
+/// slowly on purpose cannot pace the bus.
+const WAIT_BUDGET_MS: u64 = 200;
+const SLOW_PENALTY_MS: u64 = 2000;
 
 fn now_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -96,6 +104,7 @@ impl Outbox {
             no_fds: AtomicBool::new(false),
             last_progress: AtomicU64::new(now_ms()),
             drained: Notify::new(),
+            no_wait_until: AtomicU64::new(0),
         }
     }
 
@@ -171,7 +180,9 @@ impl Outbox {
     /// More than half full, and still moving: a sender should wait for it
     /// (backpressure) rather than have its broadcasts dropped.
     pub fn pressured(&self) -> bool {
-        self.queued_bytes() > self.max_bytes / 2 && !self.stuck()
+        self.queued_bytes() > self.max_bytes / 2
+            && !self.stuck()
+            && now_ms() >= self.no_wait_until.load(Ordering::Relaxed)
     }
 
     fn stuck(&self) -> bool {
@@ -181,6 +192,7 @@ impl Outbox {
     /// Wait until the queue is down to a quarter, the peer turns out stuck,
     /// or it is closed. Never longer than the stuck threshold without progress.
     pub async fn wait_drained(&self) {
+        let started = now_ms();
         loop {
             {
                 let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,6 +201,11 @@ impl Outbox {
                 }
             }
             if self.stuck() {
+                return;
+            }
+            if now_ms().saturating_sub(started) > WAIT_BUDGET_MS {
+                self.no_wait_until
+                    .store(now_ms() + SLOW_PENALTY_MS, Ordering::Relaxed);
                 return;
             }
             let _ = tokio::time::timeout(
