@@ -63,20 +63,8 @@ pub fn handle(bus: &Arc<Bus>, st: &mut State, from: PeerId, msg: &Message) -> Ve
     if msg.message_type() != Type::MethodCall {
         return Verdict::Continue;
     }
-    let no_reply = msg
-        .primary_header()
-        .flags()
-        .contains(Flags::NO_REPLY_EXPECTED);
-    let answer = dispatch(bus, st, from, msg);
-    match answer {
-        Ok(Some(r)) if !no_reply => st.send_to(from, r),
-        Ok(_) => {}
-        Err((name, text)) => {
-            if !no_reply && let Some(e) = bus_error(msg, name, &text) {
-                st.send_to(from, e);
-            }
-        }
-    }
+    let outcome = dispatch(bus, st, from, msg);
+    st.answer(from, msg, outcome);
     Verdict::Continue
 }
 

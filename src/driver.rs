@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 
 use tracing::{info, warn};
-use zbus::message::{Flags, Message};
+use zbus::message::Message;
 use zbus::names::{BusName, WellKnownName};
 use zbus::wire::Variant;
 
 use crate::matching::MatchRule;
 use crate::peer::{PeerId, parse_unique_name, unique_name};
-use crate::router::{BUS_NAME, BUS_PATH, Bus, State, Verdict, bus_error, bus_reply, err};
+use crate::router::{BUS_NAME, BUS_PATH, Bus, State, Verdict, bus_reply, err};
 
 const IFACE_DBUS: &str = "org.freedesktop.DBus";
 const IFACE_PROPS: &str = "org.freedesktop.DBus.Properties";
@@ -211,11 +211,6 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
     let iface = hdr.interface().map(|i| i.as_str());
     let path = hdr.path().map(|p| p.as_str()).unwrap_or("/");
     let signature = crate::matching::body_signature(msg);
-    let no_reply = msg
-        .primary_header()
-        .flags()
-        .contains(Flags::NO_REPLY_EXPECTED);
-
     let found = METHODS
         .iter()
         .find(|(i, m, _, _)| *m == member && iface.is_none_or(|want| want == *i));
@@ -255,21 +250,11 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
             }
         }
     };
-    if member == "Hello" && answer.is_ok() {
-        // Hello's reply and signals were sent by hello().
-        return Verdict::Continue;
-    }
-    if member == "BecomeMonitor" && answer.is_ok() {
-        return Verdict::Continue;
-    }
-    match answer {
-        Ok(Some(reply)) if !no_reply => st.send_to(from, reply),
-        Ok(_) => {}
-        Err((name, text)) => {
-            if !no_reply && let Some(e) = bus_error(msg, name, &text) {
-                st.send_to(from, e);
-            }
-        }
+    // Hello and BecomeMonitor send their own replies, in order with the
+    // signals they cause.
+    let answered_already = matches!(member, "Hello" | "BecomeMonitor") && answer.is_ok();
+    if !answered_already {
+        st.answer(from, msg, answer);
     }
     Verdict::Continue
 }
@@ -282,7 +267,6 @@ fn call(
     iface: &str,
     member: &str,
 ) -> Answer {
-    let ok = |body: &dyn Fn() -> Option<Message>| Ok(body());
     match (iface, member) {
         (IFACE_DBUS, "Hello") => hello(st, from, msg),
         (IFACE_DBUS, "RequestName") => {
@@ -298,7 +282,7 @@ fn call(
             check_well_known(name, "release")?;
             let (r, changes) = st.names.release(name, from);
             st.announce(changes);
-            ok(&|| bus_reply(msg, &(r,)))
+            Ok(bus_reply(msg, &(r,)))
         }
         (IFACE_DBUS, "StartServiceByName") => {
             let body = msg.body();
@@ -313,7 +297,7 @@ fn call(
                 ));
             }
             if owner_of(st, name).is_some() {
-                return ok(&|| bus_reply(msg, &(2u32,)));
+                return Ok(bus_reply(msg, &(2u32,)));
             }
             st.activate(
                 name,
@@ -340,14 +324,14 @@ fn call(
                 st.activation_env.retain(|(key, _)| *key != k);
                 st.activation_env.push((k, v));
             }
-            ok(&|| bus_reply(msg, &()))
+            Ok(bus_reply(msg, &()))
         }
         (IFACE_DBUS, "NameHasOwner") => {
             let body = msg.body();
             let name: &str = body.deserialize().map_err(|e| invalid(e.to_string()))?;
             check_bus_name(name)?;
             let has = is_bus_owned(name) || owner_of(st, name).is_some();
-            ok(&|| bus_reply(msg, &(has,)))
+            Ok(bus_reply(msg, &(has,)))
         }
         (IFACE_DBUS, "ListNames") => {
             let mut list = vec![BUS_NAME.to_owned(), crate::lifecycle::NAME.to_owned()];
@@ -358,12 +342,12 @@ fn call(
                     .map(|(id, _)| unique_name(*id)),
             );
             list.extend(st.names.names().map(str::to_owned));
-            ok(&|| bus_reply(msg, &(&list,)))
+            Ok(bus_reply(msg, &(&list,)))
         }
         (IFACE_DBUS, "ListActivatableNames") => {
             let mut list = vec![BUS_NAME.to_owned()];
             list.extend(st.catalog.names().map(str::to_owned));
-            ok(&|| bus_reply(msg, &(&list,)))
+            Ok(bus_reply(msg, &(&list,)))
         }
         (IFACE_DBUS, "AddMatch") => {
             let body = msg.body();
@@ -387,7 +371,7 @@ fn call(
                 }
             }
             st.matches.add(from, rule);
-            ok(&|| bus_reply(msg, &()))
+            Ok(bus_reply(msg, &()))
         }
         (IFACE_DBUS, "RemoveMatch") => {
             let body = msg.body();
@@ -406,7 +390,7 @@ fn call(
                     p.eavesdrop_rules -= 1;
                 }
             }
-            ok(&|| bus_reply(msg, &()))
+            Ok(bus_reply(msg, &()))
         }
         (IFACE_DBUS, "GetNameOwner") => {
             let body = msg.body();
@@ -425,7 +409,7 @@ fn call(
                     }
                 }
             };
-            ok(&|| bus_reply(msg, &(&owner,)))
+            Ok(bus_reply(msg, &(&owner,)))
         }
         (IFACE_DBUS, "ListQueuedOwners") => {
             let body = msg.body();
@@ -444,19 +428,19 @@ fn call(
                     format!("Could not get owners of name '{name}': no such name"),
                 ));
             }
-            ok(&|| bus_reply(msg, &(&list,)))
+            Ok(bus_reply(msg, &(&list,)))
         }
         (IFACE_DBUS, "GetConnectionUnixUser") => {
             let (uid, _) = creds_of(bus, st, msg, "UID")?;
             match uid {
-                Some(uid) => ok(&|| bus_reply(msg, &(uid,))),
+                Some(uid) => Ok(bus_reply(msg, &(uid,))),
                 None => Err((err::FAILED, "Could not determine UID".into())),
             }
         }
         (IFACE_DBUS, "GetConnectionUnixProcessID") => {
             let (_, pid) = creds_of(bus, st, msg, "PID")?;
             match pid {
-                Some(pid) => ok(&|| bus_reply(msg, &(pid,))),
+                Some(pid) => Ok(bus_reply(msg, &(pid,))),
                 None => Err((
                     err::UNIX_PROCESS_ID_UNKNOWN,
                     "Could not determine PID".into(),
@@ -481,9 +465,9 @@ fn call(
         (IFACE_DBUS, "ReloadConfig") => {
             info!("ReloadConfig requested by {}", unique_name(from));
             reload(st);
-            ok(&|| bus_reply(msg, &()))
+            Ok(bus_reply(msg, &()))
         }
-        (IFACE_DBUS, "GetId") => ok(&|| bus_reply(msg, &(&bus.guid,))),
+        (IFACE_DBUS, "GetId") => Ok(bus_reply(msg, &(&bus.guid,))),
         (IFACE_MONITORING, "BecomeMonitor") => become_monitor(bus, st, from, msg),
         (IFACE_INTROSPECT, "Introspect") => {
             let path = msg
@@ -492,15 +476,15 @@ fn call(
                 .map(|p| p.as_str().to_owned())
                 .unwrap_or_default();
             let xml = introspect(&path);
-            ok(&|| bus_reply(msg, &(&xml,)))
+            Ok(bus_reply(msg, &(&xml,)))
         }
-        (IFACE_PEER, "Ping") => ok(&|| bus_reply(msg, &())),
-        (IFACE_PEER, "GetMachineId") => ok(&|| bus_reply(msg, &(&bus.machine_id,))),
+        (IFACE_PEER, "Ping") => Ok(bus_reply(msg, &())),
+        (IFACE_PEER, "GetMachineId") => Ok(bus_reply(msg, &(&bus.machine_id,))),
         (IFACE_PROPS, "Get") => {
             let body = msg.body();
             let (i, prop): (&str, &str) = body.deserialize().map_err(|e| invalid(e.to_string()))?;
             let value = property(i, prop)?;
-            ok(&|| bus_reply(msg, &(Variant::from(value.clone()),)))
+            Ok(bus_reply(msg, &(Variant::from(value.clone()),)))
         }
         (IFACE_PROPS, "GetAll") => {
             let body = msg.body();
@@ -515,7 +499,7 @@ fn call(
                     format!("Interface \"{i}\" doesn't exist"),
                 ));
             }
-            ok(&|| bus_reply(msg, &(&all,)))
+            Ok(bus_reply(msg, &(&all,)))
         }
         (IFACE_PROPS, "Set") => {
             let body = msg.body();

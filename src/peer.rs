@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 use zbus::message::Message;
@@ -42,6 +42,8 @@ pub enum PushError {
     Full,
     /// The peer is gone or going.
     Closed,
+    /// The message carries fds and the peer did not negotiate fd passing.
+    NoFds,
 }
 
 struct Queue {
@@ -59,8 +61,8 @@ pub struct Outbox {
     max_fds: usize,
     /// Messages dropped because the queue was full (broadcast signals).
     pub dropped: AtomicU64,
-    /// Set once a write showed that the peer did not negotiate fd passing.
-    no_fds: AtomicBool,
+    /// The peer negotiated fd passing in its handshake.
+    fds_ok: bool,
     /// When the writer last got bytes out (ms on the process clock), or
     /// when the queue last started to fill.
     last_progress: AtomicU64,
@@ -89,7 +91,7 @@ fn now_ms() -> u64 {
 }
 
 impl Outbox {
-    pub fn new(max_bytes: usize, max_fds: usize) -> Self {
+    pub fn new(max_bytes: usize, max_fds: usize, fds_ok: bool) -> Self {
         Outbox {
             queue: Mutex::new(Queue {
                 messages: VecDeque::new(),
@@ -101,7 +103,7 @@ impl Outbox {
             max_bytes,
             max_fds,
             dropped: AtomicU64::new(0),
-            no_fds: AtomicBool::new(false),
+            fds_ok,
             last_progress: AtomicU64::new(now_ms()),
             drained: Notify::new(),
             no_wait_until: AtomicU64::new(0),
@@ -110,11 +112,15 @@ impl Outbox {
 
     /// Queue `msg`, unless that would pass the limits. A single message larger
     /// than the limit is still accepted into an empty queue, so that a peer
-    /// that reads can always receive anything the bus accepted.
-    pub fn push(&self, msg: Message) -> Result<(), PushError> {
+    /// that reads can always receive anything the bus accepted. Returns
+    /// whether a sender should now wait for this queue (see `wait_drained`).
+    pub fn push(&self, msg: Message) -> Result<bool, PushError> {
         let len = msg.data().len();
         let fds = msg.data().fds().len();
-        {
+        if fds > 0 && !self.fds_ok {
+            return Err(PushError::NoFds);
+        }
+        let half_full = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             if q.closed {
                 return Err(PushError::Closed);
@@ -129,13 +135,16 @@ impl Outbox {
             q.bytes += len;
             q.fds += fds;
             q.messages.push_back(msg);
-        }
+            q.bytes > self.max_bytes / 2
+        };
         self.ready.notify_one();
-        Ok(())
+        // More than half full and still moving: backpressure rather than
+        // dropped broadcasts.
+        Ok(half_full && !self.stuck() && now_ms() >= self.no_wait_until.load(Ordering::Relaxed))
     }
 
     /// Queue `msg`, counting it as dropped when it does not fit.
-    pub fn push_counted(&self, msg: Message) -> Result<(), PushError> {
+    pub fn push_counted(&self, msg: Message) -> Result<bool, PushError> {
         let r = self.push(msg);
         if r.is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -177,14 +186,6 @@ impl Outbox {
         self.drained.notify_waiters();
     }
 
-    /// More than half full, and still moving: a sender should wait for it
-    /// (backpressure) rather than have its broadcasts dropped.
-    pub fn pressured(&self) -> bool {
-        self.queued_bytes() > self.max_bytes / 2
-            && !self.stuck()
-            && now_ms() >= self.no_wait_until.load(Ordering::Relaxed)
-    }
-
     fn stuck(&self) -> bool {
         now_ms().saturating_sub(self.last_progress.load(Ordering::Relaxed)) > STUCK_MS
     }
@@ -223,11 +224,7 @@ impl Outbox {
     }
 
     pub fn fds_ok(&self) -> bool {
-        !self.no_fds.load(Ordering::Relaxed)
-    }
-
-    pub fn set_no_fds(&self) {
-        self.no_fds.store(true, Ordering::Relaxed);
+        self.fds_ok
     }
 
     pub fn queued_bytes(&self) -> usize {

@@ -226,6 +226,9 @@ where
         .ok()
 }
 
+const NO_FDS_TEXT: &str =
+    "Tried to send message with Unix file descriptors to a client that doesn't support that.";
+
 /// The smallest call from `caller` with `serial`: Message's reply builders
 /// need a header to answer.
 fn stand_in_call(caller: PeerId, serial: u32) -> Option<Message> {
@@ -240,13 +243,6 @@ fn stand_in_call(caller: PeerId, serial: u32) -> Option<Message> {
 /// An error reply to a call that is not at hand, only its caller and serial.
 fn detached_error(caller: PeerId, serial: u32, name: &str, text: &str) -> Option<Message> {
     bus_error(&stand_in_call(caller, serial)?, name, text)
-}
-
-fn detached_reply<B>(caller: PeerId, serial: u32, body: &B) -> Option<Message>
-where
-    B: serde::Serialize + zbus::wire::Type,
-{
-    bus_reply(&stand_in_call(caller, serial)?, &(body,))
 }
 
 impl Bus {
@@ -447,6 +443,32 @@ impl Bus {
 }
 
 impl State {
+    /// Send the outcome of a method the bus answers itself (driver, control
+    /// API): the reply, or the error, unless the caller asked for none.
+    pub fn answer(
+        &mut self,
+        from: PeerId,
+        call: &Message,
+        outcome: Result<Option<Message>, (&'static str, String)>,
+    ) {
+        if call
+            .primary_header()
+            .flags()
+            .contains(Flags::NO_REPLY_EXPECTED)
+        {
+            return;
+        }
+        match outcome {
+            Ok(Some(reply)) => self.send_to(from, reply),
+            Ok(None) => {}
+            Err((name, text)) => {
+                if let Some(e) = bus_error(call, name, &text) {
+                    self.send_to(from, e);
+                }
+            }
+        }
+    }
+
     /// Queue a message the bus sends (reply, error or unicast signal) to one peer.
     pub fn send_to(&mut self, to: PeerId, msg: Message) {
         self.capture(&msg, None, Some(Some(to)));
@@ -464,11 +486,11 @@ impl State {
         let Some(p) = self.peers.get(&to) else {
             return Err(PushError::Closed);
         };
-        let r = p.outbox.push_counted(msg);
-        if self.pressure.is_none() && p.outbox.pressured() {
+        let pressured = p.outbox.push_counted(msg)?;
+        if pressured && self.pressure.is_none() {
             self.pressure = Some(p.outbox.clone());
         }
-        r
+        Ok(())
     }
 
     /// Copy a message to the monitors whose rules match it.
@@ -508,11 +530,10 @@ impl State {
             |_, _| true,
             |k| {
                 if let Some(p) = peers.get(&k) {
-                    if let Err(e) = p.outbox.push_counted(msg.clone()) {
-                        debug!(peer = %unique_name(k), "broadcast not queued: {e:?}");
-                    }
-                    if pressure.is_none() && p.outbox.pressured() {
-                        *pressure = Some(p.outbox.clone());
+                    match p.outbox.push_counted(msg.clone()) {
+                        Ok(true) if pressure.is_none() => *pressure = Some(p.outbox.clone()),
+                        Ok(_) => {}
+                        Err(e) => debug!(peer = %unique_name(k), "broadcast not queued: {e:?}"),
                     }
                 }
             },
@@ -668,6 +689,7 @@ impl State {
                 err::NO_REPLY,
                 "Message recipient disconnected from message bus without replying",
             ),
+            Err(PushError::NoFds) => self.reply_error(msg, err::NOT_SUPPORTED, NO_FDS_TEXT),
         }
     }
 
@@ -686,13 +708,25 @@ impl State {
                 if let Some(p) = self.peers.get_mut(&to) {
                     p.pending_calls = p.pending_calls.saturating_sub(1);
                 }
-                if self.push(to, msg.clone()) == Err(PushError::Full) {
+                match self.push(to, msg.clone()) {
                     // The caller does not read even its own replies: it cannot be
                     // served consistently any more.
-                    warn!(peer = %unique_name(to), "outbox full on a reply; disconnecting");
-                    if let Some(p) = self.peers.get(&to) {
-                        p.cutter.cut();
+                    Err(PushError::Full) => {
+                        warn!(peer = %unique_name(to), "outbox full on a reply; disconnecting");
+                        if let Some(p) = self.peers.get(&to) {
+                            p.cutter.cut();
+                        }
                     }
+                    // A reply with fds for a caller that cannot take them:
+                    // the caller gets an error instead of waiting forever.
+                    Err(PushError::NoFds) => {
+                        if let Some(e) =
+                            detached_error(to, serial.get(), err::NOT_SUPPORTED, NO_FDS_TEXT)
+                        {
+                            self.send_to(to, e);
+                        }
+                    }
+                    _ => {}
                 }
                 self.eavesdrop(msg, Some(from), Some(Some(to)));
             }
@@ -766,57 +800,6 @@ impl State {
         let dest = unique_name(peer);
         if let Some(sig) = bus_signal(member, Some(&dest), &(name,)) {
             self.send_to(peer, sig);
-        }
-    }
-}
-
-impl Bus {
-    /// A message carrying fds could not be written to a peer that did not
-    /// negotiate fd passing. Nothing is lost silently: a call's sender gets
-    /// NotSupported; a reply becomes an error for its caller, except the
-    /// bus's own replies, which are sent again without their fds (the
-    /// ProcessFD of GetConnectionCredentials). Returns what to send instead.
-    pub fn undeliverable_fds(&self, msg: &Message) -> Option<Message> {
-        let hdr = msg.header();
-        match msg.message_type() {
-            Type::MethodCall => {
-                let mut st = self.lock();
-                if let Some(caller) = hdr.sender().and_then(|s| parse_unique_name(s)) {
-                    let serial = msg.primary_header().serial_num().get();
-                    if st.replies.remove(&(caller, serial)).is_some()
-                        && let Some(p) = st.peers.get_mut(&caller)
-                    {
-                        p.pending_calls = p.pending_calls.saturating_sub(1);
-                    }
-                }
-                st.reply_error(
-                    msg,
-                    err::NOT_SUPPORTED,
-                    "Tried to send message with Unix file descriptors to a client that doesn't support that.",
-                );
-                None
-            }
-            Type::MethodReturn | Type::Error => {
-                let caller = hdr.destination().and_then(|d| parse_unique_name(d))?;
-                let serial = hdr.reply_serial()?.get();
-                let from_bus = hdr.sender().map(|s| s.as_str()) == Some(BUS_NAME);
-                if from_bus && msg.message_type() == Type::MethodReturn {
-                    let body = msg.body();
-                    if let Ok(mut dict) =
-                        body.deserialize::<HashMap<String, zbus::wire::OwnedVariant>>()
-                    {
-                        dict.retain(|_, v| !matches!(**v, zbus::wire::Variant::Fd(_)));
-                        return detached_reply(caller, serial, &dict);
-                    }
-                }
-                detached_error(
-                    caller,
-                    serial,
-                    err::NOT_SUPPORTED,
-                    "The reply carried Unix file descriptors, which this connection did not negotiate",
-                )
-            }
-            Type::Signal => None,
         }
     }
 }

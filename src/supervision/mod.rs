@@ -431,14 +431,11 @@ impl Supervisor {
                     return;
                 }
             };
-            let mut svc_token = String::new();
             if let Some(svc) = st.services.get_mut(id) {
                 svc.invocation += 1;
                 svc.token = format!("{}-{}-{}", svc.def.id, std::process::id(), svc.invocation);
                 svc.recent_starts.push_back(Instant::now());
-                svc_token = svc.token.clone();
             }
-            let _ = svc_token;
             let svc = &st.services[id];
             SpawnRequest {
                 argv,

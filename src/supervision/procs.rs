@@ -12,6 +12,11 @@ pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
 
 /// The token in a process's environment, if any.
 pub fn token_of(pid: i32) -> Option<String> {
+    env_var_of(pid, TOKEN_VAR)
+}
+
+/// The value of `var` in a process's environment, if any.
+pub fn env_var_of(pid: i32, var: &str) -> Option<String> {
     let path = format!("/proc/{pid}/environ");
     let mut env = std::fs::read(&path).ok()?;
     // A process in the middle of execve shows an empty environment for a
@@ -27,7 +32,7 @@ pub fn token_of(pid: i32) -> Option<String> {
         env = std::fs::read(&path).ok()?;
         tries += 1;
     }
-    let prefix = format!("{TOKEN_VAR}=");
+    let prefix = format!("{var}=");
     env.split(|b| *b == 0)
         .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
         .map(|v| String::from_utf8_lossy(v).into_owned())
@@ -45,6 +50,11 @@ pub fn stat_of(pid: i32) -> Option<(i32, char)> {
 
 /// Every live (non-zombie) process carrying `token`.
 pub fn with_token(token: &str) -> BTreeSet<i32> {
+    with_env_var(TOKEN_VAR, token)
+}
+
+/// Every live (non-zombie) process whose environment has `var=value`.
+pub fn with_env_var(var: &str, value: &str) -> BTreeSet<i32> {
     let mut out = BTreeSet::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -57,7 +67,7 @@ pub fn with_token(token: &str) -> BTreeSet<i32> {
         else {
             continue;
         };
-        if token_of(pid).as_deref() == Some(token)
+        if env_var_of(pid, var).as_deref() == Some(value)
             && stat_of(pid).is_some_and(|(_, state)| state != 'Z')
         {
             out.insert(pid);

@@ -262,10 +262,8 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     let outbox = Arc::new(Outbox::new(
         bus.limits.max_outgoing_bytes as usize,
         bus.limits.max_outgoing_unix_fds as usize,
+        negotiated.fds,
     ));
-    if !negotiated.fds {
-        outbox.set_no_fds();
-    }
     let id = bus.add_peer(outbox.clone(), cutter.clone(), creds);
     let me = match OwnedUniqueName::try_from(unique_name(id)) {
         Ok(n) => n,
@@ -275,13 +273,7 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         }
     };
     info!(peer = %me, ?pid, "connected");
-    let writer = tokio::spawn(write_loop(
-        bus.clone(),
-        id,
-        stream.clone(),
-        outbox,
-        cutter.clone(),
-    ));
+    let writer = tokio::spawn(write_loop(id, stream.clone(), outbox, cutter.clone()));
 
     let mut next = Some(first);
     loop {
@@ -349,20 +341,15 @@ fn is_hello(msg: &Message) -> bool {
 }
 
 async fn write_loop(
-    bus: Arc<Bus>,
     id: PeerId,
     stream: Arc<tokio::net::UnixStream>,
     outbox: Arc<Outbox>,
     cutter: Arc<Cutter>,
 ) {
     let mut batch: Vec<Message> = Vec::new();
-    let fds_ok = outbox.fds_ok();
     while outbox.next_batch(&mut batch).await {
-        let result = if fds_ok || batch.iter().all(|m| m.data().fds().is_empty()) {
-            socket::write_all(&stream, &batch).await
-        } else {
-            send_without_fds(&bus, id, &stream, &batch).await
-        };
+        // Messages with fds never reach the outbox of a peer that cannot take them.
+        let result = socket::write_all(&stream, &batch).await;
         outbox.sent(&batch);
         batch.clear();
         if let Err(e) = result {
@@ -371,25 +358,4 @@ async fn write_loop(
             break;
         }
     }
-}
-
-/// For a peer that did not negotiate fd passing: what carries fds is
-/// answered or replaced (see `Bus::undeliverable_fds`), the rest is sent.
-async fn send_without_fds(
-    bus: &Bus,
-    id: PeerId,
-    stream: &tokio::net::UnixStream,
-    batch: &[Message],
-) -> std::io::Result<()> {
-    for m in batch {
-        if m.data().fds().is_empty() {
-            socket::write_all(stream, std::slice::from_ref(m)).await?;
-        } else {
-            debug!(peer = %unique_name(id), "a message with fds for a peer that cannot receive them");
-            if let Some(instead) = bus.undeliverable_fds(m) {
-                socket::write_all(stream, std::slice::from_ref(&instead)).await?;
-            }
-        }
-    }
-    Ok(())
 }

@@ -293,7 +293,9 @@ pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result
         let total: usize = msgs[i..end].iter().map(|m| m.data().len()).sum();
         let mut fds_sent = raw_fds.is_empty();
         while offset < total {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(end - i);
+            // On the stack: no allocation per write.
+            let mut buffers = [IoSlice::new(&[]); PER_CALL];
+            let mut used = 0;
             let mut skip = offset;
             for m in &msgs[i..end] {
                 let bytes: &[u8] = m.data();
@@ -301,14 +303,16 @@ pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result
                     skip -= bytes.len();
                     continue;
                 }
-                slices.push(IoSlice::new(&bytes[skip..]));
+                buffers[used] = IoSlice::new(&bytes[skip..]);
+                used += 1;
                 skip = 0;
             }
+            let slices = &buffers[..used];
             let rights = [ControlMessage::ScmRights(&raw_fds)];
             let cmsgs: &[ControlMessage<'_>] = if fds_sent { &[] } else { &rights };
             let n = stream
                 .async_io(Interest::WRITABLE, || {
-                    sendmsg::<UnixAddr>(fd, &slices, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+                    sendmsg::<UnixAddr>(fd, slices, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
                         .map_err(std::io::Error::from)
                 })
                 .await?;
