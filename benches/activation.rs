@@ -43,7 +43,8 @@ use futures_util::StreamExt;
 use zbus::message::{Message, Type};
 use zbus::{Connection, MessageStream, connection};
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::{Bus, Res};
 
 const IFACE: &str = "org.example.Bench";
 const PATH: &str = "/org/example/Bench";
@@ -104,13 +105,6 @@ fn serve(name: &str) -> Res<()> {
 
 // ---------------------------------------------------------------- arguments
 
-#[derive(Clone)]
-struct Bus {
-    name: String,
-    pid: u32,
-    address: String,
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Rust,
@@ -166,19 +160,7 @@ fn parse_args() -> Res<(Params, Vec<Bus>)> {
                     })
                     .collect::<Result<_, _>>()?;
             }
-            "--bus" => {
-                let spec = args.next().ok_or("--bus needs NAME,PID,ADDRESS")?;
-                let mut it = spec.splitn(3, ',');
-                let (Some(name), Some(pid), Some(address)) = (it.next(), it.next(), it.next())
-                else {
-                    return Err(format!("bad --bus {spec:?}: want NAME,PID,ADDRESS").into());
-                };
-                buses.push(Bus {
-                    name: name.to_string(),
-                    pid: pid.parse()?,
-                    address: address.to_string(),
-                });
-            }
+            "--bus" => buses.push(args.next().ok_or("--bus needs NAME,PID,ADDRESS")?.parse()?),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }

@@ -30,7 +30,8 @@ use tokio::sync::Notify;
 use zbus::message::{Message, Type};
 use zbus::{Connection, MessageStream, connection};
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::{Bus, Res};
 
 const IFACE: &str = "org.example.Bench";
 const PATH: &str = "/org/example/Bench";
@@ -38,13 +39,6 @@ const PATH: &str = "/org/example/Bench";
 const STALL: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------- arguments
-
-#[derive(Clone)]
-struct Bus {
-    name: String,
-    pid: u32,
-    address: String,
-}
 
 struct Params {
     quick: bool,
@@ -111,19 +105,7 @@ fn parse_args() -> Res<(Params, Vec<Bus>)> {
             // `cargo bench` appends this to a harness = false target.
             "--bench" => {}
             "--only" => only = Some(args.next().ok_or("--only needs a pattern")?),
-            "--bus" => {
-                let spec = args.next().ok_or("--bus needs NAME,PID,ADDRESS")?;
-                let mut it = spec.splitn(3, ',');
-                let (Some(name), Some(pid), Some(address)) = (it.next(), it.next(), it.next())
-                else {
-                    return Err(format!("bad --bus {spec:?}: want NAME,PID,ADDRESS").into());
-                };
-                buses.push(Bus {
-                    name: name.to_string(),
-                    pid: pid.parse()?,
-                    address: address.to_string(),
-                });
-            }
+            "--bus" => buses.push(args.next().ok_or("--bus needs NAME,PID,ADDRESS")?.parse()?),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }

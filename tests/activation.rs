@@ -36,6 +36,14 @@ struct ActBus {
 }
 
 impl ActBus {
+    /// Add a definition to the running bus (written, then ReloadConfig).
+    async fn define(&self, id: &str, name: &str, exec: &[&str], extra: &str) {
+        write_def(&self.dir, id, name, exec, extra);
+        bus_call(&connect(self.addr()).await, "ReloadConfig", &())
+            .await
+            .unwrap();
+    }
+
     /// A fresh services dir, filled by `defs`, then the bus.
     fn new(defs: impl FnOnce(&Path)) -> ActBus {
         Self::with(defs, None, &[])
@@ -517,11 +525,44 @@ async fn no_auto_start_gets_name_has_no_owner() {
         reply.header().error_name().map(|e| e.to_string()),
         Some(format!("{ERR}NameHasNoOwner"))
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Activation is decided while the call is routed, before the error
+    // reply: had it started the service, its state would say so now.
+    assert_eq!(service_state(&conn, "org.busvisor.T").await, "inactive");
     assert!(
         read_pids(&rec).is_empty(),
         "NO_AUTO_START started the service"
     );
+}
+
+/// The State property of the service that provides `name`, from busvisor's
+/// control API.
+async fn service_state(conn: &zbus::Connection, name: &str) -> String {
+    const SUP: &str = "org.busvisor.Supervisor1";
+    let path: zbus::wire::OwnedObjectPath = within(conn.call_method(
+        Some(SUP),
+        "/org/busvisor/Supervisor1",
+        Some(SUP),
+        "GetService",
+        &(name,),
+    ))
+    .await
+    .expect("GetService")
+    .body()
+    .deserialize()
+    .unwrap();
+    let v: zbus::wire::OwnedVariant = within(conn.call_method(
+        Some(SUP),
+        path.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.busvisor.Service1", "State"),
+    ))
+    .await
+    .expect("Get State")
+    .body()
+    .deserialize()
+    .unwrap();
+    String::try_from(v).unwrap()
 }
 
 /// 20 first calls at once, from 20 connections: one start, 20 replies.
@@ -644,16 +685,13 @@ async fn exec_failure_reaches_every_waiter_as_exec_failed() {
 async fn exit_before_the_name_reaches_every_waiter_as_child_exited() {
     let b = ActBus::new(|_| {});
     let when = b.file("exit-time");
-    write_def(
-        &b.dir,
+    b.define(
         "exit3",
         "org.busvisor.Exit3",
         &[&fixture("exit3.sh"), when.to_str().unwrap(), "0.5"],
         "",
-    );
-    bus_call(&connect(b.addr()).await, "ReloadConfig", &())
-        .await
-        .unwrap();
+    )
+    .await;
     let r = concurrent_failures(b.addr(), "org.busvisor.Exit3", 4, 2).await;
     let cause = read_epoch(&when);
     assert_all_failed(
@@ -703,16 +741,13 @@ async fn signal_before_the_name_reaches_every_waiter_as_child_signaled() {
 async fn never_taking_the_name_times_out_and_the_process_is_killed() {
     let b = ActBus::new(|_| {});
     let pidfile = b.file("noname.pid");
-    write_def(
-        &b.dir,
+    b.define(
         "noname",
         "org.busvisor.NoName",
         &[&fixture("noname.sh"), pidfile.to_str().unwrap()],
         "start_timeout = \"1s\"\nrestart = \"no\"",
-    );
-    bus_call(&connect(b.addr()).await, "ReloadConfig", &())
-        .await
-        .unwrap();
+    )
+    .await;
     let t0 = epoch_now();
     let r = concurrent_failures(b.addr(), "org.busvisor.NoName", 3, 2).await;
     for (_, _, at) in &r {
@@ -754,7 +789,15 @@ async fn a_slow_start_is_waited_for() {
     let c2 = connect(b.addr()).await;
     let t = Instant::now();
     let (pid, started) = tokio::join!(call_pid(&c1, "org.busvisor.Slow"), async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Join the start that c1's call began.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while service_state(&c2, "org.busvisor.Slow").await != "activating" {
+            assert!(
+                Instant::now() < deadline,
+                "the call did not start the service"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         bus_ok::<_, u32>(&c2, "StartServiceByName", &("org.busvisor.Slow", 0u32)).await
     });
     let took = t.elapsed();
@@ -774,16 +817,13 @@ async fn a_slow_start_is_waited_for() {
 async fn a_daemon_dying_before_its_name_fails_the_waiters_at_once() {
     let b = ActBus::new(|_| {});
     let when = b.file("daemon-exit-time");
-    write_def(
-        &b.dir,
+    b.define(
         "forkfail",
         "org.busvisor.ForkFail",
         &[&fixture("forkfail.sh"), when.to_str().unwrap(), "0.5"],
         "start_timeout = \"5s\"\nrestart = \"no\"",
-    );
-    bus_call(&connect(b.addr()).await, "ReloadConfig", &())
-        .await
-        .unwrap();
+    )
+    .await;
     let r = concurrent_failures(b.addr(), "org.busvisor.ForkFail", 2, 1).await;
     let cause = read_epoch(&when);
     assert_all_failed(
@@ -806,22 +846,35 @@ async fn pending_activation_limit_gives_limits_exceeded() {
         Some(&cfg),
         &[],
     );
-    let mut conns = Vec::new();
-    for _ in 0..4 {
-        conns.push(connect(b.addr()).await);
+    // Three calls pipelined on one connection, then a driver round trip on
+    // it: the bus routes a connection's messages in order, so when GetId is
+    // answered all three wait in the activation queue.
+    let first = connect(b.addr()).await;
+    let fourth = connect(b.addr()).await;
+    let mut s = stream(&first);
+    let mut serials = Vec::new();
+    for _ in 0..3 {
+        let m = Message::method_call(TEST_PATH, "Pid")
+            .destination("org.busvisor.Slow")
+            .interface(TEST_IFACE)
+            .build(&())
+            .unwrap();
+        serials.push(m.primary_header().serial_num());
+        within(first.send(&m)).await.unwrap();
     }
-    let fourth = conns.pop().unwrap();
-    let mut set = tokio::task::JoinSet::new();
-    for c in conns {
-        set.spawn(async move { call_pid(&c, "org.busvisor.Slow").await });
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus_call(&first, "GetId", &()).await.unwrap();
     let e = call(&fourth, "org.busvisor.Slow", "Pid").await.unwrap_err();
     assert_eq!(err_name(&e), format!("{ERR}LimitsExceeded"), "{e}");
     assert!(err_text(&e).contains("max_pending_service_starts=3"), "{e}");
     let mut pids = Vec::new();
-    while let Some(p) = set.join_next().await {
-        pids.push(p.unwrap());
+    for serial in serials {
+        let r = next_matching(&mut s, Duration::from_secs(10), |m| {
+            m.header().reply_serial() == Some(serial)
+        })
+        .await
+        .expect("a reply for each queued call");
+        assert_eq!(r.message_type(), zbus::message::Type::MethodReturn, "{r:?}");
+        pids.push(r.body().deserialize::<u32>().unwrap());
     }
     pids.dedup();
     assert_eq!(pids.len(), 1);
@@ -968,7 +1021,12 @@ async fn start_limit_ends_in_failed_with_a_clear_error() {
         assert_eq!(err_name(&r.unwrap_err()), format!("{ERR}NoReply"));
         assert!(wait_until(Duration::from_secs(3), || pid_gone(pid)));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait for the event that matters: the limit turned the service failed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while service_state(&conn, "org.busvisor.Limited").await != "failed" {
+        assert!(Instant::now() < deadline, "the service never became failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(read_pids(&rec).len(), 3, "started again after the limit");
     let t = Instant::now();
     let e = call(&conn, "org.busvisor.Limited", "Pid")
@@ -1243,7 +1301,14 @@ async fn reload_config_picks_up_a_new_file_and_broadcasts_the_change() {
         ],
         &monitor_out,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // A monitor gets NameLost for its own name once it is one: from then on
+    // it sees everything.
+    assert!(
+        wait_until(OP_TIMEOUT, || std::fs::read_to_string(&monitor_out)
+            .unwrap_or_default()
+            .contains("member=NameLost")),
+        "dbus-monitor did not become a monitor"
+    );
     let t = Instant::now();
     let out = gdbus_call(
         b.addr(),

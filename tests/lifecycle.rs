@@ -243,7 +243,10 @@ async fn snapshot_then_events_lose_nothing_under_churn() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Take the snapshot in the middle of the churn: once its first event is in.
+    next_matching(&mut s, Duration::from_secs(20), |m| event(m).is_some())
+        .await
+        .expect("the churn made an event");
     type Row = (
         String,
         Vec<String>,

@@ -668,3 +668,45 @@ async fn interleaved_fd_messages_keep_their_fds() {
     assert!(r.is_ok(), "only {got} of {N} messages arrived");
     bus.assert_alive();
 }
+
+/// A client that did not negotiate fd passing: a call carrying an fd to it
+/// gets NotSupported at once, and its own calls still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fds_to_a_client_without_fd_passing_are_refused() {
+    let mut bus = start_bus(None);
+    let mut raw = RawClient::connect_authenticated(&bus.socket);
+    let raw_name = raw.hello();
+    let caller = connect(&bus.address).await;
+    let file = tempfile::tempfile().expect("temp file");
+    let e = within(caller.call_method(
+        Some(raw_name.as_str()),
+        "/fd",
+        Some("org.busvisor.Fd"),
+        "Take",
+        &(zbus::wire::Fd::from(&file),),
+    ))
+    .await
+    .expect_err("the call cannot be delivered");
+    assert_eq!(
+        err_name(&e),
+        "org.freedesktop.DBus.Error.NotSupported",
+        "{e}"
+    );
+    // The same call without an fd is delivered.
+    let call = Message::method_call("/fd", "Take")
+        .destination(raw_name.as_str())
+        .interface("org.busvisor.Fd")
+        .with_flags(zbus::message::Flags::NO_REPLY_EXPECTED)
+        .build(&(7u32,))
+        .unwrap();
+    within(caller.send(&call)).await.unwrap();
+    let _ = raw.set_read_timeout(Some(Duration::from_secs(5)));
+    let got = loop {
+        let m = raw.recv().expect("message for the raw client");
+        if member(&m) == "Take" {
+            break m;
+        }
+    };
+    assert_eq!(got.body().deserialize::<u32>().unwrap(), 7);
+    bus.assert_alive();
+}

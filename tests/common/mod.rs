@@ -149,6 +149,12 @@ pub fn start_bus(config: Option<&str>) -> TestBus {
 }
 
 pub fn start_bus_with_args(config: Option<&str>, extra: &[&str]) -> TestBus {
+    start_bus_with_env(config, extra, &[])
+}
+
+/// Start the bus with a config file, extra arguments, and extra environment
+/// variables for the bus process (which its services inherit).
+pub fn start_bus_with_env(config: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> TestBus {
     let dir = tempfile::Builder::new()
         .prefix("busvisor-test")
         .tempdir()
@@ -180,6 +186,9 @@ pub fn start_bus_with_args(config: Option<&str>, extra: &[&str]) -> TestBus {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_path).expect("log file"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut child = cmd.spawn().expect("spawn busvisor");
     let stdout = child.stdout.take().expect("stdout");
     let mut proc = ChildGuard::new(child);
@@ -745,60 +754,5 @@ impl Drop for PidGuard {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-    }
-}
-
-/// Start busvisor like [`start_bus_with_args`], with extra environment
-/// variables for the bus process (which its services inherit).
-pub fn start_bus_with_env(config: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> TestBus {
-    let dir = tempfile::Builder::new()
-        .prefix("busvisor-test")
-        .tempdir()
-        .expect("tempdir");
-    let socket = dir.path().join("bus");
-    let stderr_path = dir.path().join("busvisor.log");
-    let mut cmd = Command::new(busvisor_bin());
-    cmd.arg("--nofork")
-        .arg(format!("--address=unix:path={}", socket.display()))
-        .arg("--print-address");
-    if let Some(text) = config {
-        let cfg = dir.path().join("bus.conf");
-        std::fs::write(&cfg, text).expect("write config");
-        cmd.arg(format!("--config-file={}", cfg.display()));
-    }
-    cmd.args(extra)
-        .env("RUST_LOG", "debug")
-        .env_remove("DBUS_SESSION_BUS_ADDRESS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).expect("log file"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn busvisor");
-    let stdout = child.stdout.take().expect("stdout");
-    let proc = ChildGuard::new(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let address = rx
-        .recv_timeout(OP_TIMEOUT)
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    assert!(
-        !address.is_empty(),
-        "busvisor printed no address; log:\n{}",
-        std::fs::read_to_string(&stderr_path).unwrap_or_default()
-    );
-    TestBus {
-        address,
-        socket,
-        dir,
-        stderr_path,
-        proc,
     }
 }
