@@ -324,13 +324,13 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     }
     bus.remove_peer(id);
     // Let the writer flush what is queued, but never wait on a stuck peer.
+    // The socket closes when the last handle to it goes, with this task.
     if tokio::time::timeout(Duration::from_millis(200), writer)
         .await
         .is_err()
     {
         cutter.cut();
     }
-    cutter.cut();
 }
 
 fn is_hello(msg: &Message) -> bool {

@@ -113,16 +113,19 @@ pub async fn handshake(
     guid: &str,
     peer_uid: u32,
 ) -> Result<Negotiated, SaslError> {
-    let mut nul = [0u8; 1];
-    if read_some(stream, &mut nul).await? == 0 {
+    // The NUL byte comes in the same read as the first command (one system
+    // call less per connection).
+    let mut first = [0u8; 512];
+    let n = read_some(stream, &mut first).await?;
+    if n == 0 {
         return Err(SaslError::Closed);
     }
-    if nul[0] != 0 {
+    if first[0] != 0 {
         return Err(SaslError::NoNulByte);
     }
     let mut lines = Lines {
         stream,
-        buf: Vec::new(),
+        buf: first[1..n].to_vec(),
     };
     let mut authenticated = false;
     let mut waiting_for_data = false;
