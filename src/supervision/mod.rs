@@ -196,16 +196,18 @@ impl Service {
         self.logs.push_back(line);
     }
 
-    /// The service's processes now: what we know, plus a scan for its token.
-    fn refresh_pids(&mut self) {
+    /// The service's processes now: what we know, plus what the latest scan
+    /// found with its token.
+    fn refresh_pids(&mut self, scan: &procs::Scan) {
         if self.token.is_empty() {
             return;
         }
-        let found = procs::with_token(&self.token);
         // Zombies stay until the reaper collects them, so that their exit is
         // attributed and announced.
         self.pids.retain(|p| procs::stat_of(*p).is_some());
-        self.pids.extend(found);
+        if let Some(found) = scan.get(&self.token) {
+            self.pids.extend(found);
+        }
     }
 }
 
@@ -314,6 +316,7 @@ pub fn start(bus: Arc<Bus>) -> std::io::Result<SupervisorHandle> {
         commands: HashMap::new(),
         shutdown_waiters: Vec::new(),
         shutting_down: false,
+        scan: procs::Scan::new(),
     };
     tokio::spawn(sup.run(rx));
     Ok(handle)
@@ -327,6 +330,9 @@ struct Supervisor {
     commands: HashMap<i32, oneshot::Sender<ExitKind>>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
+    /// Service processes by token, scanned just before the command that
+    /// needs them (see `command`).
+    scan: procs::Scan,
 }
 
 fn after(tx: &mpsc::UnboundedSender<Cmd>, delay: Duration, cmd: Cmd) {
@@ -335,6 +341,22 @@ fn after(tx: &mpsc::UnboundedSender<Cmd>, delay: Duration, cmd: Cmd) {
         tokio::time::sleep(delay).await;
         let _ = tx.send(cmd);
     });
+}
+
+/// Running services whose idle timeout has passed with no call pending to them.
+fn idle_due(st: &State) -> Vec<String> {
+    let now = Instant::now();
+    st.services
+        .iter()
+        .filter(|(_, s)| s.state == ServiceState::Running)
+        .filter(|(_, s)| {
+            s.def
+                .idle_timeout
+                .is_some_and(|t| now.duration_since(s.last_activity) >= t)
+        })
+        .filter(|(_, s)| s.peer.is_none_or(|p| !st.has_calls_pending_to(p)))
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 fn signal_all(pids: &BTreeSet<i32>, sig: Signal) {
@@ -353,6 +375,13 @@ impl Supervisor {
     }
 
     async fn command(&mut self, cmd: Cmd) {
+        if self.needs_scan(&cmd) {
+            // The scan reads every process's environment: on the blocking
+            // pool, so that neither the runtime nor the core lock waits.
+            self.scan = tokio::task::spawn_blocking(|| procs::scan(procs::TOKEN_VAR))
+                .await
+                .unwrap_or_default();
+        }
         {
             match cmd {
                 Cmd::Spawn(id) => self.spawn(&id).await,
@@ -379,6 +408,31 @@ impl Supervisor {
                     let _ = reply.send(r);
                 }
             }
+        }
+        // A pid from an old scan may since belong to someone else.
+        self.scan.clear();
+    }
+
+    /// Whether handling `cmd` looks at a service's processes.
+    fn needs_scan(&self, cmd: &Cmd) -> bool {
+        match cmd {
+            Cmd::Exited(pid, _) => {
+                !self.commands.contains_key(pid)
+                    && self
+                        .bus
+                        .lock()
+                        .services
+                        .values()
+                        .any(|s| s.pids.contains(pid) || s.launched_pid == Some(*pid))
+            }
+            Cmd::IdleCheck => !idle_due(&self.bus.lock()).is_empty(),
+            Cmd::Spawn(_) | Cmd::RestartDue(..) | Cmd::Start(..) | Cmd::RunCommand(..) => false,
+            Cmd::NameLost(_)
+            | Cmd::StartTimeout(..)
+            | Cmd::StopTimeout(..)
+            | Cmd::Recheck(..)
+            | Cmd::Shutdown(_)
+            | Cmd::Stop(..) => true,
         }
     }
 
@@ -507,7 +561,7 @@ impl Supervisor {
         };
         let svc = st.services.get_mut(&id).expect("found above");
         svc.pids.remove(&pid);
-        svc.refresh_pids();
+        svc.refresh_pids(&self.scan);
         // Dying of the stop signal busvisor sent is no failure.
         let asked_to_stop = svc.state == ServiceState::Stopping
             && matches!(
@@ -634,7 +688,7 @@ impl Supervisor {
         let Some(svc) = st.services.get_mut(id) else {
             return;
         };
-        svc.refresh_pids();
+        svc.refresh_pids(&self.scan);
         svc.stop_reason = Some(reason);
         svc.peer = None;
         if svc.pids.is_empty() {
@@ -664,7 +718,7 @@ impl Supervisor {
         let Some(svc) = current(&mut st, id, ServiceState::Stopping, inv) else {
             return;
         };
-        svc.refresh_pids();
+        svc.refresh_pids(&self.scan);
         if svc.pids.is_empty() {
             self.stopped(&mut st, id);
             return;
@@ -804,7 +858,7 @@ impl Supervisor {
         let Some(svc) = current(&mut st, id, ServiceState::Activating, inv) else {
             return;
         };
-        svc.refresh_pids();
+        svc.refresh_pids(&self.scan);
         if svc.pids.is_empty() {
             let text = format!(
                 "Process {} exited with status 0 and left no process to take the name",
@@ -832,7 +886,7 @@ impl Supervisor {
         );
         warn!(service = id, "{text}");
         // dbus-daemon kills the process it spawned; busvisor kills the tree.
-        svc.refresh_pids();
+        svc.refresh_pids(&self.scan);
         signal_all(&svc.pids, Signal::SIGKILL);
         self.start_failed(&mut st, id, "org.freedesktop.DBus.Error.TimedOut", &text);
     }
@@ -840,20 +894,7 @@ impl Supervisor {
     fn idle_check(&mut self) {
         let bus = self.bus.clone();
         let mut st = bus.lock();
-        let now = Instant::now();
-        let idle: Vec<String> = st
-            .services
-            .iter()
-            .filter(|(_, s)| s.state == ServiceState::Running)
-            .filter(|(_, s)| {
-                s.def
-                    .idle_timeout
-                    .is_some_and(|t| now.duration_since(s.last_activity) >= t)
-            })
-            .filter(|(_, s)| s.peer.is_none_or(|p| !st.has_calls_pending_to(p)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in idle {
+        for id in idle_due(&st) {
             info!(service = %id, "idle; stopping");
             self.begin_stop(&mut st, &id, StopReason::Idle);
         }
@@ -916,7 +957,7 @@ impl Supervisor {
         for id in ids {
             st.fail_waiters(&id, err::FAILED, "The bus is shutting down");
             let svc = st.services.get_mut(&id).expect("listed");
-            svc.refresh_pids();
+            svc.refresh_pids(&self.scan);
             if !svc.pids.is_empty() && svc.state != ServiceState::Stopping {
                 self.begin_stop(&mut st, &id, StopReason::Requested);
             } else if svc.state == ServiceState::Restarting {

@@ -6,7 +6,7 @@
 //! whole tree even after double forks and `setsid()`. Reading another
 //! process's environ needs the same uid, which a session bus has.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
 
@@ -48,14 +48,15 @@ pub fn stat_of(pid: i32) -> Option<(i32, char)> {
     Some((ppid, state))
 }
 
-/// Every live (non-zombie) process carrying `token`.
-pub fn with_token(token: &str) -> BTreeSet<i32> {
-    with_env_var(TOKEN_VAR, token)
-}
+/// Live (non-zombie) processes by the value of one environment variable.
+pub type Scan = HashMap<String, BTreeSet<i32>>;
 
-/// Every live (non-zombie) process whose environment has `var=value`.
-pub fn with_env_var(var: &str, value: &str) -> BTreeSet<i32> {
-    let mut out = BTreeSet::new();
+/// Every live (non-zombie) process whose environment has `var`, grouped by
+/// its value: one pass over /proc serves every service at once. It reads
+/// every process's environment, milliseconds on a busy desktop, so the
+/// supervisor runs it off the runtime and outside the core lock.
+pub fn scan(var: &str) -> Scan {
+    let mut out = Scan::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -67,13 +68,18 @@ pub fn with_env_var(var: &str, value: &str) -> BTreeSet<i32> {
         else {
             continue;
         };
-        if env_var_of(pid, var).as_deref() == Some(value)
+        if let Some(value) = env_var_of(pid, var)
             && stat_of(pid).is_some_and(|(_, state)| state != 'Z')
         {
-            out.insert(pid);
+            out.entry(value).or_default().insert(pid);
         }
     }
     out
+}
+
+/// Every live (non-zombie) process whose environment has `var=value`.
+pub fn with_env_var(var: &str, value: &str) -> BTreeSet<i32> {
+    scan(var).remove(value).unwrap_or_default()
 }
 
 #[cfg(test)]
