@@ -9,9 +9,10 @@
 //!
 //! For every workload the bus process's own CPU time (utime + stime from
 //! `/proc/PID/stat`) is read before and after the measured phase, so the CPU
-//! the clients burn on the same 2 cores does not blur the comparison. The
-//! workloads run bus after bus for each row (interleaved), so background noise
-//! from other processes hits all buses alike.
+//! the clients burn on the same 2 cores does not blur the comparison. Each
+//! row runs in rounds (3 in a full run, each a third of the work), bus after
+//! bus, the order reversed every round, and sums them: background load that
+//! comes and goes on a shared machine hits all buses alike.
 //!
 //! What "a message" is, for the CPU-per-message column:
 //! * method-call rows: 2 per call (the call routed to the service, the reply
@@ -40,8 +41,11 @@ const STALL: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------- arguments
 
+#[derive(Clone)]
 struct Params {
     quick: bool,
+    /// Rounds per row (the workload sizes below are per round).
+    rounds: usize,
     /// Run only the rows whose name contains this.
     only: Option<String>,
     /// Time limit of one measured phase.
@@ -65,6 +69,7 @@ impl Params {
         if quick {
             Params {
                 quick,
+                rounds: 1,
                 only: None,
                 limit: Duration::from_millis(700),
                 latency_calls: 2_000,
@@ -79,16 +84,17 @@ impl Params {
         } else {
             Params {
                 quick,
+                rounds: 3,
                 only: None,
                 limit: Duration::from_millis(2_500),
-                latency_calls: 20_000,
-                pipelined_calls: 300_000,
+                latency_calls: 7_000,
+                pipelined_calls: 100_000,
                 window: 64,
-                payload_calls: 100_000,
-                driver_calls: 300_000,
-                signals: 100_000,
+                payload_calls: 35_000,
+                driver_calls: 100_000,
+                signals: 35_000,
                 idle_conns: 1_000,
-                setup_time: Duration::from_millis(2_000),
+                setup_time: Duration::from_millis(700),
             }
         }
     }
@@ -173,6 +179,35 @@ struct Row {
     rate_unit: &'static str,
     per: &'static str,
     outcomes: Vec<Outcome>,
+}
+
+impl Outcome {
+    /// One outcome for several rounds of the same workload: totals, and the
+    /// mean of the latency figures.
+    fn merge(rounds: Vec<Outcome>) -> Outcome {
+        let n = rounds.len().max(1) as f64;
+        let secs: f64 = rounds
+            .iter()
+            .filter(|o| o.rate > 0.0)
+            .map(|o| o.units as f64 / o.rate)
+            .sum();
+        let units = rounds.iter().map(|o| o.units).sum();
+        let lat = rounds.iter().all(|o| o.lat.is_some()).then(|| {
+            let (a, b) = rounds
+                .iter()
+                .filter_map(|o| o.lat)
+                .fold((0.0, 0.0), |(a, b), (p50, p99)| (a + p50, b + p99));
+            (a / n, b / n)
+        });
+        Outcome {
+            rate: if secs > 0.0 { units as f64 / secs } else { 0.0 },
+            units,
+            ticks: rounds.iter().map(|o| o.ticks).sum(),
+            lat: lat.filter(|_| !rounds.is_empty()),
+            errors: rounds.iter().map(|o| o.errors).sum(),
+            failed: rounds.iter().find_map(|o| o.failed.clone()),
+        }
+    }
 }
 
 async fn measure<F, Fut>(bus: &Bus, f: F) -> Outcome
@@ -761,8 +796,9 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut mem: Vec<Memory> = Vec::new();
     eprintln!(
-        "bench: {} mode, buses: {}",
+        "bench: {} mode, {} round(s) per row, buses: {}",
         if p.quick { "quick" } else { "full" },
+        p.rounds,
         buses
             .iter()
             .map(|b| format!("{} (pid {})", b.name, b.pid))
@@ -822,13 +858,27 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
                 per: $per,
                 outcomes: vec![],
             };
-            for $bus in buses.iter().filter(|_| p.wanted(&row.name)) {
-                let o = measure($bus, || async { $body.await }).await;
-                eprintln!("  {} on {}: {:.0}/s", row.name, $bus.name, o.rate);
-                row.outcomes.push(o);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if !row.outcomes.is_empty() {
+            if p.wanted(&row.name) {
+                let mut per_bus: Vec<Vec<Outcome>> = vec![Vec::new(); buses.len()];
+                for round in 0..p.rounds {
+                    // A B, then B A, ...: drift in background load evens out.
+                    let order: Vec<usize> = if round % 2 == 0 {
+                        (0..buses.len()).collect()
+                    } else {
+                        (0..buses.len()).rev().collect()
+                    };
+                    for i in order {
+                        let $bus = &buses[i];
+                        let o = measure($bus, || async { $body.await }).await;
+                        per_bus[i].push(o);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                for (bus, rounds) in buses.iter().zip(per_bus) {
+                    let o = Outcome::merge(rounds);
+                    eprintln!("  {} on {}: {:.0}/s", row.name, bus.name, o.rate);
+                    row.outcomes.push(o);
+                }
                 rows.push(row);
             }
         }};

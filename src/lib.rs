@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod driver;
 pub mod lifecycle;
+pub mod logging;
 pub mod matching;
 pub mod names;
 pub mod peer;

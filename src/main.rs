@@ -6,12 +6,13 @@ use tracing_subscriber::EnvFilter;
 use busvisor::cli::{Cli, Command, DaemonArgs, RunArgs, normalize_args};
 use busvisor::daemon::{self, Options, Output};
 
+/// Log to stderr, never blocking on it (see `busvisor::logging`).
 fn init_logging(level: Option<&str>) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(busvisor::logging::LogWriter::new(std::io::stderr()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -330,6 +331,62 @@ async fn names_limit_counts_the_unique_name() {
     let (owned, err) = fill_names(&a, 1).await;
     assert_eq!(err.as_deref(), Some(LIMITS_EXCEEDED));
     assert_eq!(owned, 2);
+}
+
+/// A bus whose stderr nobody reads (a harness's pipe) must keep serving:
+/// log lines that do not fit are dropped, not waited for, and counted.
+#[test]
+fn unread_log_pipe_does_not_stall_the_bus() {
+    if is_reference() {
+        return;
+    }
+    let mut bus = start_bus_with_stderr_pipe();
+    // RUST_LOG=debug (set by start_bus): several lines per connection, so
+    // 1,000 connections write far more than a pipe holds (64 KiB).
+    let started = Instant::now();
+    for _ in 0..1000 {
+        let mut c = RawClient::connect_authenticated(&bus.socket);
+        let name = c.hello();
+        assert!(name.starts_with(":1."), "Hello answered {name:?}");
+    }
+    eprintln!(
+        "1000 connections with the log pipe full: {:?}",
+        started.elapsed()
+    );
+    // The pipe did fill: once drained, the next line that gets through
+    // tells how many were dropped.
+    let mut pipe = bus.proc.child.stderr.take().expect("stderr pipe");
+    nix::fcntl::fcntl(
+        &pipe,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let mut drained = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while let Ok(n) = pipe.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        drained.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        drained.len() >= 60_000,
+        "only {} bytes of log",
+        drained.len()
+    );
+    let mut c = RawClient::connect_authenticated(&bus.socket);
+    c.hello();
+    let mut after = String::new();
+    assert!(
+        wait_until(OP_TIMEOUT, || {
+            if let Ok(n) = pipe.read(&mut chunk) {
+                after.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+            after.contains("log lines dropped")
+        }),
+        "no notice of dropped lines; log after draining:\n{after}"
+    );
+    bus.assert_alive();
 }
 
 #[test]

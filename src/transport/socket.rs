@@ -210,13 +210,31 @@ impl zbus::connection::socket::ReadHalf for Reader {
             let (mut chunk, n, fds) = loop {
                 self.stream.readable().await?;
                 let mut chunk = vec![0u8; CHUNK];
-                match self
-                    .stream
-                    .try_io(Interest::READABLE, || recv_now(fd, &mut chunk))
-                {
-                    Ok((n, fds)) => break (chunk, n, fds),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+                let mut got = None;
+                let r = self.stream.try_io(Interest::READABLE, || {
+                    let (n, fds) = recv_now(fd, &mut chunk)?;
+                    // A short read without fds emptied the socket: report it
+                    // drained, so that the next read waits for the next edge
+                    // instead of spending a recvmsg on EAGAIN (bytes that
+                    // arrive later raise a new edge). One system call less
+                    // per message. With fds it proves nothing: the kernel
+                    // ends a read after the data that carried them. (Nothing
+                    // else ends a unix stream read early but SO_PASSCRED,
+                    // which busvisor does not set, and out-of-band data,
+                    // which delays only the client that sends it.)
+                    let drained = n > 0 && n < CHUNK && fds.is_empty();
+                    got = Some((n, fds));
+                    if drained {
+                        Err(std::io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                });
+                match (r, got) {
+                    (_, Some((n, fds))) => break (chunk, n, fds),
+                    (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    (Err(e), None) => return Err(e),
+                    (Ok(()), None) => unreachable!("try_io returned Ok without reading"),
                 }
             };
             if n == 0 {

@@ -155,6 +155,21 @@ pub fn start_bus_with_args(config: Option<&str>, extra: &[&str]) -> TestBus {
 /// Start the bus with a config file, extra arguments, and extra environment
 /// variables for the bus process (which its services inherit).
 pub fn start_bus_with_env(config: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> TestBus {
+    start_bus_inner(config, extra, env, None)
+}
+
+/// Start the bus with its stderr on a pipe that the test holds, in
+/// `bus.proc.child.stderr`, and reads only when it wants to.
+pub fn start_bus_with_stderr_pipe() -> TestBus {
+    start_bus_inner(None, &[], &[], Some(Stdio::piped()))
+}
+
+fn start_bus_inner(
+    config: Option<&str>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    stderr: Option<Stdio>,
+) -> TestBus {
     let dir = tempfile::Builder::new()
         .prefix("busvisor-test")
         .tempdir()
@@ -185,7 +200,11 @@ pub fn start_bus_with_env(config: Option<&str>, extra: &[&str], env: &[(&str, &s
         .env_remove("DBUS_SESSION_BUS_ADDRESS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).expect("log file"));
+        .stderr(stderr.unwrap_or_else(|| {
+            std::fs::File::create(&stderr_path)
+                .expect("log file")
+                .into()
+        }));
     for (k, v) in env {
         cmd.env(k, v);
     }
