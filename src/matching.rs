@@ -1342,6 +1342,24 @@ impl<K: Copy + Eq + Hash> MatchIndex<K> {
         self.keys.is_empty()
     }
 
+    /// Whether any rule could match a message with these header fields whose
+    /// first argument is the string `arg0`, judged by the buckets alone:
+    /// `for_each_match` would find nothing when this is false. The bus asks
+    /// before building a signal of its own that nobody may want.
+    pub fn may_match(&self, member: &str, interface: &str, sender: &str, arg0: &str) -> bool {
+        let hit = |b: &Bucket| !b.rest.is_empty() || b.by_arg0.contains_key(arg0);
+        self.members.get(member).is_some_and(hit)
+            || self.interfaces.get(interface).is_some_and(hit)
+            || self.senders.get(sender).is_some_and(hit)
+            // Rules on other well-known names the sender may own.
+            || (self.well_known_senders > 0
+                && self
+                    .senders
+                    .iter()
+                    .any(|(name, b)| !name.starts_with(':') && hit(b)))
+            || hit(&self.wildcard)
+    }
+
     /// Calls `visit` once for each key that has a rule matching the message and for which
     /// `filter(key, rule)` is true (the bus decides about eavesdropping there).
     pub fn for_each_match(
@@ -2010,6 +2028,59 @@ mod tests {
             idx.entries.iter().filter(|e| e.is_some()).count() + idx.free.len()
         );
         assert_eq!(visited(&idx, &m, &o), [4]);
+    }
+
+    /// `may_match` is false only where `for_each_match` finds nothing, and
+    /// false for the rules a bus typically holds about other names.
+    #[test]
+    fn may_match_agrees_with_the_search() {
+        let noc = |name: &str| {
+            Message::signal(
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "NameOwnerChanged",
+            )
+            .sender("org.freedesktop.DBus")
+            .build(&(name, "", ":1.5"))
+            .unwrap()
+        };
+        let rules_and_names = [
+            ("member='NameOwnerChanged',arg0='org.x.Watched'", false),
+            ("member='NameAcquired'", false),
+            ("interface='org.x.Other'", false),
+            ("sender='org.x.Other',arg0='org.x.Watched'", false),
+            ("member='NameOwnerChanged'", true),
+            ("interface='org.freedesktop.DBus'", true),
+            ("sender='org.freedesktop.DBus'", true),
+            ("sender='org.x.Other'", true),
+            ("type='signal'", true),
+            ("arg0='org.x.Watched'", false),
+            ("arg0=':1.5'", true),
+            ("arg0namespace='org.x'", true),
+        ];
+        // The rule, and whether a unique name's signal may match it.
+        for (r, unique_may) in rules_and_names {
+            let mut idx = MatchIndex::new();
+            idx.add(1u32, rule(r));
+            for name in [":1.5", "org.x.Watched", "org.y.Other"] {
+                let m = noc(name);
+                let o = TestOwners::for_msg(&m);
+                let found = !visited(&idx, &m, &o).is_empty();
+                let may = idx.may_match(
+                    "NameOwnerChanged",
+                    "org.freedesktop.DBus",
+                    "org.freedesktop.DBus",
+                    name,
+                );
+                assert!(
+                    may || !found,
+                    "{r}: {name} matched though may_match said no"
+                );
+                if name == ":1.5" {
+                    assert_eq!(may, unique_may, "{r}: may_match for a unique name");
+                }
+            }
+        }
     }
 
     #[test]

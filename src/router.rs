@@ -747,6 +747,15 @@ impl State {
 
     /// Broadcast NameOwnerChanged.
     pub fn announce_owner(&mut self, name: &str, old: Option<&str>, new: Option<&str>) {
+        // Every connect and disconnect announces its unique name, which
+        // hardly anyone watches: build the signal only for a possible taker.
+        if self.monitors.is_empty()
+            && !self
+                .matches
+                .may_match("NameOwnerChanged", BUS_NAME, BUS_NAME, name)
+        {
+            return;
+        }
         if let Some(sig) = bus_signal(
             "NameOwnerChanged",
             None,
