@@ -689,7 +689,17 @@ fn credentials(bus: &Bus, st: &State, from: PeerId, msg: &Message) -> Answer {
             dict.insert("UnixUserID", Variant::from(uid));
         }
         if let (Some(uid), Some(gid)) = (peer.creds.uid, peer.creds.gid) {
-            let gids = bus.groups_of(uid, gid);
+            // From the socket; the user database only on kernels without
+            // SO_PEERGROUPS.
+            let gids = match peer.cutter.groups() {
+                Some(mut g) => {
+                    g.push(gid);
+                    g.sort_unstable();
+                    g.dedup();
+                    g
+                }
+                None => bus.groups_of(uid, gid),
+            };
             if !gids.is_empty() {
                 dict.insert("UnixGroupIDs", Variant::from(gids));
             }

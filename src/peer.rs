@@ -30,7 +30,7 @@ pub fn parse_unique_name(name: &str) -> Option<PeerId> {
 #[derive(Debug, Default)]
 pub struct Credentials {
     pub uid: Option<u32>,
-    /// Primary gid; the full group list is looked up when asked for.
+    /// Primary gid; the supplementary groups are read when asked for.
     pub gid: Option<u32>,
     pub pid: Option<u32>,
 }
@@ -245,6 +245,39 @@ impl Cutter {
     pub fn cut(&self) {
         use std::os::fd::AsRawFd;
         let _ = nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+
+    /// The peer's supplementary groups as the kernel recorded them when it
+    /// connected (SO_PEERGROUPS, Linux 4.13+), as dbus-daemon reads them: the
+    /// groups the process really had, with no user database lookup.
+    pub fn groups(&self) -> Option<Vec<u32>> {
+        use std::os::fd::AsRawFd;
+        const GID: usize = std::mem::size_of::<libc::gid_t>();
+        let mut buf: Vec<libc::gid_t> = vec![0; 64];
+        loop {
+            let mut len = (buf.len() * GID) as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes, the size of
+            // `buf`, and sets `len` to what it wrote (or, with ERANGE, to
+            // what it needs). nix has no SO_PEERGROUPS.
+            let r = unsafe {
+                libc::getsockopt(
+                    self.0.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERGROUPS,
+                    buf.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            if r == 0 {
+                buf.truncate(len as usize / GID);
+                return Some(buf);
+            }
+            let needed = len as usize / GID;
+            if nix::errno::Errno::last() != nix::errno::Errno::ERANGE || needed <= buf.len() {
+                return None;
+            }
+            buf.resize(needed, 0);
+        }
     }
 
     /// A pidfd of the peer process (SO_PEERPIDFD), fetched when asked for.

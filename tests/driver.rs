@@ -658,6 +658,43 @@ async fn connection_credentials() {
     .await;
 }
 
+/// UnixGroupIDs are the groups the client process had when it connected
+/// (as dbus-daemon reads them, with SO_PEERGROUPS), not the user database's
+/// list for its uid: a client started with other supplementary groups (by
+/// `setpriv`, which needs root) reports those.
+#[test]
+fn credentials_report_the_connecting_process_groups() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: setpriv --groups needs root");
+        return;
+    }
+    let bus = start_bus(None);
+    let script = format!(
+        "import sys; sys.path.insert(0, {dir:?}); import minibus\n\
+         c = minibus.Connection({addr:?})\n\
+         creds = c.call('org.freedesktop.DBus', '/org/freedesktop/DBus', \
+         'org.freedesktop.DBus', 'GetConnectionCredentials', 's', [c.unique_name])[0]\n\
+         print(creds['UnixGroupIDs'])",
+        dir = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d"),
+        addr = bus.address,
+    );
+    let gid = nix::unistd::getgid().as_raw().to_string();
+    let out = run_tool(
+        "setpriv",
+        &["--groups", "4343,4242", "--", "python3", "-c", &script],
+        OP_TIMEOUT,
+    );
+    out.assert_ok();
+    let mut want = vec![gid.parse::<u32>().unwrap(), 4242, 4343];
+    want.sort_unstable();
+    want.dedup();
+    assert!(
+        out.stdout.contains(&format!("{want:?}")),
+        "UnixGroupIDs: {} (want {want:?})",
+        out.stdout.trim()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 
 async fn credentials_for_client_without_fd_passing() {
