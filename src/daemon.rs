@@ -280,7 +280,12 @@ pub async fn run_daemon(opts: Options) -> Result<(), DaemonError> {
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
-                crate::driver::reload(&mut running.bus.lock());
+                // The files are read on the blocking pool, without the lock.
+                let dirs = running.bus.lock().service_dirs.clone();
+                match tokio::task::spawn_blocking(move || crate::driver::scan_definitions(&dirs)).await {
+                    Ok(scanned) => crate::driver::apply_reload(&mut running.bus.lock(), scanned),
+                    Err(e) => warn!("reload failed: {e}"),
+                }
             }
         }
     }

@@ -9,6 +9,7 @@ use zbus::message::Message;
 use zbus::names::{BusName, WellKnownName};
 use zbus::wire::Variant;
 
+use crate::activation::definition::{Catalog, ServiceDirSpec};
 use crate::matching::MatchRule;
 use crate::peer::{PeerId, parse_unique_name, unique_name};
 use crate::router::{BUS_NAME, BUS_PATH, Bus, State, Verdict, bus_reply, err};
@@ -757,9 +758,20 @@ fn become_monitor(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> Ans
 /// Re-read the service definitions and tell everyone, as dbus-daemon does
 /// (ActivatableServicesChanged is sent even when nothing changed).
 pub fn reload(st: &mut State) {
-    let (toml_dirs, service_dirs) = st.service_dirs.clone();
-    let (catalog, warnings) =
-        crate::activation::definition::Catalog::scan(&toml_dirs, &service_dirs);
+    let scanned = scan_definitions(&st.service_dirs);
+    apply_reload(st, scanned);
+}
+
+/// The service definitions as the directories hold them now. File reads:
+/// callers that can, run it without the lock and then [`apply_reload`].
+pub fn scan_definitions(
+    dirs: &(Vec<std::path::PathBuf>, Vec<ServiceDirSpec>),
+) -> (Catalog, Vec<String>) {
+    Catalog::scan(&dirs.0, &dirs.1)
+}
+
+/// Install freshly scanned definitions and announce them.
+pub fn apply_reload(st: &mut State, (catalog, warnings): (Catalog, Vec<String>)) {
     for w in &warnings {
         warn!("{w}");
     }

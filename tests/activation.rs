@@ -1250,6 +1250,39 @@ async fn idle_service_exits_and_the_next_call_activates_it_again() {
 
 // ---------------------------------------------------------------- reload
 
+/// SIGHUP re-reads the definitions (the files are read without the routing
+/// lock) and broadcasts ActivatableServicesChanged. The directory does not
+/// exist when the bus starts, so it is not watched: only the signal finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_definitions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("later");
+    let bus = start_bus_with_env(None, &["--services-dir", dir.to_str().unwrap()], &[]);
+    let c = connect(&bus.address).await;
+    add_match(&c, "type='signal',member='ActivatableServicesChanged'").await;
+    let mut s = stream(&c);
+    std::fs::create_dir(&dir).unwrap();
+    write_testsvc(&dir, "late", "org.busvisor.Late", &[], "");
+    let names = bus_ok::<_, Vec<String>>(&c, "ListActivatableNames", &()).await;
+    assert!(
+        !names.contains(&"org.busvisor.Late".to_owned()),
+        "{names:?}"
+    );
+    let t = Instant::now();
+    bus.proc.signal(Signal::SIGHUP);
+    let sig = next_matching(&mut s, OP_TIMEOUT, |m| {
+        is_signal(m, "ActivatableServicesChanged")
+    })
+    .await;
+    assert!(sig.is_some(), "no ActivatableServicesChanged after SIGHUP");
+    eprintln!(
+        "measured: SIGHUP -> ActivatableServicesChanged: {:?}",
+        t.elapsed()
+    );
+    let names = bus_ok::<_, Vec<String>>(&c, "ListActivatableNames", &()).await;
+    assert!(names.contains(&"org.busvisor.Late".to_owned()), "{names:?}");
+}
+
 /// A new definition file is picked up (the directory is watched), and
 /// ReloadConfig re-reads the definitions and broadcasts
 /// ActivatableServicesChanged, even when nothing changed (as dbus-daemon).

@@ -50,7 +50,10 @@ pub fn spawn(bus: Arc<Bus>, dirs: Vec<PathBuf>) {
                     }
                 }
                 info!("a service directory changed: reloading definitions");
-                crate::driver::reload(&mut bus.lock());
+                // Read the files without holding the lock: clients go on meanwhile.
+                let dirs = bus.lock().service_dirs.clone();
+                let scanned = crate::driver::scan_definitions(&dirs);
+                crate::driver::apply_reload(&mut bus.lock(), scanned);
             }
         });
     if let Err(e) = spawned {
