@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use zbus::message::Type;
@@ -100,23 +100,47 @@ async fn second_hello_is_an_error_not_a_disconnect() {
     assert!(names.contains(&unique(&a)));
 }
 
+/// As dbus-daemon 1.14: a method call before Hello gets AccessDenied, and
+/// the connection stays, unregistered: a Hello after it works. One that
+/// never sends Hello is dropped after auth_timeout, like any incomplete
+/// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_message_must_be_hello() {
-    let mut bus = start_bus(None);
+    let mut bus = start_bus(Some(&config_xml(&[("auth_timeout", 1500)])));
     let mut raw = RawClient::connect_authenticated(&bus.socket);
     raw.send(&bus_method_msg("ListNames", &())).unwrap();
-    // dbus-daemon disconnects a client whose first message is not Hello.
-    let mut got_reply = false;
-    let _ = raw.stream.set_read_timeout(Some(Duration::from_secs(5)));
-    while let Some(m) = raw.recv() {
-        if m.message_type() == Type::MethodReturn {
-            got_reply = true;
+    let m = raw.recv().expect("an answer to ListNames before Hello");
+    assert_eq!(m.message_type(), Type::Error);
+    assert_eq!(
+        m.header().error_name().map(|e| e.as_str()),
+        Some("org.freedesktop.DBus.Error.AccessDenied")
+    );
+    let text: String = m.body().deserialize().unwrap();
+    assert!(text.contains("other than Hello"), "{text}");
+    // Still connected, and still able to register.
+    let name = raw.hello();
+    assert!(name.starts_with(":1."), "{name}");
+
+    // A client that keeps sending other calls and never Hello is dropped
+    // once auth_timeout has passed since it connected.
+    let mut stubborn = RawClient::connect_authenticated(&bus.socket);
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        if stubborn.send(&bus_method_msg("ListNames", &())).is_err() {
+            break;
         }
+        match stubborn.recv() {
+            Some(m) if m.message_type() == Type::Error => answered += 1,
+            _ => break,
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!got_reply, "ListNames before Hello was answered");
+    let lasted = started.elapsed();
+    assert!(answered > 0, "no AccessDenied before the drop");
     assert!(
-        raw.closed_within(Duration::from_secs(1)),
-        "connection not closed"
+        lasted >= Duration::from_millis(1300) && lasted < Duration::from_secs(4),
+        "dropped after {lasted:?} (auth_timeout 1.5 s)"
     );
     // The bus still serves others.
     bus.assert_alive();

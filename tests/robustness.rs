@@ -391,6 +391,11 @@ fn unread_log_pipe_does_not_stall_the_bus() {
 
 #[test]
 fn sigterm_exits_zero_and_removes_socket() {
+    // busvisor's own contract: dbus-daemon dies of the signal instead and
+    // leaves its socket file.
+    if is_reference() {
+        return;
+    }
     let mut bus = start_bus(None);
     assert!(bus.socket.exists());
     // A connected client does not keep the bus alive.
@@ -411,6 +416,11 @@ fn sigterm_exits_zero_and_removes_socket() {
 
 #[test]
 fn sigint_exits_zero_too() {
+    // busvisor's own contract: dbus-daemon dies of the signal instead and
+    // leaves its socket file.
+    if is_reference() {
+        return;
+    }
     let mut bus = start_bus(None);
     bus.proc.signal(nix::sys::signal::Signal::SIGINT);
     let st = bus

@@ -486,6 +486,12 @@ async fn callee_disconnecting_gives_no_reply_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrequested_replies_are_not_delivered() {
+    // The rule, and the specification's. dbus-daemon with its
+    // session.conf delivers them: its `<allow send_destination="*"
+    // eavesdrop="true"/>` also lets unrequested replies through.
+    if is_reference() {
+        return;
+    }
     let bus = start_bus(None);
     let a = connect(&bus.address).await;
     let b = connect(&bus.address).await;

@@ -235,30 +235,47 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     let mut seq = 0u64;
     let mut received_fds = Vec::new();
     // The peer joins the bus, and gets its unique name, with its Hello.
-    let first = tokio::time::timeout_at(
-        deadline,
-        reader.receive_message(seq, &mut leftover, &mut received_fds),
-    )
-    .await;
-    let first = match first {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => return debug!(?pid, "read error before Hello: {e}"),
-        Err(_) => {
-            cutter.cut();
-            return info!(
-                ?pid,
-                "dropped a connection that sent no Hello within {timeout:?}"
-            );
+    // Before it, as in dbus-daemon, a method call gets AccessDenied and the
+    // connection stays unregistered (and incomplete, on the same deadline).
+    let first = loop {
+        let m = tokio::time::timeout_at(
+            deadline,
+            reader.receive_message(seq, &mut leftover, &mut received_fds),
+        )
+        .await;
+        let m = match m {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return debug!(?pid, "read error before Hello: {e}"),
+            Err(_) => {
+                cutter.cut();
+                return info!(
+                    ?pid,
+                    "dropped a connection that sent no Hello within {timeout:?}"
+                );
+            }
+        };
+        if is_hello(&m) {
+            break m;
+        }
+        seq += 1;
+        if m.message_type() == zbus::message::Type::MethodCall
+            && !m
+                .primary_header()
+                .flags()
+                .contains(zbus::message::Flags::NO_REPLY_EXPECTED)
+            && let Some(e) = crate::router::bus_error(
+                &m,
+                crate::router::err::ACCESS_DENIED,
+                "Client tried to send a message other than Hello without being registered",
+            )
+        {
+            let sent = tokio::time::timeout_at(deadline, socket::write_all(&stream, &[e])).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return debug!(?pid, "cannot answer a message sent before Hello");
+            }
         }
     };
     drop(incomplete);
-    if !is_hello(&first) {
-        cutter.cut();
-        return info!(
-            ?pid,
-            "disconnecting a client whose first message is not Hello"
-        );
-    }
     let outbox = Arc::new(Outbox::new(
         bus.limits.max_outgoing_bytes as usize,
         bus.limits.max_outgoing_unix_fds as usize,
