@@ -10,9 +10,12 @@ use std::collections::{BTreeSet, HashMap};
 
 pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
 
-/// The token in a process's environment, if any.
+/// The token in a process's environment, if any. One read, no waiting:
+/// the router asks under its lock, about a process that owns a bus name
+/// (so is not in the middle of an execve).
 pub fn token_of(pid: i32) -> Option<String> {
-    env_var_of(pid, TOKEN_VAR)
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    value_in(&env, TOKEN_VAR)
 }
 
 /// The value of `var` in a process's environment, if any.
@@ -32,6 +35,11 @@ pub fn env_var_of(pid: i32, var: &str) -> Option<String> {
         env = std::fs::read(&path).ok()?;
         tries += 1;
     }
+    value_in(&env, var)
+}
+
+/// The value of `var` in the NUL-separated `KEY=value` list of an environ file.
+fn value_in(env: &[u8], var: &str) -> Option<String> {
     let prefix = format!("{var}=");
     env.split(|b| *b == 0)
         .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
