@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
-use zbus::message::{Flags, Message, Type};
+use zbus::message::{Message, Type};
 use zbus::wire::{ObjectPath, OwnedVariant, Variant};
 
 use crate::lifecycle::{self, IFACE, PATH, SERVICE_IFACE, SERVICE_PATH_PREFIX};
@@ -186,8 +186,8 @@ fn manager(
             operation(bus, st, from, msg, member, &id)
         }
         (Some(IFACE) | None, "Reload", "") => {
-            crate::driver::reload(st);
-            Ok(bus_reply(msg, &()))
+            crate::driver::request_reload(bus, st, from, msg);
+            Ok(None)
         }
         (Some(IFACE) | None, "GetLogs", "su") => {
             let body = msg.body();
@@ -249,10 +249,7 @@ fn operation(
             Err(_) => bus_error(&call, err::FAILED, "the supervisor dropped the request"),
         };
         if let Some(r) = reply
-            && !call
-                .primary_header()
-                .flags()
-                .contains(Flags::NO_REPLY_EXPECTED)
+            && crate::router::wants_reply(&call)
         {
             bus.lock().send_to(from, r);
         }

@@ -3,6 +3,7 @@
 //! error names and texts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tracing::{info, warn};
 use zbus::message::Message;
@@ -202,7 +203,7 @@ fn invalid(text: String) -> (&'static str, String) {
 }
 
 /// Handle a message addressed to `org.freedesktop.DBus`.
-pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> Verdict {
+pub(crate) fn handle(bus: &Arc<Bus>, st: &mut State, from: PeerId, msg: &Message) -> Verdict {
     if msg.message_type() != zbus::message::Type::MethodCall {
         // Signals to the bus are allowed and ignored, as dbus-daemon does.
         return Verdict::Continue;
@@ -261,7 +262,7 @@ pub(crate) fn handle(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> 
 }
 
 fn call(
-    bus: &Bus,
+    bus: &Arc<Bus>,
     st: &mut State,
     from: PeerId,
     msg: &Message,
@@ -465,8 +466,8 @@ fn call(
         (IFACE_DBUS, "GetConnectionCredentials") => credentials(bus, st, from, msg),
         (IFACE_DBUS, "ReloadConfig") => {
             info!("ReloadConfig requested by {}", unique_name(from));
-            reload(st);
-            Ok(bus_reply(msg, &()))
+            request_reload(bus, st, from, msg);
+            Ok(None)
         }
         (IFACE_DBUS, "GetId") => Ok(bus_reply(msg, &(&bus.guid,))),
         (IFACE_MONITORING, "BecomeMonitor") => become_monitor(bus, st, from, msg),
@@ -755,11 +756,45 @@ fn become_monitor(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> Ans
     Ok(None)
 }
 
-/// Re-read the service definitions and tell everyone, as dbus-daemon does
-/// (ActivatableServicesChanged is sent even when nothing changed).
-pub fn reload(st: &mut State) {
-    let scanned = scan_definitions(&st.service_dirs);
-    apply_reload(st, scanned);
+/// Reload for a caller, who is answered once definitions read after its
+/// request are installed. The files are read on the blocking pool, without
+/// the lock; requests that come during a scan share the next one, so a
+/// client calling ReloadConfig in a loop costs the bus little.
+pub fn request_reload(bus: &Arc<Bus>, st: &mut State, from: PeerId, call: &Message) {
+    st.reload_waiters.push((from, call.clone()));
+    if st.reloading {
+        return;
+    }
+    st.reloading = true;
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        loop {
+            let (dirs, waiters) = {
+                let mut st = bus.lock();
+                (
+                    st.service_dirs.clone(),
+                    std::mem::take(&mut st.reload_waiters),
+                )
+            };
+            let scanned = tokio::task::spawn_blocking(move || scan_definitions(&dirs)).await;
+            let mut st = bus.lock();
+            match scanned {
+                Ok(scanned) => apply_reload(&mut st, scanned),
+                Err(e) => warn!("reload failed: {e}"),
+            }
+            for (from, call) in waiters {
+                if crate::router::wants_reply(&call)
+                    && let Some(r) = bus_reply(&call, &())
+                {
+                    st.send_to(from, r);
+                }
+            }
+            if st.reload_waiters.is_empty() {
+                st.reloading = false;
+                return;
+            }
+        }
+    });
 }
 
 /// The service definitions as the directories hold them now. File reads:
@@ -770,7 +805,8 @@ pub fn scan_definitions(
     Catalog::scan(&dirs.0, &dirs.1)
 }
 
-/// Install freshly scanned definitions and announce them.
+/// Install freshly scanned definitions and tell everyone, as dbus-daemon
+/// does (ActivatableServicesChanged even when nothing changed).
 pub fn apply_reload(st: &mut State, (catalog, warnings): (Catalog, Vec<String>)) {
     for w in &warnings {
         warn!("{w}");

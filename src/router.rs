@@ -112,6 +112,10 @@ pub struct State {
     pub pressure: Option<Arc<Outbox>>,
     /// When the catalog was last read.
     pub scanned_at: std::time::SystemTime,
+    /// Callers of ReloadConfig or Reload waiting for the next scan, and
+    /// whether a scan is running (see `driver::request_reload`).
+    pub reload_waiters: Vec<(PeerId, Message)>,
+    pub reloading: bool,
     /// The serial of the last lifecycle event.
     pub event_serial: u64,
     /// Service properties as last announced with PropertiesChanged.
@@ -138,6 +142,8 @@ impl State {
             supervisor: None,
             event_serial: 0,
             scanned_at: std::time::SystemTime::UNIX_EPOCH,
+            reload_waiters: Vec::new(),
+            reloading: false,
             pressure: None,
             announced: HashMap::new(),
         }
@@ -191,6 +197,14 @@ impl Owners for NameView<'_> {
             Some(Some(p)) => owns(self.names, p, name),
         }
     }
+}
+
+/// Whether the sender of `call` wants an answer (no NO_REPLY_EXPECTED flag).
+pub(crate) fn wants_reply(call: &Message) -> bool {
+    !call
+        .primary_header()
+        .flags()
+        .contains(Flags::NO_REPLY_EXPECTED)
 }
 
 /// A method-return or error built by the bus in reply to `call`.
@@ -451,11 +465,7 @@ impl State {
         call: &Message,
         outcome: Result<Option<Message>, (&'static str, String)>,
     ) {
-        if call
-            .primary_header()
-            .flags()
-            .contains(Flags::NO_REPLY_EXPECTED)
-        {
+        if !wants_reply(call) {
             return;
         }
         match outcome {
@@ -579,12 +589,7 @@ impl State {
     }
 
     fn reply_error(&mut self, call: &Message, name: &str, text: &str) {
-        if call.message_type() != Type::MethodCall
-            || call
-                .primary_header()
-                .flags()
-                .contains(Flags::NO_REPLY_EXPECTED)
-        {
+        if call.message_type() != Type::MethodCall || !wants_reply(call) {
             return;
         }
         let Some(to) = call.header().sender().and_then(|s| parse_unique_name(s)) else {
@@ -648,12 +653,8 @@ impl State {
             self.touch(to);
             self.touch(from);
         }
-        let wants_reply = msg.message_type() == Type::MethodCall
-            && !msg
-                .primary_header()
-                .flags()
-                .contains(Flags::NO_REPLY_EXPECTED);
-        if wants_reply {
+        let tracked = msg.message_type() == Type::MethodCall && wants_reply(msg);
+        if tracked {
             let pending = self.peers.get(&from).map_or(0, |p| p.pending_calls);
             if pending as u64 >= self.limits.max_replies_per_connection {
                 self.reply_error(
@@ -666,7 +667,7 @@ impl State {
         }
         match self.push(to, msg.clone()) {
             Ok(()) => {
-                if wants_reply {
+                if tracked {
                     let serial = msg.primary_header().serial_num().get();
                     if self.replies.insert((from, serial), to).is_none()
                         && let Some(p) = self.peers.get_mut(&from)

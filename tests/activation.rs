@@ -1250,6 +1250,47 @@ async fn idle_service_exits_and_the_next_call_activates_it_again() {
 
 // ---------------------------------------------------------------- reload
 
+/// A client calling ReloadConfig in a loop: every call is answered, the
+/// definitions are read far fewer times than asked (calls that arrive
+/// during a scan share the next one), and other clients are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_config_flood_is_coalesced() {
+    let b = ActBus::new(|d| {
+        for i in 0..50 {
+            write_testsvc(d, &format!("s{i}"), &format!("org.busvisor.S{i}"), &[], "");
+        }
+    });
+    let flooder = connect(b.addr()).await;
+    let other = connect(b.addr()).await;
+    const N: usize = 300;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..N)
+        .map(|_| {
+            let c = flooder.clone();
+            tokio::spawn(async move { bus_call(&c, "ReloadConfig", &()).await })
+        })
+        .collect();
+    // Meanwhile another client's calls keep being answered.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let _: String = bus_ok(&other, "GetId", &()).await;
+        slowest = slowest.max(t.elapsed());
+    }
+    for c in calls {
+        within(c).await.unwrap().expect("ReloadConfig answered");
+    }
+    let elapsed = started.elapsed();
+    let scans = b.bus.log().matches("service definitions loaded").count();
+    eprintln!(
+        "measured: {N} ReloadConfig calls in {elapsed:?}, {scans} scans; slowest GetId meanwhile {slowest:?}"
+    );
+    // One scan at start, then at most a few per batch of waiting callers.
+    assert!(scans > 1 && scans < N / 4, "{scans} scans for {N} calls");
+    let names = bus_ok::<_, Vec<String>>(&other, "ListActivatableNames", &()).await;
+    assert!(names.contains(&"org.busvisor.S49".to_owned()));
+}
+
 /// SIGHUP re-reads the definitions (the files are read without the routing
 /// lock) and broadcasts ActivatableServicesChanged. The directory does not
 /// exist when the bus starts, so it is not watched: only the signal finds it.

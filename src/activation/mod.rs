@@ -153,10 +153,7 @@ impl State {
                     Waiter::Start { call, from } => (call, *from),
                 };
                 let is_call = msg.message_type() == zbus::message::Type::MethodCall
-                    && !msg
-                        .primary_header()
-                        .flags()
-                        .contains(zbus::message::Flags::NO_REPLY_EXPECTED);
+                    && crate::router::wants_reply(msg);
                 if is_call && let Some(e) = bus_error(msg, name, text) {
                     self.send_to(from, e);
                 }
@@ -268,7 +265,7 @@ impl State {
             .any(|m| m >= self.scanned_at)
     }
 
-    /// Re-read the definitions without announcing it (see driver::reload).
+    /// Re-read the definitions without announcing it (see driver::request_reload).
     pub fn rescan(&mut self) {
         let (toml_dirs, service_dirs) = self.service_dirs.clone();
         let (catalog, warnings) = definition::Catalog::scan(&toml_dirs, &service_dirs);

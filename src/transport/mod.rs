@@ -259,10 +259,7 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
         }
         seq += 1;
         if m.message_type() == zbus::message::Type::MethodCall
-            && !m
-                .primary_header()
-                .flags()
-                .contains(zbus::message::Flags::NO_REPLY_EXPECTED)
+            && crate::router::wants_reply(&m)
             && let Some(e) = crate::router::bus_error(
                 &m,
                 crate::router::err::ACCESS_DENIED,
