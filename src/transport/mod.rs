@@ -301,7 +301,9 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
                 {
                     Ok(m) => m,
                     Err(e) => {
-                        debug!(peer = %me, "read error: {e}");
+                        if !reader.at_message_boundary() {
+                            debug!(peer = %me, "read error: {e}");
+                        }
                         break;
                     }
                 }

@@ -92,6 +92,12 @@ impl Reader {
     /// The stream offset of the message the fds of a read of `chunk` belong
     /// to: the first message starting in it that declares fds, or whose
     /// header is not all in the chunk.
+    /// Whether everything handed out so far ends at a message boundary: an
+    /// end of stream here is the peer closing, not a truncated message.
+    pub fn at_message_boundary(&self) -> bool {
+        self.framer.header_len == 0 && self.framer.remaining == 0
+    }
+
     fn owner_of_fds(&self, chunk: &[u8]) -> u64 {
         let mut framer = self.framer;
         let mut owner = None;
