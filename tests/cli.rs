@@ -237,3 +237,51 @@ fn bad_config_file_fails_clearly() {
     assert!(!out.stderr.trim().is_empty());
     assert!(!sock.exists());
 }
+
+/// `busvisor run` with a log level, RUST_LOG as given (or unset): busctl
+/// makes one GetId call on the private bus; returns busvisor's stderr.
+fn bus_log_of_one_call(level: &str, rust_log: Option<&str>) -> String {
+    let mut cmd = std::process::Command::new(busvisor_bin());
+    cmd.args([
+        "run",
+        "--log-level",
+        level,
+        "--",
+        "sh",
+        "-c",
+        "busctl --address=\"$DBUS_SESSION_BUS_ADDRESS\" call org.freedesktop.DBus \
+         /org/freedesktop/DBus org.freedesktop.DBus GetId",
+    ])
+    .env_remove("RUST_LOG")
+    .stdin(std::process::Stdio::null());
+    if let Some(v) = rust_log {
+        cmd.env("RUST_LOG", v);
+    }
+    let out = cmd.output().expect("busvisor run");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The issue's logging contract: at info one line when a client connects
+/// and one when it goes; a line per message at trace; RUST_LOG wins over
+/// --log-level.
+#[test]
+fn log_levels_and_rust_log() {
+    let info = bus_log_of_one_call("info", None);
+    let lines = |log: &str, what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(lines(&info, " connected peer=:1."), 1, "{info}");
+    assert_eq!(lines(&info, " disconnected peer=:1."), 1, "{info}");
+    assert_eq!(lines(&info, "message peer="), 0, "{info}");
+
+    let trace = bus_log_of_one_call("trace", None);
+    assert!(
+        trace
+            .lines()
+            .any(|l| l.contains("message peer=:1.") && l.contains("\"GetId\"")),
+        "no per-message line at trace:\n{trace}"
+    );
+
+    let quiet = bus_log_of_one_call("trace", Some("warn"));
+    assert_eq!(lines(&quiet, "connected peer="), 0, "{quiet}");
+    assert_eq!(lines(&quiet, "message peer="), 0, "{quiet}");
+}
