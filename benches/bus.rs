@@ -185,17 +185,17 @@ impl Outcome {
     /// One outcome for several rounds of the same workload: totals, and the
     /// mean of the latency figures.
     fn merge(rounds: Vec<Outcome>) -> Outcome {
-        let n = rounds.len().max(1) as f64;
         let secs: f64 = rounds
             .iter()
             .filter(|o| o.rate > 0.0)
             .map(|o| o.units as f64 / o.rate)
             .sum();
         let units = rounds.iter().map(|o| o.units).sum();
-        let lat = rounds.iter().all(|o| o.lat.is_some()).then(|| {
-            let (a, b) = rounds
+        let lats: Option<Vec<(f64, f64)>> = rounds.iter().map(|o| o.lat).collect();
+        let lat = lats.filter(|l| !l.is_empty()).map(|l| {
+            let n = l.len() as f64;
+            let (a, b) = l
                 .iter()
-                .filter_map(|o| o.lat)
                 .fold((0.0, 0.0), |(a, b), (p50, p99)| (a + p50, b + p99));
             (a / n, b / n)
         });
@@ -203,7 +203,7 @@ impl Outcome {
             rate: if secs > 0.0 { units as f64 / secs } else { 0.0 },
             units,
             ticks: rounds.iter().map(|o| o.ticks).sum(),
-            lat: lat.filter(|_| !rounds.is_empty()),
+            lat,
             errors: rounds.iter().map(|o| o.errors).sum(),
             failed: rounds.iter().find_map(|o| o.failed.clone()),
         }

@@ -186,7 +186,7 @@ fn manager(
             operation(bus, st, from, msg, member, &id)
         }
         (Some(IFACE) | None, "Reload", "") => {
-            crate::driver::request_reload(bus, st, from, msg);
+            crate::driver::request_reload(bus, st, Some((from, msg.clone())));
             Ok(None)
         }
         (Some(IFACE) | None, "GetLogs", "su") => {

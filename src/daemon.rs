@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::activation::definition::{Catalog, ServiceDirSpec};
+use crate::activation::definition::ServiceDirSpec;
 use crate::config::{self, BusConfig};
 use crate::router::Bus;
 use crate::supervision::SupervisorHandle;
@@ -191,13 +191,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
                 })
                 .collect(),
         );
-        let (toml_dirs, service_dirs) = st.service_dirs.clone();
-        let (catalog, warnings) = Catalog::scan(&toml_dirs, &service_dirs);
-        for w in &warnings {
-            warn!("{w}");
-        }
-        info!(services = catalog.len(), "service definitions loaded");
-        st.set_catalog(catalog);
+        st.rescan();
     }
     // $XDG_RUNTIME_DIR/dbus-1/services is not watched, as in dbus-daemon.
     let watched: Vec<PathBuf> = opts
@@ -280,12 +274,7 @@ pub async fn run_daemon(opts: Options) -> Result<(), DaemonError> {
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
-                // The files are read on the blocking pool, without the lock.
-                let dirs = running.bus.lock().service_dirs.clone();
-                match tokio::task::spawn_blocking(move || crate::driver::scan_definitions(&dirs)).await {
-                    Ok(scanned) => crate::driver::apply_reload(&mut running.bus.lock(), scanned),
-                    Err(e) => warn!("reload failed: {e}"),
-                }
+                crate::driver::request_reload(&running.bus, &mut running.bus.lock(), None);
             }
         }
     }

@@ -10,7 +10,7 @@ use zbus::message::Message;
 use zbus::names::{BusName, WellKnownName};
 use zbus::wire::Variant;
 
-use crate::activation::definition::{Catalog, ServiceDirSpec};
+use crate::activation::scan_definitions;
 use crate::matching::MatchRule;
 use crate::peer::{PeerId, parse_unique_name, unique_name};
 use crate::router::{BUS_NAME, BUS_PATH, Bus, State, Verdict, bus_reply, err};
@@ -466,7 +466,7 @@ fn call(
         (IFACE_DBUS, "GetConnectionCredentials") => credentials(bus, st, from, msg),
         (IFACE_DBUS, "ReloadConfig") => {
             info!("ReloadConfig requested by {}", unique_name(from));
-            request_reload(bus, st, from, msg);
+            request_reload(bus, st, Some((from, msg.clone())));
             Ok(None)
         }
         (IFACE_DBUS, "GetId") => Ok(bus_reply(msg, &(&bus.guid,))),
@@ -756,12 +756,15 @@ fn become_monitor(bus: &Bus, st: &mut State, from: PeerId, msg: &Message) -> Ans
     Ok(None)
 }
 
-/// Reload for a caller, who is answered once definitions read after its
-/// request are installed. The files are read on the blocking pool, without
-/// the lock; requests that come during a scan share the next one, so a
-/// client calling ReloadConfig in a loop costs the bus little.
-pub fn request_reload(bus: &Arc<Bus>, st: &mut State, from: PeerId, call: &Message) {
-    st.reload_waiters.push((from, call.clone()));
+/// Re-read the service definitions and announce them, as dbus-daemon does
+/// (ActivatableServicesChanged even when nothing changed). A caller, if
+/// any, is answered once definitions read after its request are installed.
+/// The files are read on the blocking pool, without the lock; requests that
+/// come during a scan share the next one, so a client calling ReloadConfig
+/// in a loop costs the bus little.
+pub fn request_reload(bus: &Arc<Bus>, st: &mut State, caller: Option<(PeerId, Message)>) {
+    st.reload_waiters.extend(caller);
+    st.reload_requested = true;
     if st.reloading {
         return;
     }
@@ -771,6 +774,7 @@ pub fn request_reload(bus: &Arc<Bus>, st: &mut State, from: PeerId, call: &Messa
         loop {
             let (dirs, waiters) = {
                 let mut st = bus.lock();
+                st.reload_requested = false;
                 (
                     st.service_dirs.clone(),
                     std::mem::take(&mut st.reload_waiters),
@@ -779,7 +783,16 @@ pub fn request_reload(bus: &Arc<Bus>, st: &mut State, from: PeerId, call: &Messa
             let scanned = tokio::task::spawn_blocking(move || scan_definitions(&dirs)).await;
             let mut st = bus.lock();
             match scanned {
-                Ok(scanned) => apply_reload(&mut st, scanned),
+                Ok(scanned) => {
+                    st.install_definitions(scanned);
+                    if let Ok(sig) =
+                        Message::signal(BUS_PATH, BUS_NAME, "ActivatableServicesChanged")
+                            .sender(BUS_NAME)
+                            .build(&())
+                    {
+                        st.broadcast_from_bus(&sig);
+                    }
+                }
                 Err(e) => warn!("reload failed: {e}"),
             }
             for (from, call) in waiters {
@@ -789,34 +802,10 @@ pub fn request_reload(bus: &Arc<Bus>, st: &mut State, from: PeerId, call: &Messa
                     st.send_to(from, r);
                 }
             }
-            if st.reload_waiters.is_empty() {
+            if !st.reload_requested {
                 st.reloading = false;
                 return;
             }
         }
     });
-}
-
-/// The service definitions as the directories hold them now. File reads:
-/// callers that can, run it without the lock and then [`apply_reload`].
-pub fn scan_definitions(
-    dirs: &(Vec<std::path::PathBuf>, Vec<ServiceDirSpec>),
-) -> (Catalog, Vec<String>) {
-    Catalog::scan(&dirs.0, &dirs.1)
-}
-
-/// Install freshly scanned definitions and tell everyone, as dbus-daemon
-/// does (ActivatableServicesChanged even when nothing changed).
-pub fn apply_reload(st: &mut State, (catalog, warnings): (Catalog, Vec<String>)) {
-    for w in &warnings {
-        warn!("{w}");
-    }
-    info!(services = catalog.len(), "service definitions loaded");
-    st.set_catalog(catalog);
-    if let Ok(sig) = Message::signal(BUS_PATH, BUS_NAME, "ActivatableServicesChanged")
-        .sender(BUS_NAME)
-        .build(&())
-    {
-        st.broadcast_from_bus(&sig);
-    }
 }

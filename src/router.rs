@@ -112,10 +112,12 @@ pub struct State {
     pub pressure: Option<Arc<Outbox>>,
     /// When the catalog was last read.
     pub scanned_at: std::time::SystemTime,
-    /// Callers of ReloadConfig or Reload waiting for the next scan, and
-    /// whether a scan is running (see `driver::request_reload`).
+    /// Callers of ReloadConfig or Reload waiting for the next scan, whether
+    /// a scan runs, and whether another was asked for since it started
+    /// (see `driver::request_reload`).
     pub reload_waiters: Vec<(PeerId, Message)>,
     pub reloading: bool,
+    pub reload_requested: bool,
     /// The serial of the last lifecycle event.
     pub event_serial: u64,
     /// Service properties as last announced with PropertiesChanged.
@@ -144,6 +146,7 @@ impl State {
             scanned_at: std::time::SystemTime::UNIX_EPOCH,
             reload_waiters: Vec::new(),
             reloading: false,
+            reload_requested: false,
             pressure: None,
             announced: HashMap::new(),
         }
@@ -199,12 +202,14 @@ impl Owners for NameView<'_> {
     }
 }
 
-/// Whether the sender of `call` wants an answer (no NO_REPLY_EXPECTED flag).
-pub(crate) fn wants_reply(call: &Message) -> bool {
-    !call
-        .primary_header()
-        .flags()
-        .contains(Flags::NO_REPLY_EXPECTED)
+/// Whether `msg` is a method call whose sender wants an answer (no
+/// NO_REPLY_EXPECTED flag).
+pub(crate) fn wants_reply(msg: &Message) -> bool {
+    msg.message_type() == Type::MethodCall
+        && !msg
+            .primary_header()
+            .flags()
+            .contains(Flags::NO_REPLY_EXPECTED)
 }
 
 /// A method-return or error built by the bus in reply to `call`.
@@ -589,7 +594,7 @@ impl State {
     }
 
     fn reply_error(&mut self, call: &Message, name: &str, text: &str) {
-        if call.message_type() != Type::MethodCall || !wants_reply(call) {
+        if !wants_reply(call) {
             return;
         }
         let Some(to) = call.header().sender().and_then(|s| parse_unique_name(s)) else {
@@ -653,7 +658,7 @@ impl State {
             self.touch(to);
             self.touch(from);
         }
-        let tracked = msg.message_type() == Type::MethodCall && wants_reply(msg);
+        let tracked = wants_reply(msg);
         if tracked {
             let pending = self.peers.get(&from).map_or(0, |p| p.pending_calls);
             if pending as u64 >= self.limits.max_replies_per_connection {

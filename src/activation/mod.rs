@@ -36,6 +36,17 @@ impl Waiter {
     }
 }
 
+/// Definitions read from the service directories, and the files skipped.
+pub type Scanned = (definition::Catalog, Vec<String>);
+
+/// The service definitions as the directories hold them now. It reads
+/// files: callers that can run it without the lock, then install the result.
+pub fn scan_definitions(
+    (toml_dirs, service_dirs): &(Vec<std::path::PathBuf>, Vec<definition::ServiceDirSpec>),
+) -> Scanned {
+    definition::Catalog::scan(toml_dirs, service_dirs)
+}
+
 pub type ActivationError = (&'static str, String);
 
 impl State {
@@ -152,9 +163,9 @@ impl State {
                     Waiter::Message { msg, from } => (msg, *from),
                     Waiter::Start { call, from } => (call, *from),
                 };
-                let is_call = msg.message_type() == zbus::message::Type::MethodCall
-                    && crate::router::wants_reply(msg);
-                if is_call && let Some(e) = bus_error(msg, name, text) {
+                if crate::router::wants_reply(msg)
+                    && let Some(e) = bus_error(msg, name, text)
+                {
                     self.send_to(from, e);
                 }
             }
@@ -267,11 +278,16 @@ impl State {
 
     /// Re-read the definitions without announcing it (see driver::request_reload).
     pub fn rescan(&mut self) {
-        let (toml_dirs, service_dirs) = self.service_dirs.clone();
-        let (catalog, warnings) = definition::Catalog::scan(&toml_dirs, &service_dirs);
+        let scanned = scan_definitions(&self.service_dirs);
+        self.install_definitions(scanned);
+    }
+
+    /// Install scanned definitions, reporting the files that were skipped.
+    pub fn install_definitions(&mut self, (catalog, warnings): Scanned) {
         for w in &warnings {
             warn!("{w}");
         }
+        info!(services = catalog.len(), "service definitions loaded");
         self.set_catalog(catalog);
     }
 

@@ -34,7 +34,9 @@ pub fn spawn(bus: Arc<Bus>, dirs: Vec<PathBuf>) {
     if watched == 0 {
         return;
     }
-    // A plain thread blocked in read(2): no fd registration with the runtime needed.
+    // A plain thread blocked in read(2): no fd registration with the runtime
+    // needed; the reload itself runs on the runtime.
+    let runtime = tokio::runtime::Handle::current();
     let spawned = std::thread::Builder::new()
         .name("busvisor-watch".into())
         .spawn(move || {
@@ -50,10 +52,8 @@ pub fn spawn(bus: Arc<Bus>, dirs: Vec<PathBuf>) {
                     }
                 }
                 info!("a service directory changed: reloading definitions");
-                // Read the files without holding the lock: clients go on meanwhile.
-                let dirs = bus.lock().service_dirs.clone();
-                let scanned = crate::driver::scan_definitions(&dirs);
-                crate::driver::apply_reload(&mut bus.lock(), scanned);
+                let _runtime = runtime.enter();
+                crate::driver::request_reload(&bus, &mut bus.lock(), None);
             }
         });
     if let Err(e) = spawned {

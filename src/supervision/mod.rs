@@ -343,6 +343,14 @@ fn after(tx: &mpsc::UnboundedSender<Cmd>, delay: Duration, cmd: Cmd) {
     });
 }
 
+/// The service a process belongs to, as far as busvisor knows.
+fn service_of(st: &State, pid: i32) -> Option<String> {
+    st.services
+        .iter()
+        .find(|(_, s)| s.pids.contains(&pid) || s.launched_pid == Some(pid))
+        .map(|(id, _)| id.clone())
+}
+
 /// Running services whose idle timeout has passed with no call pending to them.
 fn idle_due(st: &State) -> Vec<String> {
     let now = Instant::now();
@@ -417,13 +425,7 @@ impl Supervisor {
     fn needs_scan(&self, cmd: &Cmd) -> bool {
         match cmd {
             Cmd::Exited(pid, _) => {
-                !self.commands.contains_key(pid)
-                    && self
-                        .bus
-                        .lock()
-                        .services
-                        .values()
-                        .any(|s| s.pids.contains(pid) || s.launched_pid == Some(*pid))
+                !self.commands.contains_key(pid) && service_of(&self.bus.lock(), *pid).is_some()
             }
             Cmd::IdleCheck => !idle_due(&self.bus.lock()).is_empty(),
             Cmd::Spawn(_) | Cmd::RestartDue(..) | Cmd::Start(..) | Cmd::RunCommand(..) => false,
@@ -550,12 +552,7 @@ impl Supervisor {
         }
         let bus = self.bus.clone();
         let mut st = bus.lock();
-        let Some(id) = st
-            .services
-            .iter()
-            .find(|(_, s)| s.pids.contains(&pid) || s.launched_pid == Some(pid))
-            .map(|(id, _)| id.clone())
-        else {
+        let Some(id) = service_of(&st, pid) else {
             // An orphan nobody claimed (e.g. from a service stopped earlier).
             return;
         };

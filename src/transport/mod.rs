@@ -258,8 +258,7 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
             break m;
         }
         seq += 1;
-        if m.message_type() == zbus::message::Type::MethodCall
-            && crate::router::wants_reply(&m)
+        if crate::router::wants_reply(&m)
             && let Some(e) = crate::router::bus_error(
                 &m,
                 crate::router::err::ACCESS_DENIED,
