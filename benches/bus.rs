@@ -935,20 +935,5 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
 }
 
 fn main() {
-    let (p, buses) = match parse_args() {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("bench: {e}");
-            std::process::exit(2);
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    if let Err(e) = rt.block_on(run(p, buses)) {
-        eprintln!("bench: {e}");
-        std::process::exit(1);
-    }
+    common::main_with("bench", parse_args(), |(p, buses)| run(p, buses));
 }

@@ -25,3 +25,24 @@ impl std::str::FromStr for Bus {
         })
     }
 }
+
+/// A bench program's main: the parsed arguments, or exit 2 with the parse
+/// error; then `run` on a 2-worker runtime, exit 1 if it fails.
+pub fn main_with<A, F>(label: &str, args: Res<A>, run: impl FnOnce(A) -> F)
+where
+    F: std::future::Future<Output = Res<()>>,
+{
+    let args = args.unwrap_or_else(|e| {
+        eprintln!("{label}: {e}");
+        std::process::exit(2);
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("{label}: {e}");
+        std::process::exit(1);
+    }
+}
