@@ -3,6 +3,7 @@
 //! `org.busvisor.Supervisor1` API (docs/API.md) of a running busvisor.
 //! docs/CLI.md is the user's reference.
 
+use crate::wire::names;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
@@ -18,19 +19,19 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Structure, Variant};
 use crate::cli::{ClientArgs, ClientCommand, EventsArgs, LogsArgs, ServiceArgs};
 
 /// The manager's bus name, object path and interface.
-pub const SUPERVISOR: &str = "org.busvisor.Supervisor1";
-pub const SUPERVISOR_PATH: &str = "/org/busvisor/Supervisor1";
+pub const SUPERVISOR: &str = names::SUPERVISOR_NAME;
+pub const SUPERVISOR_PATH: &str = names::SUPERVISOR_PATH;
 /// The interface of each service's object.
-pub const SERVICE_IFACE: &str = "org.busvisor.Service1";
+pub const SERVICE_IFACE: &str = names::SERVICE_IFACE;
 /// The match rule for every lifecycle signal (and `LogLine`).
 pub const EVENTS_MATCH: &str =
     "type='signal',sender='org.busvisor.Supervisor1',interface='org.busvisor.Supervisor1'";
 
-const DBUS: &str = "org.freedesktop.DBus";
-const DBUS_PATH: &str = "/org/freedesktop/DBus";
-const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
-const ERR_NO_SUCH_SERVICE: &str = "org.busvisor.Supervisor1.Error.NoSuchService";
-const ERR_START_FAILED: &str = "org.busvisor.Supervisor1.Error.StartFailed";
+const DBUS: &str = names::BUS_NAME;
+const DBUS_PATH: &str = names::BUS_PATH;
+const PROPERTIES: &str = names::IFACE_PROPS;
+const ERR_NO_SUCH_SERVICE: &str = names::ErrorName::NoSuchService.as_str();
+const ERR_START_FAILED: &str = names::ErrorName::StartFailed.as_str();
 
 /// How long connecting (socket, authentication, Hello) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -490,26 +491,7 @@ fn pid_or_dash(pid: u32) -> String {
 }
 
 /// The order and the names of `status`'s lines.
-const PROPERTY_ORDER: &[&str] = &[
-    "Id",
-    "Names",
-    "DefinitionFile",
-    "State",
-    "Reason",
-    "MainPID",
-    "PIDs",
-    "Requester",
-    "RequesterPID",
-    "StartTime",
-    "StateChangeTime",
-    "Restarts",
-    "LastExitPID",
-    "LastExitStatus",
-    "LastExitSignal",
-    "LastExitTime",
-    "NextRestartTime",
-    "IdleTimeout",
-];
+const PROPERTY_ORDER: &[&str] = crate::lifecycle::PROPERTY_NAMES;
 
 async fn status(c: &Client, a: &ServiceArgs, out: &mut Output) -> Result<()> {
     let path = c.service_path(&a.name).await?;

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use crate::activation::catalog::{self, Dirs};
 use crate::activation::definition::ServiceDirSpec;
+use crate::bus::Bus;
 use crate::config::{self, BusConfig};
-use crate::router::Bus;
-use crate::supervision::SupervisorHandle;
 use crate::supervision::reaper::ExitKind;
+use crate::supervision::{SupervisedBus, SupervisorHandle, SupervisorState};
 use crate::supervision::spawner::SpawnRequest;
 use crate::transport::{self, Bound, Gate};
 
@@ -29,8 +30,6 @@ pub enum DaemonError {
     NoListen,
     #[error("cannot write to file descriptor {fd}: {source}")]
     PrintFd { fd: String, source: std::io::Error },
-    #[error("the system bus is not supported: busvisor is a session bus")]
-    SystemBus,
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -118,10 +117,15 @@ pub fn load_config(opts: &Options) -> Result<BusConfig, DaemonError> {
     Ok(cfg)
 }
 
+/// The bus driver's introspection data (`busvisor --introspect`).
+pub fn introspection() -> String {
+    format!("{}</node>", crate::bus::driver::introspection())
+}
+
 /// A running bus: its address and the handles to stop it.
 pub struct Running {
-    pub bus: Arc<Bus>,
-    pub supervisor: SupervisorHandle,
+    bus: Arc<SupervisedBus>,
+    supervisor: SupervisorHandle,
     pub address: String,
     listeners: Vec<tokio::task::JoinHandle<()>>,
     _bound: Vec<BoundGuard>,
@@ -150,7 +154,9 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         return Err(DaemonError::NoListen);
     }
     let guid = zbus::Guid::generate().as_str().to_owned();
-    let bus = Arc::new(Bus::new(guid.clone(), cfg.limits));
+    let (sup, commands) = SupervisorState::new();
+    let own_name = crate::wire::names::SUPERVISOR_NAME;
+    let bus = Arc::new(Bus::new(guid.clone(), cfg.limits, own_name, sup));
     let gate = Arc::new(Gate::new());
     let mut addresses = Vec::new();
     let mut listeners = Vec::new();
@@ -176,22 +182,25 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         }
     }
     let address = addresses.join(";");
-    let _ = bus.address.set(address.clone());
-    let supervisor = crate::supervision::start(bus.clone())?;
+    let _ = bus.facts.address.set(address.clone());
+    let supervisor = crate::supervision::start(bus.clone(), commands)?;
+    let dirs = Dirs {
+        toml: opts.services_dirs.clone(),
+        dbus: cfg
+            .servicedirs
+            .iter()
+            .map(|d| ServiceDirSpec {
+                path: d.path.clone(),
+                strict_naming: d.strict_naming,
+            })
+            .collect(),
+    };
+    // Read off the lock, installed under it.
+    let scanned = catalog::scan(&dirs);
     {
-        let mut st = bus.lock();
-        st.supervisor = Some(supervisor.clone());
-        st.service_dirs = (
-            opts.services_dirs.clone(),
-            cfg.servicedirs
-                .iter()
-                .map(|d| ServiceDirSpec {
-                    path: d.path.clone(),
-                    strict_naming: d.strict_naming,
-                })
-                .collect(),
-        );
-        st.rescan();
+        let mut g = bus.lock();
+        let crate::bus::Shared { core, sup } = &mut *g;
+        sup.set_dirs(dirs, scanned, core);
     }
     // $XDG_RUNTIME_DIR/dbus-1/services is not watched, as in dbus-daemon.
     let watched: Vec<PathBuf> = opts
@@ -205,7 +214,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
                 .map(|d| d.path.clone()),
         )
         .collect();
-    crate::activation::watch::spawn(bus.clone(), watched);
+    crate::activation::watch::spawn(supervisor.clone(), watched);
     info!(%address, "listening");
     Ok(Running {
         bus,
@@ -224,14 +233,7 @@ impl Running {
         }
         // Services first: none may outlive the bus. Each stop is bounded by
         // its stop timeout plus the SIGKILL loop.
-        let longest = {
-            let st = self.bus.lock();
-            st.services
-                .values()
-                .map(|s| s.def.stop_timeout)
-                .max()
-                .unwrap_or_default()
-        };
+        let longest = self.bus.lock().sup.longest_stop_timeout();
         let bound = longest + std::time::Duration::from_secs(5);
         if tokio::time::timeout(bound, self.supervisor.shutdown())
             .await
@@ -274,7 +276,7 @@ pub async fn run_daemon(opts: Options) -> Result<(), DaemonError> {
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
-                crate::driver::request_reload(&running.bus, &mut running.bus.lock(), None);
+                running.supervisor.reload();
             }
         }
     }

@@ -1,18 +1,20 @@
 //! busvisor: a D-Bus session bus that starts services on demand and
 //! supervises them. See docs/ARCHITECTURE.md for the map of modules.
+//!
+//! Two parts meet at one boundary: the message bus core (`bus`) and the
+//! service manager (`supervision`, with `activation` and `lifecycle`). The
+//! core sees the manager only through `bus::Activator`; `daemon` is the
+//! composition root that joins them.
 
-pub mod activation;
+pub(crate) mod activation;
+pub(crate) mod bus;
 pub mod cli;
 pub mod client;
-pub mod config;
-pub mod control;
+pub(crate) mod config;
 pub mod daemon;
-pub mod driver;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod logging;
-pub mod matching;
-pub mod names;
-pub mod peer;
-pub mod router;
+pub(crate) mod matching;
 pub mod supervision;
-pub mod transport;
+pub(crate) mod transport;
+pub(crate) mod wire;

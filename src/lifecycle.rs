@@ -1,30 +1,25 @@
-//! busvisor's own lifecycle events: one signal per transition of every
-//! service on `org.busvisor.Supervisor1`, each with the next event serial,
-//! and `PropertiesChanged` on the service's object with what changed.
+//! The supervisor's D-Bus face: one signal per transition of every service
+//! on `org.busvisor.Supervisor1`, each with the next event serial, and
+//! `PropertiesChanged` on the service's object with what changed.
 //!
-//! Events are emitted under the routing core's lock, through the same
-//! broadcast path as every signal, so match rules and monitors apply and the
-//! serial order is the delivery order.
+//! Every lifecycle signal is built here, by [`Announcer::event`]. Events go
+//! out under the core lock, through the bus's broadcast path, so match rules
+//! and monitors apply and the serial order is the delivery order. Only
+//! services marked dirty since the last announcement are compared: with
+//! nothing happening, nothing is computed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use zbus::message::Message;
-use zbus::wire::{OwnedVariant, Variant};
-
-use crate::router::{BUS_NAME, State};
-use crate::supervision::Service;
+use crate::bus::{BusState, Requester};
 use crate::supervision::reaper::ExitKind;
-
-pub const NAME: &str = "org.busvisor.Supervisor1";
-pub const PATH: &str = "/org/busvisor/Supervisor1";
-pub const IFACE: &str = "org.busvisor.Supervisor1";
-pub const SERVICE_IFACE: &str = "org.busvisor.Service1";
-pub const SERVICE_PATH_PREFIX: &str = "/org/busvisor/Supervisor1/service/";
+use crate::supervision::service::Service;
+use crate::wire::names::{IFACE_PROPS, SERVICE_IFACE, SERVICE_PATH_PREFIX, SUPERVISOR_IFACE, SUPERVISOR_PATH};
+use crate::wire::{self, OwnedVariant};
 
 /// A service id as an object path element: bytes outside [A-Za-z0-9]
 /// become `_xx` (systemd's escaping).
-pub fn escape_id(id: &str) -> String {
+pub(crate) fn escape_id(id: &str) -> String {
     let mut out = String::with_capacity(id.len() * 2);
     for b in id.bytes() {
         if b.is_ascii_alphanumeric() {
@@ -39,7 +34,7 @@ pub fn escape_id(id: &str) -> String {
     out
 }
 
-pub fn unescape_id(elem: &str) -> Option<String> {
+pub(crate) fn unescape_id(elem: &str) -> Option<String> {
     let bytes = elem.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -56,20 +51,41 @@ pub fn unescape_id(elem: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-pub fn service_path(id: &str) -> String {
+pub(crate) fn service_path(id: &str) -> String {
     format!("{SERVICE_PATH_PREFIX}{}", escape_id(id))
 }
 
-pub fn micros(t: Option<SystemTime>) -> u64 {
+fn micros(t: Option<SystemTime>) -> u64 {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Every property of a service, in the order of the API document.
-pub fn properties(svc: &Service) -> Vec<(&'static str, OwnedVariant)> {
-    fn v<'a, T: Into<Variant<'a>>>(x: T) -> OwnedVariant {
-        OwnedVariant::try_from(x.into()).expect("plain values always convert")
-    }
+/// The properties of a service object, in the order of the API document
+/// (and of `busvisor status`).
+pub const PROPERTY_NAMES: &[&str] = &[
+    "Id",
+    "Names",
+    "DefinitionFile",
+    "State",
+    "Reason",
+    "MainPID",
+    "PIDs",
+    "Requester",
+    "RequesterPID",
+    "StartTime",
+    "StateChangeTime",
+    "Restarts",
+    "LastExitPID",
+    "LastExitStatus",
+    "LastExitSignal",
+    "LastExitTime",
+    "NextRestartTime",
+    "IdleTimeout",
+];
+
+/// Every property of a service, in [`PROPERTY_NAMES`]' order.
+pub(crate) fn properties(svc: &Service) -> Vec<(&'static str, OwnedVariant)> {
+    use wire::owned as v;
     let (exit_pid, exit_status, exit_signal, exit_time) = match &svc.last_exit {
         Some(e) => {
             let (status, signal) = match e.kind {
@@ -80,161 +96,167 @@ pub fn properties(svc: &Service) -> Vec<(&'static str, OwnedVariant)> {
         }
         None => (0, -1, 0, 0),
     };
-    let (requester, requester_pid) = svc
-        .requester
-        .clone()
-        .map(|(n, p)| (n, p.unwrap_or(0)))
-        .unwrap_or_default();
-    vec![
-        ("Id", v(svc.def.id.clone())),
-        ("Names", v(svc.def.names.clone())),
-        (
-            "DefinitionFile",
-            v(svc.def.file.to_string_lossy().into_owned()),
-        ),
-        ("State", v(svc.state.as_str())),
-        ("Reason", v(svc.reason.clone())),
-        ("MainPID", v(svc.main_pid.unwrap_or(0) as u32)),
-        (
-            "PIDs",
-            v(svc.pids.iter().map(|p| *p as u32).collect::<Vec<u32>>()),
-        ),
-        ("Requester", v(requester)),
-        ("RequesterPID", v(requester_pid)),
-        ("StartTime", v(micros(svc.started_at))),
-        ("StateChangeTime", v(micros(Some(svc.changed_at)))),
-        ("Restarts", v(svc.restarts)),
-        ("LastExitPID", v(exit_pid)),
-        ("LastExitStatus", v(exit_status)),
-        ("LastExitSignal", v(exit_signal)),
-        ("LastExitTime", v(exit_time)),
-        ("NextRestartTime", v(micros(svc.next_restart))),
-        (
-            "IdleTimeout",
-            v(svc.def.idle_timeout.map_or(0, |d| d.as_micros() as u64)),
-        ),
-    ]
+    let r = svc.requester.clone().unwrap_or_default();
+    let values = [
+        v(svc.def.id.clone()),
+        v(svc.def.names.clone()),
+        v(svc.def.file.to_string_lossy().into_owned()),
+        v(svc.state().as_str()),
+        v(svc.reason().to_owned()),
+        v(svc.main_pid.unwrap_or(0) as u32),
+        v(svc.pids.iter().map(|p| *p as u32).collect::<Vec<u32>>()),
+        v(r.name),
+        v(r.pid.unwrap_or(0)),
+        v(micros(svc.started_at)),
+        v(micros(Some(svc.changed_at))),
+        v(svc.restarts),
+        v(exit_pid),
+        v(exit_status),
+        v(exit_signal),
+        v(exit_time),
+        v(micros(svc.next_restart)),
+        v(svc.def.idle_timeout.map_or(0, |d| d.as_micros() as u64)),
+    ];
+    PROPERTY_NAMES.iter().copied().zip(values).collect()
 }
 
-fn emit<B>(st: &mut State, member: &str, body: &B)
+/// One transition worth a signal.
+pub(crate) enum Event<'a> {
+    ActivationRequested(Option<&'a Requester>),
+    Started(i32),
+    Ready(Option<i32>),
+    Exited {
+        pid: i32,
+        kind: ExitKind,
+        failure: bool,
+    },
+    Restarting {
+        attempt: u32,
+        delay: Duration,
+    },
+    Failed(&'a str),
+    Stopping,
+    Stopped,
+    IdleStopped,
+}
+
+/// The event serial, what was last announced of each service, and which
+/// services changed since.
+#[derive(Default)]
+pub(crate) struct Announcer {
+    serial: u64,
+    announced: HashMap<String, Vec<(&'static str, OwnedVariant)>>,
+    dirty: BTreeSet<String>,
+}
+
+impl Announcer {
+    /// The serial of the last event.
+    pub(crate) fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// `id`'s properties may have changed.
+    pub(crate) fn touch(&mut self, id: &str) {
+        if !self.dirty.contains(id) {
+            self.dirty.insert(id.to_owned());
+        }
+    }
+
+    /// Send PropertiesChanged for what changed in the dirty services.
+    pub(crate) fn flush(&mut self, services: &BTreeMap<String, Service>, core: &mut BusState) {
+        let listening = core.wants_signals();
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(svc) = services.get(&id) else {
+                self.announced.remove(&id);
+                continue;
+            };
+            if !listening {
+                // Nobody to tell: the next change announces everything.
+                self.announced.remove(&id);
+                continue;
+            }
+            let now = properties(svc);
+            let before = self.announced.get(&id);
+            let changed: HashMap<&'static str, &OwnedVariant> = now
+                .iter()
+                .filter(|(k, v)| {
+                    before
+                        .and_then(|b| b.iter().find(|(bk, _)| bk == k))
+                        .is_none_or(|(_, bv)| bv != v)
+                })
+                .map(|(k, v)| (*k, v))
+                .collect();
+            if !changed.is_empty() {
+                let invalidated: Vec<&str> = Vec::new();
+                let body = (SERVICE_IFACE, &changed, &invalidated);
+                let path = service_path(&id);
+                if let Some(sig) = wire::signal(&path, IFACE_PROPS, "PropertiesChanged", None, &body) {
+                    core.emit(&sig);
+                }
+            }
+            self.announced.insert(id, now);
+        }
+    }
+
+    /// Announce `event` of service `id`, its properties first, so that a
+    /// client acting on the event reads them up to date.
+    pub(crate) fn event(
+        &mut self,
+        services: &BTreeMap<String, Service>,
+        core: &mut BusState,
+        id: &str,
+        event: Event<'_>,
+    ) {
+        self.touch(id);
+        self.flush(services, core);
+        self.serial += 1;
+        let s = self.serial;
+        let sig = match event {
+            Event::ActivationRequested(r) => {
+                let (who, pid) = r.map_or((String::new(), 0), |r| (r.name.clone(), r.pid.unwrap_or(0)));
+                signal("ActivationRequested", &(s, id, who, pid))
+            }
+            Event::Started(pid) => signal("Started", &(s, id, pid as u32)),
+            Event::Ready(main) => signal("Ready", &(s, id, main.unwrap_or(0) as u32)),
+            Event::Exited { pid, kind, failure } => {
+                let (how, status) = match kind {
+                    ExitKind::Code(c) => ("exited", c),
+                    ExitKind::Signal(sig) => ("killed", sig),
+                };
+                signal("Exited", &(s, id, pid as u32, how, status, failure))
+            }
+            Event::Restarting { attempt, delay } => {
+                signal("Restarting", &(s, id, attempt, delay.as_millis() as u64))
+            }
+            Event::Failed(reason) => signal("Failed", &(s, id, reason)),
+            Event::Stopping => signal("Stopping", &(s, id)),
+            Event::Stopped => signal("Stopped", &(s, id)),
+            Event::IdleStopped => signal("IdleStopped", &(s, id)),
+        };
+        if let Some(sig) = sig {
+            core.emit(&sig);
+        }
+    }
+}
+
+fn signal<B>(member: &str, body: &B) -> Option<wire::Message>
 where
-    B: serde::Serialize + zbus::wire::DynamicType,
+    B: serde::Serialize + wire::DynamicType,
 {
-    match Message::signal(PATH, IFACE, member)
-        .sender(BUS_NAME)
-        .build(body)
-    {
-        Ok(sig) => st.broadcast_from_bus(&sig),
-        Err(e) => tracing::warn!("cannot build {member}: {e}"),
-    }
+    wire::signal(SUPERVISOR_PATH, SUPERVISOR_IFACE, member, None, body)
 }
 
-fn next_serial(st: &mut State) -> u64 {
-    st.event_serial += 1;
-    st.event_serial
-}
-
-/// Send PropertiesChanged for every service whose properties changed since
-/// the last announcement.
-pub fn flush_properties(st: &mut State) {
-    let mut changes: Vec<(String, HashMap<&'static str, OwnedVariant>)> = Vec::new();
-    for (id, svc) in &st.services {
-        let now = properties(svc);
-        let before = st.announced.get(id);
-        let changed: HashMap<&'static str, OwnedVariant> = now
-            .iter()
-            .filter(|(k, v)| {
-                before
-                    .and_then(|b| b.iter().find(|(bk, _)| bk == k))
-                    .is_none_or(|(_, bv)| bv != v)
-            })
-            .map(|(k, v)| (*k, v.try_clone().expect("plain values clone")))
-            .collect();
-        if !changed.is_empty() {
-            changes.push((id.clone(), changed));
-        }
-    }
-    for (id, changed) in changes {
-        let path = service_path(&id);
-        let invalidated: Vec<&str> = Vec::new();
-        if let Ok(sig) = Message::signal(
-            path.as_str(),
-            "org.freedesktop.DBus.Properties",
-            "PropertiesChanged",
-        )
-        .sender(BUS_NAME)
-        .build(&(SERVICE_IFACE, &changed, &invalidated))
-        {
-            st.broadcast_from_bus(&sig);
-        }
-        if let Some(svc) = st.services.get(&id) {
-            let snapshot = properties(svc);
-            st.announced.insert(id, snapshot);
-        }
-    }
-}
-
-fn event<B>(st: &mut State, member: &str, body: impl FnOnce(u64) -> B)
-where
-    B: serde::Serialize + zbus::wire::DynamicType,
-{
-    // Properties first: a client acting on the event reads them up to date.
-    flush_properties(st);
-    let serial = next_serial(st);
-    emit(st, member, &body(serial));
-}
-
-pub fn activation_requested(st: &mut State, id: &str, requester: Option<(String, Option<u32>)>) {
-    let (who, pid) = requester
-        .map(|(n, p)| (n, p.unwrap_or(0)))
-        .unwrap_or_default();
-    event(st, "ActivationRequested", |s| (s, id, who, pid));
-}
-
-pub fn started(st: &mut State, id: &str, pid: i32) {
-    event(st, "Started", |s| (s, id, pid as u32));
-}
-
-pub fn ready(st: &mut State, id: &str, main_pid: Option<i32>) {
-    event(st, "Ready", |s| (s, id, main_pid.unwrap_or(0) as u32));
-}
-
-pub fn exited(st: &mut State, id: &str, pid: i32, kind: ExitKind, failure: bool) {
-    let (how, status) = match kind {
-        ExitKind::Code(c) => ("exited", c),
-        ExitKind::Signal(s) => ("killed", s),
-    };
-    event(st, "Exited", |s| (s, id, pid as u32, how, status, failure));
-}
-
-pub fn restarting(st: &mut State, id: &str, attempt: u32, delay: Duration) {
-    event(st, "Restarting", |s| {
-        (s, id, attempt, delay.as_millis() as u64)
-    });
-}
-
-pub fn failed(st: &mut State, id: &str, reason: &str) {
-    event(st, "Failed", |s| (s, id, reason));
-}
-
-pub fn stopping(st: &mut State, id: &str) {
-    event(st, "Stopping", |s| (s, id));
-}
-
-pub fn stopped(st: &mut State, id: &str) {
-    event(st, "Stopped", |s| (s, id));
-}
-
-pub fn idle_stopped(st: &mut State, id: &str) {
-    event(st, "IdleStopped", |s| (s, id));
-}
-
-/// A line of a service's output, for `busvisor logs -f`.
-pub fn log_line(st: &mut State, id: &str, pid: i32, line: &str) {
-    if st.matches_nothing_from_bus() {
+/// Lines of a service's output, for `busvisor logs -f` (no serial: not a
+/// transition).
+pub(crate) fn log_lines(core: &mut BusState, id: &str, pid: i32, lines: &[String]) {
+    if !core.wants_signals() {
         return;
     }
-    emit(st, "LogLine", &(id, pid as u32, line));
+    for line in lines {
+        if let Some(sig) = signal("LogLine", &(id, pid as u32, line)) {
+            core.emit(&sig);
+        }
+    }
 }
 
 #[cfg(test)]

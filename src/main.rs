@@ -110,7 +110,7 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if a.introspect {
-        println!("{}</node>", busvisor::driver::INTROSPECTION);
+        println!("{}", daemon::introspection());
         return ExitCode::SUCCESS;
     }
     let rt = match runtime() {

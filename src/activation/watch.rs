@@ -2,18 +2,17 @@
 //! (inotify), as dbus-daemon does for its service directories.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tracing::{debug, info, warn};
 
-use crate::router::Bus;
+use crate::supervision::SupervisorHandle;
 
 /// Watch `dirs` (those that exist) and reload on any change, coalescing
 /// bursts of events (an editor's save is several).
-pub fn spawn(bus: Arc<Bus>, dirs: Vec<PathBuf>) {
+pub(crate) fn spawn(sup: SupervisorHandle, dirs: Vec<PathBuf>) {
     let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
         Ok(i) => i,
         Err(e) => return warn!("cannot watch service directories: {e}"),
@@ -35,8 +34,7 @@ pub fn spawn(bus: Arc<Bus>, dirs: Vec<PathBuf>) {
         return;
     }
     // A plain thread blocked in read(2): no fd registration with the runtime
-    // needed; the reload itself runs on the runtime.
-    let runtime = tokio::runtime::Handle::current();
+    // needed; the reload itself runs on the supervisor's task.
     let spawned = std::thread::Builder::new()
         .name("busvisor-watch".into())
         .spawn(move || {
@@ -52,8 +50,7 @@ pub fn spawn(bus: Arc<Bus>, dirs: Vec<PathBuf>) {
                     }
                 }
                 info!("a service directory changed: reloading definitions");
-                let _runtime = runtime.enter();
-                crate::driver::request_reload(&bus, &mut bus.lock(), None);
+                sup.reload();
             }
         });
     if let Err(e) = spawned {

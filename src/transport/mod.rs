@@ -25,8 +25,8 @@ use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::config::address::ListenAddress;
-use crate::peer::{Credentials, Cutter, Outbox, PeerId, unique_name};
-use crate::router::{Bus, Verdict};
+use crate::bus::{Activator, Bus, Credentials, Cutter, Outbox, PeerId, Verdict, unique_name};
+use crate::wire::{self, BusError, ErrorName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -42,7 +42,7 @@ pub enum TransportError {
 }
 
 /// A bound listening socket and the address clients use for it.
-pub struct Bound {
+pub(crate) struct Bound {
     pub listener: UnixListener,
     /// Client address, without the guid.
     pub address: String,
@@ -95,7 +95,7 @@ fn finish(
 }
 
 /// Bind one listen address. Must be called inside the tokio runtime.
-pub fn bind(addr: &ListenAddress, spec: &str) -> Result<Bound, TransportError> {
+pub(crate) fn bind(addr: &ListenAddress, spec: &str) -> Result<Bound, TransportError> {
     match addr {
         ListenAddress::Path(p) => bind_path(p, spec),
         ListenAddress::Dir(d) | ListenAddress::Tmpdir(d) => {
@@ -137,12 +137,12 @@ pub fn bind(addr: &ListenAddress, spec: &str) -> Result<Bound, TransportError> {
 
 /// Counters shared by the accept loop and connection tasks.
 #[derive(Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     incomplete: AtomicUsize,
 }
 
 impl Gate {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Gate {
             incomplete: AtomicUsize::new(0),
         }
@@ -159,7 +159,11 @@ impl Drop for Incomplete {
 }
 
 /// Accept connections until the task is dropped.
-pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
+pub(crate) async fn serve<S: Activator + Send + 'static>(
+    bus: Arc<Bus<S>>,
+    gate: Arc<Gate>,
+    listener: UnixListener,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -171,14 +175,14 @@ pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
             }
         };
         let pending = gate.incomplete.load(Ordering::Relaxed) as u64;
-        if pending >= bus.limits.max_incomplete_connections {
+        if pending >= bus.facts.limits.max_incomplete_connections {
             warn!("too many connections still authenticating ({pending}); refusing one");
             continue;
         }
         let connected = bus.peer_count() as u64;
         // Every client has the bus's uid (or is root): the per-user limit is the total.
-        if connected >= bus.limits.max_completed_connections
-            || connected >= bus.limits.max_connections_per_user
+        if connected >= bus.facts.limits.max_completed_connections
+            || connected >= bus.facts.limits.max_connections_per_user
         {
             warn!("max_completed_connections reached; refusing a connection");
             continue;
@@ -187,18 +191,22 @@ pub async fn serve(bus: Arc<Bus>, gate: Arc<Gate>, listener: UnixListener) {
     }
 }
 
-async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStream) {
+async fn connection<S: Activator + Send + 'static>(
+    bus: Arc<Bus<S>>,
+    gate: Arc<Gate>,
+    stream: tokio::net::UnixStream,
+) {
     // Credentials straight from the socket (SO_PEERCRED, SO_PEERPIDFD): a
     // foreign uid is refused before it costs a handshake.
     let peer = match nix::sys::socket::getsockopt(&stream, sockopt::PeerCredentials) {
         Ok(c) => c,
         Err(e) => return debug!("cannot read peer credentials: {e}"),
     };
-    if peer.uid() != bus.uid && peer.uid() != 0 {
+    if peer.uid() != bus.facts.uid && peer.uid() != 0 {
         return warn!(
             "refused a connection from uid {}: only uid {} may connect",
             peer.uid(),
-            bus.uid
+            bus.facts.uid
         );
     }
     let creds = Credentials {
@@ -212,10 +220,10 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     // there. The guard gives the slot back however this task ends.
     gate.incomplete.fetch_add(1, Ordering::Relaxed);
     let incomplete = Incomplete(gate.clone());
-    let timeout = Duration::from_millis(bus.limits.auth_timeout_ms.max(1));
+    let timeout = Duration::from_millis(bus.facts.limits.auth_timeout_ms.max(1));
     let deadline = tokio::time::Instant::now() + timeout;
     let negotiated =
-        match tokio::time::timeout_at(deadline, sasl::handshake(&stream, &bus.guid, peer.uid()))
+        match tokio::time::timeout_at(deadline, sasl::handshake(&stream, &bus.facts.guid, peer.uid()))
             .await
         {
             Ok(Ok(n)) => n,
@@ -254,16 +262,16 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
                 );
             }
         };
-        if is_hello(&m) {
+        if crate::bus::driver::is_hello(&m) {
             break m;
         }
         seq += 1;
-        if crate::router::wants_reply(&m)
-            && let Some(e) = crate::router::bus_error(
-                &m,
-                crate::router::err::ACCESS_DENIED,
-                "Client tried to send a message other than Hello without being registered",
-            )
+        let denied = BusError::new(
+            ErrorName::AccessDenied,
+            "Client tried to send a message other than Hello without being registered",
+        );
+        if wire::wants_reply(&m)
+            && let Some(e) = wire::error(&m, &denied)
         {
             let sent = tokio::time::timeout_at(deadline, socket::write_all(&stream, &[e])).await;
             if !matches!(sent, Ok(Ok(()))) {
@@ -273,8 +281,8 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     };
     drop(incomplete);
     let outbox = Arc::new(Outbox::new(
-        bus.limits.max_outgoing_bytes as usize,
-        bus.limits.max_outgoing_unix_fds as usize,
+        bus.facts.limits.max_outgoing_bytes as usize,
+        bus.facts.limits.max_outgoing_unix_fds as usize,
         negotiated.fds,
     ));
     let id = bus.add_peer(outbox.clone(), cutter.clone(), creds);
@@ -346,13 +354,6 @@ async fn connection(bus: Arc<Bus>, gate: Arc<Gate>, stream: tokio::net::UnixStre
     {
         cutter.cut();
     }
-}
-
-fn is_hello(msg: &Message) -> bool {
-    let h = msg.header();
-    msg.message_type() == zbus::message::Type::MethodCall
-        && h.destination().map(|d| d.as_str()) == Some(crate::router::BUS_NAME)
-        && h.member().map(|m| m.as_str()) == Some("Hello")
 }
 
 async fn write_loop(

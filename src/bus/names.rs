@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::peer::PeerId;
+use super::peer::PeerId;
 
 pub const ALLOW_REPLACEMENT: u32 = 0x1;
 pub const REPLACE_EXISTING: u32 = 0x2;

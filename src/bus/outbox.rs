@@ -1,4 +1,4 @@
-//! One connected client: its identity, credentials and bounded outbound queue.
+//! A connection's bounded outbound queue, and the handle that cuts its socket.
 //!
 //! The router never awaits a socket. It pushes shared `Message` handles into a
 //! peer's [`Outbox`] (a cheap `Arc` clone, no copy) and the peer's writer task
@@ -11,33 +11,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
-use zbus::message::Message;
-
-/// A connection's number; its unique name is `:1.<id>`.
-pub type PeerId = u64;
-
-/// The unique name of a peer.
-pub fn unique_name(id: PeerId) -> String {
-    format!(":1.{id}")
-}
-
-/// The peer id behind a unique name of this bus, if it is one.
-pub fn parse_unique_name(name: &str) -> Option<PeerId> {
-    name.strip_prefix(":1.")?.parse().ok()
-}
-
-/// Credentials read from the socket when the peer connected.
-#[derive(Debug, Default)]
-pub struct Credentials {
-    pub uid: Option<u32>,
-    /// Primary gid; the supplementary groups are read when asked for.
-    pub gid: Option<u32>,
-    pub pid: Option<u32>,
-}
+use crate::wire::Message;
 
 /// Why a message could not be queued for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
+pub(crate) enum PushError {
     /// The queue holds its limit of bytes or fds: the peer is not reading.
     Full,
     /// The peer is gone or going.
@@ -54,13 +32,13 @@ struct Queue {
 }
 
 /// A peer's bounded outbound queue.
-pub struct Outbox {
+pub(crate) struct Outbox {
     queue: Mutex<Queue>,
     ready: Notify,
     max_bytes: usize,
     max_fds: usize,
     /// Messages dropped because the queue was full (broadcast signals).
-    pub dropped: AtomicU64,
+    pub(crate) dropped: AtomicU64,
     /// The peer negotiated fd passing in its handshake.
     fds_ok: bool,
     /// When the writer last got bytes out (ms on the process clock), or
@@ -91,7 +69,7 @@ fn now_ms() -> u64 {
 }
 
 impl Outbox {
-    pub fn new(max_bytes: usize, max_fds: usize, fds_ok: bool) -> Self {
+    pub(crate) fn new(max_bytes: usize, max_fds: usize, fds_ok: bool) -> Self {
         Outbox {
             queue: Mutex::new(Queue {
                 messages: VecDeque::new(),
@@ -114,7 +92,7 @@ impl Outbox {
     /// than the limit is still accepted into an empty queue, so that a peer
     /// that reads can always receive anything the bus accepted. Returns
     /// whether a sender should now wait for this queue (see `wait_drained`).
-    pub fn push(&self, msg: Message) -> Result<bool, PushError> {
+    pub(crate) fn push(&self, msg: Message) -> Result<bool, PushError> {
         let len = msg.data().len();
         let fds = msg.data().fds().len();
         if fds > 0 && !self.fds_ok {
@@ -144,7 +122,7 @@ impl Outbox {
     }
 
     /// Queue `msg`, counting it as dropped when it does not fit.
-    pub fn push_counted(&self, msg: Message) -> Result<bool, PushError> {
+    pub(crate) fn push_counted(&self, msg: Message) -> Result<bool, PushError> {
         let r = self.push(msg);
         if r.is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -154,7 +132,7 @@ impl Outbox {
 
     /// Wait for queued messages and move them all into `batch`. Returns false
     /// once the outbox is closed and empty.
-    pub async fn next_batch(&self, batch: &mut Vec<Message>) -> bool {
+    pub(crate) async fn next_batch(&self, batch: &mut Vec<Message>) -> bool {
         loop {
             {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -173,7 +151,7 @@ impl Outbox {
     /// Account for messages that have left through the socket. The bytes
     /// stay counted while being written, so that a peer stuck mid-write
     /// still counts as full.
-    pub fn sent(&self, batch: &[Message]) {
+    pub(crate) fn sent(&self, batch: &[Message]) {
         let (bytes, fds) = batch.iter().fold((0, 0), |(b, f), m| {
             (b + m.data().len(), f + m.data().fds().len())
         });
@@ -192,7 +170,7 @@ impl Outbox {
 
     /// Wait until the queue is down to a quarter, the peer turns out stuck,
     /// or it is closed. Never longer than the stuck threshold without progress.
-    pub async fn wait_drained(&self) {
+    pub(crate) async fn wait_drained(&self) {
         let started = now_ms();
         loop {
             {
@@ -218,31 +196,37 @@ impl Outbox {
     }
 
     /// Refuse further messages; the writer flushes what is queued, then ends.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.ready.notify_one();
     }
 
-    pub fn fds_ok(&self) -> bool {
+    pub(crate) fn fds_ok(&self) -> bool {
         self.fds_ok
     }
 
-    pub fn queued_bytes(&self) -> usize {
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outbox({} bytes)", self.queued_bytes())
     }
 }
 
 /// The peer's socket, shared by its tasks and the router: cutting it
 /// (shutdown) wakes the reader and a writer blocked in a write with an
 /// error, from anywhere.
-pub struct Cutter(std::sync::Arc<tokio::net::UnixStream>);
+pub(crate) struct Cutter(std::sync::Arc<tokio::net::UnixStream>);
 
 impl Cutter {
-    pub fn new(stream: std::sync::Arc<tokio::net::UnixStream>) -> Self {
+    pub(crate) fn new(stream: std::sync::Arc<tokio::net::UnixStream>) -> Self {
         Cutter(stream)
     }
 
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         use std::os::fd::AsRawFd;
         let _ = nix::sys::socket::shutdown(self.0.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
@@ -250,7 +234,7 @@ impl Cutter {
     /// The peer's supplementary groups as the kernel recorded them when it
     /// connected (SO_PEERGROUPS, Linux 4.13+), as dbus-daemon reads them: the
     /// groups the process really had, with no user database lookup.
-    pub fn groups(&self) -> Option<Vec<u32>> {
+    pub(crate) fn groups(&self) -> Option<Vec<u32>> {
         use std::os::fd::AsRawFd;
         const GID: usize = std::mem::size_of::<libc::gid_t>();
         let mut buf: Vec<libc::gid_t> = vec![0; 64];
@@ -281,7 +265,7 @@ impl Cutter {
     }
 
     /// A pidfd of the peer process (SO_PEERPIDFD), fetched when asked for.
-    pub fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+    pub(crate) fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
         nix::sys::socket::getsockopt(&*self.0, nix::sys::socket::sockopt::PeerPidfd).ok()
     }
 }

@@ -1,0 +1,144 @@
+//! The catalog of activatable services: where the definitions come from,
+//! when they were read, and the reload in progress.
+//!
+//! Definitions are read only off the lock: [`scan`] and [`dirs_changed`]
+//! run on the blocking pool, and the result is installed under the lock.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use super::definition::{Catalog, ServiceDirSpec};
+use crate::bus::CallRef;
+
+/// Where definitions come from: busvisor's TOML directories, then the
+/// `[D-BUS Service]` directories of the configuration.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Dirs {
+    pub(crate) toml: Vec<PathBuf>,
+    pub(crate) dbus: Vec<ServiceDirSpec>,
+}
+
+/// Definitions read from the service directories, and the files skipped.
+pub(crate) type Scanned = (Catalog, Vec<String>);
+
+/// Read every definition. File I/O: never under the lock.
+pub(crate) fn scan(dirs: &Dirs) -> Scanned {
+    Catalog::scan(&dirs.toml, &dirs.dbus)
+}
+
+/// Whether a service directory changed since `since` (a stat per directory:
+/// adding, removing or renaming a file changes it). File I/O: never under
+/// the lock.
+pub(crate) fn dirs_changed(dirs: &Dirs, since: SystemTime) -> bool {
+    dirs.toml
+        .iter()
+        .chain(dirs.dbus.iter().map(|d| &d.path))
+        .filter_map(|d| std::fs::metadata(d).and_then(|m| m.modified()).ok())
+        .any(|m| m >= since)
+}
+
+/// Callers of ReloadConfig or Reload waiting for the next scan, whether a
+/// scan runs, and whether another was asked for since it started.
+#[derive(Default)]
+pub(crate) struct Reload {
+    pub(crate) waiters: Vec<CallRef>,
+    pub(crate) running: bool,
+    pub(crate) requested: bool,
+}
+
+impl Reload {
+    /// Ask for a scan; true when none runs yet and the caller must start one.
+    pub(crate) fn request(&mut self, caller: Option<CallRef>) -> bool {
+        self.waiters.extend(caller);
+        self.requested = true;
+        !std::mem::replace(&mut self.running, true)
+    }
+
+    /// A scan begins: it serves these callers.
+    pub(crate) fn begin(&mut self) -> Vec<CallRef> {
+        self.requested = false;
+        std::mem::take(&mut self.waiters)
+    }
+
+    /// A scan is installed: true when another was asked for meanwhile.
+    pub(crate) fn again(&mut self) -> bool {
+        if !self.requested {
+            self.running = false;
+        }
+        self.requested
+    }
+}
+
+pub(crate) struct CatalogState {
+    pub(crate) catalog: Catalog,
+    pub(crate) dirs: Dirs,
+    /// When the catalog was last read.
+    pub(crate) scanned_at: SystemTime,
+    pub(crate) reload: Reload,
+}
+
+impl Default for CatalogState {
+    fn default() -> Self {
+        CatalogState {
+            catalog: Catalog::default(),
+            dirs: Dirs::default(),
+            scanned_at: SystemTime::UNIX_EPOCH,
+            reload: Reload::default(),
+        }
+    }
+}
+
+impl CatalogState {
+    /// Install what a scan read.
+    pub(crate) fn install(&mut self, catalog: Catalog) {
+        self.catalog = catalog;
+        // A margin for changes made during the scan and for coarse timestamps:
+        // at worst a miss soon after a scan reads the directories again.
+        self.scanned_at = SystemTime::now() - Duration::from_secs(2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(serial: u32) -> CallRef {
+        let call = crate::wire::Message::method_call("/", "ReloadConfig")
+            .serial(std::num::NonZeroU32::new(serial).unwrap())
+            .build(&())
+            .unwrap();
+        CallRef { from: 1, call }
+    }
+
+    #[test]
+    fn reloads_coalesce() {
+        let mut r = Reload::default();
+        assert!(r.request(Some(caller(1))), "the first request starts a scan");
+        assert_eq!(r.begin().len(), 1);
+        // Requests during the scan share the next one.
+        assert!(!r.request(Some(caller(2))));
+        assert!(!r.request(Some(caller(3))));
+        assert!(!r.request(None));
+        assert!(r.again());
+        assert_eq!(r.begin().len(), 2);
+        assert!(!r.again(), "nothing asked during the second scan");
+        assert!(r.request(None), "idle again: a new request starts a scan");
+    }
+
+    #[test]
+    fn changed_dirs_are_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let dirs = Dirs {
+            toml: vec![d.path().to_owned()],
+            dbus: Vec::new(),
+        };
+        assert!(dirs_changed(&dirs, SystemTime::UNIX_EPOCH));
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert!(!dirs_changed(&dirs, later));
+        let missing = Dirs {
+            toml: vec![d.path().join("nope")],
+            dbus: Vec::new(),
+        };
+        assert!(!dirs_changed(&missing, SystemTime::UNIX_EPOCH));
+    }
+}

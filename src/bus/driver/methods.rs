@@ -1,0 +1,497 @@
+//! One function per driver method; `mod.rs` has the table that finds them.
+
+use std::collections::HashMap;
+
+use tracing::{info, warn};
+
+use super::{Ctx, FEATURES, INTERFACES};
+use crate::bus::peer::{PeerEntry, PeerId, unique_name};
+use crate::bus::pending::Waiter;
+use crate::bus::{Answer, CallRef};
+use crate::matching::{MatchRule, MatchRuleError};
+use crate::wire::names::{BUS_NAME, IFACE_DBUS};
+use crate::wire::{self, BusError, ErrorName, Fd, Message, Variant};
+
+fn ok<B>(msg: &Message, body: &B) -> Answer
+where
+    B: serde::Serialize + wire::DynamicType,
+{
+    Ok(wire::reply(msg, body))
+}
+
+fn err(name: ErrorName, text: impl Into<String>) -> Answer {
+    Err(BusError::new(name, text))
+}
+
+pub(super) fn hello(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let from = cx.from;
+    let Some(p) = cx.core.peers.get_mut(&from) else {
+        return err(ErrorName::Failed, "unknown peer");
+    };
+    if p.hello {
+        return err(ErrorName::Failed, "Already handled an Hello message");
+    }
+    p.hello = true;
+    let me = unique_name(from);
+    if let Some(r) = wire::reply(msg, &(&me,)) {
+        cx.core.send_to(from, r);
+    }
+    cx.core.announce_owner(&me, None, Some(&me));
+    cx.core.name_signal("NameAcquired", from, &me);
+    Ok(None)
+}
+
+fn check_bus_name(name: &str) -> Result<(), BusError> {
+    if wire::is_bus_name(name) {
+        Ok(())
+    } else {
+        Err(BusError::invalid_args(format!(
+            "Name \"{name}\" is not valid"
+        )))
+    }
+}
+
+fn check_well_known(cx: &Ctx<'_>, name: &str, verb: &str) -> Result<(), BusError> {
+    if name.starts_with(':') {
+        return Err(BusError::invalid_args(format!(
+            "Cannot {verb} a service starting with ':' such as \"{name}\""
+        )));
+    }
+    if !wire::is_well_known_name(name) {
+        return Err(BusError::invalid_args(format!(
+            "Given bus name \"{name}\" is not valid"
+        )));
+    }
+    if name == BUS_NAME {
+        return Err(BusError::invalid_args(format!(
+            "Connection is not allowed to own the service \"{name}\" because it is reserved for D-Bus' use only"
+        )));
+    }
+    if cx.core.is_bus_owned(name) {
+        return Err(BusError::new(
+            ErrorName::AccessDenied,
+            format!(
+                "Connection is not allowed to own the service \"{name}\": busvisor itself owns it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn request_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (name, flags): (&str, u32) = wire::args(&body)?;
+    check_well_known(cx, name, "acquire")?;
+    let from = cx.from;
+    let max = cx.facts.limits.max_names_per_connection;
+    // The unique name counts, as in dbus-daemon.
+    if cx.core.names.count_for(from) as u64 + 1 >= max
+        && !cx.core.names.queued(name).contains(&from)
+    {
+        return err(
+            ErrorName::LimitsExceeded,
+            format!(
+                "Connection \"{}\" is not allowed to own more services (increase limits in configuration file if required; max_names_per_connection={max})",
+                unique_name(from)
+            ),
+        );
+    }
+    let (r, changes) = cx.core.names.request(name, from, flags);
+    cx.core.announce(changes, cx.sup);
+    // The RequestName reply comes last, after the owner-change signals.
+    ok(msg, &(r,))
+}
+
+pub(super) fn release_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let name: &str = wire::args(&body)?;
+    check_well_known(cx, name, "release")?;
+    let (r, changes) = cx.core.names.release(name, cx.from);
+    cx.core.announce(changes, cx.sup);
+    ok(msg, &(r,))
+}
+
+pub(super) fn start_service_by_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (name, _flags): (&str, u32) = wire::args(&body)?;
+    check_bus_name(name)?;
+    // The definition is looked up first: an owned name without one is unknown.
+    if !cx.sup.provides(name) {
+        return err(
+            ErrorName::ServiceUnknown,
+            format!("The name {name} was not provided by any .service files"),
+        );
+    }
+    if owner_of(cx, name).is_some() {
+        return ok(msg, &(2u32,));
+    }
+    let call = CallRef {
+        from: cx.from,
+        call: msg.clone(),
+    };
+    cx.core.activate(cx.sup, name, Waiter::Start(call))?;
+    Ok(None)
+}
+
+pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let uid = cx.core.peers.get(&cx.from).and_then(|p| p.creds.uid);
+    if !cx.facts.is_privileged(uid) {
+        return err(
+            ErrorName::AccessDenied,
+            "Cannot change activation environment on a system bus or as another user",
+        );
+    }
+    let body = msg.body();
+    let env: HashMap<String, String> = wire::args(&body)?;
+    cx.sup.set_activation_env(env);
+    ok(msg, &())
+}
+
+pub(super) fn name_has_owner(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let name: &str = wire::args(&body)?;
+    check_bus_name(name)?;
+    let has = cx.core.is_bus_owned(name) || owner_of(cx, name).is_some();
+    ok(msg, &(has,))
+}
+
+pub(super) fn list_names(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let mut list = vec![BUS_NAME.to_owned(), cx.core.own_name.to_owned()];
+    list.extend(
+        cx.core
+            .peers
+            .iter()
+            .filter(|(_, p)| p.is_addressable())
+            .map(|(id, _)| unique_name(*id)),
+    );
+    list.extend(cx.core.names.names().map(str::to_owned));
+    ok(msg, &(&list,))
+}
+
+pub(super) fn list_activatable_names(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let mut list = vec![BUS_NAME.to_owned()];
+    list.extend(cx.sup.activatable_names());
+    ok(msg, &(&list,))
+}
+
+fn parse_rule(text: &str) -> Result<MatchRule, BusError> {
+    MatchRule::parse(text).map_err(|e| {
+        // A rule over the length limit is LimitsExceeded in dbus-daemon.
+        let name = match e {
+            MatchRuleError::TooLong(_) => ErrorName::LimitsExceeded,
+            _ => ErrorName::MatchRuleInvalid,
+        };
+        BusError::new(name, e.to_string())
+    })
+}
+
+fn count_eavesdrop(cx: &mut Ctx<'_>, rule: &MatchRule, added: bool) {
+    if !rule.eavesdrop() {
+        return;
+    }
+    let p = cx.core.peers.get_mut(&cx.from);
+    if added {
+        cx.core.eavesdrop_rules += 1;
+        if let Some(p) = p {
+            p.eavesdrop_rules += 1;
+        }
+    } else {
+        cx.core.eavesdrop_rules -= 1;
+        if let Some(p) = p {
+            p.eavesdrop_rules -= 1;
+        }
+    }
+}
+
+pub(super) fn add_match(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let text: &str = wire::args(&body)?;
+    let rule = parse_rule(text)?;
+    let max = cx.facts.limits.max_match_rules_per_connection;
+    if cx.core.matches.count(cx.from) as u64 >= max {
+        return err(
+            ErrorName::LimitsExceeded,
+            format!(
+                "Connection \"{}\" is not allowed to add more match rules (increase limits in configuration file if required; max_match_rules_per_connection={max})",
+                unique_name(cx.from)
+            ),
+        );
+    }
+    count_eavesdrop(cx, &rule, true);
+    cx.core.matches.add(cx.from, rule);
+    ok(msg, &())
+}
+
+pub(super) fn remove_match(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let text: &str = wire::args(&body)?;
+    let rule = parse_rule(text)?;
+    if !cx.core.matches.remove(cx.from, &rule) {
+        return err(
+            ErrorName::MatchRuleNotFound,
+            "The given match rule wasn't found and can't be removed",
+        );
+    }
+    count_eavesdrop(cx, &rule, false);
+    ok(msg, &())
+}
+
+/// The addressable peer owning `name`.
+fn owner_of(cx: &Ctx<'_>, name: &str) -> Option<PeerId> {
+    cx.core.resolve(name)
+}
+
+fn no_such_name(what: &str, name: &str) -> BusError {
+    BusError::new(
+        ErrorName::NameHasNoOwner,
+        format!("Could not get {what} of name '{name}': no such name"),
+    )
+}
+
+pub(super) fn get_name_owner(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let name: &str = wire::args(&body)?;
+    check_bus_name(name)?;
+    let owner = if cx.core.is_bus_owned(name) {
+        BUS_NAME.to_owned()
+    } else {
+        match owner_of(cx, name) {
+            Some(p) => unique_name(p),
+            None => return Err(no_such_name("owner", name)),
+        }
+    };
+    ok(msg, &(&owner,))
+}
+
+pub(super) fn list_queued_owners(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let name: &str = wire::args(&body)?;
+    check_bus_name(name)?;
+    let list: Vec<String> = if cx.core.is_bus_owned(name) {
+        vec![BUS_NAME.to_owned()]
+    } else if name.starts_with(':') {
+        owner_of(cx, name).map(unique_name).into_iter().collect()
+    } else {
+        cx.core.names.queued(name).into_iter().map(unique_name).collect()
+    };
+    if list.is_empty() {
+        return Err(no_such_name("owners", name));
+    }
+    ok(msg, &(&list,))
+}
+
+/// The peer a credentials query names, or None for the bus itself.
+fn queried<'c>(cx: &'c Ctx<'_>, msg: &Message, what: &str) -> Result<Option<&'c PeerEntry>, BusError> {
+    let body = msg.body();
+    let name: &str = wire::args(&body)?;
+    check_bus_name(name)?;
+    if cx.core.is_bus_owned(name) {
+        return Ok(None);
+    }
+    owner_of(cx, name)
+        .and_then(|id| cx.core.peers.get(&id))
+        .map(Some)
+        .ok_or_else(|| no_such_name(what, name))
+}
+
+pub(super) fn unix_user(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let uid = match queried(cx, msg, "UID")? {
+        None => Some(cx.facts.uid),
+        Some(p) => p.creds.uid,
+    };
+    match uid {
+        Some(uid) => ok(msg, &(uid,)),
+        None => err(ErrorName::Failed, "Could not determine UID"),
+    }
+}
+
+pub(super) fn unix_process_id(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let pid = match queried(cx, msg, "PID")? {
+        None => Some(cx.facts.pid),
+        Some(p) => p.creds.pid,
+    };
+    match pid {
+        Some(pid) => ok(msg, &(pid,)),
+        None => err(ErrorName::UnixProcessIdUnknown, "Could not determine PID"),
+    }
+}
+
+pub(super) fn audit_session_data(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    queried(cx, msg, "audit session data")?;
+    err(
+        ErrorName::AdtAuditDataUnknown,
+        "Could not determine audit session data",
+    )
+}
+
+pub(super) fn selinux_context(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    queried(cx, msg, "security context")?;
+    err(
+        ErrorName::SELinuxSecurityContextUnknown,
+        "Could not determine security context",
+    )
+}
+
+/// The peer's groups: from the socket; the user database only on kernels
+/// without SO_PEERGROUPS.
+fn groups(cx: &Ctx<'_>, peer: &PeerEntry, uid: u32, gid: u32) -> Vec<u32> {
+    match peer.cutter.groups() {
+        Some(mut g) => {
+            g.push(gid);
+            g.sort_unstable();
+            g.dedup();
+            g
+        }
+        None => cx.facts.groups_of(uid, gid),
+    }
+}
+
+pub(super) fn credentials(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let mut dict: HashMap<&str, Variant<'_>> = HashMap::new();
+    let pidfd = match queried(cx, msg, "credentials")? {
+        None => {
+            dict.insert("UnixUserID", Variant::from(cx.facts.uid));
+            dict.insert("ProcessID", Variant::from(cx.facts.pid));
+            None
+        }
+        Some(peer) => {
+            let c = peer.creds;
+            if let Some(uid) = c.uid {
+                dict.insert("UnixUserID", Variant::from(uid));
+            }
+            if let (Some(uid), Some(gid)) = (c.uid, c.gid) {
+                let gids = groups(cx, peer, uid, gid);
+                if !gids.is_empty() {
+                    dict.insert("UnixGroupIDs", Variant::from(gids));
+                }
+            }
+            if let Some(pid) = c.pid {
+                dict.insert("ProcessID", Variant::from(pid));
+            }
+            peer.cutter.pidfd()
+        }
+    };
+    let caller_takes_fds = cx
+        .core
+        .peers
+        .get(&cx.from)
+        .is_some_and(|p| p.outbox.fds_ok());
+    if let (Some(fd), true) = (pidfd, caller_takes_fds) {
+        dict.insert("ProcessFD", Variant::from(Fd::from(fd)));
+    }
+    ok(msg, &(&dict,))
+}
+
+pub(super) fn reload_config(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    info!("ReloadConfig requested by {}", unique_name(cx.from));
+    cx.sup.reload(Some(CallRef {
+        from: cx.from,
+        call: msg.clone(),
+    }));
+    Ok(None)
+}
+
+pub(super) fn get_id(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    ok(msg, &(&cx.facts.guid,))
+}
+
+pub(super) fn become_monitor(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let uid = cx.core.peers.get(&cx.from).and_then(|p| p.creds.uid);
+    if !cx.facts.is_privileged(uid) {
+        return err(
+            ErrorName::AccessDenied,
+            "Only the bus owner or root may become a monitor",
+        );
+    }
+    let body = msg.body();
+    let (texts, _flags): (Vec<&str>, u32) = wire::args(&body)?;
+    let rules = texts
+        .into_iter()
+        .map(parse_rule)
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(r) = wire::reply(msg, &()) {
+        cx.core.send_to(cx.from, r);
+    }
+    // A monitor gives up its names and rules, then only listens.
+    cx.core.goodbye(cx.from, Some(rules), cx.sup);
+    info!(peer = %unique_name(cx.from), "became a monitor");
+    if cx.core.monitors.len() > 64 {
+        warn!("{} monitors attached", cx.core.monitors.len());
+    }
+    Ok(None)
+}
+
+pub(super) fn introspect(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let path = msg.header().path().map(|p| p.as_str().to_owned());
+    let mut xml = super::introspection();
+    match path.as_deref() {
+        Some("/") => xml.push_str("  <node name=\"org/freedesktop/DBus\"/>\n"),
+        Some("/org") => xml.push_str("  <node name=\"freedesktop/DBus\"/>\n"),
+        Some("/org/freedesktop") => xml.push_str("  <node name=\"DBus\"/>\n"),
+        _ => {}
+    }
+    xml.push_str("</node>\n");
+    ok(msg, &(&xml,))
+}
+
+pub(super) fn ping(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    ok(msg, &())
+}
+
+pub(super) fn get_machine_id(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    ok(msg, &(&cx.facts.machine_id,))
+}
+
+fn string_list(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn property(iface: &str, prop: &str) -> Result<Vec<String>, BusError> {
+    if iface != IFACE_DBUS && !iface.is_empty() {
+        return Err(BusError::new(
+            ErrorName::UnknownInterface,
+            format!("Interface \"{iface}\" doesn't exist"),
+        ));
+    }
+    match prop {
+        "Features" => Ok(string_list(FEATURES)),
+        "Interfaces" => Ok(string_list(INTERFACES)),
+        _ => Err(BusError::new(
+            ErrorName::UnknownProperty,
+            format!("Property \"{prop}\" doesn't exist on interface \"{IFACE_DBUS}\""),
+        )),
+    }
+}
+
+pub(super) fn prop_get(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (i, prop): (&str, &str) = wire::args(&body)?;
+    let value = property(i, prop)?;
+    ok(msg, &(Variant::from(value),))
+}
+
+pub(super) fn prop_get_all(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let i: &str = wire::args(&body)?;
+    let mut all: HashMap<&str, Variant<'_>> = HashMap::new();
+    if i == IFACE_DBUS || i.is_empty() {
+        all.insert("Features", Variant::from(string_list(FEATURES)));
+        all.insert("Interfaces", Variant::from(string_list(INTERFACES)));
+    } else if !super::METHODS.iter().any(|r| r.iface == i) {
+        return err(
+            ErrorName::UnknownInterface,
+            format!("Interface \"{i}\" doesn't exist"),
+        );
+    }
+    ok(msg, &(&all,))
+}
+
+pub(super) fn prop_set(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (i, prop, _v): (&str, &str, Variant<'_>) = wire::args(&body)?;
+    property(i, prop)?;
+    err(
+        ErrorName::PropertyReadOnly,
+        format!("Property '{prop}' cannot be changed"),
+    )
+}

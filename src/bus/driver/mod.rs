@@ -1,0 +1,247 @@
+//! `org.freedesktop.DBus`: the bus driver, answered by hand inside the bus
+//! core (no object server, no extra hop), with dbus-daemon 1.14's error
+//! names and texts.
+//!
+//! Every method is a row of [`METHODS`]: its interface, member and input
+//! signature, whether it is served only at the canonical path, whether it
+//! sends its own reply, and its handler (in `methods.rs`). One lookup both
+//! validates and dispatches.
+
+mod methods;
+
+use super::peer::PeerId;
+use super::{Activator, Answer, BusState, CallRef, Facts};
+use crate::wire::names::{
+    BUS_NAME, BUS_PATH, IFACE_DBUS, IFACE_INTROSPECT, IFACE_MONITORING, IFACE_PEER, IFACE_PROPS,
+    INTROSPECT_HEADER, SUPERVISOR_NAME,
+};
+use crate::wire::{BusError, ErrorName, Message, Type};
+
+/// Bus features advertised in the Features property.
+const FEATURES: &[&str] = &["ActivatableServicesChanged", SUPERVISOR_NAME];
+/// Extra interfaces advertised in the Interfaces property.
+const INTERFACES: &[&str] = &[IFACE_MONITORING];
+
+/// The driver's introspection data, without the closing `</node>` (the
+/// caller adds child nodes first).
+pub(crate) fn introspection() -> String {
+    format!("{INTROSPECT_HEADER}{}", include_str!("introspect.xml"))
+}
+
+/// What a handler works with.
+struct Ctx<'a> {
+    facts: &'a Facts,
+    core: &'a mut BusState,
+    sup: &'a mut dyn Activator,
+    from: PeerId,
+}
+
+struct Method {
+    iface: &'static str,
+    member: &'static str,
+    /// The input signature.
+    sig: &'static str,
+    /// Served only at /org/freedesktop/DBus, as in dbus-daemon.
+    canonical_path: bool,
+    /// Sends its own reply, in order with the signals it causes.
+    replies_itself: bool,
+    handler: fn(&mut Ctx<'_>, &Message) -> Answer,
+}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.iface, self.member)
+    }
+}
+
+const fn m(
+    iface: &'static str,
+    member: &'static str,
+    sig: &'static str,
+    handler: fn(&mut Ctx<'_>, &Message) -> Answer,
+) -> Method {
+    Method {
+        iface,
+        member,
+        sig,
+        canonical_path: false,
+        replies_itself: false,
+        handler,
+    }
+}
+
+const fn canonical(mut method: Method) -> Method {
+    method.canonical_path = true;
+    method
+}
+
+const fn replies_itself(mut method: Method) -> Method {
+    method.replies_itself = true;
+    method
+}
+
+use methods as h;
+
+const METHODS: &[Method] = &[
+    replies_itself(m(IFACE_DBUS, "Hello", "", h::hello)),
+    m(IFACE_DBUS, "RequestName", "su", h::request_name),
+    m(IFACE_DBUS, "ReleaseName", "s", h::release_name),
+    m(IFACE_DBUS, "StartServiceByName", "su", h::start_service_by_name),
+    canonical(m(IFACE_DBUS, "UpdateActivationEnvironment", "a{ss}", h::update_env)),
+    m(IFACE_DBUS, "NameHasOwner", "s", h::name_has_owner),
+    m(IFACE_DBUS, "ListNames", "", h::list_names),
+    m(IFACE_DBUS, "ListActivatableNames", "", h::list_activatable_names),
+    m(IFACE_DBUS, "AddMatch", "s", h::add_match),
+    m(IFACE_DBUS, "RemoveMatch", "s", h::remove_match),
+    m(IFACE_DBUS, "GetNameOwner", "s", h::get_name_owner),
+    m(IFACE_DBUS, "ListQueuedOwners", "s", h::list_queued_owners),
+    m(IFACE_DBUS, "GetConnectionUnixUser", "s", h::unix_user),
+    m(IFACE_DBUS, "GetConnectionUnixProcessID", "s", h::unix_process_id),
+    m(IFACE_DBUS, "GetAdtAuditSessionData", "s", h::audit_session_data),
+    m(IFACE_DBUS, "GetConnectionSELinuxSecurityContext", "s", h::selinux_context),
+    m(IFACE_DBUS, "GetConnectionCredentials", "s", h::credentials),
+    m(IFACE_DBUS, "ReloadConfig", "", h::reload_config),
+    m(IFACE_DBUS, "GetId", "", h::get_id),
+    replies_itself(canonical(m(IFACE_MONITORING, "BecomeMonitor", "asu", h::become_monitor))),
+    m(IFACE_INTROSPECT, "Introspect", "", h::introspect),
+    m(IFACE_PEER, "Ping", "", h::ping),
+    m(IFACE_PEER, "GetMachineId", "", h::get_machine_id),
+    canonical(m(IFACE_PROPS, "Get", "ss", h::prop_get)),
+    canonical(m(IFACE_PROPS, "GetAll", "s", h::prop_get_all)),
+    canonical(m(IFACE_PROPS, "Set", "ssv", h::prop_set)),
+];
+
+/// Whether `msg` is a Hello call (the only call an unregistered peer may make).
+pub(crate) fn is_hello(msg: &Message) -> bool {
+    let h = msg.header();
+    msg.message_type() == Type::MethodCall
+        && h.destination().map(|d| d.as_str()) == Some(BUS_NAME)
+        && h.member().map(|m| m.as_str()) == Some("Hello")
+}
+
+/// Handle a message addressed to `org.freedesktop.DBus`.
+pub(super) fn handle(
+    facts: &Facts,
+    core: &mut BusState,
+    sup: &mut dyn Activator,
+    from: PeerId,
+    msg: &Message,
+) {
+    if msg.message_type() != Type::MethodCall {
+        // Signals to the bus are allowed and ignored, as dbus-daemon does.
+        return;
+    }
+    let (answer, replied) = match find(msg) {
+        Err(e) => (Err(e), false),
+        Ok(method) => {
+            let mut ctx = Ctx {
+                facts,
+                core,
+                sup,
+                from,
+            };
+            let answer = (method.handler)(&mut ctx, msg);
+            let replied = method.replies_itself && answer.is_ok();
+            (answer, replied)
+        }
+    };
+    if !replied {
+        let call = CallRef {
+            from,
+            call: msg.clone(),
+        };
+        core.answer(&call, answer);
+    }
+}
+
+/// The row for `msg`, checked against its path and signature.
+fn find(msg: &Message) -> Result<&'static Method, BusError> {
+    let hdr = msg.header();
+    let member = hdr.member().map(|m| m.as_str()).unwrap_or("");
+    let iface = hdr.interface().map(|i| i.as_str());
+    let path = hdr.path().map(|p| p.as_str()).unwrap_or("/");
+    let signature = crate::matching::body_signature(msg);
+    let Some(method) = METHODS
+        .iter()
+        .find(|r| r.member == member && iface.is_none_or(|want| want == r.iface))
+    else {
+        let known_iface = iface.is_none_or(|want| METHODS.iter().any(|r| r.iface == want));
+        let iface = iface.unwrap_or("(null)");
+        return Err(if known_iface {
+            BusError::new(
+                ErrorName::UnknownMethod,
+                format!(
+                    "Method \"{member}\" with signature \"{signature}\" on interface \"{iface}\" doesn't exist"
+                ),
+            )
+        } else {
+            BusError::new(
+                ErrorName::UnknownInterface,
+                format!("Interface \"{iface}\" doesn't exist"),
+            )
+        });
+    };
+    if method.canonical_path && path != BUS_PATH {
+        let text = format!(
+            "{}.{} is only available at the canonical object path {BUS_PATH}",
+            method.iface, method.member
+        );
+        let name = if method.iface == IFACE_PROPS {
+            ErrorName::UnknownInterface
+        } else {
+            ErrorName::AccessDenied
+        };
+        return Err(BusError::new(name, text));
+    }
+    if signature != method.sig {
+        return Err(BusError::invalid_args(format!(
+            "Call to {} has wrong args ({signature}, expected {})",
+            method.member, method.sig
+        )));
+    }
+    Ok(method)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(iface: Option<&str>, member: &str, path: &str) -> Message {
+        let mut b = Message::method_call(path, member).destination(BUS_NAME);
+        if let Some(i) = iface {
+            b = b.interface(i);
+        }
+        b.build(&()).unwrap()
+    }
+
+    #[test]
+    fn every_row_is_unique_and_introspected() {
+        let xml = introspection();
+        for (i, r) in METHODS.iter().enumerate() {
+            assert!(
+                !METHODS[..i]
+                    .iter()
+                    .any(|o| o.iface == r.iface && o.member == r.member),
+                "{} twice",
+                r.member
+            );
+            assert!(xml.contains(&format!("<method name=\"{}\">", r.member)));
+        }
+    }
+
+    #[test]
+    fn lookup_checks_interface_path_and_signature() {
+        assert!(find(&call(None, "ListNames", "/")).is_ok());
+        let e = find(&call(Some("org.example.Nope"), "ListNames", "/")).unwrap_err();
+        assert_eq!(e.name, ErrorName::UnknownInterface);
+        let e = find(&call(Some(IFACE_DBUS), "Nope", "/")).unwrap_err();
+        assert_eq!(e.name, ErrorName::UnknownMethod);
+        let e = find(&call(None, "UpdateActivationEnvironment", "/")).unwrap_err();
+        assert_eq!(e.name, ErrorName::AccessDenied);
+        let e = find(&call(Some(IFACE_PROPS), "GetAll", "/x")).unwrap_err();
+        assert_eq!(e.name, ErrorName::UnknownInterface);
+        let e = find(&call(None, "GetNameOwner", "/")).unwrap_err();
+        assert_eq!(e.name, ErrorName::InvalidArgs);
+        assert!(is_hello(&call(Some(IFACE_DBUS), "Hello", "/")));
+    }
+}

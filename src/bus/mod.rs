@@ -1,0 +1,220 @@
+//! The message bus core: peers, names, match rules, expected replies,
+//! monitors and the queues of messages waiting for a name.
+//!
+//! It never names a service, a definition file or a process other than a
+//! peer's credentials, never spawns a task, and does no file I/O under its
+//! lock. What it needs from whoever starts services it asks through
+//! [`Activator`]; what that side needs from the bus are the `pub(crate)`
+//! methods of [`BusState`] (see `state.rs`).
+//!
+//! Each peer's reader task calls [`Bus::handle`] with a message whose sender
+//! field it has already stamped. `handle` takes the one lock, decides every
+//! recipient, pushes the message into their outboxes and returns; it never
+//! awaits, so the lock is never held across an await and a slow peer can only
+//! fill its own outbox. Because one lock orders all state changes, the
+//! messages caused by one event (NameOwnerChanged, NameLost, NameAcquired,
+//! replies) reach every queue in one consistent order.
+
+pub(crate) mod driver;
+pub(crate) mod names;
+pub(crate) mod outbox;
+pub(crate) mod peer;
+pub(crate) mod pending;
+pub(crate) mod reply;
+mod router;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::Limits;
+use crate::wire::{BusError, Message};
+pub(crate) use outbox::{Cutter, Outbox};
+pub(crate) use peer::{Credentials, PeerId, unique_name};
+pub(crate) use state::BusState;
+
+/// What the reader should do after handing a message to the bus.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Continue,
+    Disconnect(&'static str),
+    /// Routed; the sender should wait for this recipient's queue to drain
+    /// before sending more (it is reading, but slower than the sender).
+    Wait(Arc<Outbox>),
+}
+
+/// A call the bus answers later, where the work completes: its caller and
+/// the call itself (its serial and flags; a shared handle, not a copy).
+#[derive(Clone, Debug)]
+pub(crate) struct CallRef {
+    pub(crate) from: PeerId,
+    pub(crate) call: Message,
+}
+
+/// Who asked for a start, as lifecycle events report it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Requester {
+    pub(crate) name: String,
+    pub(crate) pid: Option<u32>,
+}
+
+/// The result of a method the bus answers: a reply, nothing yet (answered
+/// later, or by the handler itself), or an error.
+pub(crate) type Answer = Result<Option<Message>, BusError>;
+
+/// What starts services: the bus core's only view of the supervisor. Every
+/// call happens under the core lock, with the core at hand.
+pub(crate) trait Activator {
+    /// Whether a loaded definition provides `name` (no file I/O).
+    fn provides(&self, name: &str) -> bool;
+    /// Every activatable name, for ListActivatableNames.
+    fn activatable_names(&self) -> Vec<String>;
+    /// Someone waits for `name`, which has no owner: start what provides it,
+    /// or find out off the lock whether anything does. Ok means the waiter
+    /// is queued and will be delivered, or failed through
+    /// [`BusState::fail_pending`].
+    fn start(&mut self, name: &str, requester: Requester, core: &mut BusState)
+    -> Result<(), BusError>;
+    /// `name` changed owner (announced already; NameAcquired not yet).
+    fn name_owner_changed(
+        &mut self,
+        name: &str,
+        old: Option<PeerId>,
+        new: Option<PeerId>,
+        core: &mut BusState,
+    );
+    /// UpdateActivationEnvironment.
+    fn set_activation_env(&mut self, vars: HashMap<String, String>);
+    /// Re-read the definitions, off the lock; answer `caller` once done.
+    fn reload(&mut self, caller: Option<CallRef>);
+    /// A method call to the name the activator answers (the control API).
+    fn call(&mut self, call: &CallRef, facts: &Facts, core: &mut BusState) -> Answer;
+}
+
+/// What the bus knows from the start and never changes.
+pub(crate) struct Facts {
+    pub(crate) guid: String,
+    pub(crate) limits: Limits,
+    pub(crate) uid: u32,
+    pub(crate) pid: u32,
+    pub(crate) machine_id: String,
+    /// The address clients use, once listening.
+    pub(crate) address: std::sync::OnceLock<String>,
+    /// Group lists by (uid, primary gid), looked up once (a session bus sees one uid).
+    groups: Mutex<HashMap<(u32, u32), Vec<u32>>>,
+}
+
+impl Facts {
+    /// The bus's own uid or root: may monitor and change the activation
+    /// environment.
+    pub(crate) fn is_privileged(&self, uid: Option<u32>) -> bool {
+        uid == Some(self.uid) || uid == Some(0)
+    }
+
+    /// The sorted groups of a user (primary and supplementary), from the
+    /// user database: only for kernels without SO_PEERGROUPS.
+    pub(crate) fn groups_of(&self, uid: u32, gid: u32) -> Vec<u32> {
+        let mut cache = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((uid, gid))
+            .or_insert_with(|| {
+                let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten();
+                let mut gids: Vec<u32> = user
+                    .and_then(|u| {
+                        let name = std::ffi::CString::new(u.name).ok()?;
+                        nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok()
+                    })
+                    .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                    .unwrap_or_else(|| vec![gid]);
+                gids.sort_unstable();
+                gids.dedup();
+                gids
+            })
+            .clone()
+    }
+}
+
+/// The bus core and the activator, behind one lock: the lock orders every
+/// change of both.
+pub(crate) struct Shared<S> {
+    pub(crate) core: BusState,
+    pub(crate) sup: S,
+}
+
+/// The bus: fixed facts and the locked state.
+pub(crate) struct Bus<S> {
+    state: Mutex<Shared<S>>,
+    pub(crate) facts: Facts,
+    /// The number of the next unique name; given out at Hello, from 0, as dbus-daemon does.
+    next_unique: std::sync::atomic::AtomicU64,
+}
+
+impl<S: Activator> Bus<S> {
+    /// `own_name` is the name the activator answers as the bus.
+    pub(crate) fn new(guid: String, limits: Limits, own_name: &'static str, sup: S) -> Self {
+        let machine_id = std::fs::read_to_string("/etc/machine-id")
+            .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| guid.clone());
+        Bus {
+            state: Mutex::new(Shared {
+                core: BusState::new(limits, own_name),
+                sup,
+            }),
+            facts: Facts {
+                guid,
+                limits,
+                uid: nix::unistd::getuid().as_raw(),
+                pid: std::process::id(),
+                machine_id,
+                address: std::sync::OnceLock::new(),
+                groups: Mutex::new(HashMap::new()),
+            },
+            next_unique: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared<S>> {
+        // A panic while routing must not take the bus down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a connection that sent Hello; its id is its unique name's number.
+    pub(crate) fn add_peer(
+        &self,
+        outbox: Arc<Outbox>,
+        cutter: Arc<Cutter>,
+        creds: Credentials,
+    ) -> PeerId {
+        let id = self
+            .next_unique
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().core.add_peer(id, outbox, cutter, creds);
+        id
+    }
+
+    pub(crate) fn peer_count(&self) -> usize {
+        self.lock().core.peer_count()
+    }
+
+    /// Cut every connection (shutdown).
+    pub(crate) fn cut_all(&self) {
+        self.lock().core.cut_all();
+    }
+
+    /// Route one message from `from`; its sender field is already stamped.
+    pub(crate) fn handle(&self, from: PeerId, msg: Message) -> Verdict {
+        let mut guard = self.lock();
+        let Shared { core, sup } = &mut *guard;
+        core.handle(&self.facts, sup, from, msg)
+    }
+
+    /// A peer's connection ended.
+    pub(crate) fn remove_peer(&self, id: PeerId) {
+        let mut guard = self.lock();
+        let Shared { core, sup } = &mut *guard;
+        core.goodbye(id, None, sup);
+    }
+}

@@ -1,0 +1,142 @@
+//! The replies the bus expects: which peer may answer which call.
+//!
+//! A slot belongs to both of its peers, as in dbus-broker's `ReplySlot`:
+//! the caller waits for it and the callee owes it. Each peer's own slots are
+//! indexed, so a peer that leaves touches only its own entries, and "how
+//! many calls wait for this peer" is a lookup, not a scan of the bus.
+
+use std::collections::{HashMap, HashSet};
+
+use super::peer::PeerId;
+
+/// One expected reply: the caller and the serial of its call.
+pub(crate) type Slot = (PeerId, u32);
+
+#[derive(Default)]
+pub(crate) struct ReplyRegistry {
+    /// (caller, serial) -> the callee that may answer.
+    slots: HashMap<Slot, PeerId>,
+    /// Per caller, the serials it waits for.
+    waiting: HashMap<PeerId, HashSet<u32>>,
+    /// Per callee, the slots it owes.
+    owed: HashMap<PeerId, HashSet<Slot>>,
+}
+
+/// What a leaving peer leaves behind: calls to it that will never be
+/// answered, whose callers the bus must tell.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Orphans(pub(crate) Vec<Slot>);
+
+impl ReplyRegistry {
+    /// Calls `caller` still waits for.
+    pub(crate) fn waiting_count(&self, caller: PeerId) -> usize {
+        self.waiting.get(&caller).map_or(0, HashSet::len)
+    }
+
+    /// Calls that wait for `callee` to answer.
+    pub(crate) fn owed_count(&self, callee: PeerId) -> usize {
+        self.owed.get(&callee).map_or(0, HashSet::len)
+    }
+
+    /// Expect a reply from `callee` to `caller`'s call `serial`. A serial
+    /// reused while its first call waits keeps one slot, for the new callee.
+    pub(crate) fn expect(&mut self, caller: PeerId, serial: u32, callee: PeerId) {
+        if let Some(old) = self.slots.insert((caller, serial), callee) {
+            remove_from(&mut self.owed, old, &(caller, serial));
+        }
+        self.waiting.entry(caller).or_default().insert(serial);
+        self.owed.entry(callee).or_default().insert((caller, serial));
+    }
+
+    /// `replier` answers `caller`'s call `serial`: true, and the slot is
+    /// gone, when that reply was expected from it.
+    pub(crate) fn take(&mut self, caller: PeerId, serial: u32, replier: PeerId) -> bool {
+        if self.slots.get(&(caller, serial)) != Some(&replier) {
+            return false;
+        }
+        self.slots.remove(&(caller, serial));
+        remove_from(&mut self.waiting, caller, &serial);
+        remove_from(&mut self.owed, replier, &(caller, serial));
+        true
+    }
+
+    /// `peer` leaves: its own calls need no answer any more, and the calls
+    /// it owed are returned, to be answered with NoReply.
+    pub(crate) fn remove_peer(&mut self, peer: PeerId) -> Orphans {
+        for serial in self.waiting.remove(&peer).unwrap_or_default() {
+            if let Some(callee) = self.slots.remove(&(peer, serial)) {
+                remove_from(&mut self.owed, callee, &(peer, serial));
+            }
+        }
+        let mut orphans: Vec<Slot> = self.owed.remove(&peer).unwrap_or_default().into_iter().collect();
+        for (caller, serial) in &orphans {
+            self.slots.remove(&(*caller, *serial));
+            remove_from(&mut self.waiting, *caller, serial);
+        }
+        orphans.sort_unstable();
+        Orphans(orphans)
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq, V: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, HashSet<V>>,
+    key: K,
+    value: &V,
+) {
+    if let Some(set) = map.get_mut(&key) {
+        set.remove(value);
+        if set.is_empty() {
+            map.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_is_taken_once_and_only_from_the_callee() {
+        let mut r = ReplyRegistry::default();
+        r.expect(1, 10, 2);
+        assert_eq!((r.waiting_count(1), r.owed_count(2)), (1, 1));
+        assert!(!r.take(1, 10, 3), "a third peer may not answer");
+        assert!(!r.take(1, 11, 2), "another serial was not asked");
+        assert!(r.take(1, 10, 2));
+        assert!(!r.take(1, 10, 2), "answered already");
+        assert_eq!((r.waiting_count(1), r.owed_count(2)), (0, 0));
+    }
+
+    #[test]
+    fn a_leaving_callee_orphans_only_its_calls() {
+        let mut r = ReplyRegistry::default();
+        r.expect(1, 10, 2);
+        r.expect(3, 5, 2);
+        r.expect(1, 11, 4);
+        assert_eq!(r.remove_peer(2), Orphans(vec![(1, 10), (3, 5)]));
+        assert_eq!(r.waiting_count(1), 1);
+        assert_eq!(r.waiting_count(3), 0);
+        assert!(r.take(1, 11, 4), "the call to another peer still stands");
+    }
+
+    #[test]
+    fn a_leaving_caller_needs_no_answers() {
+        let mut r = ReplyRegistry::default();
+        r.expect(1, 10, 2);
+        r.expect(1, 12, 3);
+        assert_eq!(r.remove_peer(1), Orphans(Vec::new()));
+        assert_eq!((r.owed_count(2), r.owed_count(3)), (0, 0));
+        assert!(!r.take(1, 10, 2));
+        assert!(r.slots.is_empty() && r.waiting.is_empty() && r.owed.is_empty());
+    }
+
+    #[test]
+    fn a_reused_serial_moves_to_the_new_callee() {
+        let mut r = ReplyRegistry::default();
+        r.expect(1, 10, 2);
+        r.expect(1, 10, 3);
+        assert_eq!((r.waiting_count(1), r.owed_count(2), r.owed_count(3)), (1, 0, 1));
+        assert!(!r.take(1, 10, 2));
+        assert!(r.take(1, 10, 3));
+    }
+}

@@ -1,0 +1,229 @@
+//! The bus core's state, and what the supervisor may ask of it.
+//!
+//! Fields are private to the core (`bus/`); the `pub(crate)` methods here
+//! are the calls that cross the boundary from the supervisor's side.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::info;
+
+use super::names::Names;
+use super::outbox::{Cutter, Outbox};
+use super::peer::{Credentials, PeerEntry, PeerId, unique_name};
+use super::pending::Pending;
+use super::reply::ReplyRegistry;
+use super::{Activator, Answer, CallRef};
+use crate::config::Limits;
+use crate::matching::{MatchIndex, MatchRule};
+use crate::wire::{self, BusError, ErrorName, Message};
+
+/// Everything the bus core owns, behind the one lock.
+pub(crate) struct BusState {
+    pub(super) peers: HashMap<PeerId, PeerEntry>,
+    pub(super) names: Names,
+    pub(super) matches: MatchIndex<PeerId>,
+    /// Rules with eavesdrop=true, bus-wide: unicast fan-out is skipped when 0.
+    pub(super) eavesdrop_rules: usize,
+    pub(super) replies: ReplyRegistry,
+    pub(super) monitors: Vec<PeerId>,
+    pub(super) pending: Pending,
+    pub(super) limits: Limits,
+    /// The name the activator answers as the bus (the control API).
+    pub(super) own_name: &'static str,
+    /// A recipient of the message being routed whose queue is filling
+    /// while it reads: the sender waits for it (see `Verdict::Wait`).
+    pub(super) pressure: Option<Arc<Outbox>>,
+}
+
+impl BusState {
+    pub(super) fn new(limits: Limits, own_name: &'static str) -> Self {
+        BusState {
+            peers: HashMap::new(),
+            names: Names::default(),
+            matches: MatchIndex::default(),
+            eavesdrop_rules: 0,
+            replies: ReplyRegistry::default(),
+            monitors: Vec::new(),
+            pending: Pending::default(),
+            limits,
+            own_name,
+            pressure: None,
+        }
+    }
+
+    pub(super) fn add_peer(
+        &mut self,
+        id: PeerId,
+        outbox: Arc<Outbox>,
+        cutter: Arc<Cutter>,
+        creds: Credentials,
+    ) {
+        self.peers
+            .insert(id, PeerEntry::new(outbox, cutter, creds));
+    }
+
+    pub(super) fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub(super) fn cut_all(&self) {
+        for p in self.peers.values() {
+            p.cutter.cut();
+        }
+    }
+
+    /// Names the bus itself owns.
+    pub(super) fn is_bus_owned(&self, name: &str) -> bool {
+        name == wire::names::BUS_NAME || name == self.own_name
+    }
+
+    /// The one way out for a peer: it leaves the bus, or (with `monitor`)
+    /// stays only as a monitor with those rules. Either way its rules and
+    /// names go, with dbus-daemon's signals, and every caller waiting for
+    /// its reply gets NoReply.
+    pub(super) fn goodbye(
+        &mut self,
+        id: PeerId,
+        monitor: Option<Vec<MatchRule>>,
+        sup: &mut dyn Activator,
+    ) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let addressable = peer.is_addressable();
+        self.eavesdrop_rules -= std::mem::take(&mut peer.eavesdrop_rules);
+        let me = unique_name(id);
+        if monitor.is_some() {
+            // Its names go first, announced while its rules still stand (as
+            // dbus-daemon does).
+            let changes = self.names.remove_peer(id);
+            self.announce(changes, sup);
+            self.matches.remove_all(id);
+        } else {
+            let peer = self.peers.remove(&id).expect("looked up above");
+            peer.outbox.close();
+            self.monitors.retain(|m| *m != id);
+            self.pending.hold(id, false);
+            self.matches.remove_all(id);
+            let changes = self.names.remove_peer(id);
+            self.announce(changes, sup);
+            let dropped = peer
+                .outbox
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed);
+            info!(peer = %me, pid = ?peer.creds.pid, dropped, "disconnected");
+        }
+        if addressable {
+            self.announce_owner(&me, Some(&me), None);
+        }
+        if let Some(rules) = monitor {
+            self.name_signal("NameLost", id, &me);
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.monitor = Some(rules);
+            }
+            self.monitors.push(id);
+        }
+        // Calls to this peer will never be answered; calls from it need no answer.
+        let text = "Message recipient disconnected from message bus without replying";
+        for (caller, serial) in self.replies.remove_peer(id).0 {
+            let e = BusError::new(ErrorName::NoReply, text);
+            if let Some(e) = wire::detached_error(&unique_name(caller), serial, &e) {
+                self.send_to(caller, e);
+            }
+        }
+    }
+
+    // What the supervisor asks of the bus.
+
+    /// Broadcast a signal the bus emits (lifecycle events among them).
+    pub(crate) fn emit(&mut self, sig: &Message) {
+        self.capture(sig, None, None);
+        self.broadcast(sig, None);
+    }
+
+    /// Whether any rule or monitor could take a signal: when not, skip
+    /// building it.
+    pub(crate) fn wants_signals(&self) -> bool {
+        !self.matches.is_empty() || !self.monitors.is_empty()
+    }
+
+    /// Answer a call the bus took earlier (its caller may have asked for no reply).
+    pub(crate) fn answer(&mut self, call: &CallRef, outcome: Answer) {
+        if !wire::wants_reply(&call.call) {
+            return;
+        }
+        let msg = match outcome {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return,
+            Err(e) => match wire::error(&call.call, &e) {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        self.send_to(call.from, msg);
+    }
+
+    /// Answer a call the bus took earlier with an empty reply or an error.
+    pub(crate) fn complete(&mut self, call: &CallRef, outcome: Result<(), BusError>) {
+        let answer = outcome.map(|()| wire::reply(&call.call, &()));
+        self.answer(call, answer);
+    }
+
+    /// Answer everything that waits for any of `names` with `e`.
+    pub(crate) fn fail_pending(&mut self, names: &[String], e: &BusError) {
+        for n in names {
+            for w in self.pending.take(n) {
+                if wire::wants_reply(w.call())
+                    && let Some(m) = wire::error(w.call(), e)
+                {
+                    self.send_to(w.from(), m);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn has_pending(&self, names: &[String]) -> bool {
+        self.pending.has_any(names)
+    }
+
+    /// Queue messages addressed by name to `peer` instead of delivering
+    /// them (its service is stopping for idleness), or stop doing so.
+    pub(crate) fn hold(&mut self, peer: PeerId, on: bool) {
+        self.pending.hold(peer, on);
+    }
+
+    pub(crate) fn is_connected(&self, peer: PeerId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
+    pub(crate) fn peer_pid(&self, peer: PeerId) -> Option<u32> {
+        self.peers.get(&peer).and_then(|p| p.creds.pid)
+    }
+
+    /// Keep track of when `peer` last sent or received a message.
+    pub(crate) fn watch(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.watched = true;
+            p.touch();
+        }
+    }
+
+    /// How long since a watched peer last sent or received a message.
+    pub(crate) fn idle_for(&self, peer: PeerId) -> Option<Duration> {
+        self.peers
+            .get(&peer)
+            .filter(|p| p.watched)
+            .map(|p| p.last_activity.elapsed())
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Calls waiting for `peer` to answer.
+    pub(crate) fn calls_pending_to(&self, peer: PeerId) -> usize {
+        self.replies.owed_count(peer)
+    }
+}

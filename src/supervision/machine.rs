@@ -1,0 +1,544 @@
+//! Commands applied under the core lock: what each event means for a
+//! service, through the transitions of `service.rs`, with the lifecycle
+//! event and the timer that go with it.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use super::procs;
+use super::reaper::ExitKind;
+use super::service::{
+    ExitFacts, ExitMeaning, LastExit, Next, ServiceState, StopReason, attribute_exit,
+};
+use super::spawner::SpawnRequest;
+use super::{Cmd, SupervisorState};
+use crate::activation::definition::{RestartPolicy, Source};
+use crate::bus::{BusState, CallRef, Facts};
+use crate::lifecycle::Event;
+use crate::wire::{BusError, ErrorName};
+
+fn signal_all(pids: &std::collections::BTreeSet<i32>, sig: Signal) {
+    for p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+    }
+}
+
+impl SupervisorState {
+    /// Apply a command that needs nothing awaited.
+    pub(super) fn apply(&mut self, cmd: Cmd, core: &mut BusState, scan: &procs::Scan) {
+        match cmd {
+            Cmd::Exited(pid, kind) => self.exited(pid, kind, core, scan),
+            Cmd::NameLost(id) => self.name_lost(&id, core, scan),
+            Cmd::StartTimeout(id, inv) => self.start_timeout(&id, inv, core, scan),
+            Cmd::RestartDue(id, inv) => self.restart_due(&id, inv),
+            Cmd::StopTimeout(id, inv) => self.stop_timeout(&id, inv, core, scan),
+            Cmd::Recheck(id, inv) => self.recheck(&id, inv, core, scan),
+            Cmd::IdleCheck(id, inv) => self.idle_check(&id, inv, core, scan),
+            Cmd::Stop(id, call) => self.stop_request(&id, call, core, scan),
+            Cmd::Start(id, call) => self.start_request(&id, call, core),
+            Cmd::Restart(id, call) => self.restart_request(&id, call, core, scan),
+            Cmd::Spawn(_)
+            | Cmd::Resolve(..)
+            | Cmd::Reload
+            | Cmd::Shutdown(_)
+            | Cmd::RunCommand(..) => unreachable!("handled by the task"),
+        }
+    }
+
+    /// The service, if it is still in `state` in invocation `inv`: timers
+    /// carry both, so that one armed for an earlier start or state does nothing.
+    fn current(&mut self, id: &str, state: ServiceState, inv: u64) -> bool {
+        self.services
+            .get(id)
+            .is_some_and(|s| s.state() == state && s.invocation == inv)
+    }
+
+    /// The service's processes now: what we know, plus what the latest scan
+    /// found with its token.
+    fn refresh_pids(&mut self, id: &str, scan: &procs::Scan) -> bool {
+        let Some(svc) = self.svc_mut(id) else {
+            return true;
+        };
+        if !svc.token.is_empty() {
+            // Zombies stay until the reaper collects them, so that their exit
+            // is attributed and announced.
+            svc.pids.retain(|p| procs::stat_of(*p).is_some());
+            if let Some(found) = scan.get(&svc.token) {
+                svc.pids.extend(found);
+            }
+        }
+        svc.pids.is_empty()
+    }
+
+    /// Build the spawn request of an activating service, or fail its start.
+    pub(super) fn prepare_spawn(
+        &mut self,
+        id: &str,
+        address: &str,
+        core: &mut BusState,
+    ) -> Option<SpawnRequest> {
+        let svc = self.services.get(id)?;
+        if svc.state() != ServiceState::Activating || svc.launched_pid.is_some() {
+            return None;
+        }
+        let argv = match &svc.def.argv {
+            // dbus-daemon execs Exec='s program as given, without a PATH
+            // search: a bare name does not run.
+            Ok(a) if svc.def.source == Source::DBusService && !a[0].contains('/') => {
+                let text = format!(
+                    "Failed to execute program {}: No such file or directory",
+                    svc.def.names[0]
+                );
+                let e = BusError::new(ErrorName::SpawnExecFailed, text);
+                self.activation_failed(id, &e, core);
+                return None;
+            }
+            Ok(a) => a.clone(),
+            Err(e) => {
+                let e = BusError::invalid_args(e.message());
+                self.activation_failed(id, &e, core);
+                return None;
+            }
+        };
+        let svc = self.svc_mut(id)?;
+        svc.new_invocation(std::process::id());
+        let svc = &self.services[id];
+        Some(SpawnRequest {
+            argv,
+            env: super::task::environment(&self.activation_env, svc, address),
+            cwd: super::task::working_dir(&svc.def),
+            capture: true,
+            new_session: true,
+        })
+    }
+
+    /// The process is spawned: announce it and arm the start timer. False
+    /// when the service is gone meanwhile.
+    pub(super) fn spawned(
+        &mut self,
+        id: &str,
+        pid: i32,
+        facts: &Facts,
+        core: &mut BusState,
+    ) -> bool {
+        let Some(svc) = self.svc_mut(id) else {
+            return false;
+        };
+        svc.spawned(pid);
+        let timeout = svc
+            .def
+            .start_timeout
+            .unwrap_or(Duration::from_millis(facts.limits.service_start_timeout_ms));
+        let inv = svc.invocation;
+        self.event(core, id, Event::Started(pid));
+        self.cmd.after(timeout, Cmd::StartTimeout(id.to_owned(), inv));
+        true
+    }
+
+    /// Lines a service printed.
+    pub(super) fn output(&mut self, id: &str, pid: i32, lines: Vec<String>, core: &mut BusState) {
+        if !self.services.contains_key(id) {
+            return;
+        }
+        crate::lifecycle::log_lines(core, id, pid, &lines);
+        if let Some(svc) = self.services.get_mut(id) {
+            for line in lines {
+                svc.push_log(line);
+            }
+        }
+    }
+
+    fn exited(&mut self, pid: i32, kind: ExitKind, core: &mut BusState, scan: &procs::Scan) {
+        let Some(id) = self.service_of(pid) else {
+            // An orphan nobody claimed (e.g. from a service stopped earlier).
+            return;
+        };
+        let svc = self.svc_mut(&id).expect("found above");
+        svc.pids.remove(&pid);
+        let nothing_left = self.refresh_pids(&id, scan);
+        let svc = self.services.get_mut(&id).expect("found above");
+        let facts = ExitFacts {
+            state: svc.state(),
+            stop_reason: svc.stop_reason,
+            kind,
+            is_launched: svc.launched_pid == Some(pid),
+            is_main: svc.main_pid == Some(pid),
+            launched_known: svc.launched_pid.is_some(),
+            main_known: svc.main_pid.is_some(),
+            nothing_left,
+        };
+        let (failure, meaning) = attribute_exit(&facts, &svc.def.names[0]);
+        info!(service = %id, pid, "process {kind}");
+        let owned = facts.is_launched || facts.is_main;
+        if owned {
+            svc.last_exit = Some(LastExit {
+                pid,
+                kind,
+                failure,
+                at: std::time::SystemTime::now(),
+            });
+        }
+        if facts.is_launched && facts.state == ServiceState::Activating {
+            svc.launched_pid = None;
+        }
+        let exited = Event::Exited {
+            pid,
+            kind,
+            failure: failure && owned,
+        };
+        self.event(core, &id, exited);
+        self.exit_means(&id, meaning, failure, core, scan);
+    }
+
+    fn exit_means(
+        &mut self,
+        id: &str,
+        meaning: ExitMeaning,
+        failure: bool,
+        core: &mut BusState,
+        scan: &procs::Scan,
+    ) {
+        let svc = self.svc_mut(id).expect("caller checked");
+        match meaning {
+            ExitMeaning::Nothing => {}
+            ExitMeaning::DaemonForked => {
+                info!(service = %id, "launcher exited 0; waiting for its daemon to take {}", svc.def.names[0]);
+            }
+            ExitMeaning::RecheckSoon => {
+                let inv = svc.invocation;
+                let cmd = Cmd::Recheck(id.to_owned(), inv);
+                self.cmd.after(Duration::from_millis(100), cmd);
+            }
+            ExitMeaning::StartFailed(name, text) => {
+                self.start_failed(id, &BusError::new(name, text), core, scan);
+            }
+            ExitMeaning::RunEnded => {
+                svc.ended_with_failure |= failure;
+                svc.main_pid = None;
+                self.begin_stop(id, StopReason::Ended, core, scan);
+            }
+            ExitMeaning::StopComplete => self.stopped(id, core),
+        }
+    }
+
+    /// A start failed before the name was taken. A first activation tells
+    /// its waiters now; an automatic restart goes back to the restart policy
+    /// (with a longer delay, and the start limit), keeping its waiters queued.
+    pub(super) fn start_failed(
+        &mut self,
+        id: &str,
+        e: &BusError,
+        core: &mut BusState,
+        scan: &procs::Scan,
+    ) {
+        let Some(svc) = self.svc_mut(id) else {
+            return;
+        };
+        if svc.auto_restart && svc.def.restart != RestartPolicy::No {
+            warn!(service = id, "restart failed: {}", e.text);
+            svc.last_start_error = Some(e.text.clone());
+            svc.ended_with_failure = true;
+            self.begin_stop(id, StopReason::Ended, core, scan);
+            return;
+        }
+        self.activation_failed(id, e, core);
+        if !self.services[id].pids.is_empty() {
+            // Leftovers of a failed start go too.
+            self.begin_stop(id, StopReason::Failed, core, scan);
+        }
+    }
+
+    fn name_lost(&mut self, id: &str, core: &mut BusState, scan: &procs::Scan) {
+        let Some(svc) = self.svc_mut(id) else {
+            return;
+        };
+        if svc.state() == ServiceState::Running {
+            // A service that drops its name while alive is not working.
+            svc.ended_with_failure = true;
+            self.begin_stop(id, StopReason::Ended, core, scan);
+        }
+    }
+
+    /// Send the stop signal to the whole tree and arm the kill timer.
+    fn begin_stop(&mut self, id: &str, reason: StopReason, core: &mut BusState, scan: &procs::Scan) {
+        let nothing = self.refresh_pids(id, scan);
+        let Some(svc) = self.svc_mut(id) else {
+            return;
+        };
+        if let Some(peer) = svc.peer {
+            self.peer_service.remove(&peer);
+            if reason == StopReason::Idle {
+                core.hold(peer, true);
+            }
+        }
+        let svc = self.svc_mut(id).expect("looked up above");
+        if nothing {
+            // Nothing to signal: straight to what follows the stop.
+            svc.stop_reason = Some(reason);
+            svc.peer = None;
+            self.stopped(id, core);
+            return;
+        }
+        svc.stopping(reason);
+        signal_all(&svc.pids, svc.def.stop_signal);
+        // SIGCONT so that stopped processes see the signal (as s6 does).
+        signal_all(&svc.pids, Signal::SIGCONT);
+        let (timeout, inv) = (svc.def.stop_timeout, svc.invocation);
+        self.event(core, id, Event::Stopping);
+        self.cmd.after(timeout, Cmd::StopTimeout(id.to_owned(), inv));
+    }
+
+    fn stop_timeout(&mut self, id: &str, inv: u64, core: &mut BusState, scan: &procs::Scan) {
+        if !self.current(id, ServiceState::Stopping, inv) {
+            return;
+        }
+        if self.refresh_pids(id, scan) {
+            self.stopped(id, core);
+            return;
+        }
+        let svc = &self.services[id];
+        warn!(service = id, pids = ?svc.pids, "did not stop in time; sending SIGKILL");
+        signal_all(&svc.pids, Signal::SIGKILL);
+        // Descendants re-parented by the kills are found by the next scan.
+        let cmd = Cmd::StopTimeout(id.to_owned(), inv);
+        self.cmd.after(Duration::from_millis(100), cmd);
+    }
+
+    /// Every process of the service is gone: decide what comes next. The
+    /// state after the stop is set before Stopped is announced, so that the
+    /// PropertiesChanged that goes with it shows it.
+    fn stopped(&mut self, id: &str, core: &mut BusState) {
+        let shutting_down = self.shutting_down;
+        let Some(svc) = self.svc_mut(id) else {
+            return;
+        };
+        let (reason, failure) = svc.processes_gone();
+        let stopped_callers = std::mem::take(&mut svc.waiting_stop);
+        let restart_callers = std::mem::take(&mut svc.waiting_restart);
+        for c in &stopped_callers {
+            core.complete(c, Ok(()));
+        }
+        match reason {
+            _ if shutting_down => {
+                svc.settle(ServiceState::Inactive, "bus shutting down");
+                self.event(core, id, Event::Stopped);
+            }
+            Some(StopReason::Requested) | None => {
+                svc.settle(ServiceState::Inactive, "stopped");
+                self.event(core, id, Event::Stopped);
+            }
+            Some(StopReason::Failed) => {
+                svc.failed_start_cleaned();
+                self.event(core, id, Event::Stopped);
+            }
+            Some(StopReason::Idle) => {
+                svc.settle(ServiceState::Inactive, "idle");
+                self.event(core, id, Event::Stopped);
+                self.event(core, id, Event::IdleStopped);
+                self.start_if_waited_for(id, core);
+            }
+            Some(StopReason::Ended) => {
+                self.event(core, id, Event::Stopped);
+                self.run_ended(id, failure, core);
+            }
+        }
+        if !restart_callers.is_empty() && !shutting_down {
+            let svc = self.svc_mut(id).expect("looked up above");
+            svc.waiting_start.extend(restart_callers);
+            self.explicit_start(id, core);
+        }
+    }
+
+    /// Messages that came in meanwhile start a new instance.
+    fn start_if_waited_for(&mut self, id: &str, core: &mut BusState) {
+        let waited = self
+            .services
+            .get(id)
+            .is_some_and(|s| core.has_pending(&s.def.names));
+        if waited {
+            self.begin_activation(id, None, core);
+        }
+    }
+
+    /// The run ended by itself: the restart policy decides.
+    fn run_ended(&mut self, id: &str, failure: bool, core: &mut BusState) {
+        let svc = self.svc_mut(id).expect("caller checked");
+        let decision = svc.decide_restart(failure);
+        svc.apply_restart(decision);
+        match decision.next {
+            Next::Inactive | Next::Failed => self.start_if_waited_for(id, core),
+            Next::StartLimited => {
+                let mut text = format!(
+                    "Service {id} was restarted too often ({} starts within {:?}); it stays failed until started explicitly",
+                    svc.def.start_limit_burst, svc.def.start_limit_interval
+                );
+                if let Some(last) = svc.last_start_error.take() {
+                    text.push_str(&format!(" (last attempt: {last})"));
+                }
+                let names = svc.def.names.clone();
+                let callers = std::mem::take(&mut svc.waiting_start);
+                self.event(core, id, Event::Failed("start-limit"));
+                core.fail_pending(&names, &BusError::failed(text.clone()));
+                for c in callers {
+                    core.complete(&c, Err(BusError::new(ErrorName::StartFailed, text.clone())));
+                }
+            }
+            Next::Restart(delay) => {
+                let (inv, attempt) = (svc.invocation, svc.restarts);
+                self.event(core, id, Event::Restarting { attempt, delay });
+                self.cmd.after(delay, Cmd::RestartDue(id.to_owned(), inv));
+            }
+        }
+    }
+
+    fn restart_due(&mut self, id: &str, inv: u64) {
+        if !self.current(id, ServiceState::Restarting, inv) {
+            return;
+        }
+        self.svc_mut(id).expect("current").restart_due();
+        self.cmd.send(Cmd::Spawn(id.to_owned()));
+    }
+
+    fn recheck(&mut self, id: &str, inv: u64, core: &mut BusState, scan: &procs::Scan) {
+        if !self.current(id, ServiceState::Activating, inv) || !self.refresh_pids(id, scan) {
+            return;
+        }
+        let text = format!(
+            "Process {} exited with status 0 and left no process to take the name",
+            self.services[id].def.names[0]
+        );
+        let e = BusError::new(ErrorName::SpawnChildExited, text);
+        self.start_failed(id, &e, core, scan);
+    }
+
+    fn start_timeout(&mut self, id: &str, inv: u64, core: &mut BusState, scan: &procs::Scan) {
+        if !self.current(id, ServiceState::Activating, inv) {
+            return;
+        }
+        self.refresh_pids(id, scan);
+        let svc = &self.services[id];
+        let ms = svc
+            .def
+            .start_timeout
+            .map_or(core.limits().service_start_timeout_ms, |d| d.as_millis() as u64);
+        let text = format!(
+            "Failed to activate service '{}': timed out (service_start_timeout={ms}ms)",
+            svc.def.names[0]
+        );
+        warn!(service = id, "{text}");
+        // dbus-daemon kills the process it spawned; busvisor kills the tree.
+        signal_all(&svc.pids, Signal::SIGKILL);
+        self.start_failed(id, &BusError::new(ErrorName::TimedOut, text), core, scan);
+    }
+
+    fn idle_check(&mut self, id: &str, inv: u64, core: &mut BusState, scan: &procs::Scan) {
+        match self.idle_remaining(id, inv, core) {
+            None => {}
+            Some(Duration::ZERO) => {
+                info!(service = %id, "idle; stopping");
+                self.begin_stop(id, StopReason::Idle, core, scan);
+            }
+            Some(left) => self.cmd.after(left, Cmd::IdleCheck(id.to_owned(), inv)),
+        }
+    }
+
+    fn stop_request(&mut self, id: &str, call: CallRef, core: &mut BusState, scan: &procs::Scan) {
+        let Some(svc) = self.svc_mut(id) else {
+            return core.complete(&call, Err(no_such_service(id)));
+        };
+        let names = svc.def.names.clone();
+        let stopped = BusError::failed(format!("Service {id} was stopped"));
+        match svc.state() {
+            ServiceState::Inactive | ServiceState::Failed => core.complete(&call, Ok(())),
+            ServiceState::Restarting => {
+                svc.cancel_restart("stopped");
+                core.fail_pending(&names, &stopped);
+                core.complete(&call, Ok(()));
+            }
+            ServiceState::Stopping => svc.waiting_stop.push(call),
+            _ => {
+                svc.waiting_stop.push(call);
+                core.fail_pending(&names, &stopped);
+                self.begin_stop(id, StopReason::Requested, core, scan);
+            }
+        }
+    }
+
+    fn start_request(&mut self, id: &str, call: CallRef, core: &mut BusState) {
+        let Some(svc) = self.svc_mut(id) else {
+            return core.complete(&call, Err(no_such_service(id)));
+        };
+        if svc.state() == ServiceState::Running {
+            svc.explicit_start();
+            return core.complete(&call, Ok(()));
+        }
+        svc.waiting_start.push(call);
+        self.explicit_start(id, core);
+    }
+
+    /// An explicit start clears the start limit and the backoff.
+    fn explicit_start(&mut self, id: &str, core: &mut BusState) {
+        let svc = self.svc_mut(id).expect("caller checked");
+        svc.explicit_start();
+        if !svc.is_starting() && svc.state() != ServiceState::Running {
+            self.begin_activation(id, None, core);
+        }
+    }
+
+    /// Stop, then start, answering once running again.
+    fn restart_request(&mut self, id: &str, call: CallRef, core: &mut BusState, scan: &procs::Scan) {
+        let Some(svc) = self.svc_mut(id) else {
+            return core.complete(&call, Err(no_such_service(id)));
+        };
+        match svc.state() {
+            ServiceState::Inactive | ServiceState::Failed => {
+                svc.waiting_start.push(call);
+                self.explicit_start(id, core);
+            }
+            ServiceState::Restarting => {
+                svc.cancel_restart("stopped");
+                svc.waiting_start.push(call);
+                self.explicit_start(id, core);
+            }
+            ServiceState::Stopping => svc.waiting_restart.push(call),
+            _ => {
+                svc.waiting_restart.push(call);
+                let names = svc.def.names.clone();
+                core.fail_pending(&names, &BusError::failed(format!("Service {id} was stopped")));
+                self.begin_stop(id, StopReason::Requested, core, scan);
+            }
+        }
+    }
+
+    /// Shutdown: stop every service; nothing restarts.
+    pub(super) fn stop_everything(&mut self, core: &mut BusState, scan: &procs::Scan) {
+        self.shutting_down = true;
+        let ids: Vec<String> = self.services.keys().cloned().collect();
+        for id in ids {
+            let names = self.services[&id].def.names.clone();
+            core.fail_pending(&names, &BusError::failed("The bus is shutting down"));
+            let nothing = self.refresh_pids(&id, scan);
+            let svc = self.svc_mut(&id).expect("listed");
+            if !nothing && svc.state() != ServiceState::Stopping {
+                self.begin_stop(&id, StopReason::Requested, core, scan);
+            } else if svc.state() == ServiceState::Restarting {
+                svc.cancel_restart("bus shutting down");
+            }
+        }
+    }
+
+    /// Shutdown asked for, and no service is still stopping.
+    pub(super) fn shutdown_done(&self) -> bool {
+        self.shutting_down
+            && !self
+                .services
+                .values()
+                .any(|s| s.state() == ServiceState::Stopping)
+    }
+}
+
+fn no_such_service(id: &str) -> BusError {
+    BusError::new(ErrorName::NoSuchService, format!("no such service: {id}"))
+}

@@ -1,0 +1,424 @@
+//! The supervisor task: one command at a time, each applied under the core
+//! lock after whatever it must wait for (a /proc scan, a spawn, a
+//! definitions scan) has been done without it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::reaper::{self, ExitKind};
+use super::service::{Service, ServiceState};
+use super::spawner::Spawner;
+use super::{Cmd, SupervisedBus, SupervisorHandle, SupervisorState, procs};
+use crate::activation::catalog;
+use crate::activation::definition::{ServiceDef, Source};
+use crate::bus::{BusState, Requester, Shared};
+use crate::wire::{self, BusError, ErrorName, names};
+
+/// Variables a service must not inherit from the bus (dbus-daemon drops these too).
+const DROPPED_ENV: &[&str] = &[
+    "JOURNAL_STREAM",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
+    "INVOCATION_ID",
+    procs::TOKEN_VAR,
+    crate::daemon::FORKED_ENV,
+];
+
+pub(super) fn start(
+    bus: Arc<SupervisedBus>,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+) -> std::io::Result<SupervisorHandle> {
+    reaper::become_subreaper().map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot become a child subreaper (prctl PR_SET_CHILD_SUBREAPER, Linux 3.4+): {e}"
+        ))
+    })?;
+    let spawner = Spawner::start()?;
+    let handle = bus.lock().sup.handle();
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
+    tokio::spawn(reaper::run(exit_tx));
+    let fwd = handle.clone();
+    tokio::spawn(async move {
+        while let Some((pid, kind)) = exit_rx.recv().await {
+            fwd.send(Cmd::Exited(pid, kind));
+        }
+    });
+    let task = Task {
+        bus,
+        spawner,
+        commands: HashMap::new(),
+        shutdown_waiters: Vec::new(),
+        scan: procs::Scan::new(),
+    };
+    tokio::spawn(task.run(rx));
+    Ok(handle)
+}
+
+struct Task {
+    bus: Arc<SupervisedBus>,
+    spawner: Spawner,
+    /// Processes of `busvisor run`, outside any service.
+    commands: HashMap<i32, oneshot::Sender<ExitKind>>,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// Service processes by token, scanned just before the command that
+    /// needs them (see `command`).
+    scan: procs::Scan,
+}
+
+fn signal_all(pids: &BTreeSet<i32>, sig: Signal) {
+    for p in pids {
+        let _ = kill(Pid::from_raw(*p), sig);
+    }
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        while let Some(cmd) = rx.recv().await {
+            self.command(cmd).await;
+            // Announce property changes made by this command.
+            let mut g = self.bus.lock();
+            let Shared { core, sup } = &mut *g;
+            sup.events.flush(&sup.services, core);
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd) {
+        if self.needs_scan(&cmd) {
+            // The scan reads every process's environment: on the blocking
+            // pool, so that neither the runtime nor the core lock waits.
+            self.scan = tokio::task::spawn_blocking(|| procs::scan(procs::TOKEN_VAR))
+                .await
+                .unwrap_or_default();
+        }
+        match cmd {
+            Cmd::Spawn(id) => self.spawn(&id).await,
+            Cmd::Resolve(name, requester) => self.resolve(name, requester).await,
+            Cmd::Reload => self.reload().await,
+            Cmd::RunCommand(req, reply) => {
+                let r = self.spawner.spawn(req).await.map(|s| {
+                    let (tx, rx) = oneshot::channel();
+                    self.commands.insert(s.pid, tx);
+                    (s.pid, rx)
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Exited(pid, kind) if self.commands.contains_key(&pid) => {
+                let _ = self.commands.remove(&pid).expect("checked").send(kind);
+            }
+            Cmd::Shutdown(reply) => {
+                self.shutdown_waiters.push(reply);
+                let commands: Vec<i32> = self.commands.keys().copied().collect();
+                self.locked(|sup, core, scan| sup.stop_everything(core, scan));
+                for pid in commands {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+            }
+            other => self.locked(|sup, core, scan| sup.apply(other, core, scan)),
+        }
+        let idle = self.bus.lock().sup.shutdown_done();
+        if idle {
+            for w in self.shutdown_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+        // A pid from an old scan may since belong to someone else.
+        self.scan.clear();
+    }
+
+    fn locked(&self, f: impl FnOnce(&mut SupervisorState, &mut BusState, &procs::Scan)) {
+        let mut g = self.bus.lock();
+        let Shared { core, sup } = &mut *g;
+        f(sup, core, &self.scan);
+    }
+
+    /// Whether handling `cmd` looks at a service's processes.
+    fn needs_scan(&self, cmd: &Cmd) -> bool {
+        match cmd {
+            Cmd::Exited(pid, _) => {
+                !self.commands.contains_key(pid) && self.bus.lock().sup.service_of(*pid).is_some()
+            }
+            Cmd::IdleCheck(id, inv) => {
+                let g = self.bus.lock();
+                g.sup.idle_due(id, *inv, &g.core)
+            }
+            Cmd::Spawn(_)
+            | Cmd::RestartDue(..)
+            | Cmd::Start(..)
+            | Cmd::RunCommand(..)
+            | Cmd::Resolve(..)
+            | Cmd::Reload => false,
+            Cmd::NameLost(_)
+            | Cmd::StartTimeout(..)
+            | Cmd::StopTimeout(..)
+            | Cmd::Recheck(..)
+            | Cmd::Shutdown(_)
+            | Cmd::Stop(..)
+            | Cmd::Restart(..) => true,
+        }
+    }
+
+    async fn spawn(&mut self, id: &str) {
+        let address = self.bus.facts.address.get().cloned().unwrap_or_default();
+        let req = {
+            let mut g = self.bus.lock();
+            let Shared { core, sup } = &mut *g;
+            match sup.prepare_spawn(id, &address, core) {
+                Some(req) => req,
+                None => return,
+            }
+        };
+        let program = req.argv[0].clone();
+        let result = self.spawner.spawn(req).await;
+        let mut g = self.bus.lock();
+        let Shared { core, sup } = &mut *g;
+        match result {
+            Err(e) => {
+                let text = format!("Failed to execute program {program}: {e}");
+                warn!(service = id, "{text}");
+                let e = BusError::new(ErrorName::SpawnExecFailed, text);
+                sup.start_failed(id, &e, core, &self.scan);
+            }
+            Ok(spawned) => {
+                if spawned.program.to_string_lossy() != program {
+                    let resolved = spawned.program.display();
+                    info!(service = id, "{program} resolved to {resolved}");
+                }
+                let pid = spawned.pid;
+                if !sup.spawned(id, pid, &self.bus.facts, core) {
+                    return;
+                }
+                drop(g);
+                for fd in [spawned.stdout, spawned.stderr].into_iter().flatten() {
+                    capture_output(self.bus.clone(), id.to_owned(), pid, fd);
+                }
+            }
+        }
+    }
+
+    /// A message waits for a name no loaded definition provides: read the
+    /// directories again if they changed since the last scan, then start
+    /// what provides it or fail what waits.
+    async fn resolve(&mut self, name: String, requester: Requester) {
+        let (dirs, since) = {
+            let g = self.bus.lock();
+            (g.sup.catalog.dirs.clone(), g.sup.catalog.scanned_at)
+        };
+        let scanned = tokio::task::spawn_blocking(move || {
+            catalog::dirs_changed(&dirs, since).then(|| catalog::scan(&dirs))
+        })
+        .await
+        .ok()
+        .flatten();
+        let mut g = self.bus.lock();
+        let Shared { core, sup } = &mut *g;
+        if let Some(scanned) = scanned {
+            sup.install(scanned, core);
+        }
+        let names = [name];
+        if !core.has_pending(&names) {
+            return;
+        }
+        let [name] = names;
+        let outcome = if sup.catalog.catalog.lookup(&name).is_some() {
+            crate::bus::Activator::start(sup, &name, requester, core)
+        } else {
+            Err(BusError::new(
+                ErrorName::ServiceUnknown,
+                format!("The name {name} was not provided by any .service files"),
+            ))
+        };
+        if let Err(e) = outcome {
+            core.fail_pending(&[name], &e);
+        }
+    }
+
+    /// Read the definitions, off the lock, until no request came in during
+    /// the last read; then announce and answer the callers.
+    async fn reload(&mut self) {
+        {
+            let mut g = self.bus.lock();
+            if !g.sup.catalog.reload.running {
+                g.sup.catalog.reload.running = true;
+            }
+        }
+        loop {
+            let (dirs, callers) = {
+                let mut g = self.bus.lock();
+                (g.sup.catalog.dirs.clone(), g.sup.catalog.reload.begin())
+            };
+            let scanned = tokio::task::spawn_blocking(move || catalog::scan(&dirs)).await;
+            let mut g = self.bus.lock();
+            let Shared { core, sup } = &mut *g;
+            match scanned {
+                Ok(scanned) => {
+                    sup.install(scanned, core);
+                    let sig = wire::signal(
+                        names::BUS_PATH,
+                        names::BUS_NAME,
+                        "ActivatableServicesChanged",
+                        None,
+                        &(),
+                    );
+                    if let Some(sig) = sig {
+                        core.emit(&sig);
+                    }
+                }
+                Err(e) => warn!("reload failed: {e}"),
+            }
+            for c in callers {
+                core.complete(&c, Ok(()));
+            }
+            if !sup.catalog.reload.again() {
+                return;
+            }
+        }
+    }
+}
+
+impl SupervisorState {
+    /// Install scanned definitions; running services keep their definition
+    /// until they start again, and those gone from the files leave once stopped.
+    pub(crate) fn install(&mut self, (catalog, warnings): catalog::Scanned, core: &mut BusState) {
+        for w in &warnings {
+            warn!("{w}");
+        }
+        info!(services = catalog.len(), "service definitions loaded");
+        self.services
+            .retain(|id, svc| catalog.get(id).is_some() || !svc.is_idle());
+        for def in catalog.defs() {
+            match self.services.get_mut(&def.id) {
+                Some(svc) if svc.is_idle() => {
+                    if !Arc::ptr_eq(&svc.def, def) {
+                        svc.def = Arc::clone(def);
+                        self.events.touch(&def.id);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    self.services
+                        .insert(def.id.clone(), Service::new(Arc::clone(def)));
+                    self.events.touch(&def.id);
+                }
+            }
+        }
+        self.catalog.install(catalog);
+        self.events.flush(&self.services, core);
+    }
+
+    /// Where definitions come from, and what they held at start-up.
+    pub(crate) fn set_dirs(
+        &mut self,
+        dirs: catalog::Dirs,
+        scanned: catalog::Scanned,
+        core: &mut BusState,
+    ) {
+        self.catalog.dirs = dirs;
+        self.install(scanned, core);
+    }
+
+    /// The service a process belongs to, as far as busvisor knows.
+    pub(super) fn service_of(&self, pid: i32) -> Option<String> {
+        self.services
+            .iter()
+            .find(|(_, s)| s.pids.contains(&pid) || s.launched_pid == Some(pid))
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Whether the idle timer of invocation `inv` finds the service idle.
+    pub(super) fn idle_due(&self, id: &str, inv: u64, core: &BusState) -> bool {
+        self.idle_remaining(id, inv, core) == Some(Duration::ZERO)
+    }
+
+    /// For a running service with an idle timeout: how long until it has
+    /// been idle for that long (zero: now), or None when the timer is stale.
+    pub(super) fn idle_remaining(&self, id: &str, inv: u64, core: &BusState) -> Option<Duration> {
+        let svc = self.services.get(id)?;
+        if svc.state() != ServiceState::Running || svc.invocation != inv {
+            return None;
+        }
+        let timeout = svc.def.idle_timeout?;
+        let Some(peer) = svc.peer else {
+            return Some(timeout);
+        };
+        if core.calls_pending_to(peer) > 0 {
+            // Busy answering: look again soon.
+            return Some(timeout.min(Duration::from_secs(1)));
+        }
+        let idle = core.idle_for(peer).unwrap_or_default();
+        Some(timeout.saturating_sub(idle))
+    }
+}
+
+/// Read a service's output into the log, its buffer and LogLine signals,
+/// taking the core lock once per burst of lines, not once per line.
+fn capture_output(bus: Arc<SupervisedBus>, id: String, pid: i32, fd: std::os::fd::OwnedFd) {
+    tokio::spawn(async move {
+        let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+            return;
+        };
+        let mut reader = tokio::io::BufReader::new(rx);
+        let mut burst = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let text = line.trim_end_matches(['\n', '\r']).to_owned();
+            info!(service = %id, pid, "{text}");
+            burst.push(text);
+            // More complete lines already read: take them before locking.
+            if reader.buffer().contains(&b'\n') {
+                continue;
+            }
+            let mut g = bus.lock();
+            let Shared { core, sup } = &mut *g;
+            sup.output(&id, pid, std::mem::take(&mut burst), core);
+        }
+    });
+}
+
+/// Where a service runs: its `working_directory`, else, for busvisor's own
+/// definitions, the directory of the definition file (so that examples can
+/// name scripts beside them), else busvisor's own.
+pub(super) fn working_dir(def: &ServiceDef) -> Option<std::path::PathBuf> {
+    def.working_dir.clone().or_else(|| match def.source {
+        Source::Toml => def
+            .file
+            .parent()
+            .map(|p| p.to_path_buf())
+            .filter(|p| !p.as_os_str().is_empty()),
+        Source::DBusService => None,
+    })
+}
+
+/// The environment of a service: busvisor's, minus what must not leak; the
+/// activation environment; the definition's; the bus variables; the token.
+pub(super) fn environment(
+    activation_env: &[(String, String)],
+    svc: &Service,
+    address: &str,
+) -> HashMap<OsString, OsString> {
+    let mut env: HashMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| !DROPPED_ENV.iter().any(|d| k == d))
+        .collect();
+    for (k, v) in activation_env.iter().chain(&svc.def.env) {
+        env.insert(k.into(), v.into());
+    }
+    env.insert("DBUS_STARTER_ADDRESS".into(), address.into());
+    env.insert("DBUS_STARTER_BUS_TYPE".into(), "session".into());
+    env.insert("DBUS_SESSION_BUS_ADDRESS".into(), address.into());
+    env.insert(procs::TOKEN_VAR.into(), svc.token.clone().into());
+    env
+}

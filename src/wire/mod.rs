@@ -1,0 +1,177 @@
+//! The wire: the one place the bus and the supervisor reach zbus through.
+//!
+//! zbus frames, parses and builds messages; everything above this module
+//! sees [`Message`] as its currency, the builders below for what the bus
+//! sends itself, [`BusError`] for the errors it answers with, and the names
+//! of [`names`]. The transport and the CLI client use zbus directly.
+
+pub(crate) mod names;
+
+use tracing::warn;
+
+pub(crate) use names::ErrorName;
+pub(crate) use zbus::message::{Flags, Message, Type};
+pub(crate) use zbus::wire::{DynamicType, Fd, ObjectPath, OwnedVariant, Variant};
+
+/// A D-Bus error the bus answers with: its name and its human text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {text}", .name.as_str())]
+pub(crate) struct BusError {
+    pub(crate) name: ErrorName,
+    pub(crate) text: String,
+}
+
+impl BusError {
+    pub(crate) fn new(name: ErrorName, text: impl Into<String>) -> Self {
+        BusError {
+            name,
+            text: text.into(),
+        }
+    }
+
+    pub(crate) fn invalid_args(text: impl Into<String>) -> Self {
+        BusError::new(ErrorName::InvalidArgs, text)
+    }
+
+    pub(crate) fn failed(text: impl Into<String>) -> Self {
+        BusError::new(ErrorName::Failed, text)
+    }
+}
+
+/// The body of `msg` as `T`, or InvalidArgs.
+pub(crate) fn args<'b, T>(body: &'b zbus::message::Body) -> Result<T, BusError>
+where
+    T: zbus::wire::DynamicDeserialize<'b>,
+{
+    body.deserialize()
+        .map_err(|e| BusError::invalid_args(format!("invalid arguments: {e}")))
+}
+
+/// A valid bus name, unique or well-known.
+pub(crate) fn is_bus_name(name: &str) -> bool {
+    zbus::names::BusName::try_from(name).is_ok()
+}
+
+/// A valid well-known bus name.
+pub(crate) fn is_well_known_name(name: &str) -> bool {
+    zbus::names::WellKnownName::try_from(name).is_ok()
+}
+
+/// Whether `msg` is a method call whose sender wants an answer (no
+/// NO_REPLY_EXPECTED flag).
+pub(crate) fn wants_reply(msg: &Message) -> bool {
+    msg.message_type() == Type::MethodCall
+        && !msg
+            .primary_header()
+            .flags()
+            .contains(Flags::NO_REPLY_EXPECTED)
+}
+
+/// A method return from the bus to `call`.
+pub(crate) fn reply<B>(call: &Message, body: &B) -> Option<Message>
+where
+    B: serde::Serialize + DynamicType,
+{
+    Message::method_return(&call.header())
+        .sender(names::BUS_NAME)
+        .build(body)
+        .map_err(|e| warn!("cannot build reply: {e}"))
+        .ok()
+}
+
+/// An error from the bus in reply to `call`.
+pub(crate) fn error(call: &Message, e: &BusError) -> Option<Message> {
+    Message::error(&call.header(), e.name.as_str())
+        .sender(names::BUS_NAME)
+        .build(&(e.text.as_str(),))
+        .map_err(|err| warn!("cannot build error {}: {err}", e.name.as_str()))
+        .ok()
+}
+
+/// A signal the bus emits, broadcast (`dest` None) or to one peer.
+pub(crate) fn signal<B>(
+    path: &str,
+    iface: &str,
+    member: &str,
+    dest: Option<&str>,
+    body: &B,
+) -> Option<Message>
+where
+    B: serde::Serialize + DynamicType,
+{
+    let mut b = Message::signal(path, iface, member).sender(names::BUS_NAME);
+    if let Some(d) = dest {
+        b = b.destination(d.to_owned());
+    }
+    b.build(body)
+        .map_err(|e| warn!("cannot build signal {member}: {e}"))
+        .ok()
+}
+
+/// An error to a call that is not at hand, only its sender and serial:
+/// zbus's reply builders need a header to answer.
+pub(crate) fn detached_error(caller: &str, serial: u32, e: &BusError) -> Option<Message> {
+    let serial = std::num::NonZeroU32::new(serial)?;
+    let stand_in = Message::method_call("/", "x")
+        .sender(caller)
+        .serial(serial)
+        .build(&())
+        .ok()?;
+    error(&stand_in, e)
+}
+
+/// A property value as a variant that owns its data.
+pub(crate) fn owned<'a, T: Into<Variant<'a>>>(x: T) -> OwnedVariant {
+    OwnedVariant::try_from(x.into()).expect("plain values always convert")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(no_reply: bool) -> Message {
+        let mut b = Message::method_call("/p", "M")
+            .sender(":1.4")
+            .destination("org.example.X");
+        if no_reply {
+            b = b.with_flags(Flags::NO_REPLY_EXPECTED);
+        }
+        b.build(&()).unwrap()
+    }
+
+    #[test]
+    fn replies_go_back_to_the_caller_from_the_bus() {
+        let c = call(false);
+        assert!(wants_reply(&c));
+        assert!(!wants_reply(&call(true)));
+        let r = reply(&c, &(7u32,)).unwrap();
+        let h = r.header();
+        assert_eq!(h.destination().unwrap().as_str(), ":1.4");
+        assert_eq!(h.sender().unwrap().as_str(), names::BUS_NAME);
+        assert_eq!(h.reply_serial(), Some(c.primary_header().serial_num()));
+        let e = error(&c, &BusError::invalid_args("bad")).unwrap();
+        assert_eq!(
+            e.header().error_name().unwrap().as_str(),
+            ErrorName::InvalidArgs.as_str()
+        );
+        let text: String = e.body().deserialize().unwrap();
+        assert_eq!(text, "bad");
+    }
+
+    #[test]
+    fn a_detached_error_answers_the_serial() {
+        let e = detached_error(":1.9", 42, &BusError::new(ErrorName::NoReply, "gone")).unwrap();
+        let h = e.header();
+        assert_eq!(h.destination().unwrap().as_str(), ":1.9");
+        assert_eq!(h.reply_serial().map(|s| s.get()), Some(42));
+        assert!(detached_error(":1.9", 0, &BusError::failed("x")).is_none());
+    }
+
+    #[test]
+    fn signals_carry_the_bus_as_sender() {
+        let s = signal(names::BUS_PATH, names::BUS_NAME, "NameLost", Some(":1.2"), &("a.b",))
+            .unwrap();
+        assert_eq!(s.header().sender().unwrap().as_str(), names::BUS_NAME);
+        assert_eq!(s.header().destination().unwrap().as_str(), ":1.2");
+    }
+}

@@ -1,0 +1,119 @@
+//! Every D-Bus name, path, interface and error name busvisor uses: one copy,
+//! for the bus, the supervisor and the CLI client alike.
+
+/// The bus driver's name, path and interfaces.
+pub const BUS_NAME: &str = "org.freedesktop.DBus";
+pub const BUS_PATH: &str = "/org/freedesktop/DBus";
+pub const IFACE_DBUS: &str = "org.freedesktop.DBus";
+pub const IFACE_PROPS: &str = "org.freedesktop.DBus.Properties";
+pub const IFACE_INTROSPECT: &str = "org.freedesktop.DBus.Introspectable";
+pub const IFACE_PEER: &str = "org.freedesktop.DBus.Peer";
+pub const IFACE_MONITORING: &str = "org.freedesktop.DBus.Monitoring";
+
+/// busvisor's control API: a name the bus itself owns.
+pub const SUPERVISOR_NAME: &str = "org.busvisor.Supervisor1";
+pub const SUPERVISOR_PATH: &str = "/org/busvisor/Supervisor1";
+pub const SUPERVISOR_IFACE: &str = "org.busvisor.Supervisor1";
+pub const SERVICE_IFACE: &str = "org.busvisor.Service1";
+pub const SERVICE_PATH_PREFIX: &str = "/org/busvisor/Supervisor1/service/";
+
+/// The DOCTYPE line every introspection document starts with.
+pub const INTROSPECT_HEADER: &str = "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n\"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n";
+
+/// The standard interfaces every object of the bus implements.
+pub const STANDARD_XML: &str = r#"  <interface name="org.freedesktop.DBus.Properties">
+    <method name="Get">
+      <arg name="interface_name" type="s" direction="in"/>
+      <arg name="property_name" type="s" direction="in"/>
+      <arg name="value" type="v" direction="out"/>
+    </method>
+    <method name="GetAll">
+      <arg name="interface_name" type="s" direction="in"/>
+      <arg name="properties" type="a{sv}" direction="out"/>
+    </method>
+    <method name="Set">
+      <arg name="interface_name" type="s" direction="in"/>
+      <arg name="property_name" type="s" direction="in"/>
+      <arg name="value" type="v" direction="in"/>
+    </method>
+    <signal name="PropertiesChanged">
+      <arg name="interface_name" type="s"/>
+      <arg name="changed_properties" type="a{sv}"/>
+      <arg name="invalidated_properties" type="as"/>
+    </signal>
+  </interface>
+  <interface name="org.freedesktop.DBus.Introspectable">
+    <method name="Introspect">
+      <arg name="xml_data" type="s" direction="out"/>
+    </method>
+  </interface>
+  <interface name="org.freedesktop.DBus.Peer">
+    <method name="Ping"/>
+    <method name="GetMachineId">
+      <arg name="machine_uuid" type="s" direction="out"/>
+    </method>
+  </interface>
+"#;
+
+/// D-Bus error names, by the kinds the bus and the supervisor answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorName {
+    ServiceUnknown,
+    NameHasNoOwner,
+    NoReply,
+    LimitsExceeded,
+    InvalidArgs,
+    UnknownMethod,
+    UnknownInterface,
+    UnknownProperty,
+    PropertyReadOnly,
+    AccessDenied,
+    MatchRuleInvalid,
+    MatchRuleNotFound,
+    NotSupported,
+    Failed,
+    TimedOut,
+    UnixProcessIdUnknown,
+    AdtAuditDataUnknown,
+    SELinuxSecurityContextUnknown,
+    SpawnExecFailed,
+    SpawnChildExited,
+    SpawnChildSignaled,
+    /// busvisor's control API: no service by that id or name.
+    NoSuchService,
+    /// busvisor's control API: Start or Restart did not reach `running`.
+    StartFailed,
+}
+
+impl ErrorName {
+    pub const fn as_str(self) -> &'static str {
+        use ErrorName::*;
+        match self {
+            ServiceUnknown => "org.freedesktop.DBus.Error.ServiceUnknown",
+            NameHasNoOwner => "org.freedesktop.DBus.Error.NameHasNoOwner",
+            NoReply => "org.freedesktop.DBus.Error.NoReply",
+            LimitsExceeded => "org.freedesktop.DBus.Error.LimitsExceeded",
+            InvalidArgs => "org.freedesktop.DBus.Error.InvalidArgs",
+            UnknownMethod => "org.freedesktop.DBus.Error.UnknownMethod",
+            UnknownInterface => "org.freedesktop.DBus.Error.UnknownInterface",
+            UnknownProperty => "org.freedesktop.DBus.Error.UnknownProperty",
+            PropertyReadOnly => "org.freedesktop.DBus.Error.PropertyReadOnly",
+            AccessDenied => "org.freedesktop.DBus.Error.AccessDenied",
+            MatchRuleInvalid => "org.freedesktop.DBus.Error.MatchRuleInvalid",
+            MatchRuleNotFound => "org.freedesktop.DBus.Error.MatchRuleNotFound",
+            NotSupported => "org.freedesktop.DBus.Error.NotSupported",
+            Failed => "org.freedesktop.DBus.Error.Failed",
+            TimedOut => "org.freedesktop.DBus.Error.TimedOut",
+            UnixProcessIdUnknown => "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
+            AdtAuditDataUnknown => "org.freedesktop.DBus.Error.AdtAuditDataUnknown",
+            SELinuxSecurityContextUnknown => {
+                "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown"
+            }
+            SpawnExecFailed => "org.freedesktop.DBus.Error.Spawn.ExecFailed",
+            SpawnChildExited => "org.freedesktop.DBus.Error.Spawn.ChildExited",
+            SpawnChildSignaled => "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
+            NoSuchService => "org.busvisor.Supervisor1.Error.NoSuchService",
+            StartFailed => "org.busvisor.Supervisor1.Error.StartFailed",
+        }
+    }
+}
