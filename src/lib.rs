@@ -16,3 +16,4 @@ pub mod peer;
 pub mod router;
 pub mod supervision;
 pub mod transport;
+pub(crate) mod wire;

@@ -42,8 +42,9 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::desktop::{DesktopError, ServiceFile, validate_well_known_name};
+use super::desktop::{DesktopError, ServiceFile};
 use super::exec::ExecError;
+use crate::wire::validate;
 
 /// Where a definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -328,7 +329,7 @@ struct BusName(String);
 impl<'de> Deserialize<'de> for BusName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        validate_well_known_name(&name)
+        validate::well_known_name(&name)
             .map_err(|e| de::Error::custom(format!("invalid bus name {name:?}: {e}")))?;
         Ok(BusName(name))
     }
