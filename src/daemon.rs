@@ -14,8 +14,8 @@ use crate::activation::definition::ServiceDirSpec;
 use crate::bus::Bus;
 use crate::config::{self, BusConfig};
 use crate::supervision::reaper::ExitKind;
-use crate::supervision::{SupervisedBus, SupervisorHandle, SupervisorState};
 use crate::supervision::spawner::SpawnRequest;
+use crate::supervision::{SupervisedBus, SupervisorHandle, SupervisorState};
 use crate::transport::{self, Bound, Gate};
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +153,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     if listen.is_empty() {
         return Err(DaemonError::NoListen);
     }
-    let guid = zbus::Guid::generate().as_str().to_owned();
+    let guid = crate::wire::new_guid();
     let (sup, commands) = SupervisorState::new();
     let own_name = crate::wire::names::SUPERVISOR_NAME;
     let bus = Arc::new(Bus::new(guid.clone(), cfg.limits, own_name, sup));

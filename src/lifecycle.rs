@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::bus::{BusState, Requester};
 use crate::supervision::reaper::ExitKind;
 use crate::supervision::service::Service;
-use crate::wire::names::{IFACE_PROPS, SERVICE_IFACE, SERVICE_PATH_PREFIX, SUPERVISOR_IFACE, SUPERVISOR_PATH};
+use crate::wire::names::{
+    IFACE_PROPS, SERVICE_IFACE, SERVICE_PATH_PREFIX, SUPERVISOR_IFACE, SUPERVISOR_PATH,
+};
 use crate::wire::{self, OwnedVariant};
 
 /// A service id as an object path element: bytes outside [A-Za-z0-9]
@@ -190,7 +192,9 @@ impl Announcer {
                 let invalidated: Vec<&str> = Vec::new();
                 let body = (SERVICE_IFACE, &changed, &invalidated);
                 let path = service_path(&id);
-                if let Some(sig) = wire::signal(&path, IFACE_PROPS, "PropertiesChanged", None, &body) {
+                if let Some(sig) =
+                    wire::signal(&path, IFACE_PROPS, "PropertiesChanged", None, &body)
+                {
                     core.emit(&sig);
                 }
             }
@@ -213,7 +217,8 @@ impl Announcer {
         let s = self.serial;
         let sig = match event {
             Event::ActivationRequested(r) => {
-                let (who, pid) = r.map_or((String::new(), 0), |r| (r.name.clone(), r.pid.unwrap_or(0)));
+                let (who, pid) =
+                    r.map_or((String::new(), 0), |r| (r.name.clone(), r.pid.unwrap_or(0)));
                 signal("ActivationRequested", &(s, id, who, pid))
             }
             Event::Started(pid) => signal("Started", &(s, id, pid as u32)),

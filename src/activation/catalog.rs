@@ -113,7 +113,10 @@ mod tests {
     #[test]
     fn reloads_coalesce() {
         let mut r = Reload::default();
-        assert!(r.request(Some(caller(1))), "the first request starts a scan");
+        assert!(
+            r.request(Some(caller(1))),
+            "the first request starts a scan"
+        );
         assert_eq!(r.begin().len(), 1);
         // Requests during the scan share the next one.
         assert!(!r.request(Some(caller(2))));

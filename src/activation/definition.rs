@@ -42,8 +42,9 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::desktop::{DesktopError, ServiceFile, validate_well_known_name};
+use super::desktop::{DesktopError, ServiceFile};
 use super::exec::ExecError;
+use crate::wire::validate;
 
 /// Where a definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,6 +193,7 @@ pub enum DefinitionError {
 }
 
 impl DefinitionError {
+    #[cfg(test)]
     /// The file concerned.
     pub fn file(&self) -> &Path {
         match self {
@@ -201,6 +203,7 @@ impl DefinitionError {
         }
     }
 
+    #[cfg(test)]
     /// The 1-based line concerned, when known.
     pub fn line(&self) -> Option<usize> {
         match self {
@@ -328,7 +331,7 @@ struct BusName(String);
 impl<'de> Deserialize<'de> for BusName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        validate_well_known_name(&name)
+        validate::well_known_name(&name)
             .map_err(|e| de::Error::custom(format!("invalid bus name {name:?}: {e}")))?;
         Ok(BusName(name))
     }
@@ -722,6 +725,7 @@ pub fn parse_toml(path: &Path, text: &str) -> Result<ServiceDef, DefinitionError
     Ok(def)
 }
 
+#[cfg(test)]
 /// Parses a dbus-daemon `[D-BUS Service]` file (see
 /// [`super::desktop`]).  The id and only name is `Name=`; settings other
 /// than the argv are the defaults (restart `No`).  An `Exec=` that cannot be
@@ -755,6 +759,7 @@ pub struct ServiceDirSpec {
 }
 
 impl ServiceDirSpec {
+    #[cfg(test)]
     /// An ordinary directory.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         ServiceDirSpec {
@@ -763,6 +768,7 @@ impl ServiceDirSpec {
         }
     }
 
+    #[cfg(test)]
     /// A strict-naming directory.
     pub fn strict(path: impl Into<PathBuf>) -> Self {
         ServiceDirSpec {
@@ -843,6 +849,7 @@ impl Catalog {
         (catalog, warnings)
     }
 
+    #[cfg(test)]
     /// Builds a catalog from definitions already parsed, with the same
     /// first-wins rule as [`Catalog::scan`].
     pub fn from_defs(defs: impl IntoIterator<Item = ServiceDef>) -> (Catalog, Vec<String>) {
@@ -911,6 +918,7 @@ impl Catalog {
         self.order.len()
     }
 
+    #[cfg(test)]
     /// Whether there are no definitions.
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()

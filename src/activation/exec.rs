@@ -60,9 +60,11 @@ pub enum ExecError {
 }
 
 impl ExecError {
+    #[cfg(test)]
     /// The D-Bus error name to report at activation time.
     pub const DBUS_ERROR_NAME: &'static str = "org.freedesktop.DBus.Error.InvalidArgs";
 
+    #[cfg(test)]
     /// The D-Bus error name to report at activation time
     /// (`org.freedesktop.DBus.Error.InvalidArgs`).
     pub fn dbus_error_name(&self) -> &'static str {

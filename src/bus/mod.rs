@@ -73,8 +73,12 @@ pub(crate) trait Activator {
     /// or find out off the lock whether anything does. Ok means the waiter
     /// is queued and will be delivered, or failed through
     /// [`BusState::fail_pending`].
-    fn start(&mut self, name: &str, requester: Requester, core: &mut BusState)
-    -> Result<(), BusError>;
+    fn start(
+        &mut self,
+        name: &str,
+        requester: Requester,
+        core: &mut BusState,
+    ) -> Result<(), BusError>;
     /// `name` changed owner (announced already; NameAcquired not yet).
     fn name_owner_changed(
         &mut self,

@@ -83,19 +83,6 @@ impl Names {
         self.per_peer.get(&peer).map_or(0, Vec::len)
     }
 
-    /// Names a peer is the primary owner of.
-    pub fn owned_by(&self, peer: PeerId) -> Vec<String> {
-        self.per_peer
-            .get(&peer)
-            .map(|v| {
-                v.iter()
-                    .filter(|n| self.is_primary(n, peer))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn link(&mut self, peer: PeerId, name: &str) {
         let v = self.per_peer.entry(peer).or_default();
         if !v.iter().any(|n| n == name) {

@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::Notify;
 use crate::wire::Message;
+use tokio::sync::Notify;
 
 /// Why a message could not be queued for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

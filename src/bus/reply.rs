@@ -45,7 +45,10 @@ impl ReplyRegistry {
             remove_from(&mut self.owed, old, &(caller, serial));
         }
         self.waiting.entry(caller).or_default().insert(serial);
-        self.owed.entry(callee).or_default().insert((caller, serial));
+        self.owed
+            .entry(callee)
+            .or_default()
+            .insert((caller, serial));
     }
 
     /// `replier` answers `caller`'s call `serial`: true, and the slot is
@@ -68,7 +71,12 @@ impl ReplyRegistry {
                 remove_from(&mut self.owed, callee, &(peer, serial));
             }
         }
-        let mut orphans: Vec<Slot> = self.owed.remove(&peer).unwrap_or_default().into_iter().collect();
+        let mut orphans: Vec<Slot> = self
+            .owed
+            .remove(&peer)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         for (caller, serial) in &orphans {
             self.slots.remove(&(*caller, *serial));
             remove_from(&mut self.waiting, *caller, serial);
@@ -135,7 +143,10 @@ mod tests {
         let mut r = ReplyRegistry::default();
         r.expect(1, 10, 2);
         r.expect(1, 10, 3);
-        assert_eq!((r.waiting_count(1), r.owed_count(2), r.owed_count(3)), (1, 0, 1));
+        assert_eq!(
+            (r.waiting_count(1), r.owed_count(2), r.owed_count(3)),
+            (1, 0, 1)
+        );
         assert!(!r.take(1, 10, 2));
         assert!(r.take(1, 10, 3));
     }

@@ -85,7 +85,7 @@ impl BusState {
         );
         let dest = hdr.destination().map(|d| d.as_str());
         let to_bus = dest == Some(names::BUS_NAME);
-        if !peer.hello && !(to_bus && driver::is_hello(&msg)) {
+        if !peer.hello && (!to_bus || !driver::is_hello(&msg)) {
             return Verdict::Disconnect("the first message must be Hello");
         }
         if msg.data().len() as u64 > self.limits.max_message_size {
@@ -369,12 +369,9 @@ impl BusState {
         // Every connect and disconnect announces its unique name, which
         // hardly anyone watches: build the signal only for a possible taker.
         if self.monitors.is_empty()
-            && !self.matches.may_match(
-                "NameOwnerChanged",
-                names::BUS_NAME,
-                names::BUS_NAME,
-                name,
-            )
+            && !self
+                .matches
+                .may_match("NameOwnerChanged", names::BUS_NAME, names::BUS_NAME, name)
         {
             return;
         }

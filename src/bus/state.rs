@@ -60,8 +60,7 @@ impl BusState {
         cutter: Arc<Cutter>,
         creds: Credentials,
     ) {
-        self.peers
-            .insert(id, PeerEntry::new(outbox, cutter, creds));
+        self.peers.insert(id, PeerEntry::new(outbox, cutter, creds));
     }
 
     pub(super) fn peer_count(&self) -> usize {

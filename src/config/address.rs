@@ -33,6 +33,7 @@ pub enum ListenAddress {
 }
 
 impl ListenAddress {
+    #[cfg(test)]
     /// For [`ListenAddress::Runtime`], the socket path
     /// `$XDG_RUNTIME_DIR/bus`; `None` if `XDG_RUNTIME_DIR` is unset or
     /// relative, or for other kinds of address.
@@ -152,6 +153,7 @@ pub fn unescape_bytes(s: &str) -> Result<Vec<u8>, AddressError> {
     Ok(out)
 }
 
+#[cfg(test)]
 /// Unescape a D-Bus address value (`dbus_address_unescape_value`).
 pub fn unescape_value(s: &str) -> Result<String, AddressError> {
     String::from_utf8(unescape_bytes(s)?).map_err(|_| AddressError::NotUtf8(s.to_owned()))
@@ -162,6 +164,7 @@ pub fn client_address_for_path(p: &Path) -> String {
     format!("unix:path={}", escape_bytes(p.as_os_str().as_bytes()))
 }
 
+#[cfg(test)]
 /// The client address of an abstract socket: `unix:abstract=<escaped>`.
 pub fn client_address_for_abstract(name: &str) -> String {
     format!("unix:abstract={}", escape_value(name))

@@ -146,12 +146,6 @@ pub fn load_toml(path: &Path) -> Result<BusConfig, ConfigError> {
     Ok(cfg)
 }
 
-/// Parse busvisor TOML configuration text; `origin` names the file in errors
-/// and relative `servicedirs` are resolved against its directory.
-pub fn parse_toml(text: &str, origin: &Path) -> Result<BusConfig, ConfigError> {
-    parse_toml_with_env(text, origin, &process_env)
-}
-
 /// [`parse_toml`] with an explicit environment.
 pub fn parse_toml_with_env(
     text: &str,

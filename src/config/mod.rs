@@ -31,12 +31,8 @@ pub mod xml;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use address::{
-    AddressError, ListenAddress, client_address_for_abstract, client_address_for_path,
-    escape_value, parse_listen, unescape_value,
-};
-pub use busvisor_toml::{load_toml, parse_toml, parse_toml_with_env};
-pub use xml::{load_xml, load_xml_with_env, parse_xml, parse_xml_with_env};
+pub(crate) use busvisor_toml::load_toml;
+pub(crate) use xml::{load_xml, parse_xml_with_env};
 
 /// busvisor's embedded default configuration (the equivalent of
 /// dbus-daemon's `session.conf`).

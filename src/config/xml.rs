@@ -40,14 +40,6 @@ pub fn load_xml_with_env(path: &Path, env: Env<'_>) -> Result<BusConfig, ConfigE
     Ok(st.finish(path))
 }
 
-/// Parse XML configuration text. `origin` is the path the text came from:
-/// relative `<include>`, `<includedir>` and `<servicedir>` paths are resolved
-/// against its directory. `origin` itself is not read and not listed in
-/// [`BusConfig::source_files`].
-pub fn parse_xml(text: &str, origin: &Path) -> Result<BusConfig, ConfigError> {
-    parse_xml_with_env(text, origin, &process_env)
-}
-
 /// [`parse_xml`] with an explicit environment.
 pub fn parse_xml_with_env(
     text: &str,

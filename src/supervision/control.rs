@@ -61,9 +61,21 @@ const METHODS: &[Method] = &[
     m(On::Any, IFACE_PEER, "Ping", "", ping),
     m(On::Any, IFACE_PEER, "GetMachineId", "", machine_id),
     m(On::Any, IFACE_INTROSPECT, "Introspect", "", introspect),
-    m(On::Manager, SUPERVISOR_IFACE, "ListServices", "", list_services),
+    m(
+        On::Manager,
+        SUPERVISOR_IFACE,
+        "ListServices",
+        "",
+        list_services,
+    ),
     m(On::Manager, SUPERVISOR_IFACE, "Snapshot", "", snapshot),
-    m(On::Manager, SUPERVISOR_IFACE, "GetService", "s", get_service),
+    m(
+        On::Manager,
+        SUPERVISOR_IFACE,
+        "GetService",
+        "s",
+        get_service,
+    ),
     m(On::Manager, SUPERVISOR_IFACE, "Start", "s", start_named),
     m(On::Manager, SUPERVISOR_IFACE, "Stop", "s", stop_named),
     m(On::Manager, SUPERVISOR_IFACE, "Restart", "s", restart_named),
@@ -109,7 +121,11 @@ pub(super) fn call(
             && (r.on == On::Any || r.on == on)
     });
     let Some(row) = row else {
-        if on == On::Any && !METHODS.iter().any(|r| r.on == On::Any && r.member == member) {
+        if on == On::Any
+            && !METHODS
+                .iter()
+                .any(|r| r.on == On::Any && r.member == member)
+        {
             return Err(BusError::new(
                 ErrorName::UnknownMethod,
                 format!("No such object path '{path}'"),
@@ -140,10 +156,18 @@ where
 }
 
 /// (id, names, state, reason, main pid, object path) for ListServices.
-type Row<'a> = (&'a str, &'a [String], &'a str, &'a str, u32, ObjectPath<'static>);
+type Row<'a> = (
+    &'a str,
+    &'a [String],
+    &'a str,
+    &'a str,
+    u32,
+    ObjectPath<'static>,
+);
 
 fn row(svc: &Service) -> Row<'_> {
-    let path = ObjectPath::try_from(service_path(&svc.def.id)).expect("escaped ids make valid paths");
+    let path =
+        ObjectPath::try_from(service_path(&svc.def.id)).expect("escaped ids make valid paths");
     (
         &svc.def.id,
         &svc.def.names,
@@ -160,9 +184,8 @@ fn find(sup: &SupervisorState, name: &str) -> Result<String, BusError> {
         Some(_) => Some(name.to_owned()),
         None => sup.catalog.catalog.lookup(name).map(|d| d.id.clone()),
     };
-    id.filter(|id| sup.services.contains_key(id)).ok_or_else(|| {
-        BusError::new(ErrorName::NoSuchService, format!("no such service: {name}"))
-    })
+    id.filter(|id| sup.services.contains_key(id))
+        .ok_or_else(|| BusError::new(ErrorName::NoSuchService, format!("no such service: {name}")))
 }
 
 fn named(msg: &Message) -> Result<String, BusError> {
@@ -311,7 +334,11 @@ fn prop_set(_cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
 }
 
 fn introspect(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
-    let path = msg.header().path().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let path = msg
+        .header()
+        .path()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let xml = introspect_xml(cx.sup, &path);
     ok(msg, &(&xml,))
 }
@@ -335,7 +362,10 @@ fn introspect_xml(sup: &SupervisorState, path: &str) -> String {
         xml.push_str("  <node name=\"service\"/>\n");
     } else if path == service_dir {
         for id in sup.services.keys() {
-            xml.push_str(&format!("  <node name=\"{}\"/>\n", lifecycle::escape_id(id)));
+            xml.push_str(&format!(
+                "  <node name=\"{}\"/>\n",
+                lifecycle::escape_id(id)
+            ));
         }
     } else if let Some(id) = path.strip_prefix(SERVICE_PATH_PREFIX).and_then(unescape_id)
         && let Some(svc) = sup.services.get(&id)

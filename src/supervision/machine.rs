@@ -133,7 +133,8 @@ impl SupervisorState {
             .unwrap_or(Duration::from_millis(facts.limits.service_start_timeout_ms));
         let inv = svc.invocation;
         self.event(core, id, Event::Started(pid));
-        self.cmd.after(timeout, Cmd::StartTimeout(id.to_owned(), inv));
+        self.cmd
+            .after(timeout, Cmd::StartTimeout(id.to_owned(), inv));
         true
     }
 
@@ -176,7 +177,6 @@ impl SupervisorState {
             svc.last_exit = Some(LastExit {
                 pid,
                 kind,
-                failure,
                 at: std::time::SystemTime::now(),
             });
         }
@@ -262,7 +262,13 @@ impl SupervisorState {
     }
 
     /// Send the stop signal to the whole tree and arm the kill timer.
-    fn begin_stop(&mut self, id: &str, reason: StopReason, core: &mut BusState, scan: &procs::Scan) {
+    fn begin_stop(
+        &mut self,
+        id: &str,
+        reason: StopReason,
+        core: &mut BusState,
+        scan: &procs::Scan,
+    ) {
         let nothing = self.refresh_pids(id, scan);
         let Some(svc) = self.svc_mut(id) else {
             return;
@@ -287,7 +293,8 @@ impl SupervisorState {
         signal_all(&svc.pids, Signal::SIGCONT);
         let (timeout, inv) = (svc.def.stop_timeout, svc.invocation);
         self.event(core, id, Event::Stopping);
-        self.cmd.after(timeout, Cmd::StopTimeout(id.to_owned(), inv));
+        self.cmd
+            .after(timeout, Cmd::StopTimeout(id.to_owned(), inv));
     }
 
     fn stop_timeout(&mut self, id: &str, inv: u64, core: &mut BusState, scan: &procs::Scan) {
@@ -422,7 +429,9 @@ impl SupervisorState {
         let ms = svc
             .def
             .start_timeout
-            .map_or(core.limits().service_start_timeout_ms, |d| d.as_millis() as u64);
+            .map_or(core.limits().service_start_timeout_ms, |d| {
+                d.as_millis() as u64
+            });
         let text = format!(
             "Failed to activate service '{}': timed out (service_start_timeout={ms}ms)",
             svc.def.names[0]
@@ -488,7 +497,13 @@ impl SupervisorState {
     }
 
     /// Stop, then start, answering once running again.
-    fn restart_request(&mut self, id: &str, call: CallRef, core: &mut BusState, scan: &procs::Scan) {
+    fn restart_request(
+        &mut self,
+        id: &str,
+        call: CallRef,
+        core: &mut BusState,
+        scan: &procs::Scan,
+    ) {
         let Some(svc) = self.svc_mut(id) else {
             return core.complete(&call, Err(no_such_service(id)));
         };
@@ -506,7 +521,10 @@ impl SupervisorState {
             _ => {
                 svc.waiting_restart.push(call);
                 let names = svc.def.names.clone();
-                core.fail_pending(&names, &BusError::failed(format!("Service {id} was stopped")));
+                core.fail_pending(
+                    &names,
+                    &BusError::failed(format!("Service {id} was stopped")),
+                );
                 self.begin_stop(id, StopReason::Requested, core, scan);
             }
         }

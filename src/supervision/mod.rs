@@ -8,11 +8,11 @@
 //! definitions and /proc off the lock.
 
 pub(crate) mod control;
+mod machine;
 pub mod procs;
 pub(crate) mod reaper;
 pub(crate) mod service;
 pub(crate) mod spawner;
-mod machine;
 mod task;
 
 use std::collections::{BTreeMap, HashMap};
@@ -187,7 +187,10 @@ impl SupervisorState {
         let callers = std::mem::take(&mut svc.waiting_start);
         core.fail_pending(&names, e);
         for c in callers {
-            core.complete(&c, Err(BusError::new(ErrorName::StartFailed, e.text.clone())));
+            core.complete(
+                &c,
+                Err(BusError::new(ErrorName::StartFailed, e.text.clone())),
+            );
         }
         let kind = match e.name {
             ErrorName::SpawnExecFailed => "exec",

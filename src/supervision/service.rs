@@ -71,7 +71,6 @@ impl StopReason {
 pub(crate) struct LastExit {
     pub(crate) pid: i32,
     pub(crate) kind: ExitKind,
-    pub(crate) failure: bool,
     pub(crate) at: SystemTime,
 }
 
@@ -381,12 +380,21 @@ pub(crate) fn decide_restart(
         RestartPolicy::No => false,
     };
     let next = if !restart {
-        if failure { Next::Failed } else { Next::Inactive }
+        if failure {
+            Next::Failed
+        } else {
+            Next::Inactive
+        }
     } else if !rules.limit_interval.is_zero() && recent_starts as u32 >= rules.limit_burst {
         Next::StartLimited
     } else {
         let shift = failures.saturating_sub(1).min(20);
-        Next::Restart(rules.delay.saturating_mul(1u32 << shift).min(rules.delay_max))
+        Next::Restart(
+            rules
+                .delay
+                .saturating_mul(1u32 << shift)
+                .min(rules.delay_max),
+        )
     };
     Decision {
         next,
@@ -507,7 +515,10 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
         // A clean exit under `always` does not lengthen it.
         let d = decide_restart(&self::rules(RestartPolicy::Always), false, Some(MS), 3, 0);
-        assert_eq!((d.next, d.consecutive_failures), (Next::Restart(400 * MS), 3));
+        assert_eq!(
+            (d.next, d.consecutive_failures),
+            (Next::Restart(400 * MS), 3)
+        );
     }
 
     #[test]
@@ -515,7 +526,10 @@ mod tests {
         let rules = rules(RestartPolicy::OnFailure);
         let long = Some(10_001 * MS);
         let d = decide_restart(&rules, true, long, 4, 0);
-        assert_eq!((d.next, d.consecutive_failures), (Next::Restart(100 * MS), 1));
+        assert_eq!(
+            (d.next, d.consecutive_failures),
+            (Next::Restart(100 * MS), 1)
+        );
         // Exactly the interval is not longer than it.
         let d = decide_restart(&rules, true, Some(10_000 * MS), 4, 0);
         assert_eq!(d.consecutive_failures, 5);
@@ -524,14 +538,23 @@ mod tests {
     #[test]
     fn the_start_limit_ends_in_failed() {
         let rules = rules(RestartPolicy::Always);
-        assert_eq!(decide_restart(&rules, true, None, 0, 4).next, Next::Restart(100 * MS));
-        assert_eq!(decide_restart(&rules, true, None, 0, 5).next, Next::StartLimited);
+        assert_eq!(
+            decide_restart(&rules, true, None, 0, 4).next,
+            Next::Restart(100 * MS)
+        );
+        assert_eq!(
+            decide_restart(&rules, true, None, 0, 5).next,
+            Next::StartLimited
+        );
         // A zero interval switches the limit off.
         let off = RestartRules {
             limit_interval: Duration::ZERO,
             ..rules
         };
-        assert!(matches!(decide_restart(&off, true, None, 0, 50).next, Next::Restart(_)));
+        assert!(matches!(
+            decide_restart(&off, true, None, 0, 50).next,
+            Next::Restart(_)
+        ));
         // No restart wanted: the limit does not matter.
         let no = RestartRules {
             policy: RestartPolicy::No,
@@ -573,7 +596,10 @@ mod tests {
             )
         );
         let (_, m) = a(exit(ServiceState::Activating, ExitKind::Signal(9)));
-        assert!(matches!(m, ExitMeaning::StartFailed(ErrorName::SpawnChildSignaled, _)));
+        assert!(matches!(
+            m,
+            ExitMeaning::StartFailed(ErrorName::SpawnChildSignaled, _)
+        ));
         let helper = ExitFacts {
             is_launched: false,
             nothing_left: false,

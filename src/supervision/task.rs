@@ -2,7 +2,7 @@
 //! lock after whatever it must wait for (a /proc scan, a spawn, a
 //! definitions scan) has been done without it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,12 +73,6 @@ struct Task {
     /// Service processes by token, scanned just before the command that
     /// needs them (see `command`).
     scan: procs::Scan,
-}
-
-fn signal_all(pids: &BTreeSet<i32>, sig: Signal) {
-    for p in pids {
-        let _ = kill(Pid::from_raw(*p), sig);
-    }
 }
 
 impl Task {

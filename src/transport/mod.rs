@@ -24,8 +24,8 @@ use zbus::connection::socket::ReadHalf;
 use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
-use crate::config::address::ListenAddress;
 use crate::bus::{Activator, Bus, Credentials, Cutter, Outbox, PeerId, Verdict, unique_name};
+use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
 
 #[derive(Debug, thiserror::Error)]
@@ -222,20 +222,22 @@ async fn connection<S: Activator + Send + 'static>(
     let incomplete = Incomplete(gate.clone());
     let timeout = Duration::from_millis(bus.facts.limits.auth_timeout_ms.max(1));
     let deadline = tokio::time::Instant::now() + timeout;
-    let negotiated =
-        match tokio::time::timeout_at(deadline, sasl::handshake(&stream, &bus.facts.guid, peer.uid()))
-            .await
-        {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return debug!(?pid, "authentication failed: {e}"),
-            // Dropping the stream closes it.
-            Err(_) => {
-                return info!(
-                    ?pid,
-                    "dropped a connection that did not authenticate within {timeout:?}"
-                );
-            }
-        };
+    let negotiated = match tokio::time::timeout_at(
+        deadline,
+        sasl::handshake(&stream, &bus.facts.guid, peer.uid()),
+    )
+    .await
+    {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return debug!(?pid, "authentication failed: {e}"),
+        // Dropping the stream closes it.
+        Err(_) => {
+            return info!(
+                ?pid,
+                "dropped a connection that did not authenticate within {timeout:?}"
+            );
+        }
+    };
     let stream = Arc::new(stream);
     let cutter = Arc::new(Cutter::new(stream.clone()));
     let mut reader = socket::Reader::new(stream.clone());

@@ -5,12 +5,14 @@
 //! sends itself, [`BusError`] for the errors it answers with, and the names
 //! of [`names`]. The transport and the CLI client use zbus directly.
 
+pub(crate) mod args;
 pub(crate) mod names;
+pub(crate) mod validate;
 
 use tracing::warn;
 
 pub(crate) use names::ErrorName;
-pub(crate) use zbus::message::{Flags, Message, Type};
+pub(crate) use zbus::message::{Flags, Header, Message, Type};
 pub(crate) use zbus::wire::{DynamicType, Fd, ObjectPath, OwnedVariant, Variant};
 
 /// A D-Bus error the bus answers with: its name and its human text.
@@ -45,16 +47,6 @@ where
 {
     body.deserialize()
         .map_err(|e| BusError::invalid_args(format!("invalid arguments: {e}")))
-}
-
-/// A valid bus name, unique or well-known.
-pub(crate) fn is_bus_name(name: &str) -> bool {
-    zbus::names::BusName::try_from(name).is_ok()
-}
-
-/// A valid well-known bus name.
-pub(crate) fn is_well_known_name(name: &str) -> bool {
-    zbus::names::WellKnownName::try_from(name).is_ok()
 }
 
 /// Whether `msg` is a method call whose sender wants an answer (no
@@ -120,6 +112,11 @@ pub(crate) fn detached_error(caller: &str, serial: u32, e: &BusError) -> Option<
     error(&stand_in, e)
 }
 
+/// A fresh server GUID, as the address and GetId report it.
+pub(crate) fn new_guid() -> String {
+    zbus::Guid::generate().as_str().to_owned()
+}
+
 /// A property value as a variant that owns its data.
 pub(crate) fn owned<'a, T: Into<Variant<'a>>>(x: T) -> OwnedVariant {
     OwnedVariant::try_from(x.into()).expect("plain values always convert")
@@ -169,8 +166,14 @@ mod tests {
 
     #[test]
     fn signals_carry_the_bus_as_sender() {
-        let s = signal(names::BUS_PATH, names::BUS_NAME, "NameLost", Some(":1.2"), &("a.b",))
-            .unwrap();
+        let s = signal(
+            names::BUS_PATH,
+            names::BUS_NAME,
+            "NameLost",
+            Some(":1.2"),
+            &("a.b",),
+        )
+        .unwrap();
         assert_eq!(s.header().sender().unwrap().as_str(), names::BUS_NAME);
         assert_eq!(s.header().destination().unwrap().as_str(), ":1.2");
     }

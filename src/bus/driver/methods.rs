@@ -42,7 +42,7 @@ pub(super) fn hello(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 }
 
 fn check_bus_name(name: &str) -> Result<(), BusError> {
-    if wire::is_bus_name(name) {
+    if wire::validate::bus_name(name) {
         Ok(())
     } else {
         Err(BusError::invalid_args(format!(
@@ -57,7 +57,7 @@ fn check_well_known(cx: &Ctx<'_>, name: &str, verb: &str) -> Result<(), BusError
             "Cannot {verb} a service starting with ':' such as \"{name}\""
         )));
     }
-    if !wire::is_well_known_name(name) {
+    if wire::validate::well_known_name(name).is_err() {
         return Err(BusError::invalid_args(format!(
             "Given bus name \"{name}\" is not valid"
         )));
@@ -272,7 +272,12 @@ pub(super) fn list_queued_owners(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     } else if name.starts_with(':') {
         owner_of(cx, name).map(unique_name).into_iter().collect()
     } else {
-        cx.core.names.queued(name).into_iter().map(unique_name).collect()
+        cx.core
+            .names
+            .queued(name)
+            .into_iter()
+            .map(unique_name)
+            .collect()
     };
     if list.is_empty() {
         return Err(no_such_name("owners", name));
@@ -281,7 +286,11 @@ pub(super) fn list_queued_owners(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 }
 
 /// The peer a credentials query names, or None for the bus itself.
-fn queried<'c>(cx: &'c Ctx<'_>, msg: &Message, what: &str) -> Result<Option<&'c PeerEntry>, BusError> {
+fn queried<'c>(
+    cx: &'c Ctx<'_>,
+    msg: &Message,
+    what: &str,
+) -> Result<Option<&'c PeerEntry>, BusError> {
     let body = msg.body();
     let name: &str = wire::args(&body)?;
     check_bus_name(name)?;
