@@ -11,6 +11,9 @@
 //! activation --serve BUS_NAME      (the trivial service itself; see below)
 //! ```
 //!
+//! The last `--bus` is the reference: every other bus's medians get their
+//! ratio to it.
+//!
 //! Each bus must have two activatable services, running the same programs on
 //! every bus:
 //! * `org.example.Bench`: this bench executable, `--serve org.example.Bench`
@@ -446,11 +449,12 @@ struct Block {
 
 fn print_block(b: &Block, buses: &[Bus], target: bool) {
     println!("{}", b.title);
+    let nw = common::name_width(buses, 12);
     for (i, bus) in buses.iter().enumerate() {
         match (stats(&b.lats[i]), &b.failed[i]) {
             (Some(s), f) => {
                 println!(
-                    "  {:<12} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>4}{}",
+                    "  {:<nw$} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>4}{}",
                     bus.name,
                     s.median,
                     s.p90,
@@ -463,32 +467,34 @@ fn print_block(b: &Block, buses: &[Bus], target: bool) {
                 );
             }
             (None, f) => println!(
-                "  {:<12} FAILED: {}",
+                "  {:<nw$} FAILED: {}",
                 bus.name,
                 f.as_deref().unwrap_or("no result")
             ),
         }
     }
-    if buses.len() >= 2
-        && let (Some(a), Some(d)) = (stats(&b.lats[0]), stats(&b.lats[1]))
-    {
-        let r = a.median / d.median;
-        let verdict = if !target {
-            String::new()
-        } else if r <= 1.0 {
-            "   target <= 1.00: met".to_string()
-        } else {
-            "   target <= 1.00: NOT MET".to_string()
-        };
-        println!(
-            "  ratio {}/{}: median {:.2}, p90 {:.2}, min {:.2}{}",
-            buses[0].name,
-            buses[1].name,
-            r,
-            a.p90 / d.p90,
-            a.min / d.min,
-            verdict
-        );
+    // Every bus but the reference (the last) against the reference.
+    let reference = common::reference(buses);
+    for i in 0..reference {
+        if let (Some(a), Some(d)) = (stats(&b.lats[i]), stats(&b.lats[reference])) {
+            let r = a.median / d.median;
+            let verdict = if !target {
+                String::new()
+            } else if r <= 1.0 {
+                "   target <= 1.00: met".to_string()
+            } else {
+                "   target <= 1.00: NOT MET".to_string()
+            };
+            println!(
+                "  ratio {}/{}: median {:.2}, p90 {:.2}, min {:.2}{}",
+                buses[i].name,
+                buses[reference].name,
+                r,
+                a.p90 / d.p90,
+                a.min / d.min,
+                verdict
+            );
+        }
     }
 }
 
@@ -569,8 +575,14 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
         p.iterations
     );
     println!(
-        "  {:<12} {:>9} {:>9} {:>9} {:>9} {:>4}",
-        "bus", "median", "p90", "min", "max", "n"
+        "  {:<nw$} {:>9} {:>9} {:>9} {:>9} {:>4}",
+        "bus",
+        "median",
+        "p90",
+        "min",
+        "max",
+        "n",
+        nw = common::name_width(&buses, 12)
     );
     println!("{}", "-".repeat(100));
     for (direct, b) in &blocks {
@@ -585,23 +597,25 @@ async fn run(p: Params, buses: Vec<Bus>) -> Res<()> {
         let a = blocks
             .iter()
             .find(|(d, b)| !d && b.title.starts_with("rust"));
-        if let Some((_, b)) = a
-            && buses.len() >= 2
-            && let (Some(x), Some(y)) = (stats(&b.lats[0]), stats(&b.lats[1]))
-        {
-            println!(
-                "activation median {}/{}: {:.2} ms / {:.2} ms = {:.2} (target: <= 1.00, {})",
-                buses[0].name,
-                buses[1].name,
-                x.median,
-                y.median,
-                x.median / y.median,
-                if x.median <= y.median {
-                    "met"
-                } else {
-                    "NOT MET"
-                }
-            );
+        let reference = common::reference(&buses);
+        for i in 0..reference {
+            if let Some((_, b)) = a
+                && let (Some(x), Some(y)) = (stats(&b.lats[i]), stats(&b.lats[reference]))
+            {
+                println!(
+                    "activation median {}/{}: {:.2} ms / {:.2} ms = {:.2} (target: <= 1.00, {})",
+                    buses[i].name,
+                    buses[reference].name,
+                    x.median,
+                    y.median,
+                    x.median / y.median,
+                    if x.median <= y.median {
+                        "met"
+                    } else {
+                        "NOT MET"
+                    }
+                );
+            }
         }
     }
     println!("(activation section took {:.1} s)", elapsed.as_secs_f64());

@@ -7,6 +7,10 @@
 //! cargo bench --bench bus -- [--quick] --bus NAME,PID,ADDRESS [--bus NAME,PID,ADDRESS ...]
 //! ```
 //!
+//! The last `--bus` is the reference: every other bus's rate, CPU and memory
+//! get their ratio to it (bench.sh passes busvisor, with `BASELINE` an older
+//! busvisor as `busvisor-before`, then dbus-daemon).
+//!
 //! For every workload the bus process's own CPU time (utime + stime from
 //! `/proc/PID/stat`) is read before and after the measured phase, so the CPU
 //! the clients burn on the same 2 cores does not blur the comparison. Each
@@ -691,27 +695,62 @@ fn fmt_rate(r: f64) -> String {
 
 fn print_table(rows: &[Row], buses: &[Bus], hz: u64, mem: &[Memory]) {
     let tick_us = 1e6 / hz as f64;
-    let a = &buses[0].name;
-    let b = buses.get(1).map(|b| b.name.as_str()).unwrap_or("-");
+    // Every bus but the reference (the last) gets a ratio column, headed by
+    // its name when there are several.
+    let reference = common::reference(buses);
+    let refname = &buses[reference].name;
+    let compared = 0..reference;
+    let ratio_head = |i: usize| {
+        if reference == 1 {
+            "ratio".to_string()
+        } else {
+            buses[i].name.clone()
+        }
+    };
+    let ratio_w: Vec<usize> = compared
+        .clone()
+        .map(|i| ratio_head(i).len().max(7))
+        .collect();
+    // Two buses: the columns as they have always been (results in
+    // docs/BENCHMARKS.md compare with them); more: as wide as their headers.
+    let widen = |b: &Bus, head: usize, min: usize| {
+        if buses.len() > 2 {
+            (b.name.len() + head).max(min)
+        } else {
+            min
+        }
+    };
+    let rate_w: Vec<usize> = buses.iter().map(|b| widen(b, 5, 14)).collect();
+    let cpu_w: Vec<usize> = buses.iter().map(|b| widen(b, 4, 12)).collect();
+    let legend = compared
+        .clone()
+        .map(|i| format!("{}/{refname}", buses[i].name))
+        .collect::<Vec<_>>()
+        .join(", ");
     println!();
     println!(
-        "bus CPU = utime+stime of the bus process during the measured phase ({} µs/tick); ratio = {a}/{b}",
+        "bus CPU = utime+stime of the bus process during the measured phase ({} µs/tick); ratio = {legend}",
         tick_us
     );
-    println!(
-        "{:<34} {:>14} {:>14} {:>7} | {:>12} {:>12} {:>7}  CPU unit",
-        "workload",
-        format!("{a} rate"),
-        format!("{b} rate"),
-        "ratio",
-        format!("{a} CPU"),
-        format!("{b} CPU"),
-        "ratio"
-    );
-    println!("{}", "-".repeat(128));
+    let mut head = format!("{:<34}", "workload");
+    for (b, w) in buses.iter().zip(&rate_w) {
+        head += &format!(" {:>w$}", format!("{} rate", b.name));
+    }
+    for (i, w) in compared.clone().zip(&ratio_w) {
+        head += &format!(" {:>w$}", ratio_head(i));
+    }
+    head += " |";
+    for (b, w) in buses.iter().zip(&cpu_w) {
+        head += &format!(" {:>w$}", format!("{} CPU", b.name));
+    }
+    for (i, w) in compared.clone().zip(&ratio_w) {
+        head += &format!(" {:>w$}", ratio_head(i));
+    }
+    head += "  CPU unit";
+    let rule = "-".repeat(head.chars().count() + 5);
+    println!("{head}");
+    println!("{rule}");
     for r in rows {
-        let o0 = &r.outcomes[0];
-        let o1 = r.outcomes.get(1);
         let cpu = |o: &Outcome| {
             if o.units == 0 {
                 f64::NAN
@@ -726,25 +765,32 @@ fn print_table(rows: &[Row], buses: &[Bus], hz: u64, mem: &[Memory]) {
                 format!("{} {}", fmt_rate(o.rate), r.rate_unit)
             }
         };
-        let rate_ratio = o1.map(|o1| o0.rate / o1.rate).unwrap_or(f64::NAN);
-        let cpu_ratio = o1.map(|o1| cpu(o0) / cpu(o1)).unwrap_or(f64::NAN);
-        let mark = if cpu_ratio.is_finite() && cpu_ratio <= 0.7 {
-            " "
-        } else {
-            "!"
+        let of = |i: usize| r.outcomes.get(i);
+        let ratio = |i: usize, f: &dyn Fn(&Outcome) -> f64| match (of(i), of(reference)) {
+            (Some(x), Some(y)) => f(x) / f(y),
+            _ => f64::NAN,
         };
-        println!(
-            "{:<34} {:>14} {:>14} {:>7.2} | {:>12.2} {:>12.2} {:>6.2}{}  µs/{}",
-            r.name,
-            rate_s(o0),
-            o1.map(rate_s).unwrap_or_default(),
-            rate_ratio,
-            cpu(o0),
-            o1.map(cpu).unwrap_or(f64::NAN),
-            cpu_ratio,
-            mark,
-            r.per,
-        );
+        let mut line = format!("{:<34}", r.name);
+        for (i, w) in rate_w.iter().enumerate() {
+            line += &format!(" {:>w$}", of(i).map(rate_s).unwrap_or_default());
+        }
+        for (i, w) in compared.clone().zip(&ratio_w) {
+            line += &format!(" {:>w$.2}", ratio(i, &|o| o.rate));
+        }
+        line += " |";
+        for (i, w) in cpu_w.iter().enumerate() {
+            line += &format!(" {:>w$.2}", of(i).map(cpu).unwrap_or(f64::NAN));
+        }
+        for (i, w) in compared.clone().zip(&ratio_w) {
+            let cpu_ratio = ratio(i, &cpu);
+            let mark = if cpu_ratio.is_finite() && cpu_ratio <= 0.7 {
+                " "
+            } else {
+                "!"
+            };
+            line += &format!(" {:>w$.2}{mark}", cpu_ratio, w = w - 1);
+        }
+        println!("{line}  µs/{}", r.per);
         for (bus, o) in buses.iter().zip(&r.outcomes) {
             if let Some((p50, p99)) = o.lat {
                 println!(
@@ -760,32 +806,33 @@ fn print_table(rows: &[Row], buses: &[Bus], hz: u64, mem: &[Memory]) {
             }
         }
     }
-    println!("{}", "-".repeat(128));
+    println!("{rule}");
     println!("'!' marks a CPU ratio above the 0.7 target.");
     println!();
     println!("memory (VmRSS of the bus process)");
+    let nw = common::name_width(buses, 14);
     println!(
-        "{:<14} {:>12} {:>22} {:>16}",
+        "{:<nw$} {:>12} {:>22} {:>16}",
         "bus", "idle KiB", "with N clients KiB", "KiB/connection"
     );
+    let per = |m: &Memory| (m.loaded_kib as f64 - m.idle_kib as f64) / m.conns.max(1) as f64;
     for (bus, m) in buses.iter().zip(mem) {
-        let per = (m.loaded_kib as f64 - m.idle_kib as f64) / m.conns.max(1) as f64;
         println!(
-            "{:<14} {:>12} {:>22} {:>16.2}",
+            "{:<nw$} {:>12} {:>22} {:>16.2}",
             bus.name,
             m.idle_kib,
             format!("{} (N={})", m.loaded_kib, m.conns),
-            per
+            per(m)
         );
     }
-    if mem.len() == 2 {
-        let per = |m: &Memory| (m.loaded_kib as f64 - m.idle_kib as f64) / m.conns.max(1) as f64;
-        println!(
-            "per-connection ratio {}/{}: {:.2} (target: at most 6 KiB per connection for busvisor)",
-            a,
-            b,
-            per(&mem[0]) / per(&mem[1])
-        );
+    if mem.len() == buses.len() {
+        for i in compared {
+            println!(
+                "per-connection ratio {}/{refname}: {:.2} (target: at most 6 KiB per connection for busvisor)",
+                buses[i].name,
+                per(&mem[i]) / per(&mem[reference])
+            );
+        }
     }
 }
 

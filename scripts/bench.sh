@@ -26,9 +26,18 @@
 # Environment: CARGO_TARGET_DIR (default: ./target), DBUS_DAEMON (default:
 # dbus-daemon from PATH), BUSVISOR_LOG (busvisor's --log-level via RUST_LOG,
 # default: busvisor's own default), ACTIVATION_ITERATIONS (cold starts per bus
-# and service, default 40, 20 with --quick; at least 20 is meaningful).
+# and service, default 40, 20 with --quick; at least 20 is meaningful),
+# BASELINE (the path of another busvisor binary, say a copy of the release
+# build before a change: the main table and the activation section then also
+# start it, as a third bus named busvisor-before, and run every row against
+# it in the same interleaved rounds; each busvisor gets its ratio to
+# dbus-daemon. Unset: only the two buses above).
 set -euo pipefail
 
+if [ -n "${BASELINE:-}" ]; then
+    [ -f "$BASELINE" ] && [ -x "$BASELINE" ] || { echo "bench.sh: BASELINE=$BASELINE is not an executable file" >&2; exit 2; }
+    BASELINE=$(cd "$(dirname "$BASELINE")" && pwd)/$(basename "$BASELINE")
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -75,13 +84,16 @@ D1=$(mktemp -d /tmp/busvisor-bench.XXXXXX)
 D2=$(mktemp -d /tmp/dbus-daemon-bench.XXXXXX)
 D3=$(mktemp -d /tmp/busvisor-act.XXXXXX)
 D4=$(mktemp -d /tmp/dbus-daemon-act.XXXXXX)
+# The baseline's sockets and logs (BASELINE only).
+D5=
+[ -n "${BASELINE:-}" ] && D5=$(mktemp -d /tmp/busvisor-before-bench.XXXXXX)
 PIDS=()
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do
         kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
     done
-    rm -rf "$D1" "$D2" "$D3" "$D4"
+    rm -rf "$D1" "$D2" "$D3" "$D4" ${D5:+"$D5"}
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -107,17 +119,36 @@ stop_buses() {
     PIDS=()
 }
 
-# Reports buses that died and busvisor's warnings; sets status.
+# Reports buses that died and a busvisor's warnings; sets status.
+# Usage: check_buses LABEL LOG PID...
 check_buses() {
-    local log=$1 p
-    shift
+    local label=$1 log=$2 p
+    shift 2
     for p in "$@"; do
         kill -0 "$p" 2>/dev/null || { echo "bench.sh: bus pid $p died during the run" >&2; status=1; }
     done
     if [ -s "$log" ] && grep -qiE "error|warn|panic" "$log"; then
-        echo "== busvisor log (warnings/errors, last 20 lines):" >&2
+        echo "== $label log (warnings/errors, last 20 lines):" >&2
         grep -iE "error|warn|panic" "$log" | tail -n 20 >&2
     fi
+}
+
+# With BASELINE: starts it as busvisor-before with the given arguments,
+# stdout to $D5/NAME.address and stderr to $D5/NAME.log; sets BL_PID and
+# BL_ADDR and adds the bus to BUS_ARGS (before dbus-daemon, the reference,
+# which must come last).
+BUS_ARGS=()
+start_baseline() {
+    local name=$1
+    shift
+    [ -n "${BASELINE:-}" ] || return 0
+    ${BUSVISOR_LOG:+env RUST_LOG=$BUSVISOR_LOG} "$BASELINE" --nofork --print-address "$@" \
+        >"$D5/$name.address" 2>"$D5/$name.log" &
+    BL_PID=$!
+    PIDS+=("$BL_PID")
+    BL_ADDR=$(read_address "$D5/$name.address" "$BL_PID") || { cat "$D5/$name.log" >&2; exit 1; }
+    echo "== busvisor-before pid $BL_PID  $BL_ADDR  ($BASELINE)" >&2
+    BUS_ARGS+=(--bus "busvisor-before,$BL_PID,$BL_ADDR")
 }
 
 echo "== $(nproc) CPUs, load average $(cut -d" " -f1-3 /proc/loadavg), RLIMIT_NOFILE $(ulimit -n), CLK_TCK $(getconf CLK_TCK)" >&2
@@ -137,13 +168,15 @@ if [ -n "$RUN_MAIN" ]; then
 
     echo "== busvisor   pid $BV_PID  $BV_ADDR" >&2
     echo "== dbus-daemon pid $DD_PID  $DD_ADDR ($("$DBUS_DAEMON" --version | head -n1))" >&2
+    BUS_ARGS=(--bus "busvisor,$BV_PID,$BV_ADDR")
+    start_baseline main --address="unix:path=$D5/bus"
 
-    "$BENCH_EXE" "${BENCH_ARGS[@]}" \
-        --bus "busvisor,$BV_PID,$BV_ADDR" \
+    "$BENCH_EXE" "${BENCH_ARGS[@]}" "${BUS_ARGS[@]}" \
         --bus "dbus-daemon,$DD_PID,$DD_ADDR" || status=$?
 
-    check_buses "$D1/log" "$BV_PID" "$DD_PID"
-    stop_buses "$BV_PID" "$DD_PID"
+    check_buses busvisor "$D1/log" "$BV_PID" "$DD_PID"
+    [ -n "${BASELINE:-}" ] && check_buses busvisor-before "$D5/main.log" "$BL_PID"
+    stop_buses "${PIDS[@]}"
 fi
 
 if [ -n "$RUN_ACT" ]; then
@@ -220,12 +253,15 @@ EOT
     echo "== busvisor   pid $BV2_PID  $BV2_ADDR  --services-dir $D3/services" >&2
     echo "== dbus-daemon pid $DD2_PID  $DD2_ADDR  --config-file $D4/session.conf" >&2
     [ -n "$PYTHON" ] && echo "== python: $PYTHON ($("$PYTHON" --version 2>&1))" >&2
+    # The baseline reads the same definitions: each bus starts its own instances.
+    BUS_ARGS=(--bus "busvisor,$BV2_PID,$BV2_ADDR")
+    start_baseline act --address="unix:path=$D5/act-bus" --services-dir "$D3/services"
 
-    "$ACT_EXE" "${ACT_ARGS[@]}" \
-        --bus "busvisor,$BV2_PID,$BV2_ADDR" \
+    "$ACT_EXE" "${ACT_ARGS[@]}" "${BUS_ARGS[@]}" \
         --bus "dbus-daemon,$DD2_PID,$DD2_ADDR" || status=$?
 
-    check_buses "$D3/log" "$BV2_PID" "$DD2_PID"
-    stop_buses "$BV2_PID" "$DD2_PID"
+    check_buses busvisor "$D3/log" "$BV2_PID" "$DD2_PID"
+    [ -n "${BASELINE:-}" ] && check_buses busvisor-before "$D5/act.log" "$BL_PID"
+    stop_buses "${PIDS[@]}"
 fi
 exit $status

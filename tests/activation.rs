@@ -21,8 +21,6 @@ use zbus::message::Message;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
-const TEST_PATH: &str = "/org/busvisor/Test";
-const TEST_IFACE: &str = "org.busvisor.Test";
 const ERR: &str = "org.freedesktop.DBus.Error.";
 
 // ---------------------------------------------------------------- harness
@@ -91,14 +89,7 @@ impl ActBus {
 
 impl Drop for ActBus {
     fn drop(&mut self) {
-        let bus_pid = self.bus.pid();
-        if self.bus.proc.is_running() {
-            self.bus.proc.signal(Signal::SIGKILL);
-            self.bus.proc.wait_timeout(Duration::from_secs(5));
-        }
-        let _guard = PidGuard {
-            pids: service_pids_of(bus_pid),
-        };
+        kill_bus_and_services(&mut self.bus);
     }
 }
 
@@ -124,17 +115,6 @@ fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &str) {
     let mut exec = vec!["python3", script.as_str(), name];
     exec.extend_from_slice(opts);
     write_def(dir, id, name, &exec, extra);
-}
-
-async fn call(conn: &zbus::Connection, dest: &str, member: &str) -> zbus::Result<Message> {
-    within(conn.call_method(Some(dest), TEST_PATH, Some(TEST_IFACE), member, &())).await
-}
-
-async fn call_pid(conn: &zbus::Connection, dest: &str) -> u32 {
-    let m = call(conn, dest, "Pid")
-        .await
-        .unwrap_or_else(|e| panic!("Pid of {dest}: {e}"));
-    m.body().deserialize().unwrap()
 }
 
 async fn env_of(conn: &zbus::Connection, dest: &str, var: &str) -> String {
@@ -1503,17 +1483,6 @@ Exec={python} "{}" org.busvisor.Quoted 'two words' "a \\"q\\" b" back\\ slash   
         ],
     )
     .assert_ok();
-}
-
-fn which(program: &str) -> String {
-    let path = std::env::var("PATH").unwrap_or_default();
-    for d in path.split(':') {
-        let p = Path::new(d).join(program);
-        if p.is_file() {
-            return p.to_string_lossy().into_owned();
-        }
-    }
-    panic!("{program} not in PATH");
 }
 
 // ---------------------------------------------------------------- shutdown

@@ -23,6 +23,7 @@ const DO_NOT_QUEUE: u32 = 4;
 
 const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
 const NAME_HAS_NO_OWNER: &str = "org.freedesktop.DBus.Error.NameHasNoOwner";
+const LIMITS_EXCEEDED: &str = "org.freedesktop.DBus.Error.LimitsExceeded";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_unique_name_and_signals() {
@@ -591,6 +592,60 @@ async fn add_and_remove_match_are_refcounted() {
     )
     .await;
     bus_err(&a, "AddMatch", &(1u32,), INVALID_ARGS).await;
+}
+
+/// A match rule of `len` bytes: `type='signal',arg0='xx…x'`.
+fn rule_of_length(len: usize) -> String {
+    let head = "type='signal',arg0='";
+    let rule = format!("{head}{}'", "x".repeat(len - head.len() - 1));
+    assert_eq!(rule.len(), len);
+    rule
+}
+
+/// dbus-daemon checks a rule's length before parsing it (signals.c,
+/// DBUS_MAXIMUM_MATCH_RULE_LENGTH = 1024): one byte more is LimitsExceeded,
+/// even when the text would not parse; exactly 1024 bytes is an ordinary
+/// rule, which matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn match_rules_longer_than_1024_bytes_exceed_the_limits() {
+    let bus = start_bus(None);
+    let a = connect(&bus.address).await;
+    let b = connect(&bus.address).await;
+    let longest = rule_of_length(1024);
+    let too_long = rule_of_length(1025);
+    bus_err(&a, "AddMatch", &(too_long.as_str(),), LIMITS_EXCEEDED).await;
+    bus_err(
+        &a,
+        "AddMatch",
+        &(rule_of_length(8192).as_str(),),
+        LIMITS_EXCEEDED,
+    )
+    .await;
+    let nonsense = format!("nonsense='{}'", "y".repeat(1100));
+    bus_err(&a, "AddMatch", &(nonsense.as_str(),), LIMITS_EXCEEDED).await;
+    bus_err(&a, "RemoveMatch", &(too_long.as_str(),), LIMITS_EXCEEDED).await;
+
+    // The connection is still served, and a rule of exactly 1024 bytes works.
+    add_match(&a, &longest).await;
+    let mut sa = stream(&a);
+    let arg0 = &longest["type='signal',arg0='".len()..longest.len() - 1];
+    for arg in [arg0, "other"] {
+        within(b.emit_signal(None::<&str>, "/x", "org.busvisor.Test", "Long", &(arg,)))
+            .await
+            .unwrap();
+    }
+    sync(&b).await;
+    let got = collect_for(&mut sa, Duration::from_millis(400), |m| {
+        is_signal(m, "Long")
+    })
+    .await;
+    assert_eq!(got.len(), 1, "the 1024-byte rule matches its arg0 only");
+    assert_eq!(got[0].body().deserialize::<String>().unwrap(), arg0);
+    assert!(
+        bus_call(&a, "RemoveMatch", &(longest.as_str(),))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,21 @@ impl std::str::FromStr for Bus {
     }
 }
 
+/// The bus the others are compared with: the last one given.
+pub fn reference(buses: &[Bus]) -> usize {
+    buses.len().saturating_sub(1)
+}
+
+/// Width of a column of bus names: the longest name, at least `min`.
+pub fn name_width(buses: &[Bus], min: usize) -> usize {
+    buses
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(min)
+}
+
 /// A bench program's main: the parsed arguments, or exit 2 with the parse
 /// error; then `run` on a 2-worker runtime, exit 1 if it fails.
 pub fn main_with<A, F>(label: &str, args: Res<A>, run: impl FnOnce(A) -> F)

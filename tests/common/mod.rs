@@ -337,6 +337,18 @@ pub fn spawn_tool(program: &str, args: &[&str], stdout_file: &Path) -> ChildGuar
     ChildGuard::new(child)
 }
 
+/// The absolute path of `program`, looked up in PATH.
+pub fn which(program: &str) -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for d in path.split(':') {
+        let p = Path::new(d).join(program);
+        if p.is_file() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    panic!("{program} not in PATH");
+}
+
 /// Poll `cond` until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -519,6 +531,26 @@ pub async fn sync(conn: &zbus::Connection) {
     .expect("Ping");
 }
 
+// ------------------------------------------------ tests/fixtures/testsvc.py
+
+/// The object and interface of the test service, tests/fixtures/testsvc.py.
+pub const TEST_PATH: &str = "/org/busvisor/Test";
+pub const TEST_IFACE: &str = "org.busvisor.Test";
+
+/// Call `member` (no arguments) on the test service that owns `dest`.
+pub async fn call(conn: &zbus::Connection, dest: &str, member: &str) -> zbus::Result<Message> {
+    within(conn.call_method(Some(dest), TEST_PATH, Some(TEST_IFACE), member, &())).await
+}
+
+/// The pid of the test service that owns `dest` (started by this call if
+/// need be).
+pub async fn call_pid(conn: &zbus::Connection, dest: &str) -> u32 {
+    let m = call(conn, dest, "Pid")
+        .await
+        .unwrap_or_else(|e| panic!("Pid of {dest}: {e}"));
+    m.body().deserialize().unwrap()
+}
+
 // ---------------------------------------------------------------- raw clients
 
 /// A client speaking D-Bus by hand over a blocking Unix socket.
@@ -685,15 +717,37 @@ where
 
 // ---------------------------------------------------------------- processes
 
-/// Parent pid and state letter of a process, from /proc/PID/stat (fields
-/// after the last ')', so a command name with spaces or parens is fine).
-pub fn proc_stat(pid: u32) -> Option<(u32, char)> {
+/// The fields of /proc/PID/stat from field 3 (the state) on: those after
+/// the last ')', so a command name with spaces or parens is fine. Field N of
+/// proc(5) is `stat_fields(pid)[N - 3]`.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Parent pid and state letter of a process, from /proc/PID/stat.
+pub fn proc_stat(pid: u32) -> Option<(u32, char)> {
+    let f = stat_fields(pid)?;
+    let state = f.first()?.chars().next()?;
+    let ppid = f.get(1)?.parse().ok()?;
     Some((ppid, state))
+}
+
+/// Clock ticks per second, the unit of the CPU times in /proc/PID/stat.
+pub fn clk_tck() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(hz > 0, "sysconf(_SC_CLK_TCK) = {hz}");
+    hz as u64
+}
+
+/// CPU time a process has used, all its threads: utime + stime (fields 14
+/// and 15 of /proc/PID/stat), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    let field = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
 }
 
 /// True while the process exists and is not a zombie.
@@ -750,6 +804,19 @@ pub fn zombie_children(pid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// SIGKILL the bus (by pid), then every process it started as a service
+/// that is still there: for a test's drop, so that nothing outlives it.
+pub fn kill_bus_and_services(bus: &mut TestBus) {
+    let bus_pid = bus.pid();
+    if bus.proc.is_running() {
+        bus.proc.signal(nix::sys::signal::Signal::SIGKILL);
+        bus.proc.wait_timeout(Duration::from_secs(5));
+    }
+    let _guard = PidGuard {
+        pids: service_pids_of(bus_pid),
+    };
 }
 
 /// Pids SIGKILLed when dropped: for processes a test made but does not own
