@@ -260,6 +260,9 @@ const ECHO_PATH: &str = "/org/busvisor/Example/Echo";
 /// then reused: one pid for busctl, gdbus and dbus-send.
 #[test]
 fn example_echo_auto_starts_for_busctl_gdbus_and_dbus_send() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::examples();
     let t = Instant::now();
     let out = busctl(
@@ -335,6 +338,9 @@ fn example_echo_auto_starts_for_busctl_gdbus_and_dbus_send() {
 /// exits (no zombie), whether it quits or is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_daemon_double_forks_and_stays_a_child_of_busvisor() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     const NAME: &str = "org.busvisor.Example.Daemon";
     const PATH: &str = "/org/busvisor/Example/Daemon";
     let b = ActBus::examples();
@@ -394,6 +400,9 @@ async fn example_daemon_double_forks_and_stays_a_child_of_busvisor() {
 /// new instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_crasher_restarts_and_calls_during_the_restart_reach_the_new_instance() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     const NAME: &str = "org.busvisor.Example.Crasher";
     const PATH: &str = "/org/busvisor/Example/Crasher";
     let b = ActBus::examples();
@@ -432,6 +441,9 @@ async fn example_crasher_restarts_and_calls_during_the_restart_reach_the_new_ins
 /// StartServiceByName answers 1 (started) and then 2 (already running).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_service_by_name_returns_1_then_2() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|d| write_testsvc(d, "t", "org.busvisor.T", &[], ""));
     let conn = connect(b.addr()).await;
     let has: bool = bus_ok(&conn, "NameHasOwner", &("org.busvisor.T",)).await;
@@ -460,6 +472,9 @@ async fn start_service_by_name_returns_1_then_2() {
 /// NameHasNoOwner, and nothing is started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_auto_start_gets_name_has_no_owner() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
     write_testsvc(
@@ -548,6 +563,9 @@ async fn service_state(conn: &zbus::Connection, name: &str) -> String {
 /// 20 first calls at once, from 20 connections: one start, 20 replies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_first_calls_start_exactly_one_instance() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
     write_testsvc(
@@ -626,6 +644,9 @@ fn assert_all_failed(
 /// A program that does not exist: Spawn.ExecFailed for every waiter at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_failure_reaches_every_waiter_as_exec_failed() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|d| {
         write_def(
             d,
@@ -663,6 +684,9 @@ async fn exec_failure_reaches_every_waiter_as_exec_failed() {
 /// waiter (calls and StartServiceByName), within a second of the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_before_the_name_reaches_every_waiter_as_child_exited() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let when = b.file("exit-time");
     b.define(
@@ -688,6 +712,9 @@ async fn exit_before_the_name_reaches_every_waiter_as_child_exited() {
 /// signal number, for SIGSEGV and SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signal_before_the_name_reaches_every_waiter_as_child_signaled() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     for (sig, num) in [("SEGV", 11), ("KILL", 9)] {
         let when = b.file(&format!("kill-time-{sig}"));
@@ -719,6 +746,9 @@ async fn signal_before_the_name_reaches_every_waiter_as_child_signaled() {
 /// waiter, and the process is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_taking_the_name_times_out_and_the_process_is_killed() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let pidfile = b.file("noname.pid");
     b.define(
@@ -756,6 +786,9 @@ async fn never_taking_the_name_times_out_and_the_process_is_killed() {
 /// by StartServiceByName alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_start_is_waited_for() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|d| {
         write_testsvc(
             d,
@@ -793,8 +826,10 @@ async fn a_slow_start_is_waited_for() {
 /// design promises immediate typed failures), so the waiters should hear of
 /// it at once, not after start_timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn a_daemon_dying_before_its_name_fails_the_waiters_at_once() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor\'s --services-dir
+    }
     let b = ActBus::new(|_| {});
     let when = b.file("daemon-exit-time");
     b.define(
@@ -820,6 +855,9 @@ async fn a_daemon_dying_before_its_name_fails_the_waiters_at_once() {
 /// starting service gets LimitsExceeded; the three others are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_activation_limit_gives_limits_exceeded() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let cfg = config_xml(&[("max_pending_service_starts", 3)]);
     let b = ActBus::with(
         |d| write_testsvc(d, "slow", "org.busvisor.Slow", &["--delay", "1"], ""),
@@ -864,6 +902,9 @@ async fn pending_activation_limit_gives_limits_exceeded() {
 /// program name fails with Spawn.ExecFailed (checked on dbus-daemon 1.14.10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dbus_service_file_exec_is_not_searched_in_path() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("org.busvisor.Rel.service"),
@@ -891,6 +932,9 @@ async fn dbus_service_file_exec_is_not_searched_in_path() {
 /// restart = "always": a clean exit (Quit) is followed by a new instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_always_brings_a_cleanly_exited_service_back() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
     write_testsvc(
@@ -925,8 +969,10 @@ async fn restart_always_brings_a_cleanly_exited_service_back() {
 /// service comes up; the call made after the crash is answered then.
 /// (systemd with RestartSteps and s6 keep retrying until the start limit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn failed_restarts_are_retried_with_a_doubling_delay() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor\'s --services-dir
+    }
     let b = ActBus::new(|_| {});
     let state = b.bus.dir.path().to_path_buf();
     write_def(
@@ -976,6 +1022,9 @@ async fn failed_restarts_are_retried_with_a_doubling_delay() {
 /// once with a clear error naming the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_limit_ends_in_failed_with_a_clear_error() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
     write_testsvc(
@@ -1066,6 +1115,9 @@ async fn start_limit_ends_in_failed_with_a_clear_error() {
 /// definition's `environment`, which wins over both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_get_the_starter_and_activation_environment() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::with(
         |d| {
             write_testsvc(d, "early", "org.busvisor.Early", &[], "");
@@ -1147,6 +1199,9 @@ async fn services_get_the_starter_and_activation_environment() {
 /// tagged with the service id and its pid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_output_is_logged_with_service_and_pid() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|d| {
         write_testsvc(
             d,
@@ -1187,6 +1242,9 @@ async fn service_output_is_logged_with_service_and_pid() {
 /// traffic; the next call starts a new one and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_service_exits_and_the_next_call_activates_it_again() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|_| {});
     let rec = b.file("starts");
     write_testsvc(
@@ -1235,6 +1293,9 @@ async fn idle_service_exits_and_the_next_call_activates_it_again() {
 /// during a scan share the next one), and other clients are not held up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_config_flood_is_coalesced() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|d| {
         for i in 0..50 {
             write_testsvc(d, &format!("s{i}"), &format!("org.busvisor.S{i}"), &[], "");
@@ -1276,6 +1337,9 @@ async fn reload_config_flood_is_coalesced() {
 /// exist when the bus starts, so it is not watched: only the signal finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_definitions() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("later");
     let bus = start_bus_with_env(None, &["--services-dir", dir.to_str().unwrap()], &[]);
@@ -1309,6 +1373,9 @@ async fn sighup_reloads_the_definitions() {
 /// ActivatableServicesChanged, even when nothing changed (as dbus-daemon).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_config_picks_up_a_new_file_and_broadcasts_the_change() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let b = ActBus::new(|d| write_testsvc(d, "a", "org.busvisor.A", &[], ""));
     let watcher = connect(b.addr()).await;
     add_match(&watcher, "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',member='ActivatableServicesChanged'").await;
@@ -1407,8 +1474,10 @@ async fn reload_config_picks_up_a_new_file_and_broadcasts_the_change() {
 /// (activation.c: a lookup miss reloads), so a definition added after start
 /// works without ReloadConfig.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn a_new_file_is_found_without_reload_on_a_lookup_miss() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor\'s --services-dir
+    }
     let b = ActBus::new(|_| {});
     let conn = connect(b.addr()).await;
     write_testsvc(&b.dir, "late", "org.busvisor.LateFile", &[], "");
@@ -1422,6 +1491,9 @@ async fn a_new_file_is_found_without_reload_on_a_lookup_miss() {
 /// with Exec= quoting: the argv reaches the program exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dbus_service_file_in_a_config_servicedir_with_exec_quoting() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let tmp = tempfile::tempdir().unwrap();
     let sdir = tmp.path().join("dbus-1 services");
     std::fs::create_dir(&sdir).unwrap();
@@ -1492,6 +1564,9 @@ Exec={python} "{}" org.busvisor.Quoted 'two words' "a \\"q\\" b" back\\ slash   
 /// (SIGKILL after stop_timeout); busvisor then exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_every_service_and_setsid_grandchild_then_exits_0() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let mut b = ActBus::new(|_| {});
     let g1 = b.file("g1");
     let g2 = b.file("g2");
@@ -1566,6 +1641,9 @@ async fn sigterm_stops_every_service_and_setsid_grandchild_then_exits_0() {
 /// busvisor exits with its status and leaves no process behind.
 #[test]
 fn busvisor_run_leaves_no_process_behind() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("services");
     std::fs::create_dir(&dir).unwrap();

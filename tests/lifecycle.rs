@@ -121,6 +121,9 @@ async fn collect_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_lifecycle_signals_and_properties_in_order() {
+    if is_reference() {
+        return; // busvisor-only: lifecycle events are busvisor's own API
+    }
     let dir = examples();
     let mut bus = start_bus_with_args(None, &["--services-dir", &dir]);
     let mut pids = PidGuard::default();
@@ -221,6 +224,9 @@ async fn full_lifecycle_signals_and_properties_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_events_lose_nothing_under_churn() {
+    if is_reference() {
+        return; // busvisor-only: lifecycle events are busvisor's own API
+    }
     let dir = examples();
     let mut bus = start_bus_with_args(None, &["--services-dir", &dir]);
     let watcher = connect(&bus.address).await;

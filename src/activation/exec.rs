@@ -60,17 +60,6 @@ pub enum ExecError {
 }
 
 impl ExecError {
-    #[cfg(test)]
-    /// The D-Bus error name to report at activation time.
-    pub const DBUS_ERROR_NAME: &'static str = "org.freedesktop.DBus.Error.InvalidArgs";
-
-    #[cfg(test)]
-    /// The D-Bus error name to report at activation time
-    /// (`org.freedesktop.DBus.Error.InvalidArgs`).
-    pub fn dbus_error_name(&self) -> &'static str {
-        Self::DBUS_ERROR_NAME
-    }
-
     /// The error message, in dbus-daemon's exact wording.
     pub fn message(&self) -> &'static str {
         match self {
@@ -429,10 +418,6 @@ mod tests {
         assert_eq!(
             ExecError::UnclosedQuotes.message(),
             ExecError::UnclosedQuotes.to_string()
-        );
-        assert_eq!(
-            ExecError::NoTokens.dbus_error_name(),
-            "org.freedesktop.DBus.Error.InvalidArgs"
         );
     }
 

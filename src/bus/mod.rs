@@ -222,3 +222,206 @@ impl<S: Activator> Bus<S> {
         core.goodbye(id, None, sup);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ErrorName, Type, names};
+
+    /// An activator that provides one name and records what it is told.
+    #[derive(Default)]
+    struct Stub {
+        started: Vec<String>,
+        owners: Vec<(String, Option<PeerId>, Option<PeerId>)>,
+    }
+
+    const SVC: &str = "org.example.Svc";
+
+    impl Activator for Stub {
+        fn provides(&self, name: &str) -> bool {
+            name == SVC
+        }
+        fn activatable_names(&self) -> Vec<String> {
+            vec![SVC.into()]
+        }
+        fn start(&mut self, name: &str, _: Requester, _: &mut BusState) -> Result<(), BusError> {
+            if name != SVC {
+                return Err(BusError::new(ErrorName::ServiceUnknown, name));
+            }
+            self.started.push(name.into());
+            Ok(())
+        }
+        fn name_owner_changed(
+            &mut self,
+            name: &str,
+            old: Option<PeerId>,
+            new: Option<PeerId>,
+            _: &mut BusState,
+        ) {
+            self.owners.push((name.into(), old, new));
+        }
+        fn set_activation_env(&mut self, _: HashMap<String, String>) {}
+        fn reload(&mut self, _: Option<CallRef>) {}
+        fn call(&mut self, _: &CallRef, _: &Facts, _: &mut BusState) -> Answer {
+            Err(BusError::failed("no control API here"))
+        }
+    }
+
+    struct Peer {
+        id: PeerId,
+        outbox: Arc<Outbox>,
+        // Keeps the other end of the socket open.
+        _far: tokio::net::UnixStream,
+    }
+
+    fn bus() -> Bus<Stub> {
+        Bus::new(
+            "0123".into(),
+            Limits::default(),
+            names::SUPERVISOR_NAME,
+            Stub::default(),
+        )
+    }
+
+    fn connect(bus: &Bus<Stub>) -> Peer {
+        let (near, far) = tokio::net::UnixStream::pair().unwrap();
+        let outbox = Arc::new(Outbox::new(1 << 20, 16, true));
+        let cutter = Arc::new(Cutter::new(Arc::new(near)));
+        let creds = Credentials {
+            uid: Some(bus.facts.uid),
+            ..Credentials::default()
+        };
+        let id = bus.add_peer(outbox.clone(), cutter, creds);
+        let hello = Message::method_call(names::BUS_PATH, "Hello")
+            .sender(unique_name(id))
+            .destination(names::BUS_NAME)
+            .interface(names::IFACE_DBUS)
+            .build(&())
+            .unwrap();
+        assert!(matches!(bus.handle(id, hello), Verdict::Continue));
+        let p = Peer {
+            id,
+            outbox,
+            _far: far,
+        };
+        drain(&p);
+        p
+    }
+
+    fn call<B>(from: &Peer, dest: &str, member: &str, serial: u32, body: &B) -> Message
+    where
+        B: serde::Serialize + crate::wire::DynamicType,
+    {
+        let iface = if dest == names::BUS_NAME {
+            names::IFACE_DBUS
+        } else {
+            "org.example.I"
+        };
+        Message::method_call("/", member)
+            .sender(unique_name(from.id))
+            .destination(dest)
+            .interface(iface)
+            .serial(std::num::NonZeroU32::new(serial).unwrap())
+            .build(body)
+            .unwrap()
+    }
+
+    /// What the peer was sent, as "kind member-or-error", emptying its queue.
+    fn drain(p: &Peer) -> Vec<String> {
+        let mut batch = Vec::new();
+        let fut = p.outbox.next_batch(&mut batch);
+        let got = futures_util::FutureExt::now_or_never(fut);
+        if got.is_none() {
+            return Vec::new();
+        }
+        p.outbox.sent(&batch);
+        batch
+            .iter()
+            .map(|m| {
+                let h = m.header();
+                match m.message_type() {
+                    Type::MethodReturn => format!("return {}", h.reply_serial().unwrap()),
+                    Type::Error => format!("error {}", h.error_name().unwrap().as_str()),
+                    _ => format!("{:?} {}", m.message_type(), h.member().unwrap().as_str()),
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_leaving_callee_gets_its_callers_no_reply() {
+        let bus = bus();
+        let (a, b) = (connect(&bus), connect(&bus));
+        bus.handle(a.id, call(&a, &unique_name(b.id), "Work", 5, &()));
+        assert_eq!(drain(&b), ["MethodCall Work"]);
+        bus.remove_peer(b.id);
+        assert_eq!(drain(&a), ["error org.freedesktop.DBus.Error.NoReply"]);
+        assert_eq!(bus.lock().core.calls_pending_to(b.id), 0);
+    }
+
+    #[tokio::test]
+    async fn a_taken_name_gets_what_waited_for_it_in_order() {
+        let bus = bus();
+        let (caller, starter) = (connect(&bus), connect(&bus));
+        bus.handle(caller.id, call(&caller, SVC, "Work", 7, &()));
+        let sbn = call(
+            &starter,
+            names::BUS_NAME,
+            "StartServiceByName",
+            3,
+            &(SVC, 0u32),
+        );
+        bus.handle(starter.id, sbn);
+        // Each waiter asks; the activator starts what is not starting yet.
+        assert_eq!(bus.lock().sup.started, [SVC, SVC]);
+        let service = connect(&bus);
+        let req = call(&service, names::BUS_NAME, "RequestName", 9, &(SVC, 0u32));
+        bus.handle(service.id, req);
+        assert_eq!(drain(&starter), ["return 3"], "StartServiceByName answered");
+        assert_eq!(
+            drain(&service),
+            ["Signal NameAcquired", "MethodCall Work", "return 9"],
+            "NameAcquired, then the queued call, then the RequestName reply"
+        );
+        let owners = &bus.lock().sup.owners;
+        assert_eq!(
+            owners.last(),
+            Some(&(SVC.to_owned(), None, Some(service.id)))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_start_answers_the_caller() {
+        let bus = bus();
+        let a = connect(&bus);
+        bus.handle(a.id, call(&a, "org.example.Nobody", "Work", 2, &()));
+        assert_eq!(
+            drain(&a),
+            ["error org.freedesktop.DBus.Error.ServiceUnknown"]
+        );
+        assert_eq!(bus.lock().core.pending.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn becoming_a_monitor_is_the_same_way_out() {
+        let bus = bus();
+        let (a, b) = (connect(&bus), connect(&bus));
+        bus.handle(
+            b.id,
+            call(&b, names::BUS_NAME, "RequestName", 2, &(SVC, 0u32)),
+        );
+        bus.handle(a.id, call(&a, SVC, "Work", 5, &()));
+        drain(&b);
+        let monitor = Message::method_call(names::BUS_PATH, "BecomeMonitor")
+            .sender(unique_name(b.id))
+            .destination(names::BUS_NAME)
+            .interface(names::IFACE_MONITORING)
+            .build(&(Vec::<&str>::new(), 0u32))
+            .unwrap();
+        bus.handle(b.id, monitor);
+        assert_eq!(drain(&a), ["error org.freedesktop.DBus.Error.NoReply"]);
+        let g = bus.lock();
+        assert_eq!(g.core.names.owner(SVC), None, "its names went");
+        assert_eq!(g.core.monitors, [b.id]);
+    }
+}

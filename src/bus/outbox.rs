@@ -269,3 +269,92 @@ impl Cutter {
         nix::sys::socket::getsockopt(&*self.0, nix::sys::socket::sockopt::PeerPidfd).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(len: usize) -> Message {
+        Message::method_call("/", "M")
+            .build(&(vec![0u8; len],))
+            .unwrap()
+    }
+
+    fn fd_msg() -> Message {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        Message::method_call("/", "M")
+            .build(&(crate::wire::Fd::from(fd),))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_everything_queued_in_order() {
+        let o = Outbox::new(1 << 20, 16, true);
+        for n in 1..=3 {
+            o.push(msg(n)).unwrap();
+        }
+        let mut batch = Vec::new();
+        assert!(o.next_batch(&mut batch).await);
+        let lens: Vec<usize> = batch.iter().map(|m| m.body().len()).collect();
+        assert_eq!(lens, [4 + 1, 4 + 2, 4 + 3]);
+        // Bytes stay counted until written.
+        assert!(o.queued_bytes() > 0);
+        o.sent(&batch);
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn the_byte_limit_refuses_but_an_empty_queue_takes_anything() {
+        let o = Outbox::new(100, 16, true);
+        assert_eq!(o.push(msg(500)), Ok(true), "alone it fits, and presses");
+        assert_eq!(o.push(msg(1)), Err(PushError::Full));
+        assert_eq!(o.push_counted(msg(1)), Err(PushError::Full));
+        assert_eq!(o.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn fds_only_for_peers_that_negotiated_them() {
+        let no = Outbox::new(1 << 20, 16, false);
+        assert_eq!(no.push(fd_msg()), Err(PushError::NoFds));
+        let yes = Outbox::new(1 << 20, 1, true);
+        assert!(yes.push(fd_msg()).is_ok());
+        assert_eq!(yes.push(fd_msg()), Err(PushError::Full), "max_fds is 1");
+    }
+
+    #[test]
+    fn half_full_asks_the_sender_to_wait() {
+        let o = Outbox::new(1000, 16, true);
+        let small = msg(100);
+        let size = small.data().len();
+        let mut pressed = false;
+        for _ in 0..(500 / size + 1) {
+            pressed = o.push(small.clone()).unwrap();
+        }
+        assert!(pressed, "more than half of 1000 bytes queued");
+    }
+
+    #[tokio::test]
+    async fn closing_refuses_new_messages_and_ends_the_writer_once_empty() {
+        let o = Outbox::new(1 << 20, 16, true);
+        o.push(msg(1)).unwrap();
+        o.close();
+        assert_eq!(o.push(msg(1)), Err(PushError::Closed));
+        let mut batch = Vec::new();
+        assert!(
+            o.next_batch(&mut batch).await,
+            "what was queued still goes out"
+        );
+        batch.clear();
+        assert!(!o.next_batch(&mut batch).await);
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_stuck_queue_is_bounded() {
+        let o = Outbox::new(1000, 16, true);
+        o.push(msg(900)).unwrap();
+        let started = std::time::Instant::now();
+        o.wait_drained().await;
+        let waited = started.elapsed().as_millis() as u64;
+        assert!(waited <= WAIT_BUDGET_MS + 200, "waited {waited} ms");
+    }
+}

@@ -74,14 +74,16 @@ pub enum MatchRuleError {
     ArgTwice(u8),
 }
 
-impl MatchRuleError {
-    #[cfg(test)]
-    /// The D-Bus error name dbus-daemon replies with for this error.
-    pub fn dbus_error_name(&self) -> &'static str {
-        match self {
-            MatchRuleError::TooLong(_) => "org.freedesktop.DBus.Error.LimitsExceeded",
-            _ => "org.freedesktop.DBus.Error.MatchRuleInvalid",
-        }
+/// The error dbus-daemon answers AddMatch, RemoveMatch and BecomeMonitor
+/// with: a rule over the length limit is LimitsExceeded, anything else
+/// MatchRuleInvalid.
+impl From<MatchRuleError> for crate::wire::BusError {
+    fn from(e: MatchRuleError) -> Self {
+        let name = match e {
+            MatchRuleError::TooLong(_) => crate::wire::ErrorName::LimitsExceeded,
+            _ => crate::wire::ErrorName::MatchRuleInvalid,
+        };
+        crate::wire::BusError::new(name, e.to_string())
     }
 }
 
@@ -670,17 +672,12 @@ mod tests {
             assert!(MatchRule::parse(s).is_err(), "{s:?} should not parse");
         }
         let long = format!("arg0='{}'", "x".repeat(MAX_RULE_LENGTH));
-        let err = MatchRule::parse(&long).unwrap_err();
-        assert_eq!(
-            err.dbus_error_name(),
-            "org.freedesktop.DBus.Error.LimitsExceeded"
-        );
+        let err = crate::wire::BusError::from(MatchRule::parse(&long).unwrap_err());
+        assert_eq!(err.name, crate::wire::ErrorName::LimitsExceeded);
         let err = MatchRule::parse("foo='bar'").unwrap_err();
         assert_eq!(err.to_string(), "Unknown key \"foo\" in match rule");
-        assert_eq!(
-            err.dbus_error_name(),
-            "org.freedesktop.DBus.Error.MatchRuleInvalid"
-        );
+        let err = crate::wire::BusError::from(err);
+        assert_eq!(err.name, crate::wire::ErrorName::MatchRuleInvalid);
         assert!(
             MatchRule::parse("member='1x'")
                 .unwrap_err()

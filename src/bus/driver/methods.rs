@@ -8,7 +8,7 @@ use super::{Ctx, FEATURES, INTERFACES};
 use crate::bus::peer::{PeerEntry, PeerId, unique_name};
 use crate::bus::pending::Waiter;
 use crate::bus::{Answer, CallRef};
-use crate::matching::{MatchRule, MatchRuleError};
+use crate::matching::MatchRule;
 use crate::wire::names::{BUS_NAME, IFACE_DBUS};
 use crate::wire::{self, BusError, ErrorName, Fd, Message, Variant};
 
@@ -175,14 +175,7 @@ pub(super) fn list_activatable_names(cx: &mut Ctx<'_>, msg: &Message) -> Answer 
 }
 
 fn parse_rule(text: &str) -> Result<MatchRule, BusError> {
-    MatchRule::parse(text).map_err(|e| {
-        // A rule over the length limit is LimitsExceeded in dbus-daemon.
-        let name = match e {
-            MatchRuleError::TooLong(_) => ErrorName::LimitsExceeded,
-            _ => ErrorName::MatchRuleInvalid,
-        };
-        BusError::new(name, e.to_string())
-    })
+    Ok(MatchRule::parse(text)?)
 }
 
 fn count_eavesdrop(cx: &mut Ctx<'_>, rule: &MatchRule, added: bool) {
