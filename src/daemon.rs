@@ -156,7 +156,17 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     let guid = crate::wire::new_guid();
     let (sup, commands) = SupervisorState::new();
     let own_name = crate::wire::names::SUPERVISOR_NAME;
-    let bus = Arc::new(Bus::new(guid.clone(), cfg.limits, own_name, sup));
+    let machine_id = std::fs::read_to_string("/etc/machine-id")
+        .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| guid.clone());
+    let bus = Arc::new(Bus::new(
+        guid.clone(),
+        machine_id,
+        cfg.limits,
+        own_name,
+        sup,
+    ));
     let gate = Arc::new(Gate::new());
     let mut addresses = Vec::new();
     let mut listeners = Vec::new();

@@ -157,11 +157,13 @@ pub(crate) struct Bus<S> {
 
 impl<S: Activator> Bus<S> {
     /// `own_name` is the name the activator answers as the bus.
-    pub(crate) fn new(guid: String, limits: Limits, own_name: &'static str, sup: S) -> Self {
-        let machine_id = std::fs::read_to_string("/etc/machine-id")
-            .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| guid.clone());
+    pub(crate) fn new(
+        guid: String,
+        machine_id: String,
+        limits: Limits,
+        own_name: &'static str,
+        sup: S,
+    ) -> Self {
         Bus {
             state: Mutex::new(Shared {
                 core: BusState::new(limits, own_name),
@@ -276,6 +278,7 @@ mod tests {
 
     fn bus() -> Bus<Stub> {
         Bus::new(
+            "0123".into(),
             "0123".into(),
             Limits::default(),
             names::SUPERVISOR_NAME,
