@@ -491,7 +491,7 @@ fn pid_or_dash(pid: u32) -> String {
 }
 
 /// The order and the names of `status`'s lines.
-const PROPERTY_ORDER: &[&str] = crate::lifecycle::PROPERTY_NAMES;
+const PROPERTY_ORDER: &[&str] = crate::supervision::lifecycle::PROPERTY_NAMES;
 
 async fn status(c: &Client, a: &ServiceArgs, out: &mut Output) -> Result<()> {
     let path = c.service_path(&a.name).await?;

@@ -2,9 +2,9 @@
 //! supervises them. See docs/ARCHITECTURE.md for the map of modules.
 //!
 //! Two parts meet at one boundary: the message bus core (`bus`) and the
-//! service manager (`supervision`, with `activation` and `lifecycle`). The
-//! core sees the manager only through `bus::Activator`; `daemon` is the
-//! composition root that joins them.
+//! service manager (`supervision`, with the definitions of `activation`).
+//! The core sees the manager only through `bus::Activator`; `daemon` is the
+//! composition root that joins them; `wire` is the one door to zbus.
 
 pub(crate) mod activation;
 pub(crate) mod bus;
@@ -12,9 +12,7 @@ pub mod cli;
 pub mod client;
 pub(crate) mod config;
 pub mod daemon;
-pub(crate) mod lifecycle;
 pub mod logging;
-pub(crate) mod matching;
 pub mod supervision;
 pub(crate) mod transport;
 pub(crate) mod wire;

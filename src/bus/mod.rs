@@ -16,6 +16,7 @@
 //! replies) reach every queue in one consistent order.
 
 pub(crate) mod driver;
+pub(crate) mod matching;
 pub(crate) mod names;
 pub(crate) mod outbox;
 pub(crate) mod peer;

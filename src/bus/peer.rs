@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::outbox::{Cutter, Outbox};
-use crate::matching::MatchRule;
+use crate::bus::matching::MatchRule;
 
 /// A connection's number; its unique name is `:1.<id>`.
 pub type PeerId = u64;

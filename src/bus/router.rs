@@ -8,7 +8,7 @@ use super::outbox::PushError;
 use super::peer::{PeerId, parse_unique_name, unique_name};
 use super::pending::Waiter;
 use super::{Activator, Facts, Requester, Verdict, driver};
-use crate::matching::{MessageInfo, Owners, body_signature};
+use crate::bus::matching::{MessageInfo, Owners, body_signature};
 use crate::wire::{self, BusError, ErrorName, Flags, Message, Type, names};
 
 use super::BusState;

@@ -15,8 +15,8 @@ use super::peer::{Credentials, PeerEntry, PeerId, unique_name};
 use super::pending::Pending;
 use super::reply::ReplyRegistry;
 use super::{Activator, Answer, CallRef};
+use crate::bus::matching::{MatchIndex, MatchRule};
 use crate::config::Limits;
-use crate::matching::{MatchIndex, MatchRule};
 use crate::wire::{self, BusError, ErrorName, Message};
 
 /// Everything the bus core owns, behind the one lock.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::service::Service;
 use super::{Cmd, SupervisorState};
 use crate::bus::{Answer, BusState, CallRef, Facts};
-use crate::lifecycle::{self, properties, service_path, unescape_id};
+use crate::supervision::lifecycle::{self, properties, service_path, unescape_id};
 use crate::wire::names::{
     IFACE_INTROSPECT, IFACE_PEER, IFACE_PROPS, INTROSPECT_HEADER, SERVICE_IFACE,
     SERVICE_PATH_PREFIX, STANDARD_XML, SUPERVISOR_IFACE, SUPERVISOR_PATH,
@@ -104,7 +104,7 @@ pub(super) fn call(
     let path = hdr.path().map(|p| p.as_str()).unwrap_or("/");
     let iface = hdr.interface().map(|i| i.as_str());
     let member = hdr.member().map(|m| m.as_str()).unwrap_or("");
-    let sig = crate::matching::body_signature(msg);
+    let sig = crate::bus::matching::body_signature(msg);
     let service = path
         .strip_prefix(SERVICE_PATH_PREFIX)
         .and_then(unescape_id)

@@ -16,7 +16,7 @@ use super::spawner::SpawnRequest;
 use super::{Cmd, SupervisorState};
 use crate::activation::definition::{RestartPolicy, Source};
 use crate::bus::{BusState, CallRef, Facts};
-use crate::lifecycle::Event;
+use crate::supervision::lifecycle::Event;
 use crate::wire::{BusError, ErrorName};
 
 fn signal_all(pids: &std::collections::BTreeSet<i32>, sig: Signal) {
@@ -143,7 +143,7 @@ impl SupervisorState {
         if !self.services.contains_key(id) {
             return;
         }
-        crate::lifecycle::log_lines(core, id, pid, &lines);
+        crate::supervision::lifecycle::log_lines(core, id, pid, &lines);
         if let Some(svc) = self.services.get_mut(id) {
             for line in lines {
                 svc.push_log(line);

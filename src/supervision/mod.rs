@@ -8,6 +8,7 @@
 //! definitions and /proc off the lock.
 
 pub(crate) mod control;
+pub(crate) mod lifecycle;
 mod machine;
 pub mod procs;
 pub(crate) mod reaper;
@@ -24,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::activation::catalog::CatalogState;
 use crate::bus::{Activator, Answer, Bus, BusState, CallRef, Facts, PeerId, Requester};
-use crate::lifecycle::{Announcer, Event};
+use crate::supervision::lifecycle::{Announcer, Event};
 use crate::wire::{BusError, ErrorName};
 use reaper::ExitKind;
 use service::{Service, ServiceState};

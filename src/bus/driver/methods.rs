@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use tracing::{info, warn};
 
 use super::{Ctx, FEATURES, INTERFACES};
+use crate::bus::matching::MatchRule;
 use crate::bus::peer::{PeerEntry, PeerId, unique_name};
 use crate::bus::pending::Waiter;
 use crate::bus::{Answer, CallRef};
-use crate::matching::MatchRule;
 use crate::wire::names::{BUS_NAME, IFACE_DBUS};
 use crate::wire::{self, BusError, ErrorName, Fd, Message, Variant};
 

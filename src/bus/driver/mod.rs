@@ -195,7 +195,7 @@ fn find(msg: &Message) -> Result<&'static Method, BusError> {
     let member = hdr.member().map(|m| m.as_str()).unwrap_or("");
     let iface = hdr.interface().map(|i| i.as_str());
     let path = hdr.path().map(|p| p.as_str()).unwrap_or("/");
-    let signature = crate::matching::body_signature(msg);
+    let signature = crate::bus::matching::body_signature(msg);
     let Some(method) = METHODS
         .iter()
         .find(|r| r.member == member && iface.is_none_or(|want| want == r.iface))

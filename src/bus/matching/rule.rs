@@ -570,7 +570,7 @@ impl std::str::FromStr for MatchRule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matching::tests::{TestOwners, matches, rule, sig0, signal};
+    use crate::bus::matching::tests::{TestOwners, matches, rule, sig0, signal};
     use zbus::message::Message;
     use zbus::wire::ObjectPath;
 

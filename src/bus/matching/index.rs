@@ -439,7 +439,7 @@ impl<K: Copy + Eq + Hash> MatchIndex<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matching::tests::{TestOwners, rule, sig0};
+    use crate::bus::matching::tests::{TestOwners, rule, sig0};
     use zbus::message::Message;
 
     fn visited(idx: &MatchIndex<u32>, msg: &Message, owners: &TestOwners) -> Vec<u32> {
