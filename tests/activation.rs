@@ -1698,3 +1698,58 @@ fn busvisor_run_leaves_no_process_behind() {
         .collect();
     assert!(left.is_empty(), "left behind by busvisor run: {left:?}");
 }
+
+/// A message that arrives while a service is being stopped on request,
+/// after its name went but before its last process is gone, waits and
+/// starts a new instance once the stop completes (it used to wait forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_during_a_requested_stop_starts_a_new_instance() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let g = tmp.path().join("grandchild");
+    let b = ActBus::new(|dir| {
+        write_testsvc(
+            dir,
+            "t",
+            "org.busvisor.T",
+            &[
+                "--grandchild",
+                g.to_str().unwrap(),
+                "--grandchild-ignores-term",
+            ],
+            "stop_timeout = \"1500ms\"\n",
+        )
+    });
+    let conn = connect(b.addr()).await;
+    let pid1 = call_pid(&conn, "org.busvisor.T").await;
+    let mut guard = PidGuard { pids: vec![pid1] };
+    let grandchild: u32 = std::fs::read_to_string(&g).unwrap().trim().parse().unwrap();
+    guard.add(grandchild);
+    // Stop: the main process dies of SIGTERM (its name goes), the
+    // grandchild holds the stop until its SIGKILL.
+    let stopper = connect(b.addr()).await;
+    let stop = tokio::spawn(async move {
+        stopper
+            .call_method(
+                Some("org.busvisor.Supervisor1"),
+                "/org/busvisor/Supervisor1",
+                Some("org.busvisor.Supervisor1"),
+                "Stop",
+                &("t",),
+            )
+            .await
+            .map(|_| ())
+    });
+    let gone = wait_until(OP_TIMEOUT, || pid_gone(pid1));
+    assert!(gone, "the main process did not die of SIGTERM");
+    let has: bool = bus_ok(&conn, "NameHasOwner", &("org.busvisor.T",)).await;
+    assert!(!has, "the name should be gone with its owner");
+    assert!(!pid_gone(grandchild), "the stop should still be waiting");
+    let pid2 = call_pid(&conn, "org.busvisor.T").await;
+    guard.add(pid2);
+    assert_ne!(pid1, pid2, "a new instance answered");
+    assert!(pid_gone(grandchild), "the old tree was gone first");
+    within(stop).await.unwrap().expect("Stop answered");
+}

@@ -332,13 +332,16 @@ impl SupervisorState {
                 svc.settle(ServiceState::Inactive, "bus shutting down");
                 self.event(core, id, Event::Stopped);
             }
+            // Messages that arrived during the stop start a new instance.
             Some(StopReason::Requested) | None => {
                 svc.settle(ServiceState::Inactive, "stopped");
                 self.event(core, id, Event::Stopped);
+                self.start_if_waited_for(id, core);
             }
             Some(StopReason::Failed) => {
                 svc.failed_start_cleaned();
                 self.event(core, id, Event::Stopped);
+                self.start_if_waited_for(id, core);
             }
             Some(StopReason::Idle) => {
                 svc.settle(ServiceState::Inactive, "idle");

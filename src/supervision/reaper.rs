@@ -77,7 +77,11 @@ pub async fn run(tx: mpsc::UnboundedSender<(i32, ExitKind)>) {
                 return;
             }
         }
-        // A missed signal cannot strand a zombie for long: poll as well.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sigchld.recv()).await;
+        // tokio's signal stream coalesces but never loses a SIGCHLD that
+        // came after it was created, and each wake-up reaps everything:
+        // no polling when nothing exits.
+        if sigchld.recv().await.is_none() {
+            return;
+        }
     }
 }
