@@ -110,8 +110,8 @@ pub(crate) struct Facts {
 }
 
 impl Facts {
-    /// The bus's own uid or root: may monitor and change the activation
-    /// environment.
+    /// The bus's own uid or root: may connect, monitor and change the
+    /// activation environment.
     pub(crate) fn is_privileged(&self, uid: Option<u32>) -> bool {
         uid == Some(self.uid) || uid == Some(0)
     }

@@ -11,6 +11,7 @@
 pub mod sasl;
 pub mod socket;
 
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,13 +19,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::sockopt;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use zbus::connection::socket::ReadHalf;
 use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
-use crate::bus::{Activator, Bus, Credentials, Cutter, Outbox, PeerId, Verdict, unique_name};
+use crate::bus::{
+    Activator, Bus, Credentials, Cutter, Facts, Outbox, PeerId, Verdict, unique_name,
+};
 use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
 
@@ -152,6 +157,13 @@ impl Gate {
 /// Holds one incomplete-connection slot.
 struct Incomplete(Arc<Gate>);
 
+impl Incomplete {
+    fn hold(gate: Arc<Gate>) -> Self {
+        gate.incomplete.fetch_add(1, Ordering::Relaxed);
+        Incomplete(gate)
+    }
+}
+
 impl Drop for Incomplete {
     fn drop(&mut self) {
         self.0.incomplete.fetch_sub(1, Ordering::Relaxed);
@@ -191,166 +203,288 @@ pub(crate) async fn serve<S: Activator + Send + 'static>(
     }
 }
 
+/// Serve one accepted connection until it ends.
 async fn connection<S: Activator + Send + 'static>(
     bus: Arc<Bus<S>>,
     gate: Arc<Gate>,
-    stream: tokio::net::UnixStream,
+    stream: UnixStream,
 ) {
+    let Some((uid, creds)) = credentials(&bus.facts, &stream) else {
+        return;
+    };
+    // Until its Hello, a connection is incomplete (as in dbus-daemon): it
+    // counts against max_incomplete_connections and has auth_timeout to get
+    // there. The guard gives the slot back however this task ends.
+    let incomplete = Incomplete::hold(gate);
+    let deadline = Deadline::start(&bus.facts);
+    let Some(negotiated) = authenticate(&stream, &bus.facts.guid, uid, creds.pid, deadline).await
+    else {
+        return;
+    };
+    let mut link = Link::new(stream, negotiated.leftover);
+    let Some(hello) = await_hello(&mut link, creds.pid, deadline).await else {
+        return;
+    };
+    drop(incomplete);
+    let Some(peer) = register(&bus, &link, creds, negotiated.fds) else {
+        return;
+    };
+    read_loop(&bus, &mut link, &peer, hello).await;
+    teardown(&bus, peer, &link.cutter).await;
+}
+
+/// The auth timeout and when it runs out: authentication and Hello share it.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    timeout: Duration,
+}
+
+impl Deadline {
+    fn start(facts: &Facts) -> Self {
+        let timeout = Duration::from_millis(facts.limits.auth_timeout_ms.max(1));
+        Deadline {
+            at: Instant::now() + timeout,
+            timeout,
+        }
+    }
+}
+
+/// The peer's uid (for the handshake) and credentials; None (logged) if
+/// they cannot be read or the uid may not connect.
+fn credentials(facts: &Facts, stream: &UnixStream) -> Option<(u32, Credentials)> {
     // Credentials straight from the socket (SO_PEERCRED, SO_PEERPIDFD): a
     // foreign uid is refused before it costs a handshake.
-    let peer = match nix::sys::socket::getsockopt(&stream, sockopt::PeerCredentials) {
+    let peer = match nix::sys::socket::getsockopt(stream, sockopt::PeerCredentials) {
         Ok(c) => c,
-        Err(e) => return debug!("cannot read peer credentials: {e}"),
+        Err(e) => {
+            debug!("cannot read peer credentials: {e}");
+            return None;
+        }
     };
-    if peer.uid() != bus.facts.uid && peer.uid() != 0 {
-        return warn!(
+    if !facts.is_privileged(Some(peer.uid())) {
+        warn!(
             "refused a connection from uid {}: only uid {} may connect",
             peer.uid(),
-            bus.facts.uid
+            facts.uid
         );
+        return None;
     }
     let creds = Credentials {
         uid: Some(peer.uid()),
         gid: Some(peer.gid()),
         pid: u32::try_from(peer.pid()).ok().filter(|p| *p > 0),
     };
-    let pid = creds.pid;
-    // Until its Hello, a connection is incomplete (as in dbus-daemon): it
-    // counts against max_incomplete_connections and has auth_timeout to get
-    // there. The guard gives the slot back however this task ends.
-    gate.incomplete.fetch_add(1, Ordering::Relaxed);
-    let incomplete = Incomplete(gate.clone());
-    let timeout = Duration::from_millis(bus.facts.limits.auth_timeout_ms.max(1));
-    let deadline = tokio::time::Instant::now() + timeout;
-    let negotiated = match tokio::time::timeout_at(
-        deadline,
-        sasl::handshake(&stream, &bus.facts.guid, peer.uid()),
-    )
-    .await
-    {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => return debug!(?pid, "authentication failed: {e}"),
-        // Dropping the stream closes it.
+    Some((peer.uid(), creds))
+}
+
+/// SASL EXTERNAL by the deadline; None (logged) if it fails or is late.
+async fn authenticate(
+    stream: &UnixStream,
+    guid: &str,
+    uid: u32,
+    pid: Option<u32>,
+    deadline: Deadline,
+) -> Option<sasl::Negotiated> {
+    let Deadline { at, timeout } = deadline;
+    match tokio::time::timeout_at(at, sasl::handshake(stream, guid, uid)).await {
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(e)) => {
+            debug!(?pid, "authentication failed: {e}");
+            None
+        }
+        // The caller drops the stream, which closes it.
         Err(_) => {
-            return info!(
+            info!(
                 ?pid,
                 "dropped a connection that did not authenticate within {timeout:?}"
             );
+            None
         }
-    };
-    let stream = Arc::new(stream);
-    let cutter = Arc::new(Cutter::new(stream.clone()));
-    let mut reader = socket::Reader::new(stream.clone());
-    let mut leftover = negotiated.leftover;
-    let mut seq = 0u64;
-    let mut received_fds = Vec::new();
-    // The peer joins the bus, and gets its unique name, with its Hello.
-    // Before it, as in dbus-daemon, a method call gets AccessDenied and the
-    // connection stays unregistered (and incomplete, on the same deadline).
-    let first = loop {
-        let m = tokio::time::timeout_at(
-            deadline,
-            reader.receive_message(seq, &mut leftover, &mut received_fds),
-        )
-        .await;
-        let m = match m {
+    }
+}
+
+/// An authenticated socket and what its reader carries from one message to
+/// the next.
+struct Link {
+    stream: Arc<UnixStream>,
+    cutter: Arc<Cutter>,
+    reader: socket::Reader,
+    /// Bytes read past the last message; at first, those after BEGIN.
+    leftover: Vec<u8>,
+    received_fds: Vec<OwnedFd>,
+    /// Sequence number of the next message.
+    seq: u64,
+}
+
+impl Link {
+    fn new(stream: UnixStream, leftover: Vec<u8>) -> Self {
+        let stream = Arc::new(stream);
+        Link {
+            cutter: Arc::new(Cutter::new(stream.clone())),
+            reader: socket::Reader::new(stream.clone()),
+            stream,
+            leftover,
+            received_fds: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    async fn receive(&mut self) -> zbus::Result<Message> {
+        let seq = self.seq;
+        self.seq += 1;
+        self.reader
+            .receive_message(seq, &mut self.leftover, &mut self.received_fds)
+            .await
+    }
+}
+
+/// Read up to the peer's Hello, by the deadline. Before it, as in
+/// dbus-daemon, a method call gets AccessDenied and the connection stays
+/// unregistered (and incomplete). None (logged) if it ends first.
+async fn await_hello(link: &mut Link, pid: Option<u32>, deadline: Deadline) -> Option<Message> {
+    let Deadline { at, timeout } = deadline;
+    loop {
+        let m = match tokio::time::timeout_at(at, link.receive()).await {
             Ok(Ok(m)) => m,
-            Ok(Err(e)) => return debug!(?pid, "read error before Hello: {e}"),
+            Ok(Err(e)) => {
+                debug!(?pid, "read error before Hello: {e}");
+                return None;
+            }
             Err(_) => {
-                cutter.cut();
-                return info!(
+                link.cutter.cut();
+                info!(
                     ?pid,
                     "dropped a connection that sent no Hello within {timeout:?}"
                 );
+                return None;
             }
         };
         if crate::bus::driver::is_hello(&m) {
-            break m;
+            return Some(m);
         }
-        seq += 1;
-        let denied = BusError::new(
-            ErrorName::AccessDenied,
-            "Client tried to send a message other than Hello without being registered",
-        );
-        if wire::wants_reply(&m)
-            && let Some(e) = wire::error(&m, &denied)
-        {
-            let sent = tokio::time::timeout_at(deadline, socket::write_all(&stream, &[e])).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                return debug!(?pid, "cannot answer a message sent before Hello");
-            }
+        if !deny_before_hello(link, &m, pid, deadline).await {
+            return None;
         }
-    };
-    drop(incomplete);
+    }
+}
+
+/// Answer a message sent before Hello with AccessDenied if it wants a
+/// reply; false (logged) if the answer cannot be written by the deadline.
+async fn deny_before_hello(link: &Link, m: &Message, pid: Option<u32>, deadline: Deadline) -> bool {
+    let denied = BusError::new(
+        ErrorName::AccessDenied,
+        "Client tried to send a message other than Hello without being registered",
+    );
+    if wire::wants_reply(m)
+        && let Some(e) = wire::error(m, &denied)
+    {
+        let sent =
+            tokio::time::timeout_at(deadline.at, socket::write_all(&link.stream, &[e])).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            debug!(?pid, "cannot answer a message sent before Hello");
+            return false;
+        }
+    }
+    true
+}
+
+/// A peer on the bus: its id, its unique name and the task writing to it.
+struct Registered {
+    id: PeerId,
+    name: OwnedUniqueName,
+    writer: JoinHandle<()>,
+}
+
+/// Join the bus with the Hello: the peer gets its unique name and an
+/// outbox, which a writer task drains. None (logged) if the name is bad.
+fn register<S: Activator>(
+    bus: &Bus<S>,
+    link: &Link,
+    creds: Credentials,
+    fds: bool,
+) -> Option<Registered> {
     let outbox = Arc::new(Outbox::new(
         bus.facts.limits.max_outgoing_bytes as usize,
         bus.facts.limits.max_outgoing_unix_fds as usize,
-        negotiated.fds,
+        fds,
     ));
-    let id = bus.add_peer(outbox.clone(), cutter.clone(), creds);
-    let me = match OwnedUniqueName::try_from(unique_name(id)) {
+    let id = bus.add_peer(outbox.clone(), link.cutter.clone(), creds);
+    let name = match OwnedUniqueName::try_from(unique_name(id)) {
         Ok(n) => n,
         Err(e) => {
             bus.remove_peer(id);
-            return warn!("bad unique name: {e}");
+            warn!("bad unique name: {e}");
+            return None;
         }
     };
-    info!(peer = %me, ?pid, "connected");
-    let writer = tokio::spawn(write_loop(id, stream.clone(), outbox, cutter.clone()));
+    info!(peer = %name, pid = ?creds.pid, "connected");
+    let writer = tokio::spawn(write_loop(
+        id,
+        link.stream.clone(),
+        outbox,
+        link.cutter.clone(),
+    ));
+    Some(Registered { id, name, writer })
+}
 
-    let mut next = Some(first);
+/// Hand the peer's messages to the bus, its Hello first, until the peer
+/// closes, breaks the protocol or is disconnected.
+async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registered, hello: Message) {
+    let me = &peer.name;
+    let mut msg = hello;
     loop {
-        let msg = match next.take() {
-            Some(m) => m,
-            None => {
-                seq += 1;
-                match reader
-                    .receive_message(seq, &mut leftover, &mut received_fds)
-                    .await
-                {
-                    Ok(m) => m,
-                    Err(e) => {
-                        if !reader.at_message_boundary() {
-                            debug!(peer = %me, "read error: {e}");
-                        }
-                        break;
-                    }
-                }
-            }
+        let Some(stamped) = admit(msg, me) else {
+            return;
         };
-        // A body that does not match its signature is a protocol error.
-        if let Err(e) = msg.body().validate() {
-            info!(peer = %me, "invalid message body: {e}");
-            break;
-        }
-        // Stamp the sender: peers may not speak for anyone else.
-        let msg = if msg.header().sender().is_some_and(|s| *s == *me) {
-            msg
-        } else {
-            match msg.with_sender(&me) {
-                Ok(m) => m,
-                Err(e) => {
-                    info!(peer = %me, "cannot stamp message: {e}");
-                    break;
-                }
-            }
-        };
-        match bus.handle(id, msg) {
+        match bus.handle(peer.id, stamped) {
             Verdict::Continue => {}
-            Verdict::Disconnect(why) => {
-                info!(peer = %me, "disconnecting: {why}");
-                break;
-            }
+            Verdict::Disconnect(why) => return info!(peer = %me, "disconnecting: {why}"),
             // Backpressure: read no more from this peer until a recipient that
             // is reading, only slower, has caught up (bounded: a recipient
             // that stops moving stops being waited for).
             Verdict::Wait(outbox) => outbox.wait_drained().await,
         }
+        msg = match link.receive().await {
+            Ok(m) => m,
+            Err(e) => {
+                // At a message boundary, the peer just closed.
+                if !link.reader.at_message_boundary() {
+                    debug!(peer = %me, "read error: {e}");
+                }
+                return;
+            }
+        };
     }
-    bus.remove_peer(id);
-    // Let the writer flush what is queued, but never wait on a stuck peer.
-    // The socket closes when the last handle to it goes, with this task.
-    if tokio::time::timeout(Duration::from_millis(200), writer)
+}
+
+/// The message as the bus may route it: its body valid and its sender
+/// stamped. None (logged) on a protocol error.
+fn admit(msg: Message, me: &OwnedUniqueName) -> Option<Message> {
+    // A body that does not match its signature is a protocol error.
+    if let Err(e) = msg.body().validate() {
+        info!(peer = %me, "invalid message body: {e}");
+        return None;
+    }
+    // Stamp the sender: peers may not speak for anyone else.
+    if msg.header().sender().is_some_and(|s| *s == **me) {
+        return Some(msg);
+    }
+    match msg.with_sender(me) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            info!(peer = %me, "cannot stamp message: {e}");
+            None
+        }
+    }
+}
+
+/// Leave the bus. Let the writer flush what is queued, but never wait on a
+/// stuck peer. The socket closes when the last handle to it goes, with the
+/// connection task.
+async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter) {
+    bus.remove_peer(peer.id);
+    if tokio::time::timeout(Duration::from_millis(200), peer.writer)
         .await
         .is_err()
     {
@@ -358,12 +492,7 @@ async fn connection<S: Activator + Send + 'static>(
     }
 }
 
-async fn write_loop(
-    id: PeerId,
-    stream: Arc<tokio::net::UnixStream>,
-    outbox: Arc<Outbox>,
-    cutter: Arc<Cutter>,
-) {
+async fn write_loop(id: PeerId, stream: Arc<UnixStream>, outbox: Arc<Outbox>, cutter: Arc<Cutter>) {
     let mut batch: Vec<Message> = Vec::new();
     while outbox.next_batch(&mut batch).await {
         // Messages with fds never reach the outbox of a peer that cannot take them.
