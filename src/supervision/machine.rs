@@ -378,7 +378,11 @@ impl SupervisorState {
         let decision = svc.decide_restart(failure);
         svc.apply_restart(decision);
         match decision.next {
-            Next::Inactive | Next::Failed => self.start_if_waited_for(id, core),
+            Next::Inactive => self.start_if_waited_for(id, core),
+            Next::Failed => {
+                self.event(core, id, Event::Failed("exited"));
+                self.start_if_waited_for(id, core);
+            }
             Next::StartLimited => {
                 let mut text = format!(
                     "Service {id} was restarted too often ({} starts within {:?}); it stays failed until started explicitly",

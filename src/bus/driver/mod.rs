@@ -70,6 +70,15 @@ const fn m(
     }
 }
 
+/// A method of the org.freedesktop.DBus interface itself.
+const fn dbus(
+    member: &'static str,
+    sig: &'static str,
+    handler: fn(&mut Ctx<'_>, &Message) -> Answer,
+) -> Method {
+    m(IFACE_DBUS, member, sig, handler)
+}
+
 const fn canonical(mut method: Method) -> Method {
     method.canonical_path = true;
     method
@@ -83,55 +92,29 @@ const fn replies_itself(mut method: Method) -> Method {
 use methods as h;
 
 const METHODS: &[Method] = &[
-    replies_itself(m(IFACE_DBUS, "Hello", "", h::hello)),
-    m(IFACE_DBUS, "RequestName", "su", h::request_name),
-    m(IFACE_DBUS, "ReleaseName", "s", h::release_name),
-    m(
-        IFACE_DBUS,
-        "StartServiceByName",
-        "su",
-        h::start_service_by_name,
-    ),
-    canonical(m(
-        IFACE_DBUS,
-        "UpdateActivationEnvironment",
-        "a{ss}",
-        h::update_env,
-    )),
-    m(IFACE_DBUS, "NameHasOwner", "s", h::name_has_owner),
-    m(IFACE_DBUS, "ListNames", "", h::list_names),
-    m(
-        IFACE_DBUS,
-        "ListActivatableNames",
-        "",
-        h::list_activatable_names,
-    ),
-    m(IFACE_DBUS, "AddMatch", "s", h::add_match),
-    m(IFACE_DBUS, "RemoveMatch", "s", h::remove_match),
-    m(IFACE_DBUS, "GetNameOwner", "s", h::get_name_owner),
-    m(IFACE_DBUS, "ListQueuedOwners", "s", h::list_queued_owners),
-    m(IFACE_DBUS, "GetConnectionUnixUser", "s", h::unix_user),
-    m(
-        IFACE_DBUS,
-        "GetConnectionUnixProcessID",
-        "s",
-        h::unix_process_id,
-    ),
-    m(
-        IFACE_DBUS,
-        "GetAdtAuditSessionData",
-        "s",
-        h::audit_session_data,
-    ),
-    m(
-        IFACE_DBUS,
+    replies_itself(dbus("Hello", "", h::hello)),
+    dbus("RequestName", "su", h::request_name),
+    dbus("ReleaseName", "s", h::release_name),
+    dbus("StartServiceByName", "su", h::start_service_by_name),
+    canonical(dbus("UpdateActivationEnvironment", "a{ss}", h::update_env)),
+    dbus("NameHasOwner", "s", h::name_has_owner),
+    dbus("ListNames", "", h::list_names),
+    dbus("ListActivatableNames", "", h::list_activatable_names),
+    dbus("AddMatch", "s", h::add_match),
+    dbus("RemoveMatch", "s", h::remove_match),
+    dbus("GetNameOwner", "s", h::get_name_owner),
+    dbus("ListQueuedOwners", "s", h::list_queued_owners),
+    dbus("GetConnectionUnixUser", "s", h::unix_user),
+    dbus("GetConnectionUnixProcessID", "s", h::unix_process_id),
+    dbus("GetAdtAuditSessionData", "s", h::audit_session_data),
+    dbus(
         "GetConnectionSELinuxSecurityContext",
         "s",
         h::selinux_context,
     ),
-    m(IFACE_DBUS, "GetConnectionCredentials", "s", h::credentials),
-    m(IFACE_DBUS, "ReloadConfig", "", h::reload_config),
-    m(IFACE_DBUS, "GetId", "", h::get_id),
+    dbus("GetConnectionCredentials", "s", h::credentials),
+    dbus("ReloadConfig", "", h::reload_config),
+    dbus("GetId", "", h::get_id),
     replies_itself(canonical(m(
         IFACE_MONITORING,
         "BecomeMonitor",
