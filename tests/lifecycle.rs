@@ -294,3 +294,67 @@ async fn snapshot_then_events_lose_nothing_under_churn() {
     }
     bus.assert_alive();
 }
+
+/// A run that ends in failure with `restart = "no"` is announced: Exited
+/// (a failure), Stopped, then Failed with reason `exited`, and the state
+/// property reads `failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_without_restart_is_announced_as_failed() {
+    if is_reference() {
+        return; // busvisor-only: lifecycle events are busvisor's own API
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let script = format!("{}/tests/fixtures/testsvc.py", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(
+        tmp.path().join("once.toml"),
+        format!(
+            "name = \"org.busvisor.Once\"\nexec = [\"python3\", \"{script}\", \"org.busvisor.Once\"]\nrestart = \"no\"\n"
+        ),
+    )
+    .unwrap();
+    let mut bus = start_bus_with_args(None, &["--services-dir", tmp.path().to_str().unwrap()]);
+    let watcher = connect(&bus.address).await;
+    let mut s = stream(&watcher);
+    add_match(&watcher, "type='signal',sender='org.busvisor.Supervisor1'").await;
+    let client = connect(&bus.address).await;
+    let mut pids = PidGuard::default();
+    pids.add(call_pid(&client, "org.busvisor.Once").await);
+    let _ = within(client.call_method(
+        Some("org.busvisor.Once"),
+        TEST_PATH,
+        Some(TEST_IFACE),
+        "Exit",
+        &(3i32,),
+    ))
+    .await;
+    let (mut events, mut states) = (Vec::new(), Vec::new());
+    collect_until(&mut s, &mut events, &mut states, |e| e.member == "Failed").await;
+    let members: Vec<&str> = events.iter().map(|e| e.member.as_str()).collect();
+    assert_eq!(
+        members,
+        [
+            "ActivationRequested",
+            "Started",
+            "Ready",
+            "Exited",
+            "Stopped",
+            "Failed"
+        ],
+        "{events:?}"
+    );
+    let state: String = {
+        let m = within(client.call_method(
+            Some(SUP),
+            "/org/busvisor/Supervisor1/service/once",
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &("org.busvisor.Service1", "State"),
+        ))
+        .await
+        .expect("Get State");
+        let v: OwnedVariant = m.body().deserialize().unwrap();
+        String::try_from(v).unwrap()
+    };
+    assert_eq!(state, "failed");
+    bus.assert_alive();
+}

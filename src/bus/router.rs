@@ -141,9 +141,10 @@ impl BusState {
     }
 
     fn push(&mut self, to: PeerId, msg: Message) -> Result<(), PushError> {
-        let Some(p) = self.peers.get(&to) else {
+        let Some(p) = self.peers.get_mut(&to) else {
             return Err(PushError::Closed);
         };
+        p.touch();
         let pressured = p.outbox.push_counted(msg)?;
         if pressured && self.pressure.is_none() {
             self.pressure = Some(p.outbox.clone());
@@ -308,9 +309,6 @@ impl BusState {
             self.reply_error(msg, BusError::new(ErrorName::LimitsExceeded, text));
             return;
         }
-        if let Some(p) = self.peers.get_mut(&to) {
-            p.touch();
-        }
         match self.push(to, msg.clone()) {
             Ok(()) => {
                 if tracked {
@@ -345,9 +343,6 @@ impl BusState {
         };
         if !self.replies.take(to, serial.get(), from) {
             return debug!(from = %unique_name(from), "unrequested reply dropped");
-        }
-        if let Some(p) = self.peers.get_mut(&to) {
-            p.touch();
         }
         match self.push(to, msg.clone()) {
             Err(PushError::Full) => self.cut_for_unread_reply(to),
