@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use super::definition::{Catalog, ServiceDirSpec};
-use crate::bus::CallRef;
+use crate::bus::{CallRef, Requester};
 
 /// Where definitions come from: busvisor's TOML directories, then the
 /// `[D-BUS Service]` directories of the configuration.
@@ -75,6 +75,10 @@ pub(crate) struct CatalogState {
     /// When the catalog was last read.
     pub(crate) scanned_at: SystemTime,
     pub(crate) reload: Reload,
+    /// Names asked for that no loaded definition provides, waiting for a
+    /// look at the directories, and whether that look is under way.
+    pub(crate) misses: Vec<(String, Requester)>,
+    pub(crate) resolving: bool,
 }
 
 impl Default for CatalogState {
@@ -84,11 +88,22 @@ impl Default for CatalogState {
             dirs: Dirs::default(),
             scanned_at: SystemTime::UNIX_EPOCH,
             reload: Reload::default(),
+            misses: Vec::new(),
+            resolving: false,
         }
     }
 }
 
 impl CatalogState {
+    /// Note a lookup miss; true when no look at the directories is under
+    /// way yet and the caller must start one.
+    pub(crate) fn miss(&mut self, name: &str, requester: Requester) -> bool {
+        if !self.misses.iter().any(|(n, _)| n == name) {
+            self.misses.push((name.to_owned(), requester));
+        }
+        !std::mem::replace(&mut self.resolving, true)
+    }
+
     /// Install what a scan read.
     pub(crate) fn install(&mut self, catalog: Catalog) {
         self.catalog = catalog;
@@ -126,6 +141,17 @@ mod tests {
         assert_eq!(r.begin().len(), 2);
         assert!(!r.again(), "nothing asked during the second scan");
         assert!(r.request(None), "idle again: a new request starts a scan");
+    }
+
+    #[test]
+    fn misses_coalesce() {
+        let mut c = CatalogState::default();
+        let who = Requester::default();
+        assert!(c.miss("a.b", who.clone()), "the first miss starts a look");
+        assert!(!c.miss("a.b", who.clone()));
+        assert!(!c.miss("c.d", who));
+        let names: Vec<&str> = c.misses.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a.b", "c.d"], "one entry per name");
     }
 
     #[test]

@@ -39,11 +39,9 @@ impl SupervisorState {
             Cmd::Stop(id, call) => self.stop_request(&id, call, core, scan),
             Cmd::Start(id, call) => self.start_request(&id, call, core),
             Cmd::Restart(id, call) => self.restart_request(&id, call, core, scan),
-            Cmd::Spawn(_)
-            | Cmd::Resolve(..)
-            | Cmd::Reload
-            | Cmd::Shutdown(_)
-            | Cmd::RunCommand(..) => unreachable!("handled by the task"),
+            Cmd::Spawn(_) | Cmd::Resolve | Cmd::Reload | Cmd::Shutdown(_) | Cmd::RunCommand(..) => {
+                unreachable!("handled by the task")
+            }
         }
     }
 

@@ -48,9 +48,9 @@ pub(crate) enum Cmd {
     Recheck(String, u64),
     /// Whether a running service has been idle for its idle timeout.
     IdleCheck(String, u64),
-    /// Messages wait for a name no loaded definition provides: read the
-    /// directories again if they changed, then start it or fail them.
-    Resolve(String, Requester),
+    /// Messages wait for names no loaded definition provides (see
+    /// `catalog::CatalogState::misses`).
+    Resolve,
     /// Re-read the definitions (see `catalog::Reload`).
     Reload,
     /// Stop every service, then answer.
@@ -280,7 +280,9 @@ impl Activator for SupervisorState {
         let Some(def) = self.catalog.catalog.lookup(name).cloned() else {
             // As dbus-daemon, a miss reads the directories again (when they
             // changed), so a new file works without a reload: off the lock.
-            self.cmd.send(Cmd::Resolve(name.to_owned(), requester));
+            if self.catalog.miss(name, requester) {
+                self.cmd.send(Cmd::Resolve);
+            }
             return Ok(());
         };
         let id = def.id.clone();

@@ -96,7 +96,7 @@ impl Task {
         }
         match cmd {
             Cmd::Spawn(id) => self.spawn(&id).await,
-            Cmd::Resolve(name, requester) => self.resolve(name, requester).await,
+            Cmd::Resolve => self.resolve().await,
             Cmd::Reload => self.reload().await,
             Cmd::RunCommand(req, reply) => {
                 let r = self.spawner.spawn(req).await.map(|s| {
@@ -149,7 +149,7 @@ impl Task {
             | Cmd::RestartDue(..)
             | Cmd::Start(..)
             | Cmd::RunCommand(..)
-            | Cmd::Resolve(..)
+            | Cmd::Resolve
             | Cmd::Reload => false,
             Cmd::NameLost(_)
             | Cmd::StartTimeout(..)
@@ -199,40 +199,35 @@ impl Task {
         }
     }
 
-    /// A message waits for a name no loaded definition provides: read the
+    /// Messages wait for names no loaded definition provides: read the
     /// directories again if they changed since the last scan, then start
-    /// what provides it or fail what waits.
-    async fn resolve(&mut self, name: String, requester: Requester) {
-        let (dirs, since) = {
-            let g = self.bus.lock();
-            (g.sup.catalog.dirs.clone(), g.sup.catalog.scanned_at)
-        };
-        let scanned = tokio::task::spawn_blocking(move || {
-            catalog::dirs_changed(&dirs, since).then(|| catalog::scan(&dirs))
-        })
-        .await
-        .ok()
-        .flatten();
-        let mut g = self.bus.lock();
-        let Shared { core, sup } = &mut *g;
-        if let Some(scanned) = scanned {
-            sup.install(scanned, core);
-        }
-        let names = [name];
-        if !core.has_pending(&names) {
-            return;
-        }
-        let [name] = names;
-        let outcome = if sup.catalog.catalog.lookup(&name).is_some() {
-            crate::bus::Activator::start(sup, &name, requester, core)
-        } else {
-            Err(BusError::new(
-                ErrorName::ServiceUnknown,
-                format!("The name {name} was not provided by any .service files"),
-            ))
-        };
-        if let Err(e) = outcome {
-            core.fail_pending(&[name], &e);
+    /// what provides each name or fail what waits for it. Misses that come
+    /// in meanwhile share the next round (a burst costs a scan or two).
+    async fn resolve(&mut self) {
+        loop {
+            let (dirs, since, misses) = {
+                let mut g = self.bus.lock();
+                let misses = std::mem::take(&mut g.sup.catalog.misses);
+                if misses.is_empty() {
+                    g.sup.catalog.resolving = false;
+                    return;
+                }
+                (g.sup.catalog.dirs.clone(), g.sup.catalog.scanned_at, misses)
+            };
+            let scanned = tokio::task::spawn_blocking(move || {
+                catalog::dirs_changed(&dirs, since).then(|| catalog::scan(&dirs))
+            })
+            .await
+            .ok()
+            .flatten();
+            let mut g = self.bus.lock();
+            let Shared { core, sup } = &mut *g;
+            if let Some(scanned) = scanned {
+                sup.install(scanned, core);
+            }
+            for (name, requester) in misses {
+                sup.resolved(name, requester, core);
+            }
         }
     }
 
@@ -307,6 +302,26 @@ impl SupervisorState {
         }
         self.catalog.install(catalog);
         self.events.flush(&self.services, core);
+    }
+
+    /// After a rescan: start what provides `name`, or fail its waiters.
+    fn resolved(&mut self, name: String, requester: Requester, core: &mut BusState) {
+        let names = [name];
+        if !core.has_pending(&names) {
+            return; // answered meanwhile (taken, or failed)
+        }
+        let [name] = names;
+        let outcome = if self.catalog.catalog.lookup(&name).is_some() {
+            crate::bus::Activator::start(self, &name, requester, core)
+        } else {
+            Err(BusError::new(
+                ErrorName::ServiceUnknown,
+                format!("The name {name} was not provided by any .service files"),
+            ))
+        };
+        if let Err(e) = outcome {
+            core.fail_pending(&[name], &e);
+        }
     }
 
     /// Where definitions come from, and what they held at start-up.
