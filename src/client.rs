@@ -24,8 +24,13 @@ pub const SUPERVISOR_PATH: &str = names::SUPERVISOR_PATH;
 /// The interface of each service's object.
 pub const SERVICE_IFACE: &str = names::SERVICE_IFACE;
 /// The match rule for every lifecycle signal (and `LogLine`).
-pub const EVENTS_MATCH: &str =
-    "type='signal',sender='org.busvisor.Supervisor1',interface='org.busvisor.Supervisor1'";
+fn events_match() -> String {
+    format!(
+        "type='signal',sender='{}',interface='{}'",
+        names::SUPERVISOR_NAME,
+        names::SUPERVISOR_IFACE
+    )
+}
 
 const DBUS: &str = names::BUS_NAME;
 const DBUS_PATH: &str = names::BUS_PATH;
@@ -678,7 +683,8 @@ async fn logs(c: &Client, a: &LogsArgs, out: &mut Output) -> Result<()> {
         // fetch the backlog: no line is lost between the two.
         id = c.service_entry(&a.name).await?.id;
         let rule = format!(
-            "{EVENTS_MATCH},member='LogLine',arg0='{}'",
+            "{},member='LogLine',arg0='{}'",
+            events_match(),
             match_escape(&id)
         );
         follow = Some(c.subscribe(&rule).await?);
@@ -732,7 +738,7 @@ fn match_escape(s: &str) -> String {
 
 async fn events(c: &Client, a: &EventsArgs, out: &mut Output) -> Result<()> {
     // Subscribe before anything else: every event from here on is printed.
-    let mut rx = c.subscribe(EVENTS_MATCH).await?;
+    let mut rx = c.subscribe(&events_match()).await?;
     let only = match &a.service {
         Some(name) => Some(c.service_entry(name).await?.id),
         None => None,

@@ -828,7 +828,7 @@ async fn a_slow_start_is_waited_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_dying_before_its_name_fails_the_waiters_at_once() {
     if is_reference() {
-        return; // busvisor-only: its services come from busvisor\'s --services-dir
+        return; // busvisor-only: its services come from busvisor's --services-dir
     }
     let b = ActBus::new(|_| {});
     let when = b.file("daemon-exit-time");
@@ -971,7 +971,7 @@ async fn restart_always_brings_a_cleanly_exited_service_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_restarts_are_retried_with_a_doubling_delay() {
     if is_reference() {
-        return; // busvisor-only: its services come from busvisor\'s --services-dir
+        return; // busvisor-only: its services come from busvisor's --services-dir
     }
     let b = ActBus::new(|_| {});
     let state = b.bus.dir.path().to_path_buf();
@@ -1476,7 +1476,7 @@ async fn reload_config_picks_up_a_new_file_and_broadcasts_the_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_file_is_found_without_reload_on_a_lookup_miss() {
     if is_reference() {
-        return; // busvisor-only: its services come from busvisor\'s --services-dir
+        return; // busvisor-only: its services come from busvisor's --services-dir
     }
     let b = ActBus::new(|_| {});
     let conn = connect(b.addr()).await;

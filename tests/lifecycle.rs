@@ -358,3 +358,66 @@ async fn a_failed_run_without_restart_is_announced_as_failed() {
     assert_eq!(state, "failed");
     bus.assert_alive();
 }
+
+/// The backoff as announced by Restarting's delay: it doubles per
+/// consecutive failure, and a run longer than the start-limit interval (and
+/// the delay cap) starts it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stable_run_resets_the_restart_backoff() {
+    use futures_util::StreamExt;
+    if is_reference() {
+        return; // busvisor-only: lifecycle events are busvisor's own API
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let script = format!("{}/tests/fixtures/testsvc.py", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(
+        tmp.path().join("b.toml"),
+        format!(
+            "name = \"org.busvisor.B\"\nexec = [\"python3\", \"{script}\", \"org.busvisor.B\"]\n\
+             restart = \"on-failure\"\nrestart_delay = \"100ms\"\nrestart_delay_max = \"400ms\"\n\
+             start_limit = {{ burst = 10, interval = \"1s\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut bus = start_bus_with_args(None, &["--services-dir", tmp.path().to_str().unwrap()]);
+    let watcher = connect(&bus.address).await;
+    let mut s = stream(&watcher);
+    add_match(
+        &watcher,
+        "type='signal',sender='org.busvisor.Supervisor1',member='Restarting'",
+    )
+    .await;
+    let client = connect(&bus.address).await;
+    let mut pids = PidGuard::default();
+    let mut delays = Vec::new();
+    for pause in [0u64, 0, 1500] {
+        pids.add(call_pid(&client, "org.busvisor.B").await);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let crash = within(client.call_method(
+            Some("org.busvisor.B"),
+            TEST_PATH,
+            Some(TEST_IFACE),
+            "Exit",
+            &(1i32,),
+        ))
+        .await;
+        assert!(crash.is_err(), "Exit does not reply");
+        let m = within(async {
+            loop {
+                let m = s.next().await.expect("signal stream").expect("message");
+                if m.header().member().map(|x| x.as_str()) == Some("Restarting") {
+                    return m;
+                }
+            }
+        })
+        .await;
+        let (_, _, _, delay_ms): (u64, String, u32, u64) = m.body().deserialize().unwrap();
+        delays.push(delay_ms);
+    }
+    assert_eq!(
+        delays,
+        [100, 200, 100],
+        "the third run lasted 1.5 s: backoff starts over"
+    );
+    bus.assert_alive();
+}

@@ -133,14 +133,21 @@ pub(super) fn start_service_by_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     Ok(None)
 }
 
-pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+/// Only the bus's own user or root may do this; AccessDenied otherwise.
+fn privileged(cx: &Ctx<'_>, refusal: &str) -> Result<(), BusError> {
     let uid = cx.core.peers.get(&cx.from).and_then(|p| p.creds.uid);
-    if !cx.facts.is_privileged(uid) {
-        return err(
-            ErrorName::AccessDenied,
-            "Cannot change activation environment on a system bus or as another user",
-        );
+    if cx.facts.is_privileged(uid) {
+        Ok(())
+    } else {
+        Err(BusError::new(ErrorName::AccessDenied, refusal))
     }
+}
+
+pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    privileged(
+        cx,
+        "Cannot change activation environment on a system bus or as another user",
+    )?;
     let body = msg.body();
     let env: HashMap<String, String> = wire::args(&body)?;
     cx.sup.set_activation_env(env);
@@ -398,13 +405,7 @@ pub(super) fn get_id(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 }
 
 pub(super) fn become_monitor(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
-    let uid = cx.core.peers.get(&cx.from).and_then(|p| p.creds.uid);
-    if !cx.facts.is_privileged(uid) {
-        return err(
-            ErrorName::AccessDenied,
-            "Only the bus owner or root may become a monitor",
-        );
-    }
+    privileged(cx, "Only the bus owner or root may become a monitor")?;
     let body = msg.body();
     let (texts, _flags): (Vec<&str>, u32) = wire::args(&body)?;
     let rules = texts
