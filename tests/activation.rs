@@ -1753,3 +1753,52 @@ async fn a_call_during_a_requested_stop_starts_a_new_instance() {
     assert!(pid_gone(grandchild), "the old tree was gone first");
     within(stop).await.unwrap().expect("Stop answered");
 }
+
+/// Stop while an explicit Start waits for the service to come up: the Start
+/// gets StartFailed at once instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_answers_a_pending_start() {
+    if is_reference() {
+        return; // busvisor-only: its services come from busvisor's --services-dir
+    }
+    let rec_dir = tempfile::tempdir().unwrap();
+    let rec = rec_dir.path().join("starts");
+    let b = ActBus::new(|dir| {
+        write_testsvc(
+            dir,
+            "slow",
+            "org.busvisor.Slow",
+            &["--delay", "5", "--record", rec.to_str().unwrap()],
+            "",
+        )
+    });
+    let sup = |conn: zbus::Connection, member: &'static str| async move {
+        conn.call_method(
+            Some("org.busvisor.Supervisor1"),
+            "/org/busvisor/Supervisor1",
+            Some("org.busvisor.Supervisor1"),
+            member,
+            &("slow",),
+        )
+        .await
+        .map(|_| ())
+    };
+    let start = tokio::spawn(sup(connect(b.addr()).await, "Start"));
+    assert!(
+        wait_until(OP_TIMEOUT, || !read_pids(&rec).is_empty()),
+        "the service was not spawned"
+    );
+    let _guard = PidGuard {
+        pids: read_pids(&rec),
+    };
+    within(sup(connect(b.addr()).await, "Stop"))
+        .await
+        .expect("Stop");
+    let started = within(start).await.unwrap();
+    let e = started.expect_err("the Start must fail");
+    let zbus::Error::MethodError(name, _, _) = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(name.as_str(), "org.busvisor.Supervisor1.Error.StartFailed");
+    assert!(err_text(&e).contains("stopped"), "{e}");
+}

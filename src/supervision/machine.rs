@@ -464,6 +464,11 @@ impl SupervisorState {
         };
         let names = svc.def.names.clone();
         let stopped = BusError::failed(format!("Service {id} was stopped"));
+        // A Start still waiting for this service will not see it run.
+        for c in std::mem::take(&mut svc.waiting_start) {
+            let e = BusError::new(ErrorName::StartFailed, stopped.text.clone());
+            core.complete(&c, Err(e));
+        }
         match svc.state() {
             ServiceState::Inactive | ServiceState::Failed => core.complete(&call, Ok(())),
             ServiceState::Restarting => {
