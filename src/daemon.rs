@@ -194,6 +194,9 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     let address = addresses.join(";");
     let _ = bus.facts.address.set(address.clone());
     let supervisor = crate::supervision::start(bus.clone(), commands)?;
+    if cfg.limits.reply_timeout_ms != config::REPLY_TIMEOUT_NEVER {
+        listeners.push(tokio::spawn(bus.clone().expire_replies()));
+    }
     let dirs = Dirs {
         toml: opts.services_dirs.clone(),
         dbus: cfg

@@ -484,6 +484,49 @@ async fn callee_disconnecting_gives_no_reply_error() {
     assert_eq!(err_name(&e), "org.freedesktop.DBus.Error.NoReply", "{e}");
 }
 
+/// With `reply_timeout`, a call nobody answers gets NoReply from the bus
+/// when the time is up, with dbus-daemon's text; a late reply is then
+/// unrequested and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_call_times_out_with_no_reply() {
+    let bus = start_bus(Some(&config_xml(&[("reply_timeout", 400)])));
+    let a = connect(&bus.address).await;
+    let b = connect(&bus.address).await;
+    let mut sb = stream(&b);
+    let dest = unique(&b);
+    let started = std::time::Instant::now();
+    let call = tokio::spawn({
+        let a = a.clone();
+        async move {
+            within(a.call_method(
+                Some(dest.as_str()),
+                "/",
+                Some("org.busvisor.X"),
+                "Hang",
+                &(),
+            ))
+            .await
+        }
+    });
+    next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Hang")
+        .await
+        .expect("call delivered");
+    let e = call.await.unwrap().expect_err("must time out");
+    let waited = started.elapsed();
+    assert_eq!(err_name(&e), "org.freedesktop.DBus.Error.NoReply", "{e}");
+    assert!(
+        e.to_string()
+            .contains("Message did not receive a reply (timeout by message bus)"),
+        "{e}"
+    );
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(5),
+        "timed out after {waited:?}"
+    );
+    // The bus stays healthy for others.
+    sync(&b).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrequested_replies_are_not_delivered() {
     // The rule, and the specification's. dbus-daemon with its

@@ -218,6 +218,26 @@ impl<S: Activator> Bus<S> {
         core.handle(&self.facts, sup, from, msg)
     }
 
+    /// Answer calls that get no reply within `reply_timeout` with NoReply.
+    /// The daemon runs this only when the limit is set: it sleeps until the
+    /// earliest deadline, or until a call makes one.
+    pub(crate) async fn expire_replies(self: Arc<Self>) {
+        let wake = self.lock().core.reply_timer.clone();
+        loop {
+            let next = self.lock().core.replies.next_deadline();
+            match next {
+                None => wake.notified().await,
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = wake.notified() => {}
+                    }
+                }
+            }
+            self.lock().core.expire_replies(std::time::Instant::now());
+        }
+    }
+
     /// A peer's connection ended.
     pub(crate) fn remove_peer(&self, id: PeerId) {
         let mut guard = self.lock();

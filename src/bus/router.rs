@@ -313,7 +313,9 @@ impl BusState {
             Ok(()) => {
                 if tracked {
                     let serial = msg.primary_header().serial_num().get();
-                    self.replies.expect(from, serial, to);
+                    if self.replies.expect(from, serial, to) {
+                        self.reply_timer.notify_one();
+                    }
                 }
                 self.eavesdrop(msg, Some(from), Some(Some(to)));
             }

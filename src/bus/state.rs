@@ -27,6 +27,8 @@ pub(crate) struct BusState {
     /// Rules with eavesdrop=true, bus-wide: unicast fan-out is skipped when 0.
     pub(super) eavesdrop_rules: usize,
     pub(super) replies: ReplyRegistry,
+    /// Woken when a call's deadline becomes the earliest (see `expire_replies`).
+    pub(super) reply_timer: Arc<tokio::sync::Notify>,
     pub(super) monitors: Vec<PeerId>,
     pub(super) pending: Pending,
     pub(super) limits: Limits,
@@ -39,12 +41,15 @@ pub(crate) struct BusState {
 
 impl BusState {
     pub(super) fn new(limits: Limits, own_name: &'static str) -> Self {
+        let timeout = (limits.reply_timeout_ms != crate::config::REPLY_TIMEOUT_NEVER)
+            .then(|| Duration::from_millis(limits.reply_timeout_ms));
         BusState {
             peers: HashMap::new(),
             names: Names::default(),
             matches: MatchIndex::default(),
             eavesdrop_rules: 0,
-            replies: ReplyRegistry::default(),
+            replies: ReplyRegistry::new(timeout),
+            reply_timer: Arc::new(tokio::sync::Notify::new()),
             monitors: Vec::new(),
             pending: Pending::default(),
             limits,
@@ -127,6 +132,18 @@ impl BusState {
         // Calls to this peer will never be answered; calls from it need no answer.
         let text = "Message recipient disconnected from message bus without replying";
         for (caller, serial) in self.replies.remove_peer(id).0 {
+            let e = BusError::new(ErrorName::NoReply, text);
+            if let Some(e) = wire::detached_error(&unique_name(caller), serial, &e) {
+                self.send_to(caller, e);
+            }
+        }
+    }
+
+    /// Answer the calls whose reply did not come within `reply_timeout`
+    /// with NoReply, as dbus-daemon does.
+    pub(super) fn expire_replies(&mut self, now: std::time::Instant) {
+        let text = "Message did not receive a reply (timeout by message bus)";
+        for (caller, serial) in self.replies.expire(now) {
             let e = BusError::new(ErrorName::NoReply, text);
             if let Some(e) = wire::detached_error(&unique_name(caller), serial, &e) {
                 self.send_to(caller, e);
