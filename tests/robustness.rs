@@ -535,3 +535,41 @@ async fn abrupt_disconnects_with_pending_calls_and_names() {
     assert!(ok, "names of vanished clients remain");
     bus.assert_alive();
 }
+
+/// Over `max_connections_per_user`, Hello gets LimitsExceeded with
+/// dbus-daemon's text and the connection may try again; once another
+/// connection of that user leaves, the retry succeeds.
+#[test]
+fn hello_over_the_per_user_limit_gets_limits_exceeded() {
+    let bus = start_bus(Some(&config_xml(&[("max_connections_per_user", 3)])));
+    let mut first: Vec<RawClient> = (0..3)
+        .map(|_| {
+            let mut c = RawClient::connect_authenticated(&bus.socket);
+            c.hello();
+            c
+        })
+        .collect();
+    let mut extra = RawClient::connect_authenticated(&bus.socket);
+    extra.send(&hello_msg()).expect("send Hello");
+    let reply = extra.recv().expect("an answer to Hello");
+    let uid = nix::unistd::getuid().as_raw();
+    assert_eq!(
+        reply.header().error_name().map(|e| e.as_str().to_owned()),
+        Some("org.freedesktop.DBus.Error.LimitsExceeded".to_owned())
+    );
+    let text: String = reply.body().deserialize().unwrap();
+    assert_eq!(
+        text,
+        format!("The maximum number of active connections for UID {uid} has been reached")
+    );
+    drop(first.pop());
+    assert!(
+        wait_until(OP_TIMEOUT, || {
+            extra.send(&hello_msg()).is_ok()
+                && extra
+                    .recv()
+                    .is_some_and(|m| m.header().error_name().is_none())
+        }),
+        "Hello again after a connection left"
+    );
+}

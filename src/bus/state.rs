@@ -31,6 +31,9 @@ pub(crate) struct BusState {
     pub(super) reply_timer: Arc<tokio::sync::Notify>,
     pub(super) monitors: Vec<PeerId>,
     pub(super) pending: Pending,
+    /// Connections that completed Hello: in all, and by uid.
+    pub(super) completed: usize,
+    pub(super) completed_by_uid: HashMap<u32, usize>,
     pub(super) limits: Limits,
     /// The name the activator answers as the bus (the control API).
     pub(super) own_name: &'static str,
@@ -52,6 +55,8 @@ impl BusState {
             reply_timer: Arc::new(tokio::sync::Notify::new()),
             monitors: Vec::new(),
             pending: Pending::default(),
+            completed: 0,
+            completed_by_uid: HashMap::new(),
             limits,
             own_name,
             pressure: None,
@@ -108,6 +113,9 @@ impl BusState {
         } else {
             let peer = self.peers.remove(&id).expect("looked up above");
             peer.outbox.close();
+            if peer.hello {
+                self.uncount_completed(peer.creds.uid);
+            }
             self.monitors.retain(|m| *m != id);
             self.pending.hold(id, false);
             self.matches.remove_all(id);
@@ -147,6 +155,55 @@ impl BusState {
             let e = BusError::new(ErrorName::NoReply, text);
             if let Some(e) = wire::detached_error(&unique_name(caller), serial, &e) {
                 self.send_to(caller, e);
+            }
+        }
+    }
+
+    /// Whether one more connection may complete its Hello: dbus-daemon's
+    /// `max_completed_connections` and `max_connections_per_user`, with its
+    /// texts.
+    pub(super) fn check_completion(&self, uid: Option<u32>) -> Result<(), BusError> {
+        let limits = &self.limits;
+        let (text, name, limit) = if self.completed as u64 >= limits.max_completed_connections {
+            let text = "The maximum number of active connections has been reached".to_owned();
+            (
+                text,
+                "max_completed_connections",
+                limits.max_completed_connections,
+            )
+        } else if let Some(uid) = uid
+            && self.completed_by_uid.get(&uid).copied().unwrap_or(0) as u64
+                >= limits.max_connections_per_user
+        {
+            let text =
+                format!("The maximum number of active connections for UID {uid} has been reached");
+            (
+                text,
+                "max_connections_per_user",
+                limits.max_connections_per_user,
+            )
+        } else {
+            return Ok(());
+        };
+        tracing::warn!("{text} ({name}={limit})");
+        Err(BusError::new(ErrorName::LimitsExceeded, text))
+    }
+
+    pub(super) fn count_completed(&mut self, uid: Option<u32>) {
+        self.completed += 1;
+        if let Some(uid) = uid {
+            *self.completed_by_uid.entry(uid).or_default() += 1;
+        }
+    }
+
+    fn uncount_completed(&mut self, uid: Option<u32>) {
+        self.completed -= 1;
+        if let Some(uid) = uid
+            && let Some(n) = self.completed_by_uid.get_mut(&uid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.completed_by_uid.remove(&uid);
             }
         }
     }

@@ -191,12 +191,13 @@ pub(crate) async fn serve<S: Activator + Send + 'static>(
             warn!("too many connections still authenticating ({pending}); refusing one");
             continue;
         }
+        // The completed-connection limits answer Hello with LimitsExceeded,
+        // as dbus-daemon does (`bus/driver.c`); this cap only keeps
+        // connections whose Hello was refused from piling up.
         let connected = bus.peer_count() as u64;
-        // Every client has the bus's uid (or is root): the per-user limit is the total.
-        if connected >= bus.facts.limits.max_completed_connections
-            || connected >= bus.facts.limits.max_connections_per_user
-        {
-            warn!("max_completed_connections reached; refusing a connection");
+        let limits = &bus.facts.limits;
+        if connected >= limits.max_completed_connections + limits.max_incomplete_connections {
+            warn!("{connected} connections registered or refused at Hello; refusing one");
             continue;
         }
         tokio::spawn(connection(bus.clone(), gate.clone(), stream));

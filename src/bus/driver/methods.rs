@@ -31,6 +31,11 @@ pub(super) fn hello(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     if p.hello {
         return err(ErrorName::Failed, "Already handled an Hello message");
     }
+    let uid = p.creds.uid;
+    // Refused, the connection stays and may say Hello again (as dbus-daemon).
+    cx.core.check_completion(uid)?;
+    cx.core.count_completed(uid);
+    let p = cx.core.peers.get_mut(&from).expect("looked up above");
     p.hello = true;
     let me = unique_name(from);
     if let Some(r) = wire::reply(msg, &(&me,)) {
