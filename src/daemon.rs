@@ -1,8 +1,8 @@
 //! The daemon: loads the configuration, binds the listeners, reports the
 //! address, serves until SIGTERM/SIGINT, then shuts down cleanly.
 
-use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -55,30 +55,38 @@ impl Output {
 }
 
 fn write_output(out: &Output, text: &str) -> Result<(), DaemonError> {
-    match out {
-        Output::Stdout => {
+    let fd = match out {
+        Output::Fd(fd) if fd != "1" => fd,
+        _ => {
             let mut so = std::io::stdout().lock();
             so.write_all(text.as_bytes())?;
             so.flush()?;
+            return Ok(());
         }
-        Output::Fd(fd) => {
-            // An inherited descriptor (a pipe from GTestDBus or
-            // dbus-run-session) is reopened through /proc: no unsafe fd adoption.
-            let mut f = OpenOptions::new()
-                .write(true)
-                .open(format!("/proc/self/fd/{fd}"))
-                .map_err(|source| DaemonError::PrintFd {
-                    fd: fd.clone(),
-                    source,
-                })?;
-            f.write_all(text.as_bytes())
-                .map_err(|source| DaemonError::PrintFd {
-                    fd: fd.clone(),
-                    source,
-                })?;
-        }
+    };
+    let failed = |source| DaemonError::PrintFd {
+        fd: fd.clone(),
+        source,
+    };
+    let n: std::os::fd::RawFd = fd
+        .parse()
+        .map_err(|_| failed(std::io::Error::other("not a descriptor number")))?;
+    if n == 2 {
+        std::io::stderr().write_all(text.as_bytes())?;
+        return Ok(());
     }
-    Ok(())
+    // Only a descriptor that is open may be adopted.
+    std::fs::symlink_metadata(format!("/proc/self/fd/{n}")).map_err(failed)?;
+    // SAFETY: the descriptor was handed to busvisor by its parent for this
+    // one purpose (dbus-daemon's --print-address=FD protocol) and is open
+    // (checked above); nothing else in the process uses that number, and
+    // the file takes sole ownership and closes it when dropped.
+    let mut f = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(n) });
+    // Written to the descriptor itself, not reopened through /proc (which
+    // a bus running as another user may not open), then closed as
+    // dbus-daemon closes it: a parent reading to EOF (dbus-run-session)
+    // goes on.
+    f.write_all(text.as_bytes()).map_err(failed)
 }
 
 /// What to serve.
@@ -272,11 +280,19 @@ pub async fn run_daemon(opts: Options) -> Result<(), DaemonError> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let running = start(&opts).await?;
-    if let Some(out) = &opts.print_address {
-        write_output(out, &format!("{}\n", running.address))?;
-    }
-    if let Some(out) = &opts.print_pid {
-        write_output(out, &format!("{}\n", std::process::id()))?;
+    let address = format!("{}\n", running.address);
+    let pid = format!("{}\n", std::process::id());
+    match (&opts.print_address, &opts.print_pid) {
+        // One descriptor for both: it is closed after the write.
+        (Some(a), Some(p)) if a == p => write_output(a, &format!("{address}{pid}"))?,
+        (a, p) => {
+            if let Some(out) = a {
+                write_output(out, &address)?;
+            }
+            if let Some(out) = p {
+                write_output(out, &pid)?;
+            }
+        }
     }
     if std::env::var_os(FORKED_ENV).is_some() {
         // Started by --fork: closing stdout tells the parent we are ready.

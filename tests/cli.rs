@@ -285,3 +285,33 @@ fn log_levels_and_rust_log() {
     assert_eq!(lines(&quiet, "connected peer="), 0, "{quiet}");
     assert_eq!(lines(&quiet, "message peer="), 0, "{quiet}");
 }
+
+/// The real dbus-run-session with busvisor as its daemon, with and without
+/// a config file (with one, dbus-run-session reads the address pipe to its
+/// end: busvisor closes it after writing, as dbus-daemon does), and
+/// `busvisor run --config-file`: each gives the command a working bus and
+/// exits with the command's status.
+#[test]
+fn dbus_run_session_and_run_with_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bus.conf");
+    std::fs::write(&cfg, config_xml(&[])).unwrap();
+    let cfg_arg = format!("--config-file={}", cfg.display());
+    let daemon_arg = format!("--dbus-daemon={}", busvisor_bin());
+    let script = "dbus-send --session --print-reply --dest=org.freedesktop.DBus \
+                  /org/freedesktop/DBus org.freedesktop.DBus.GetId >/dev/null || exit 11; exit 7";
+    let runs: [Vec<&str>; 3] = [
+        vec![&daemon_arg, &cfg_arg, "--", "sh", "-c", script],
+        vec![&daemon_arg, "--", "sh", "-c", script],
+        vec!["run", &cfg_arg, "--", "sh", "-c", script],
+    ];
+    for (i, args) in runs.iter().enumerate() {
+        let program = if i < 2 {
+            "dbus-run-session"
+        } else {
+            busvisor_bin()
+        };
+        let out = run_tool(program, args, Duration::from_secs(20));
+        assert_eq!(out.status.code(), Some(7), "{program} {args:?}: {out:?}");
+    }
+}
