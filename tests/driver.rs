@@ -1176,3 +1176,76 @@ async fn become_monitor_accepts_eavesdrop_rules() {
     .expect_err("bad rule");
     assert_eq!(err_name(&e), "org.freedesktop.DBus.Error.MatchRuleInvalid");
 }
+
+/// org.freedesktop.DBus.Debug.Stats, as dbus-daemon offers it: listed in
+/// Interfaces; GetStats counts connections, rules and names;
+/// GetConnectionStats answers for a peer and refuses the bus itself;
+/// GetAllMatchRules lists each connection's rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_stats_interface() {
+    use std::collections::HashMap;
+    use zbus::OwnedVariant as OwnedValue;
+    const STATS: &str = "org.freedesktop.DBus.Debug.Stats";
+    let bus = start_bus(None);
+    let a = connect(&bus.address).await;
+    let b = connect(&bus.address).await;
+    let rule = "type='signal',interface='org.example.Stats'";
+    bus_call(&a, "AddMatch", &(rule,)).await.unwrap();
+    let stats_call = |conn: zbus::Connection, member: &'static str, arg: Option<String>| async move {
+        match arg {
+            Some(s) => {
+                within(conn.call_method(Some(BUS), BUS_PATH, Some(STATS), member, &(s,))).await
+            }
+            None => within(conn.call_method(Some(BUS), BUS_PATH, Some(STATS), member, &())).await,
+        }
+    };
+    let ifaces: OwnedValue = within(a.call_method(
+        Some(BUS),
+        BUS_PATH,
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &(BUS, "Interfaces"),
+    ))
+    .await
+    .unwrap()
+    .body()
+    .deserialize()
+    .unwrap();
+    let ifaces: Vec<String> = ifaces.try_into().unwrap();
+    assert!(ifaces.iter().any(|i| i == STATS), "{ifaces:?}");
+
+    let m = stats_call(a.clone(), "GetStats", None).await.unwrap();
+    let stats: HashMap<String, OwnedValue> = m.body().deserialize().unwrap();
+    let get = |k: &str| -> u32 { stats[k].clone().try_into().unwrap() };
+    assert!(get("ActiveConnections") >= 2, "{stats:?}");
+    assert!(get("MatchRules") >= 1, "{stats:?}");
+    assert!(get("BusNames") >= 2, "{stats:?}");
+
+    let me = unique(&a);
+    let m = stats_call(b.clone(), "GetConnectionStats", Some(me.clone()))
+        .await
+        .unwrap();
+    let conn: HashMap<String, OwnedValue> = m.body().deserialize().unwrap();
+    let name: String = conn["UniqueName"].clone().try_into().unwrap();
+    assert_eq!(name, me);
+    let rules: u32 = conn["MatchRules"].clone().try_into().unwrap();
+    assert!(rules >= 1, "{conn:?}");
+    let e = stats_call(b.clone(), "GetConnectionStats", Some(BUS.to_owned()))
+        .await
+        .expect_err("the bus itself");
+    assert_eq!(
+        err_name(&e),
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "{e}"
+    );
+
+    let m = stats_call(b.clone(), "GetAllMatchRules", None)
+        .await
+        .unwrap();
+    let all: HashMap<String, Vec<String>> = m.body().deserialize().unwrap();
+    assert!(
+        all.get(&me)
+            .is_some_and(|r| r.iter().any(|x| x.contains("org.example.Stats"))),
+        "{all:?}"
+    );
+}

@@ -205,6 +205,12 @@ impl Outbox {
         self.fds_ok
     }
 
+    /// Messages, bytes and fds waiting to be written.
+    pub(crate) fn queued(&self) -> (usize, usize, usize) {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        (q.messages.len(), q.bytes, q.fds)
+    }
+
     pub(crate) fn queued_bytes(&self) -> usize {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }

@@ -34,6 +34,8 @@ pub(crate) struct BusState {
     /// Connections that completed Hello: in all, and by uid.
     pub(super) completed: usize,
     pub(super) completed_by_uid: HashMap<u32, usize>,
+    /// Debug.Stats' serial, one per answer.
+    pub(super) stats_serial: u32,
     pub(super) limits: Limits,
     /// The name the activator answers as the bus (the control API).
     pub(super) own_name: &'static str,
@@ -57,6 +59,7 @@ impl BusState {
             pending: Pending::default(),
             completed: 0,
             completed_by_uid: HashMap::new(),
+            stats_serial: 0,
             limits,
             own_name,
             pressure: None,

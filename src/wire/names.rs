@@ -9,6 +9,7 @@ pub const IFACE_PROPS: &str = "org.freedesktop.DBus.Properties";
 pub const IFACE_INTROSPECT: &str = "org.freedesktop.DBus.Introspectable";
 pub const IFACE_PEER: &str = "org.freedesktop.DBus.Peer";
 pub const IFACE_MONITORING: &str = "org.freedesktop.DBus.Monitoring";
+pub const IFACE_STATS: &str = "org.freedesktop.DBus.Debug.Stats";
 
 /// busvisor's control API: a name the bus itself owns.
 pub const SUPERVISOR_NAME: &str = "org.busvisor.Supervisor1";

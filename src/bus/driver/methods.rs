@@ -429,6 +429,84 @@ pub(super) fn become_monitor(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     Ok(None)
 }
 
+/// Names owned or queued for, unique names included (dbus-daemon's
+/// `BusNames` count).
+fn bus_names(cx: &Ctx<'_>, peer: PeerId) -> u32 {
+    let unique = cx.core.peers.get(&peer).is_some_and(|p| p.hello) as usize;
+    (unique + cx.core.names.count_for(peer)) as u32
+}
+
+/// The stats serial, counting from 0 as dbus-daemon's.
+fn next_stats_serial(cx: &mut Ctx<'_>) -> u32 {
+    let serial = cx.core.stats_serial;
+    cx.core.stats_serial = serial.wrapping_add(1);
+    serial
+}
+
+pub(super) fn get_stats(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let serial = next_stats_serial(cx);
+    let core = &*cx.core;
+    let incomplete = core.peers.values().filter(|p| !p.hello).count() as u32;
+    let names: u32 = core.peers.keys().map(|p| bus_names(cx, *p)).sum();
+    let stats: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("Serial", Variant::from(serial)),
+        ("ActiveConnections", Variant::from(core.completed as u32)),
+        ("IncompleteConnections", Variant::from(incomplete)),
+        ("MatchRules", Variant::from(core.matches.total() as u32)),
+        ("BusNames", Variant::from(names)),
+    ]);
+    ok(msg, &(&stats,))
+}
+
+pub(super) fn get_connection_stats(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let name: &str = wire::args(&body)?;
+    check_bus_name(name)?;
+    if cx.core.is_bus_owned(name) {
+        return err(
+            ErrorName::InvalidArgs,
+            format!("GetConnectionStats is not meaningful for the message bus \"{name}\" itself"),
+        );
+    }
+    let Some(id) = owner_of(cx, name) else {
+        return Err(no_such_name("statistics", name));
+    };
+    let serial = next_stats_serial(cx);
+    let outbox = &cx.core.peers[&id].outbox;
+    let (messages, bytes, fds) = outbox.queued();
+    let stats: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("Serial", Variant::from(serial)),
+        ("UniqueName", Variant::from(unique_name(id))),
+        (
+            "MatchRules",
+            Variant::from(cx.core.matches.count(id) as u32),
+        ),
+        ("BusNames", Variant::from(bus_names(cx, id))),
+        // Incoming messages are never queued by busvisor: read, routed.
+        ("IncomingMessages", Variant::from(0u32)),
+        ("IncomingBytes", Variant::from(0u32)),
+        ("IncomingFDs", Variant::from(0u32)),
+        ("OutgoingMessages", Variant::from(messages as u32)),
+        ("OutgoingBytes", Variant::from(bytes as u32)),
+        ("OutgoingFDs", Variant::from(fds as u32)),
+    ]);
+    ok(msg, &(&stats,))
+}
+
+pub(super) fn get_all_match_rules(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let all: HashMap<String, Vec<String>> = cx
+        .core
+        .matches
+        .rules_by_key()
+        .into_iter()
+        .map(|(peer, rules)| {
+            let texts = rules.iter().map(|r| r.to_string()).collect();
+            (unique_name(peer), texts)
+        })
+        .collect();
+    ok(msg, &(&all,))
+}
+
 pub(super) fn introspect(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let path = msg.header().path().map(|p| p.as_str().to_owned());
     let mut xml = super::introspection();

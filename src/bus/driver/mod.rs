@@ -13,14 +13,14 @@ use super::peer::PeerId;
 use super::{Activator, Answer, BusState, CallRef, Facts};
 use crate::wire::names::{
     BUS_NAME, BUS_PATH, IFACE_DBUS, IFACE_INTROSPECT, IFACE_MONITORING, IFACE_PEER, IFACE_PROPS,
-    INTROSPECT_HEADER, SUPERVISOR_NAME,
+    IFACE_STATS, INTROSPECT_HEADER, SUPERVISOR_NAME,
 };
 use crate::wire::{BusError, ErrorName, Message, Type};
 
 /// Bus features advertised in the Features property.
 const FEATURES: &[&str] = &["ActivatableServicesChanged", SUPERVISOR_NAME];
 /// Extra interfaces advertised in the Interfaces property.
-const INTERFACES: &[&str] = &[IFACE_MONITORING];
+const INTERFACES: &[&str] = &[IFACE_MONITORING, IFACE_STATS];
 
 /// The driver's introspection data, without the closing `</node>` (the
 /// caller adds child nodes first).
@@ -121,6 +121,19 @@ const METHODS: &[Method] = &[
         "asu",
         h::become_monitor,
     ))),
+    canonical(m(IFACE_STATS, "GetStats", "", h::get_stats)),
+    canonical(m(
+        IFACE_STATS,
+        "GetConnectionStats",
+        "s",
+        h::get_connection_stats,
+    )),
+    canonical(m(
+        IFACE_STATS,
+        "GetAllMatchRules",
+        "",
+        h::get_all_match_rules,
+    )),
     m(IFACE_INTROSPECT, "Introspect", "", h::introspect),
     m(IFACE_PEER, "Ping", "", h::ping),
     m(IFACE_PEER, "GetMachineId", "", h::get_machine_id),

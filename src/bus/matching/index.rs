@@ -346,6 +346,23 @@ impl<K: Copy + Eq + Hash> MatchIndex<K> {
     }
 
     /// How many rules `key` holds, duplicates included.
+    /// Every subscriber's rules, each as many times as it added it.
+    pub fn rules_by_key(&self) -> HashMap<K, Vec<&MatchRule>> {
+        let mut out: HashMap<K, Vec<&MatchRule>> = HashMap::new();
+        for entry in self.entries.iter().flatten() {
+            for (k, n) in &entry.subs {
+                let rules = out.entry(*k).or_default();
+                rules.extend(std::iter::repeat_n(&entry.rule, *n));
+            }
+        }
+        out
+    }
+
+    /// Rules held by all keys, duplicates included.
+    pub fn total(&self) -> usize {
+        self.keys.values().map(|k| k.total).sum()
+    }
+
     pub fn count(&self, key: K) -> usize {
         self.keys.get(&key).map_or(0, |k| k.total)
     }
