@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::config::Limits;
 use crate::wire::{BusError, Message};
 pub(crate) use outbox::{Cutter, Outbox};
-pub(crate) use peer::{Credentials, PeerId, unique_name};
+pub(crate) use peer::{Credentials, Identity, PeerId, unique_name};
 pub(crate) use state::BusState;
 
 /// What the reader should do after handing a message to the bus.
@@ -193,12 +193,12 @@ impl<S: Activator> Bus<S> {
         &self,
         outbox: Arc<Outbox>,
         cutter: Arc<Cutter>,
-        creds: Credentials,
+        who: Identity,
     ) -> PeerId {
         let id = self
             .next_unique
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().core.add_peer(id, outbox, cutter, creds);
+        self.lock().core.add_peer(id, outbox, cutter, who);
         id
     }
 
@@ -311,11 +311,14 @@ mod tests {
         let (near, far) = tokio::net::UnixStream::pair().unwrap();
         let outbox = Arc::new(Outbox::new(1 << 20, 16, true));
         let cutter = Arc::new(Cutter::new(Arc::new(near)));
-        let creds = Credentials {
-            uid: Some(bus.facts.uid),
-            ..Credentials::default()
+        let who = Identity {
+            creds: Credentials {
+                uid: Some(bus.facts.uid),
+                ..Credentials::default()
+            },
+            ..Identity::default()
         };
-        let id = bus.add_peer(outbox.clone(), cutter, creds);
+        let id = bus.add_peer(outbox.clone(), cutter, who);
         let hello = Message::method_call(names::BUS_PATH, "Hello")
             .sender(unique_name(id))
             .destination(names::BUS_NAME)

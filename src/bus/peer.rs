@@ -29,10 +29,53 @@ pub struct Credentials {
     pub pid: Option<u32>,
 }
 
+/// Who a connection is, as the transport learnt it before the peer joins
+/// (so that no lookup happens under the bus lock).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Identity {
+    pub(crate) creds: Credentials,
+    /// The process's groups, sorted: primary and supplementary.
+    pub(crate) groups: Box<[u32]>,
+    /// `uid=N pid=N comm="..."`, as dbus-daemon logs and quotes a peer.
+    pub(crate) loginfo: Box<str>,
+}
+
+impl Identity {
+    /// dbus-daemon's loginfo: `uid=N pid=N comm="CMDLINE"`, the command
+    /// line cut at 50 bytes with non-printable bytes as spaces.
+    pub(crate) fn loginfo(creds: &Credentials, cmdline: Option<&[u8]>) -> String {
+        let mut parts = Vec::new();
+        if let Some(uid) = creds.uid {
+            parts.push(format!("uid={uid}"));
+        }
+        if let Some(pid) = creds.pid {
+            let mut cmd = cmdline.unwrap_or_default();
+            cmd = &cmd[..cmd.len().min(50)];
+            if let Some(stripped) = cmd.strip_suffix(b"\0") {
+                cmd = stripped;
+            }
+            let comm: String = cmd
+                .iter()
+                .map(|&b| {
+                    if (0x20..0x7f).contains(&b) {
+                        b as char
+                    } else {
+                        ' '
+                    }
+                })
+                .collect();
+            parts.push(format!("pid={pid} comm=\"{comm}\""));
+        }
+        parts.join(" ")
+    }
+}
+
 pub(crate) struct PeerEntry {
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) cutter: Arc<Cutter>,
     pub(crate) creds: Credentials,
+    pub(crate) groups: Box<[u32]>,
+    pub(crate) loginfo: Box<str>,
     pub(crate) hello: bool,
     /// Some once the peer became a monitor: its rules (empty = everything).
     pub(crate) monitor: Option<Vec<MatchRule>>,
@@ -45,11 +88,13 @@ pub(crate) struct PeerEntry {
 }
 
 impl PeerEntry {
-    pub(crate) fn new(outbox: Arc<Outbox>, cutter: Arc<Cutter>, creds: Credentials) -> Self {
+    pub(crate) fn new(outbox: Arc<Outbox>, cutter: Arc<Cutter>, who: Identity) -> Self {
         PeerEntry {
             outbox,
             cutter,
-            creds,
+            creds: who.creds,
+            groups: who.groups,
+            loginfo: who.loginfo,
             hello: false,
             monitor: None,
             eavesdrop_rules: 0,
@@ -74,6 +119,23 @@ impl PeerEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loginfo_as_dbus_daemon_writes_it() {
+        let creds = Credentials {
+            uid: Some(1000),
+            gid: Some(1000),
+            pid: Some(42),
+        };
+        let info = Identity::loginfo(&creds, Some(b"/bin/sleep\060\0"));
+        assert_eq!(info, "uid=1000 pid=42 comm=\"/bin/sleep 60\"");
+        let long = [b'x'; 80];
+        let info = Identity::loginfo(&creds, Some(&long));
+        assert_eq!(info, format!("uid=1000 pid=42 comm=\"{}\"", "x".repeat(50)));
+        assert_eq!(Identity::loginfo(&creds, None), "uid=1000 pid=42 comm=\"\"");
+        let no_pid = Credentials { pid: None, ..creds };
+        assert_eq!(Identity::loginfo(&no_pid, None), "uid=1000");
+    }
 
     #[test]
     fn unique_names_round_trip() {

@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::names::Names;
 use super::outbox::{Cutter, Outbox};
-use super::peer::{Credentials, PeerEntry, PeerId, unique_name};
+use super::peer::{Identity, PeerEntry, PeerId, unique_name};
 use super::pending::Pending;
 use super::reply::ReplyRegistry;
 use super::{Activator, Answer, CallRef};
@@ -71,9 +71,9 @@ impl BusState {
         id: PeerId,
         outbox: Arc<Outbox>,
         cutter: Arc<Cutter>,
-        creds: Credentials,
+        who: Identity,
     ) {
-        self.peers.insert(id, PeerEntry::new(outbox, cutter, creds));
+        self.peers.insert(id, PeerEntry::new(outbox, cutter, who));
     }
 
     pub(super) fn peer_count(&self) -> usize {

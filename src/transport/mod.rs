@@ -28,7 +28,7 @@ use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::bus::{
-    Activator, Bus, Credentials, Cutter, Facts, Outbox, PeerId, Verdict, unique_name,
+    Activator, Bus, Credentials, Cutter, Facts, Identity, Outbox, PeerId, Verdict, unique_name,
 };
 use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
@@ -397,6 +397,30 @@ struct Registered {
     writer: JoinHandle<()>,
 }
 
+/// What the bus keeps of who the peer is, read here, off the bus lock: its
+/// groups from the socket (SO_PEERGROUPS, Linux 4.13+; the user database
+/// only on older kernels) and its command line for the log.
+fn identity(facts: &Facts, cutter: &Cutter, creds: Credentials) -> Identity {
+    let mut groups = match (creds.uid, creds.gid, cutter.groups()) {
+        (_, Some(gid), Some(mut g)) => {
+            g.push(gid);
+            g
+        }
+        (Some(uid), Some(gid), None) => facts.groups_of(uid, gid),
+        _ => Vec::new(),
+    };
+    groups.sort_unstable();
+    groups.dedup();
+    let cmdline = creds
+        .pid
+        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok());
+    Identity {
+        loginfo: Identity::loginfo(&creds, cmdline.as_deref()).into(),
+        groups: groups.into(),
+        creds,
+    }
+}
+
 /// Join the bus with the Hello: the peer gets its unique name and an
 /// outbox, which a writer task drains. None (logged) if the name is bad.
 fn register<S: Activator>(
@@ -410,7 +434,8 @@ fn register<S: Activator>(
         bus.facts.limits.max_outgoing_unix_fds as usize,
         fds,
     ));
-    let id = bus.add_peer(outbox.clone(), link.cutter.clone(), creds);
+    let who = identity(&bus.facts, &link.cutter, creds);
+    let id = bus.add_peer(outbox.clone(), link.cutter.clone(), who);
     let name = match OwnedUniqueName::try_from(unique_name(id)) {
         Ok(n) => n,
         Err(e) => {

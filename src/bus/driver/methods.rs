@@ -346,20 +346,6 @@ pub(super) fn selinux_context(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     )
 }
 
-/// The peer's groups: from the socket; the user database only on kernels
-/// without SO_PEERGROUPS.
-fn groups(cx: &Ctx<'_>, peer: &PeerEntry, uid: u32, gid: u32) -> Vec<u32> {
-    match peer.cutter.groups() {
-        Some(mut g) => {
-            g.push(gid);
-            g.sort_unstable();
-            g.dedup();
-            g
-        }
-        None => cx.facts.groups_of(uid, gid),
-    }
-}
-
 pub(super) fn credentials(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let mut dict: HashMap<&str, Variant<'_>> = HashMap::new();
     let pidfd = match queried(cx, msg, "credentials")? {
@@ -373,11 +359,8 @@ pub(super) fn credentials(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
             if let Some(uid) = c.uid {
                 dict.insert("UnixUserID", Variant::from(uid));
             }
-            if let (Some(uid), Some(gid)) = (c.uid, c.gid) {
-                let gids = groups(cx, peer, uid, gid);
-                if !gids.is_empty() {
-                    dict.insert("UnixGroupIDs", Variant::from(gids));
-                }
+            if !peer.groups.is_empty() {
+                dict.insert("UnixGroupIDs", Variant::from(peer.groups.to_vec()));
             }
             if let Some(pid) = c.pid {
                 dict.insert("ProcessID", Variant::from(pid));
