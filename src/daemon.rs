@@ -173,6 +173,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         machine_id,
         cfg.limits,
         own_name,
+        crate::policy::Policy::session(),
         sup,
     ));
     let gate = Arc::new(Gate::new());

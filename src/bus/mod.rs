@@ -21,6 +21,7 @@ pub(crate) mod names;
 pub(crate) mod outbox;
 pub(crate) mod peer;
 pub(crate) mod pending;
+mod policy;
 pub(crate) mod reply;
 mod router;
 mod state;
@@ -163,11 +164,12 @@ impl<S: Activator> Bus<S> {
         machine_id: String,
         limits: Limits,
         own_name: &'static str,
+        policy: crate::policy::Policy,
         sup: S,
     ) -> Self {
         Bus {
             state: Mutex::new(Shared {
-                core: BusState::new(limits, own_name),
+                core: BusState::new(limits, own_name, policy),
                 sup,
             }),
             facts: Facts {
@@ -200,6 +202,11 @@ impl<S: Activator> Bus<S> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.lock().core.add_peer(id, outbox, cutter, who);
         id
+    }
+
+    /// Whether the policy lets `uid` (in `groups`) connect.
+    pub(crate) fn may_connect(&self, uid: u32, groups: &[u32]) -> bool {
+        self.lock().core.may_connect(uid, groups, self.facts.uid)
     }
 
     pub(crate) fn peer_count(&self) -> usize {
@@ -303,6 +310,7 @@ mod tests {
             "0123".into(),
             Limits::default(),
             names::SUPERVISOR_NAME,
+            crate::policy::Policy::session(),
             Stub::default(),
         )
     }

@@ -78,6 +78,11 @@ impl Names {
             .unwrap_or_default()
     }
 
+    /// The well-known names a peer owns or is queued for.
+    pub fn of(&self, peer: PeerId) -> &[String] {
+        self.per_peer.get(&peer).map_or(&[], Vec::as_slice)
+    }
+
     /// Names a peer owns or is queued for.
     pub fn count_for(&self, peer: PeerId) -> usize {
         self.per_peer.get(&peer).map_or(0, Vec::len)

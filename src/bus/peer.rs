@@ -76,6 +76,8 @@ pub(crate) struct PeerEntry {
     pub(crate) creds: Credentials,
     pub(crate) groups: Box<[u32]>,
     pub(crate) loginfo: Box<str>,
+    /// Its share of the bus policy, from its Hello on.
+    pub(crate) policy: Option<crate::policy::check::ClientPolicy>,
     pub(crate) hello: bool,
     /// Some once the peer became a monitor: its rules (empty = everything).
     pub(crate) monitor: Option<Vec<MatchRule>>,
@@ -95,6 +97,7 @@ impl PeerEntry {
             creds: who.creds,
             groups: who.groups,
             loginfo: who.loginfo,
+            policy: None,
             hello: false,
             monitor: None,
             eavesdrop_rules: 0,

@@ -100,7 +100,10 @@ impl BusState {
             (_, None) => self.broadcast(&msg, Some(from)),
             (_, Some(d)) if to_bus || d == self.own_name => {
                 self.eavesdrop(&msg, Some(from), Some(None));
-                if to_bus {
+                let hello = to_bus && driver::is_hello(&msg);
+                if let Err(e) = self.check_to_bus(from, &msg).or_else(|e| hello.then_some(()).ok_or(e)) {
+                    self.deny(from, &msg, &e);
+                } else if to_bus {
                     driver::handle(facts, self, sup, from, &msg);
                 } else if msg.message_type() == Type::MethodCall {
                     let call = super::CallRef {
@@ -122,9 +125,21 @@ impl BusState {
         }
     }
 
-    /// Queue a message the bus sends (reply, error or unicast signal) to one peer.
+    /// Answer a message the policy refused with its AccessDenied, whatever
+    /// its type and flags, as dbus-daemon does.
+    pub(super) fn deny(&mut self, from: PeerId, msg: &Message, e: &BusError) {
+        if let Some(m) = wire::error(msg, e) {
+            self.send_to(from, m);
+        }
+    }
+
+    /// Queue a message the bus sends (reply, error or unicast signal) to one
+    /// peer, unless its receive policy refuses it (silently, as dbus-daemon).
     pub(super) fn send_to(&mut self, to: PeerId, msg: Message) {
         self.capture(&msg, None, Some(Some(to)));
+        if self.check_delivery(None, to, &msg, true, false).is_err() {
+            return;
+        }
         let is_reply = matches!(msg.message_type(), Type::MethodReturn | Type::Error);
         if self.push(to, msg) == Err(PushError::Full) && is_reply {
             self.cut_for_unread_reply(to);
@@ -183,11 +198,16 @@ impl BusState {
             dest: None,
         };
         let mut pressure = None;
+        let mut refused = None;
         self.matches.for_each_match(
             &info,
             &view,
             |_, _| true,
             |k| {
+                if let Err(e) = self.check_delivery(sender, k, msg, false, false) {
+                    refused.get_or_insert(e);
+                    return;
+                }
                 if let Some(p) = self.peers.get(&k) {
                     match p.outbox.push_counted(msg.clone()) {
                         Ok(true) if pressure.is_none() => pressure = Some(p.outbox.clone()),
@@ -199,6 +219,13 @@ impl BusState {
         );
         if self.pressure.is_none() {
             self.pressure = pressure;
+        }
+        // A refused broadcast is silent for its sender; monitors see the
+        // AccessDenied it would have had (dbus-daemon's capture_error_reply).
+        if let (Some(e), Some(from)) = (refused, sender)
+            && let Some(m) = wire::error(msg, &e)
+        {
+            self.capture(&m, None, Some(Some(from)));
         }
     }
 
@@ -215,6 +242,9 @@ impl BusState {
             &view,
             |k, rule| rule.eavesdrop() && Some(k) != recipient,
             |k| {
+                if self.check_delivery(sender, k, msg, false, true).is_err() {
+                    return;
+                }
                 if let Some(p) = self.peers.get(&k) {
                     let _ = p.outbox.push(msg.clone());
                 }
@@ -261,6 +291,12 @@ impl BusState {
                 self.reply_error(msg, BusError::new(ErrorName::NameHasNoOwner, text));
             }
             None => {
+                // Checked before a start, with the destination as written.
+                if sup.provides(dest)
+                    && let Err(e) = self.check_activation(from, msg)
+                {
+                    return self.deny(from, msg, &e);
+                }
                 let waiter = Waiter::Message {
                     msg: msg.clone(),
                     from,
@@ -301,6 +337,9 @@ impl BusState {
 
     /// Deliver a unicast message to the connected peer `to`.
     fn deliver(&mut self, from: PeerId, msg: &Message, to: PeerId, dest: &str) {
+        if let Err(e) = self.check_delivery(Some(from), to, msg, false, false) {
+            return self.deny(from, msg, &e);
+        }
         let tracked = wire::wants_reply(msg);
         if tracked
             && self.replies.waiting_count(from) as u64 >= self.limits.max_replies_per_connection
@@ -343,8 +382,15 @@ impl BusState {
         let Some(to) = self.resolve(dest.as_str()) else {
             return;
         };
-        if !self.replies.take(to, serial.get(), from) {
-            return debug!(from = %unique_name(from), "unrequested reply dropped");
+        // An unrequested reply (a second one, or to a call that wanted none)
+        // is up to the policy, as in dbus-daemon: session.conf's
+        // `<allow send_destination="*" eavesdrop="true"/>` lets it through.
+        let requested = self.replies.take(to, serial.get(), from);
+        if let Err(e) = self.check_delivery(Some(from), to, msg, requested, false) {
+            if !requested {
+                debug!(from = %unique_name(from), "unrequested reply refused");
+            }
+            return self.deny(from, msg, &e);
         }
         match self.push(to, msg.clone()) {
             Err(PushError::Full) => self.cut_for_unread_reply(to),

@@ -31,6 +31,7 @@ pub(crate) struct BusState {
     pub(super) reply_timer: Arc<tokio::sync::Notify>,
     pub(super) monitors: Vec<PeerId>,
     pub(super) pending: Pending,
+    pub(super) enforcer: super::policy::Enforcer,
     /// Connections that completed Hello: in all, and by uid.
     pub(super) completed: usize,
     pub(super) completed_by_uid: HashMap<u32, usize>,
@@ -45,7 +46,7 @@ pub(crate) struct BusState {
 }
 
 impl BusState {
-    pub(super) fn new(limits: Limits, own_name: &'static str) -> Self {
+    pub(super) fn new(limits: Limits, own_name: &'static str, policy: crate::policy::Policy) -> Self {
         let timeout = (limits.reply_timeout_ms != crate::config::REPLY_TIMEOUT_NEVER)
             .then(|| Duration::from_millis(limits.reply_timeout_ms));
         BusState {
@@ -57,6 +58,7 @@ impl BusState {
             reply_timer: Arc::new(tokio::sync::Notify::new()),
             monitors: Vec::new(),
             pending: Pending::default(),
+            enforcer: super::policy::Enforcer::new(policy),
             completed: 0,
             completed_by_uid: HashMap::new(),
             stats_serial: 0,
@@ -119,6 +121,7 @@ impl BusState {
             if peer.hello {
                 self.uncount_completed(peer.creds.uid);
             }
+            self.release_policy(peer.policy.clone());
             self.monitors.retain(|m| *m != id);
             self.pending.hold(id, false);
             self.matches.remove_all(id);

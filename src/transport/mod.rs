@@ -210,7 +210,7 @@ async fn connection<S: Activator + Send + 'static>(
     gate: Arc<Gate>,
     stream: UnixStream,
 ) {
-    let Some((uid, creds)) = credentials(&bus.facts, &stream) else {
+    let Some((uid, creds)) = credentials(&bus, &stream) else {
         return;
     };
     // Until its Hello, a connection is incomplete (as in dbus-daemon): it
@@ -253,7 +253,7 @@ impl Deadline {
 
 /// The peer's uid (for the handshake) and credentials; None (logged) if
 /// they cannot be read or the uid may not connect.
-fn credentials(facts: &Facts, stream: &UnixStream) -> Option<(u32, Credentials)> {
+fn credentials<S: Activator>(bus: &Bus<S>, stream: &UnixStream) -> Option<(u32, Credentials)> {
     // Credentials straight from the socket (SO_PEERCRED, SO_PEERPIDFD): a
     // foreign uid is refused before it costs a handshake.
     let peer = match nix::sys::socket::getsockopt(stream, sockopt::PeerCredentials) {
@@ -263,11 +263,14 @@ fn credentials(facts: &Facts, stream: &UnixStream) -> Option<(u32, Credentials)>
             return None;
         }
     };
-    if !facts.is_privileged(Some(peer.uid())) {
+    // The policy's connect rules (`<allow user=...>`, `<allow group=...>`);
+    // without one, only the bus's own uid, as in dbus-daemon.
+    let facts = &bus.facts;
+    let groups = facts.groups_of(peer.uid(), peer.gid());
+    if !bus.may_connect(peer.uid(), &groups) {
         warn!(
-            "refused a connection from uid {}: only uid {} may connect",
-            peer.uid(),
-            facts.uid
+            "refused a connection from uid {}: the policy does not allow it to connect",
+            peer.uid()
         );
         return None;
     }

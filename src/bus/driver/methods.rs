@@ -37,6 +37,7 @@ pub(super) fn hello(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     cx.core.count_completed(uid);
     let p = cx.core.peers.get_mut(&from).expect("looked up above");
     p.hello = true;
+    cx.core.assign_policy(from);
     let me = unique_name(from);
     if let Some(r) = wire::reply(msg, &(&me,)) {
         cx.core.send_to(from, r);
@@ -88,6 +89,7 @@ pub(super) fn request_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let (name, flags): (&str, u32) = wire::args(&body)?;
     check_well_known(cx, name, "acquire")?;
     let from = cx.from;
+    cx.core.check_own(from, name)?;
     let max = cx.facts.limits.max_names_per_connection;
     // The unique name counts, as in dbus-daemon.
     if cx.core.names.count_for(from) as u64 + 1 >= max
