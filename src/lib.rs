@@ -11,10 +11,13 @@ pub(crate) mod bus;
 pub mod cli;
 pub mod client;
 pub(crate) mod config;
-#[allow(dead_code, reason = "the policy engine lands in parts: model, parser, checks, then the bus core's hooks")]
-pub(crate) mod policy;
 pub mod daemon;
 pub mod logging;
+#[allow(
+    dead_code,
+    reason = "the policy engine lands in parts: model, parser, checks, then the bus core's hooks"
+)]
+pub(crate) mod policy;
 pub mod supervision;
 pub(crate) mod transport;
 pub(crate) mod wire;

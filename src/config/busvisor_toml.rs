@@ -162,6 +162,7 @@ pub fn parse_toml_with_env(
     let mut cfg = BusConfig::empty();
     cfg.limits = Limits::default();
     cfg.policy = PolicySummary::allow_all();
+    cfg.policy_rules = crate::policy::Policy::allow_all();
     cfg.bus_type = parsed.bus_type;
     cfg.fork = parsed.fork;
     cfg.pidfile = parsed.pidfile;
@@ -290,6 +291,7 @@ auth_timeout = 7
         expected.extend(standard_session_servicedirs(&env));
         assert_eq!(cfg.servicedirs, expected);
         assert!(cfg.policy.allow_all);
+        assert_eq!(cfg.policy_rules, crate::policy::Policy::allow_all());
         assert!(cfg.warnings.is_empty());
     }
 

@@ -28,6 +28,9 @@ pub mod address;
 pub mod busvisor_toml;
 pub mod xml;
 
+#[cfg(test)]
+mod dbus_corpus_tests;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -135,7 +138,14 @@ pub struct BusConfig {
     /// place, duplicates dropped (first occurrence wins).
     pub servicedirs: Vec<ServiceDir>,
     pub limits: Limits,
+    /// What the policy amounts to for busvisor today (allow-all or not,
+    /// and the rules it does not enforce).
     pub policy: PolicySummary,
+    /// Every `<policy>` rule, by context, in file order (included files
+    /// where their `<include>` stands), as dbus-daemon parses them. Empty
+    /// (everything denied, in dbus-daemon's terms) when the XML has no
+    /// policy; [`crate::policy::Policy::allow_all`] for TOML configurations.
+    pub(crate) policy_rules: crate::policy::Policy,
     /// `<fork/>`
     pub fork: bool,
     /// `<pidfile>`; the last one wins.
@@ -176,6 +186,7 @@ impl BusConfig {
             servicedirs: Vec::new(),
             limits: Limits::DBUS_DAEMON_BUILTIN,
             policy: PolicySummary::default(),
+            policy_rules: crate::policy::Policy::default(),
             fork: false,
             pidfile: None,
             keep_umask: false,
@@ -563,6 +574,7 @@ pub fn session_default_with_env(env: &dyn Fn(&str) -> Option<String>) -> BusConf
             cfg.keep_umask = true;
             cfg.limits = Limits::SESSION_CONF;
             cfg.policy = PolicySummary::allow_all();
+            cfg.policy_rules = crate::policy::Policy::allow_all();
             for d in standard_session_servicedirs(env) {
                 cfg.add_servicedir(d);
             }
@@ -684,6 +696,7 @@ mod tests {
         assert!(!cfg.fork);
         assert_eq!(cfg.limits, Limits::SESSION_CONF);
         assert!(cfg.policy.allow_all, "{:?}", cfg.policy);
+        assert_eq!(cfg.policy_rules, crate::policy::Policy::allow_all());
         assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
         assert!(cfg.source_files.is_empty());
         assert_eq!(cfg.servicedirs, standard_session_servicedirs(&env));

@@ -11,9 +11,12 @@
 //!   ignores such errors); any other error is fatal;
 //! * `<include if_selinux_enabled="yes">` is skipped (busvisor has no
 //!   SELinux support);
-//! * unknown elements, misplaced elements, unknown attributes and bad
-//!   attribute values are errors, as in dbus-daemon; unknown `<limit>` names
-//!   are a warning (dbus-daemon rejects them).
+//! * unknown elements, misplaced elements, unknown attributes, bad
+//!   attribute values and unknown `<limit>` names are errors, as in
+//!   dbus-daemon;
+//! * `<policy>`, `<allow>` and `<deny>` become the rules of
+//!   [`BusConfig::policy_rules`] (`crate::policy::parse`); an unknown user or
+//!   group drops its policy or rule with a warning, as in dbus-daemon.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +27,8 @@ use super::{
     BusConfig, ConfigError, LimitSet, PolicySummary, ServiceDir, address, process_env,
     standard_session_servicedirs, standard_system_servicedirs,
 };
+use crate::policy::parse::{self, MAX_MESSAGE_UNIX_FDS, Parsed, PolicyContext, SystemAccounts};
+use crate::policy::{MessageRule, RuleKind};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -201,8 +206,8 @@ impl Kind {
                 "if_selinux_enabled",
                 "selinux_root_relative",
             ],
-            Kind::Policy => &["context", "user", "group", "at_console"],
-            Kind::Allow | Kind::Deny => RULE_ATTRIBUTES,
+            Kind::Policy => parse::POLICY_ATTRIBUTES,
+            Kind::Allow | Kind::Deny => parse::RULE_ATTRIBUTES,
             Kind::Apparmor => &["mode"],
             Kind::Associate => &["own", "context"],
             _ => &[],
@@ -210,40 +215,12 @@ impl Kind {
     }
 }
 
-/// Attributes of `<allow>`/`<deny>` (bus/config-parser.c
-/// `append_rule_from_element`, dbus 1.14).
-const RULE_ATTRIBUTES: &[&str] = &[
-    "send_interface",
-    "send_member",
-    "send_error",
-    "send_destination",
-    "send_destination_prefix",
-    "send_path",
-    "send_type",
-    "send_broadcast",
-    "receive_interface",
-    "receive_member",
-    "receive_error",
-    "receive_sender",
-    "receive_path",
-    "receive_type",
-    "eavesdrop",
-    "max_fds",
-    "min_fds",
-    "send_requested_reply",
-    "receive_requested_reply",
-    "own",
-    "own_prefix",
-    "user",
-    "group",
-    "log",
-];
-
 /// The policy an `<allow>`/`<deny>` belongs to.
 #[derive(Debug, Clone)]
 struct PolicyCtx {
-    /// `context="default"` or `context="mandatory"`: applies to everybody.
-    applies_to_all: bool,
+    /// Where its rules go; `None` for a policy of an unknown user or group,
+    /// whose rules are checked and dropped.
+    context: Option<PolicyContext>,
     /// The `<policy ...>` start tag, for messages.
     tag: String,
 }
@@ -318,6 +295,20 @@ fn yes_no(ctx: &FileCtx<'_>, f: &Frame, attr: &str) -> Result<bool, ConfigError>
             ),
         )),
     }
+}
+
+/// A send or receive rule that names no message field and no fd range:
+/// with `allow`, it allows every message (`*_requested_reply` aside).
+fn matches_every_message(m: &MessageRule) -> bool {
+    m.message_type.is_none()
+        && m.path.is_none()
+        && m.interface.is_none()
+        && m.member.is_none()
+        && m.error.is_none()
+        && m.name.is_none()
+        && m.broadcast.is_none()
+        && m.min_fds == 0
+        && m.max_fds >= MAX_MESSAGE_UNIX_FDS
 }
 
 impl<'e> State<'e> {
@@ -643,7 +634,7 @@ impl<'e> State<'e> {
             if !kind.allowed_attributes().contains(&key.as_str()) {
                 return Err(ctx.invalid(
                     Some(line),
-                    format!("attribute \"{key}\" is invalid on <{name}> element"),
+                    format!("Attribute \"{key}\" is invalid on <{name}> element in this context"),
                 ));
             }
             let value = attr
@@ -760,216 +751,95 @@ impl<'e> State<'e> {
     }
 
     fn start_policy(&mut self, ctx: &FileCtx<'_>, f: &Frame) -> Result<PolicyCtx, ConfigError> {
-        if f.attrs.len() != 1 {
-            return Err(ctx.invalid(
-                Some(f.line),
-                "<policy> element must have exactly one of (context|user|group|at_console) \
-                 attributes",
-            ));
-        }
-        let (key, value) = (&f.attrs[0].0, &f.attrs[0].1);
-        let applies_to_all = match key.as_str() {
-            "context" => match value.as_str() {
-                "default" | "mandatory" => true,
-                _ => {
-                    return Err(ctx.invalid(
-                        Some(f.line),
-                        "context attribute on <policy> must have the value \"default\" or \
-                         \"mandatory\"",
-                    ));
-                }
-            },
-            "at_console" => match value.as_str() {
-                "true" | "false" => false,
-                _ => {
-                    return Err(ctx.invalid(
-                        Some(f.line),
-                        "at_console attribute on <policy> must be \"true\" or \"false\"",
-                    ));
-                }
-            },
-            _ => false,
+        let context = match parse::parse_policy(&f.attrs, &SystemAccounts) {
+            Ok(Parsed::Value(context)) => Some(context),
+            Ok(Parsed::Dropped { warning }) => {
+                let msg = format!(
+                    "{}: {warning}; the rules of {} are ignored",
+                    ctx.file_line(f.line),
+                    f.tag()
+                );
+                self.warn(msg);
+                None
+            }
+            Err(message) => return Err(ctx.invalid(Some(f.line), message)),
         };
         let files = &mut self.acc.policy.files;
         if !files.iter().any(|p| p == ctx.path) {
             files.push(ctx.path.to_path_buf());
         }
         Ok(PolicyCtx {
-            applies_to_all,
+            context,
             tag: f.tag(),
         })
     }
 
-    /// Validate an `<allow>`/`<deny>` rule like dbus-daemon and record what
-    /// it means for the allow-all summary.
+    /// Parse an `<allow>`/`<deny>` like dbus-daemon, file it in
+    /// [`BusConfig::policy_rules`] and record what it means for the
+    /// allow-all summary.
     fn rule(
         &mut self,
         ctx: &FileCtx<'_>,
         f: &Frame,
         pctx: Option<PolicyCtx>,
     ) -> Result<(), ConfigError> {
-        let err = |m: String| ctx.invalid(Some(f.line), m);
-        let name = &f.name;
-        let has = |k: &str| f.attr(k).is_some();
-        let send_keys = [
-            "send_destination",
-            "send_destination_prefix",
-            "send_broadcast",
-            "send_path",
-            "send_type",
-            "send_interface",
-            "send_member",
-            "send_error",
-            "send_requested_reply",
-        ];
-        let receive_keys = [
-            "receive_sender",
-            "receive_path",
-            "receive_type",
-            "receive_interface",
-            "receive_member",
-            "receive_error",
-            "receive_requested_reply",
-        ];
-        let any_send = send_keys.iter().any(|k| has(k));
-        let any_receive = receive_keys.iter().any(|k| has(k)) || (!any_send && has("eavesdrop"));
-        let any_message = any_send || any_receive || has("max_fds") || has("min_fds");
-        let others = ["own", "own_prefix", "user", "group"]
-            .iter()
-            .filter(|k| has(k))
-            .count();
-        if !(any_send || any_receive || others > 0) {
-            return Err(err(format!(
-                "element <{name}> must have one or more attributes"
-            )));
-        }
-        if (has("send_member") && !has("send_interface") && !has("send_path"))
-            || (has("receive_member") && !has("receive_interface") && !has("receive_path"))
-        {
-            return Err(err(format!(
-                "on element <{name}>, if you specify a member you must specify an interface or \
-                 a path"
-            )));
-        }
-        if usize::from(any_message) + others > 1 {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: own, own_prefix, user, \
-                 group and the message-related attributes cannot be combined"
-            )));
-        }
-        if any_send && any_receive {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: send and receive \
-                 attributes cannot be combined"
-            )));
-        }
-        if (has("send_member") || has("send_interface")) && has("send_error")
-            || (has("receive_member") || has("receive_interface")) && has("receive_error")
-        {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: *_error cannot be \
-                 combined with *_member or *_interface"
-            )));
-        }
-        if has("send_destination") && has("send_destination_prefix") {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: send_destination \
-                 cannot be combined with send_destination_prefix"
-            )));
-        }
-        for k in [
-            "eavesdrop",
-            "send_broadcast",
-            "send_requested_reply",
-            "receive_requested_reply",
-        ] {
-            if let Some(v) = f.attr(k)
-                && v != "true"
-                && v != "false"
-            {
-                return Err(err(format!(
-                    "bad value \"{v}\" for {k} attribute, must be true or false"
-                )));
+        let rule = match parse::parse_rule(f.kind == Kind::Allow, &f.attrs, &SystemAccounts) {
+            Ok(Parsed::Value(rule)) => rule,
+            Ok(Parsed::Dropped { warning }) => {
+                let msg = format!("{}: {warning}; rule ignored", ctx.file_line(f.line));
+                self.warn(msg);
+                return Ok(());
             }
-        }
-        for k in ["send_type", "receive_type"] {
-            if let Some(v) = f.attr(k)
-                && !matches!(
-                    v,
-                    "*" | "method_call" | "method_return" | "signal" | "error"
-                )
-            {
-                return Err(err(format!("bad message type \"{v}\"")));
-            }
-        }
-        for k in ["max_fds", "min_fds"] {
-            if let Some(v) = f.attr(k)
-                && !v.parse::<i64>().is_ok_and(|n| (0..=253).contains(&n))
-            {
-                return Err(err(format!(
-                    "bad value \"{v}\" for {k} attribute, must be an integer in range 0 to 253 \
-                     inclusive"
-                )));
-            }
-        }
-        if f.attr("send_broadcast") == Some("true") && has("send_destination") {
-            return Err(err(format!(
-                "rule with send_broadcast=\"true\" and send_destination cannot match anything \
-                 (element <{name}>)"
-            )));
-        }
-
-        let Some(pctx) = pctx else {
-            // Cannot happen: the parent check guarantees a <policy> parent.
-            return Err(err(format!("<{name}> outside <policy>")));
+            Err(message) => return Err(ctx.invalid(Some(f.line), message)),
+        };
+        // The parent check guarantees a <policy> parent.
+        let Some(PolicyCtx {
+            context: Some(context),
+            tag,
+        }) = pctx
+        else {
+            return Ok(());
         };
         let describe = || {
             format!(
-                "policy rule {} (in {}) in {}",
+                "policy rule {} (in {tag}) in {}",
                 f.tag(),
-                pctx.tag,
                 ctx.file_line(f.line)
             )
         };
         let p = &mut self.acc.policy;
-        if f.kind == Kind::Deny {
-            p.unenforced
-                .push(format!("{} is not enforced by busvisor", describe()));
-            return Ok(());
-        }
-        if has("user") || has("group") {
+        let applies_to_all = matches!(context, PolicyContext::Default | PolicyContext::Mandatory);
+        match &rule.kind {
+            _ if !rule.allow => {
+                p.unenforced
+                    .push(format!("{} is not enforced by busvisor", describe()));
+            }
             // Connection rules: busvisor only accepts connections from its
             // own user, whatever the policy says.
-            p.unenforced.push(format!(
+            RuleKind::User(_) | RuleKind::Group(_) => p.unenforced.push(format!(
                 "{} is not enforced by busvisor (only the bus owner's uid may connect)",
                 describe()
-            ));
-            return Ok(());
-        }
-        if !pctx.applies_to_all {
+            )),
             // An <allow> for some users only: redundant if everything is
             // allowed to everybody, otherwise the missing wildcard is
             // reported by finish().
-            return Ok(());
+            _ if !applies_to_all => {}
+            RuleKind::Send(m) if matches_every_message(m) => {
+                p.send_all = true;
+                p.send_eavesdrop |= m.eavesdrop;
+            }
+            RuleKind::Receive(m) if matches_every_message(m) => {
+                p.receive_all = true;
+                p.receive_eavesdrop |= m.eavesdrop;
+            }
+            RuleKind::Own { name: None, .. } => p.own_all = true,
+            _ => {}
         }
-        let wild = |keys: &[&str]| {
-            keys.iter()
-                .filter(|k| !k.ends_with("_requested_reply"))
-                .all(|k| f.attr(k).is_none_or(|v| v == "*"))
-                && !has("max_fds")
-                && !has("min_fds")
-        };
-        let eavesdrop = f.attr("eavesdrop") == Some("true");
-        if any_send && wild(&send_keys) {
-            p.send_all = true;
-            p.send_eavesdrop |= eavesdrop;
-        } else if any_receive && wild(&receive_keys) {
-            p.receive_all = true;
-            p.receive_eavesdrop |= eavesdrop;
-        } else if f.attr("own") == Some("*") {
-            p.own_all = true;
-        }
-        Ok(())
+        self.acc
+            .cfg
+            .policy_rules
+            .add_rule(context, rule)
+            .map_err(|message| ctx.invalid(Some(f.line), message))
     }
 
     fn pop_element(
@@ -1090,11 +960,9 @@ impl<'e> State<'e> {
                 self.warn(msg);
             }
             Ok(LimitSet::Unknown) => {
-                let msg = format!(
-                    "<limit name=\"{name}\"> in {}: unknown limit; ignored",
-                    ctx.file_line(f.line)
+                return Err(
+                    ctx.invalid(Some(f.line), format!("There is no limit called \"{name}\""))
                 );
-                self.warn(msg);
             }
             Err(m) => return Err(ctx.invalid(Some(f.line), m)),
         }
@@ -1107,6 +975,7 @@ mod tests {
     use super::*;
     use crate::config::Limits;
     use crate::config::tests::fake_env;
+    use crate::policy::{Policy, Rule};
     use std::fs;
 
     const ALLOW_ALL: &str = r#"<policy context="default">
@@ -1234,7 +1103,6 @@ mod tests {
   <limit name="auth_timeout"> 5 </limit>
   <limit name="reply_timeout">25000</limit>
   <limit name="max_containers">3</limit>
-  <limit name="no_such_limit">3</limit>
 </busconfig>"#,
         )
         .unwrap();
@@ -1246,12 +1114,13 @@ mod tests {
             Limits::DBUS_DAEMON_BUILTIN.max_incoming_bytes
         );
         assert!(cfg.warnings.iter().any(|w| w.contains("max_containers")));
-        let unknown = cfg
-            .warnings
-            .iter()
-            .find(|w| w.contains("no_such_limit"))
-            .unwrap();
-        assert!(unknown.contains("test.conf line 6"), "{unknown}");
+        // dbus-daemon refuses a limit it does not know.
+        let e = parse("<busconfig>\n\n<limit name=\"no_such_limit\">3</limit></busconfig>")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/test.conf:3: There is no limit called \"no_such_limit\""
+        );
 
         for bad in [
             r#"<limit name="auth_timeout">-1</limit>"#,
@@ -1399,7 +1268,7 @@ mod tests {
             "<allow send_destination=\"a\" send_destination_prefix=\"b\"/>",
             "<allow send_broadcast=\"true\" send_destination=\"a\"/>",
             "<allow send_error=\"e\" send_interface=\"i\"/>",
-            "<allow send_type=\"signal\" max_fds=\"1000\"/>",
+            "<allow send_type=\"signal\" max_fds=\"33554433\"/>",
             "<allow bogus=\"x\"/>",
         ] {
             let text = format!("<busconfig><policy context=\"default\">{bad}</policy></busconfig>");
@@ -1592,6 +1461,184 @@ mod tests {
         let e = load_xml_with_env(&d.join("0.conf"), &no_env).unwrap_err();
         assert!(e.to_string().contains("nested"), "{e}");
         assert!(load_xml_with_env(&d.join("50.conf"), &no_env).is_ok());
+    }
+
+    #[test]
+    fn policy_rules_in_order_across_includes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir(d.join("conf.d")).unwrap();
+        let own = |names: &[&str]| -> String {
+            names
+                .iter()
+                .map(|n| format!("<allow own=\"{n}\"/>"))
+                .collect()
+        };
+        write(
+            &d.join("main.conf"),
+            &format!(
+                "<busconfig><policy context=\"default\">{}</policy>\
+                 <include>inc.conf</include><includedir>conf.d</includedir>\
+                 <policy context=\"default\">{}</policy>\
+                 <policy user=\"root\">{}</policy><policy user=\"0\">{}</policy>\
+                 <policy group=\"0\">{}</policy><policy at_console=\"false\">{}</policy>\
+                 </busconfig>",
+                own(&["a"]),
+                own(&["e"]),
+                own(&["u1"]),
+                own(&["u2"]),
+                own(&["g"]),
+                own(&["nc"])
+            ),
+        );
+        write(
+            &d.join("inc.conf"),
+            &format!(
+                "<busconfig><policy context=\"mandatory\">{}</policy>\
+                 <policy context=\"default\">{}</policy></busconfig>",
+                own(&["m"]),
+                own(&["b", "c"])
+            ),
+        );
+        write(
+            &d.join("conf.d/1.conf"),
+            &format!(
+                "<busconfig><policy context=\"default\">{}</policy></busconfig>",
+                own(&["d"])
+            ),
+        );
+        // Refused, so its rules are rolled back with the rest of it.
+        write(
+            &d.join("conf.d/2.conf"),
+            &format!(
+                "<busconfig><policy context=\"default\">{}<allow/></policy></busconfig>",
+                own(&["broken"])
+            ),
+        );
+        let cfg = load_xml_with_env(&d.join("main.conf"), &no_env).unwrap();
+        let names = |rules: &[Rule]| -> Vec<String> {
+            rules
+                .iter()
+                .map(|r| match &r.kind {
+                    RuleKind::Own { name, .. } => name.clone().unwrap_or_default(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let p = &cfg.policy_rules;
+        assert_eq!(names(&p.default), ["a", "b", "c", "d", "e"]);
+        assert_eq!(names(&p.mandatory), ["m"]);
+        assert_eq!(names(&p.by_user[&0]), ["u1", "u2"]);
+        assert_eq!(names(&p.by_group[&0]), ["g"]);
+        assert_eq!(names(&p.not_at_console), ["nc"]);
+        assert!(p.at_console.is_empty());
+        let w = cfg
+            .warnings
+            .iter()
+            .find(|w| w.contains("2.conf"))
+            .expect("warning for 2.conf");
+        assert!(
+            w.contains("Element <allow> must have one or more attributes"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn unknown_users_and_groups_warn_and_drop() {
+        let cfg = parse(
+            "<busconfig>\n<policy user=\"busvisor-no-such-user\">\
+             <deny own=\"x\"/></policy>\n\
+             <policy group=\"busvisor-no-such-group\"><allow own=\"y\"/></policy>\n\
+             <policy context=\"default\"><allow user=\"busvisor-no-such-user\"/>\
+             <deny group=\"busvisor-no-such-group\"/><allow own=\"z\"/></policy>\n\
+             </busconfig>",
+        )
+        .unwrap();
+        let mut expected = Policy::default();
+        expected.default.push(Rule {
+            allow: true,
+            kind: RuleKind::Own {
+                name: Some("z".into()),
+                prefix: false,
+            },
+        });
+        assert_eq!(cfg.policy_rules, expected);
+        for (line, text) in [
+            (
+                2,
+                "Unknown username \"busvisor-no-such-user\" in message bus configuration file",
+            ),
+            (
+                3,
+                "Unknown group \"busvisor-no-such-group\" in message bus configuration file",
+            ),
+            (
+                4,
+                "Unknown username \"busvisor-no-such-user\" on element <allow>",
+            ),
+            (
+                4,
+                "Unknown group \"busvisor-no-such-group\" on element <deny>",
+            ),
+        ] {
+            let at = format!("/nonexistent/test.conf line {line}: {text}");
+            assert!(
+                cfg.warnings.iter().any(|w| w.starts_with(&at)),
+                "{at}: {:?}",
+                cfg.warnings
+            );
+        }
+        // Dropped rules are not reported as unenforced.
+        assert!(
+            !cfg.policy.unenforced.iter().any(|w| w.contains("no-such")),
+            "{:?}",
+            cfg.policy.unenforced
+        );
+        // A bad rule in a dropped policy is still an error, as in dbus-daemon.
+        let e = parse(
+            "<busconfig><policy user=\"busvisor-no-such-user\">\n<allow/></policy></busconfig>",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/test.conf:2: Element <allow> must have one or more attributes"
+        );
+    }
+
+    #[test]
+    fn connection_rules_in_per_user_policies() {
+        for (policy, rule, per) in [
+            (
+                "user=\"root\"",
+                "<allow user=\"*\"/>",
+                "<allow> rule cannot be per-user",
+            ),
+            (
+                "group=\"0\"",
+                "<deny group=\"0\"/>",
+                "<deny> rule cannot be per-group",
+            ),
+        ] {
+            let e = parse(&format!(
+                "<busconfig>\n<policy {policy}>\n{rule}</policy></busconfig>"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("/nonexistent/test.conf:3: {per} because it has bus-global semantics")
+            );
+        }
+        let cfg = parse(
+            "<busconfig><policy at_console=\"true\"><allow user=\"root\"/></policy></busconfig>",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.policy_rules.at_console,
+            [Rule {
+                allow: true,
+                kind: RuleKind::User(Some(0))
+            }]
+        );
     }
 
     #[test]

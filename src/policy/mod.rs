@@ -10,6 +10,8 @@
 
 use std::collections::BTreeMap;
 
+pub(crate) mod parse;
+
 /// A message type a rule names (`send_type`, `receive_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum MessageType {
