@@ -173,7 +173,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         machine_id,
         cfg.limits,
         own_name,
-        crate::policy::Policy::session(),
+        cfg.policy_rules.clone(),
         sup,
     ));
     let gate = Arc::new(Gate::new());
@@ -222,7 +222,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     {
         let mut g = bus.lock();
         let crate::bus::Shared { core, sup } = &mut *g;
-        sup.set_dirs(dirs, scanned, core);
+        sup.set_dirs(dirs, opts.config_file.clone(), scanned, core);
     }
     // $XDG_RUNTIME_DIR/dbus-1/services is not watched, as in dbus-daemon.
     let watched: Vec<PathBuf> = opts

@@ -13,10 +13,6 @@ pub mod client;
 pub(crate) mod config;
 pub mod daemon;
 pub mod logging;
-#[allow(
-    dead_code,
-    reason = "the policy engine lands in parts: model, parser, checks, then the bus core's hooks"
-)]
 pub(crate) mod policy;
 pub mod supervision;
 pub(crate) mod transport;

@@ -527,19 +527,13 @@ async fn an_unanswered_call_times_out_with_no_reply() {
     sync(&b).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unrequested_replies_are_not_delivered() {
-    // The issue's rule, and the specification's. dbus-daemon with its
-    // session.conf delivers them: its `<allow send_destination="*"
-    // eavesdrop="true"/>` also lets unrequested replies through.
-    if is_reference() {
-        return;
-    }
-    let bus = start_bus(None);
-    let a = connect(&bus.address).await;
-    let b = connect(&bus.address).await;
+/// b sends `a` an invented reply and error, then a second reply to a's real
+/// call; returns what `a` got of the forged ones, and what b got back.
+async fn forge_replies(address: &str) -> (Vec<Message>, Vec<Message>) {
+    let a = connect(address).await;
+    let b = connect(address).await;
     let mut sa = stream(&a);
-    // b invents a reply to a call a never made (to b).
+    let mut sb = stream(&b);
     let fake_call = Message::method_call("/", "Never")
         .sender(unique(&a))
         .destination(unique(&b))
@@ -553,9 +547,7 @@ async fn unrequested_replies_are_not_delivered() {
         .build(&("forged",))
         .unwrap();
     emit(&b, &forged_err).await;
-
-    // A real call: its reply is delivered once; a second reply is dropped.
-    let mut sb = stream(&b);
+    // A real call: its reply is delivered once; a second is unrequested.
     let dest = unique(&b);
     let call = tokio::spawn({
         let a = a.clone();
@@ -585,13 +577,57 @@ async fn unrequested_replies_are_not_delivered() {
     assert_eq!(r.body().deserialize::<String>().unwrap(), "first");
     sync(&b).await;
     sync(&a).await;
+    let b_name = unique(&b);
     let got = collect_for(&mut sa, Duration::from_millis(500), |m| {
         matches!(m.message_type(), Type::MethodReturn | Type::Error)
-            && sender(m) == unique(&b)
+            && sender(m) == b_name
             && m.body().deserialize::<String>().ok().as_deref() == Some("forged")
     })
     .await;
+    let errors = collect_for(&mut sb, Duration::from_millis(300), |m| {
+        m.message_type() == Type::Error && sender(m) == "org.freedesktop.DBus"
+    })
+    .await;
+    (got, errors)
+}
+
+/// Replies nobody asked for (invented, or a second one) are up to the
+/// policy, as in dbus-daemon: session.conf's `<allow send_destination="*"
+/// eavesdrop="true"/>` lets them through; a policy whose allow rules do not
+/// say `eavesdrop="true"` refuses them, and the replier gets AccessDenied
+/// (an allow rule's `send_requested_reply` defaults to true).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrequested_replies_follow_the_policy() {
+    let bus = start_bus(Some(&config_xml(&[])));
+    let (got, errors) = forge_replies(&bus.address).await;
+    assert_eq!(got.len(), 3, "session.conf delivers them: {got:?}");
+    assert!(errors.is_empty(), "{errors:?}");
+
+    let strict = config_xml(&[]).replace(
+        r#"<allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>"#,
+        r#"<allow send_destination="*"/>
+    <allow receive_sender="*"/>"#,
+    );
+    assert_ne!(strict, config_xml(&[]));
+    let bus = start_bus(Some(&strict));
+    let (got, errors) = forge_replies(&bus.address).await;
     assert!(got.is_empty(), "unrequested replies delivered: {got:?}");
+    // The first two came before the call and went by unread; the second
+    // reply's is here.
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    for e in &errors {
+        assert_eq!(
+            e.header().error_name().unwrap().as_str(),
+            "org.freedesktop.DBus.Error.AccessDenied"
+        );
+        let text: String = e.body().deserialize().unwrap();
+        assert!(
+            text.starts_with("Rejected send message, 0 matched rules; type=\"")
+                && text.contains("requested_reply=\"0\""),
+            "{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,8 @@ pub(crate) struct CatalogState {
     /// look at the directories, and whether that look is under way.
     pub(crate) misses: Vec<(String, Requester)>,
     pub(crate) resolving: bool,
+    /// The XML configuration, re-read at each reload for its policy.
+    pub(crate) config_file: Option<std::path::PathBuf>,
 }
 
 impl Default for CatalogState {
@@ -90,6 +92,7 @@ impl Default for CatalogState {
             reload: Reload::default(),
             misses: Vec::new(),
             resolving: false,
+            config_file: None,
         }
     }
 }

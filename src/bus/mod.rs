@@ -310,7 +310,7 @@ mod tests {
             "0123".into(),
             Limits::default(),
             names::SUPERVISOR_NAME,
-            crate::policy::Policy::session(),
+            crate::policy::Policy::allow_all(),
             Stub::default(),
         )
     }

@@ -130,7 +130,7 @@ mod tests {
             gid: Some(1000),
             pid: Some(42),
         };
-        let info = Identity::loginfo(&creds, Some(b"/bin/sleep\060\0"));
+        let info = Identity::loginfo(&creds, Some(b"/bin/sleep\x0060\0"));
         assert_eq!(info, "uid=1000 pid=42 comm=\"/bin/sleep 60\"");
         let long = [b'x'; 80];
         let info = Identity::loginfo(&creds, Some(&long));

@@ -13,12 +13,12 @@ use tracing::warn;
 
 use super::BusState;
 use super::peer::{PeerId, parse_unique_name, unique_name};
+use crate::policy::MessageType;
 use crate::policy::Policy;
 use crate::policy::check::{
     ClientPolicy, Decision, MessageFacts, Names, Party, REJECTED_RECEIVE, REJECTED_SEND, Receiver,
     Sender, WOULD_REJECT, complaint, has_prefix, own_denied,
 };
-use crate::policy::MessageType;
 use crate::wire::{BusError, ErrorName, Header, Message, Type};
 
 /// The bus's policy and the connections' share of it.
@@ -64,7 +64,12 @@ impl Names for PeerNames<'_> {
 
     fn has_under(&self, prefix: &str) -> bool {
         has_prefix(&unique_name(self.peer), prefix)
-            || self.st.names.of(self.peer).iter().any(|n| has_prefix(n, prefix))
+            || self
+                .st
+                .names
+                .of(self.peer)
+                .iter()
+                .any(|n| has_prefix(n, prefix))
     }
 }
 
@@ -172,10 +177,19 @@ impl BusState {
         });
         let recipient = to.map(|p| self.loginfo(p));
         if d.allowed {
-            warn!("{}", complaint(WOULD_REJECT, d.matched_rules, f, sender, recipient));
+            warn!(
+                "{}",
+                complaint(WOULD_REJECT, d.matched_rules, f, sender, recipient)
+            );
             return Ok(());
         }
-        Err(refusal(complaint(text, d.matched_rules, f, sender, recipient)))
+        Err(refusal(complaint(
+            text,
+            d.matched_rules,
+            f,
+            sender,
+            recipient,
+        )))
     }
 
     /// A message from a connection (`from`) or from the bus (None) to the
@@ -240,9 +254,7 @@ impl BusState {
     /// RequestName: the own rules.
     pub(super) fn check_own(&self, from: PeerId, name: &str) -> Result<(), BusError> {
         match self.policy_of(from).filter(|_| self.enforcing()) {
-            Some(p) if !p.can_own(name) => {
-                Err(refusal(own_denied(&unique_name(from), name)))
-            }
+            Some(p) if !p.can_own(name) => Err(refusal(own_denied(&unique_name(from), name))),
             _ => Ok(()),
         }
     }

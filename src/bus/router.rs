@@ -101,7 +101,10 @@ impl BusState {
             (_, Some(d)) if to_bus || d == self.own_name => {
                 self.eavesdrop(&msg, Some(from), Some(None));
                 let hello = to_bus && driver::is_hello(&msg);
-                if let Err(e) = self.check_to_bus(from, &msg).or_else(|e| hello.then_some(()).ok_or(e)) {
+                if let Err(e) = self
+                    .check_to_bus(from, &msg)
+                    .or_else(|e| hello.then_some(()).ok_or(e))
+                {
                     self.deny(from, &msg, &e);
                 } else if to_bus {
                     driver::handle(facts, self, sup, from, &msg);

@@ -46,7 +46,11 @@ pub(crate) struct BusState {
 }
 
 impl BusState {
-    pub(super) fn new(limits: Limits, own_name: &'static str, policy: crate::policy::Policy) -> Self {
+    pub(super) fn new(
+        limits: Limits,
+        own_name: &'static str,
+        policy: crate::policy::Policy,
+    ) -> Self {
         let timeout = (limits.reply_timeout_ms != crate::config::REPLY_TIMEOUT_NEVER)
             .then(|| Duration::from_millis(limits.reply_timeout_ms));
         BusState {

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    BusConfig, ConfigError, LimitSet, Limits, PolicySummary, ServiceDir, address, process_env,
+    BusConfig, ConfigError, LimitSet, Limits, ServiceDir, address, process_env,
     standard_session_servicedirs,
 };
 
@@ -161,7 +161,7 @@ pub fn parse_toml_with_env(
 
     let mut cfg = BusConfig::empty();
     cfg.limits = Limits::default();
-    cfg.policy = PolicySummary::allow_all();
+    cfg.policy_rules = crate::policy::Policy::allow_all();
     cfg.bus_type = parsed.bus_type;
     cfg.fork = parsed.fork;
     cfg.pidfile = parsed.pidfile;
@@ -289,7 +289,7 @@ auth_timeout = 7
         ];
         expected.extend(standard_session_servicedirs(&env));
         assert_eq!(cfg.servicedirs, expected);
-        assert!(cfg.policy.allow_all);
+        assert_eq!(cfg.policy_rules, crate::policy::Policy::allow_all());
         assert!(cfg.warnings.is_empty());
     }
 

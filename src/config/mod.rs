@@ -28,6 +28,9 @@ pub mod address;
 pub mod busvisor_toml;
 pub mod xml;
 
+#[cfg(test)]
+mod dbus_corpus_tests;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -135,7 +138,11 @@ pub struct BusConfig {
     /// place, duplicates dropped (first occurrence wins).
     pub servicedirs: Vec<ServiceDir>,
     pub limits: Limits,
-    pub policy: PolicySummary,
+    /// Every `<policy>` rule, by context, in file order (included files
+    /// where their `<include>` stands), as dbus-daemon parses them. Empty
+    /// (everything denied, in dbus-daemon's terms) when the XML has no
+    /// policy; [`crate::policy::Policy::allow_all`] for TOML configurations.
+    pub(crate) policy_rules: crate::policy::Policy,
     /// `<fork/>`
     pub fork: bool,
     /// `<pidfile>`; the last one wins.
@@ -175,7 +182,7 @@ impl BusConfig {
             auth: Vec::new(),
             servicedirs: Vec::new(),
             limits: Limits::DBUS_DAEMON_BUILTIN,
-            policy: PolicySummary::default(),
+            policy_rules: crate::policy::Policy::default(),
             fork: false,
             pidfile: None,
             keep_umask: false,
@@ -451,31 +458,6 @@ impl Default for Limits {
     }
 }
 
-/// What the `<policy>` elements amount to.
-///
-/// busvisor (for now) enforces only the session bus's allow-all policy:
-/// everybody may send anything, receive anything, eavesdrop, and own any
-/// name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PolicySummary {
-    /// The configured policies allow everything busvisor would allow anyway,
-    /// and contain no rule busvisor fails to enforce.
-    pub allow_all: bool,
-    /// One human-readable message per rule (or missing rule) that busvisor
-    /// does not enforce. These are also in [`BusConfig::warnings`].
-    pub unenforced: Vec<String>,
-}
-
-impl PolicySummary {
-    /// The policy of busvisor's own (TOML) configuration: allow all.
-    pub fn allow_all() -> Self {
-        PolicySummary {
-            allow_all: true,
-            unenforced: Vec::new(),
-        }
-    }
-}
-
 /// The standard session service directories, in search order, as
 /// dbus-daemon 1.14 expands `<standard_session_servicedirs/>`:
 ///
@@ -562,7 +544,7 @@ pub fn session_default_with_env(env: &dyn Fn(&str) -> Option<String>) -> BusConf
             cfg.auth.push("EXTERNAL".to_owned());
             cfg.keep_umask = true;
             cfg.limits = Limits::SESSION_CONF;
-            cfg.policy = PolicySummary::allow_all();
+            cfg.policy_rules = crate::policy::Policy::allow_all();
             for d in standard_session_servicedirs(env) {
                 cfg.add_servicedir(d);
             }
@@ -683,12 +665,15 @@ mod tests {
         assert!(cfg.keep_umask);
         assert!(!cfg.fork);
         assert_eq!(cfg.limits, Limits::SESSION_CONF);
-        assert!(cfg.policy.allow_all, "{:?}", cfg.policy);
+        assert_eq!(cfg.policy_rules, crate::policy::Policy::allow_all());
         assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
         assert!(cfg.source_files.is_empty());
         assert_eq!(cfg.servicedirs, standard_session_servicedirs(&env));
         // The real-environment variant parses too.
-        assert!(session_default().policy.allow_all);
+        assert_eq!(
+            session_default().policy_rules,
+            crate::policy::Policy::allow_all()
+        );
     }
 
     #[test]

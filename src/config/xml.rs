@@ -11,9 +11,12 @@
 //!   ignores such errors); any other error is fatal;
 //! * `<include if_selinux_enabled="yes">` is skipped (busvisor has no
 //!   SELinux support);
-//! * unknown elements, misplaced elements, unknown attributes and bad
-//!   attribute values are errors, as in dbus-daemon; unknown `<limit>` names
-//!   are a warning (dbus-daemon rejects them).
+//! * unknown elements, misplaced elements, unknown attributes, bad
+//!   attribute values and unknown `<limit>` names are errors, as in
+//!   dbus-daemon;
+//! * `<policy>`, `<allow>` and `<deny>` become the rules of
+//!   [`BusConfig::policy_rules`] (`crate::policy::parse`); an unknown user or
+//!   group drops its policy or rule with a warning, as in dbus-daemon.
 
 use std::path::{Path, PathBuf};
 
@@ -21,9 +24,10 @@ use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
 
 use super::{
-    BusConfig, ConfigError, LimitSet, PolicySummary, ServiceDir, address, process_env,
+    BusConfig, ConfigError, LimitSet, ServiceDir, address, process_env,
     standard_session_servicedirs, standard_system_servicedirs,
 };
+use crate::policy::parse::{self, Parsed, PolicyContext, SystemAccounts};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -37,7 +41,7 @@ pub fn load_xml(path: &Path) -> Result<BusConfig, ConfigError> {
 pub fn load_xml_with_env(path: &Path, env: Env<'_>) -> Result<BusConfig, ConfigError> {
     let mut st = State::new(env);
     st.include_file(path, false, path, None)?;
-    Ok(st.finish(path))
+    Ok(st.finish())
 }
 
 /// [`parse_xml`] with an explicit environment.
@@ -50,7 +54,7 @@ pub fn parse_xml_with_env(
     st.include_stack.push(canonical(origin));
     st.parse_text(text, origin)?;
     st.include_stack.pop();
-    Ok(st.finish(origin))
+    Ok(st.finish())
 }
 
 /// Bound on `<include>` nesting (distinct files; loops are caught
@@ -79,27 +83,11 @@ fn line_of(text: &str, pos: usize) -> u64 {
         + 1
 }
 
-/// Accumulated policy facts (see [`PolicySummary`]).
-#[derive(Debug, Clone, Default)]
-struct PolicyAccum {
-    /// An allow rule in a default/mandatory policy matches every sent
-    /// message; second flag: it also allows eavesdropping.
-    send_all: bool,
-    send_eavesdrop: bool,
-    receive_all: bool,
-    receive_eavesdrop: bool,
-    own_all: bool,
-    unenforced: Vec<String>,
-    /// Files containing `<policy>` elements, in order, without duplicates.
-    files: Vec<PathBuf>,
-}
-
 /// Everything an include may change; cloned to roll back a failed file in
 /// an `<includedir>`.
 #[derive(Debug, Clone)]
 struct Accum {
     cfg: BusConfig,
-    policy: PolicyAccum,
 }
 
 struct State<'e> {
@@ -201,8 +189,8 @@ impl Kind {
                 "if_selinux_enabled",
                 "selinux_root_relative",
             ],
-            Kind::Policy => &["context", "user", "group", "at_console"],
-            Kind::Allow | Kind::Deny => RULE_ATTRIBUTES,
+            Kind::Policy => parse::POLICY_ATTRIBUTES,
+            Kind::Allow | Kind::Deny => parse::RULE_ATTRIBUTES,
             Kind::Apparmor => &["mode"],
             Kind::Associate => &["own", "context"],
             _ => &[],
@@ -210,42 +198,12 @@ impl Kind {
     }
 }
 
-/// Attributes of `<allow>`/`<deny>` (bus/config-parser.c
-/// `append_rule_from_element`, dbus 1.14).
-const RULE_ATTRIBUTES: &[&str] = &[
-    "send_interface",
-    "send_member",
-    "send_error",
-    "send_destination",
-    "send_destination_prefix",
-    "send_path",
-    "send_type",
-    "send_broadcast",
-    "receive_interface",
-    "receive_member",
-    "receive_error",
-    "receive_sender",
-    "receive_path",
-    "receive_type",
-    "eavesdrop",
-    "max_fds",
-    "min_fds",
-    "send_requested_reply",
-    "receive_requested_reply",
-    "own",
-    "own_prefix",
-    "user",
-    "group",
-    "log",
-];
-
 /// The policy an `<allow>`/`<deny>` belongs to.
 #[derive(Debug, Clone)]
 struct PolicyCtx {
-    /// `context="default"` or `context="mandatory"`: applies to everybody.
-    applies_to_all: bool,
-    /// The `<policy ...>` start tag, for messages.
-    tag: String,
+    /// Where its rules go; `None` for a policy of an unknown user or group,
+    /// whose rules are checked and dropped.
+    context: Option<PolicyContext>,
 }
 
 struct Frame {
@@ -326,7 +284,6 @@ impl<'e> State<'e> {
             env,
             acc: Accum {
                 cfg: BusConfig::empty(),
-                policy: PolicyAccum::default(),
             },
             include_stack: Vec::new(),
         }
@@ -337,48 +294,8 @@ impl<'e> State<'e> {
         self.acc.cfg.warnings.push(msg);
     }
 
-    /// Compute the policy summary and return the configuration.
-    fn finish(mut self, root: &Path) -> BusConfig {
-        let p = &self.acc.policy;
-        let files = match p.files.as_slice() {
-            [] => root.display().to_string(),
-            [one] => one.display().to_string(),
-            [first, rest @ ..] => format!(
-                "{} (and {} included file{})",
-                first.display(),
-                rest.len(),
-                if rest.len() == 1 { "" } else { "s" }
-            ),
-        };
-        let mut unenforced = p.unenforced.clone();
-        let mut missing = |what: &str| {
-            unenforced.push(format!(
-                "policy rule: default deny of {what} (no wildcard <allow> rule) in {files} \
-                 is not enforced by busvisor"
-            ));
-        };
-        if !p.send_all {
-            missing("sending messages");
-        } else if !p.send_eavesdrop {
-            missing("eavesdropping on sent messages");
-        }
-        if !p.receive_all {
-            missing("receiving messages");
-        } else if !p.receive_eavesdrop {
-            missing("eavesdropping on received messages");
-        }
-        if !p.own_all {
-            missing("owning bus names");
-        }
-        let allow_all = unenforced.is_empty();
-        for w in &unenforced {
-            tracing::debug!("config: {w}");
-        }
-        self.acc.cfg.warnings.extend(unenforced.iter().cloned());
-        self.acc.cfg.policy = PolicySummary {
-            allow_all,
-            unenforced,
-        };
+    /// The configuration read.
+    fn finish(self) -> BusConfig {
         self.acc.cfg
     }
 
@@ -643,7 +560,7 @@ impl<'e> State<'e> {
             if !kind.allowed_attributes().contains(&key.as_str()) {
                 return Err(ctx.invalid(
                     Some(line),
-                    format!("attribute \"{key}\" is invalid on <{name}> element"),
+                    format!("Attribute \"{key}\" is invalid on <{name}> element in this context"),
                 ));
             }
             let value = attr
@@ -760,216 +677,52 @@ impl<'e> State<'e> {
     }
 
     fn start_policy(&mut self, ctx: &FileCtx<'_>, f: &Frame) -> Result<PolicyCtx, ConfigError> {
-        if f.attrs.len() != 1 {
-            return Err(ctx.invalid(
-                Some(f.line),
-                "<policy> element must have exactly one of (context|user|group|at_console) \
-                 attributes",
-            ));
-        }
-        let (key, value) = (&f.attrs[0].0, &f.attrs[0].1);
-        let applies_to_all = match key.as_str() {
-            "context" => match value.as_str() {
-                "default" | "mandatory" => true,
-                _ => {
-                    return Err(ctx.invalid(
-                        Some(f.line),
-                        "context attribute on <policy> must have the value \"default\" or \
-                         \"mandatory\"",
-                    ));
-                }
-            },
-            "at_console" => match value.as_str() {
-                "true" | "false" => false,
-                _ => {
-                    return Err(ctx.invalid(
-                        Some(f.line),
-                        "at_console attribute on <policy> must be \"true\" or \"false\"",
-                    ));
-                }
-            },
-            _ => false,
+        let context = match parse::parse_policy(&f.attrs, &SystemAccounts) {
+            Ok(Parsed::Value(context)) => Some(context),
+            Ok(Parsed::Dropped { warning }) => {
+                let msg = format!(
+                    "{}: {warning}; the rules of {} are ignored",
+                    ctx.file_line(f.line),
+                    f.tag()
+                );
+                self.warn(msg);
+                None
+            }
+            Err(message) => return Err(ctx.invalid(Some(f.line), message)),
         };
-        let files = &mut self.acc.policy.files;
-        if !files.iter().any(|p| p == ctx.path) {
-            files.push(ctx.path.to_path_buf());
-        }
-        Ok(PolicyCtx {
-            applies_to_all,
-            tag: f.tag(),
-        })
+        Ok(PolicyCtx { context })
     }
 
-    /// Validate an `<allow>`/`<deny>` rule like dbus-daemon and record what
-    /// it means for the allow-all summary.
+    /// Parse an `<allow>`/`<deny>` like dbus-daemon and file it in
+    /// [`BusConfig::policy_rules`].
     fn rule(
         &mut self,
         ctx: &FileCtx<'_>,
         f: &Frame,
         pctx: Option<PolicyCtx>,
     ) -> Result<(), ConfigError> {
-        let err = |m: String| ctx.invalid(Some(f.line), m);
-        let name = &f.name;
-        let has = |k: &str| f.attr(k).is_some();
-        let send_keys = [
-            "send_destination",
-            "send_destination_prefix",
-            "send_broadcast",
-            "send_path",
-            "send_type",
-            "send_interface",
-            "send_member",
-            "send_error",
-            "send_requested_reply",
-        ];
-        let receive_keys = [
-            "receive_sender",
-            "receive_path",
-            "receive_type",
-            "receive_interface",
-            "receive_member",
-            "receive_error",
-            "receive_requested_reply",
-        ];
-        let any_send = send_keys.iter().any(|k| has(k));
-        let any_receive = receive_keys.iter().any(|k| has(k)) || (!any_send && has("eavesdrop"));
-        let any_message = any_send || any_receive || has("max_fds") || has("min_fds");
-        let others = ["own", "own_prefix", "user", "group"]
-            .iter()
-            .filter(|k| has(k))
-            .count();
-        if !(any_send || any_receive || others > 0) {
-            return Err(err(format!(
-                "element <{name}> must have one or more attributes"
-            )));
-        }
-        if (has("send_member") && !has("send_interface") && !has("send_path"))
-            || (has("receive_member") && !has("receive_interface") && !has("receive_path"))
-        {
-            return Err(err(format!(
-                "on element <{name}>, if you specify a member you must specify an interface or \
-                 a path"
-            )));
-        }
-        if usize::from(any_message) + others > 1 {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: own, own_prefix, user, \
-                 group and the message-related attributes cannot be combined"
-            )));
-        }
-        if any_send && any_receive {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: send and receive \
-                 attributes cannot be combined"
-            )));
-        }
-        if (has("send_member") || has("send_interface")) && has("send_error")
-            || (has("receive_member") || has("receive_interface")) && has("receive_error")
-        {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: *_error cannot be \
-                 combined with *_member or *_interface"
-            )));
-        }
-        if has("send_destination") && has("send_destination_prefix") {
-            return Err(err(format!(
-                "invalid combination of attributes on element <{name}>: send_destination \
-                 cannot be combined with send_destination_prefix"
-            )));
-        }
-        for k in [
-            "eavesdrop",
-            "send_broadcast",
-            "send_requested_reply",
-            "receive_requested_reply",
-        ] {
-            if let Some(v) = f.attr(k)
-                && v != "true"
-                && v != "false"
-            {
-                return Err(err(format!(
-                    "bad value \"{v}\" for {k} attribute, must be true or false"
-                )));
+        let rule = match parse::parse_rule(f.kind == Kind::Allow, &f.attrs, &SystemAccounts) {
+            Ok(Parsed::Value(rule)) => rule,
+            Ok(Parsed::Dropped { warning }) => {
+                let msg = format!("{}: {warning}; rule ignored", ctx.file_line(f.line));
+                self.warn(msg);
+                return Ok(());
             }
-        }
-        for k in ["send_type", "receive_type"] {
-            if let Some(v) = f.attr(k)
-                && !matches!(
-                    v,
-                    "*" | "method_call" | "method_return" | "signal" | "error"
-                )
-            {
-                return Err(err(format!("bad message type \"{v}\"")));
-            }
-        }
-        for k in ["max_fds", "min_fds"] {
-            if let Some(v) = f.attr(k)
-                && !v.parse::<i64>().is_ok_and(|n| (0..=253).contains(&n))
-            {
-                return Err(err(format!(
-                    "bad value \"{v}\" for {k} attribute, must be an integer in range 0 to 253 \
-                     inclusive"
-                )));
-            }
-        }
-        if f.attr("send_broadcast") == Some("true") && has("send_destination") {
-            return Err(err(format!(
-                "rule with send_broadcast=\"true\" and send_destination cannot match anything \
-                 (element <{name}>)"
-            )));
-        }
-
-        let Some(pctx) = pctx else {
-            // Cannot happen: the parent check guarantees a <policy> parent.
-            return Err(err(format!("<{name}> outside <policy>")));
+            Err(message) => return Err(ctx.invalid(Some(f.line), message)),
         };
-        let describe = || {
-            format!(
-                "policy rule {} (in {}) in {}",
-                f.tag(),
-                pctx.tag,
-                ctx.file_line(f.line)
-            )
+        // The parent check guarantees a <policy> parent.
+        let Some(PolicyCtx {
+            context: Some(context),
+            ..
+        }) = pctx
+        else {
+            return Ok(());
         };
-        let p = &mut self.acc.policy;
-        if f.kind == Kind::Deny {
-            p.unenforced
-                .push(format!("{} is not enforced by busvisor", describe()));
-            return Ok(());
-        }
-        if has("user") || has("group") {
-            // Connection rules: busvisor only accepts connections from its
-            // own user, whatever the policy says.
-            p.unenforced.push(format!(
-                "{} is not enforced by busvisor (only the bus owner's uid may connect)",
-                describe()
-            ));
-            return Ok(());
-        }
-        if !pctx.applies_to_all {
-            // An <allow> for some users only: redundant if everything is
-            // allowed to everybody, otherwise the missing wildcard is
-            // reported by finish().
-            return Ok(());
-        }
-        let wild = |keys: &[&str]| {
-            keys.iter()
-                .filter(|k| !k.ends_with("_requested_reply"))
-                .all(|k| f.attr(k).is_none_or(|v| v == "*"))
-                && !has("max_fds")
-                && !has("min_fds")
-        };
-        let eavesdrop = f.attr("eavesdrop") == Some("true");
-        if any_send && wild(&send_keys) {
-            p.send_all = true;
-            p.send_eavesdrop |= eavesdrop;
-        } else if any_receive && wild(&receive_keys) {
-            p.receive_all = true;
-            p.receive_eavesdrop |= eavesdrop;
-        } else if f.attr("own") == Some("*") {
-            p.own_all = true;
-        }
-        Ok(())
+        self.acc
+            .cfg
+            .policy_rules
+            .add_rule(context, rule)
+            .map_err(|message| ctx.invalid(Some(f.line), message))
     }
 
     fn pop_element(
@@ -1090,11 +843,9 @@ impl<'e> State<'e> {
                 self.warn(msg);
             }
             Ok(LimitSet::Unknown) => {
-                let msg = format!(
-                    "<limit name=\"{name}\"> in {}: unknown limit; ignored",
-                    ctx.file_line(f.line)
+                return Err(
+                    ctx.invalid(Some(f.line), format!("There is no limit called \"{name}\""))
                 );
-                self.warn(msg);
             }
             Err(m) => return Err(ctx.invalid(Some(f.line), m)),
         }
@@ -1107,6 +858,8 @@ mod tests {
     use super::*;
     use crate::config::Limits;
     use crate::config::tests::fake_env;
+    use crate::policy::RuleKind;
+    use crate::policy::{Policy, Rule};
     use std::fs;
 
     const ALLOW_ALL: &str = r#"<policy context="default">
@@ -1173,7 +926,6 @@ mod tests {
                 PathBuf::from("/lib/dbus-1/system-services"),
             ]
         );
-        assert!(cfg.policy.allow_all);
         assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
         // No limits given: dbus-daemon's built-in defaults.
         assert_eq!(cfg.limits, Limits::DBUS_DAEMON_BUILTIN);
@@ -1234,7 +986,6 @@ mod tests {
   <limit name="auth_timeout"> 5 </limit>
   <limit name="reply_timeout">25000</limit>
   <limit name="max_containers">3</limit>
-  <limit name="no_such_limit">3</limit>
 </busconfig>"#,
         )
         .unwrap();
@@ -1246,12 +997,13 @@ mod tests {
             Limits::DBUS_DAEMON_BUILTIN.max_incoming_bytes
         );
         assert!(cfg.warnings.iter().any(|w| w.contains("max_containers")));
-        let unknown = cfg
-            .warnings
-            .iter()
-            .find(|w| w.contains("no_such_limit"))
-            .unwrap();
-        assert!(unknown.contains("test.conf line 6"), "{unknown}");
+        // dbus-daemon refuses a limit it does not know.
+        let e = parse("<busconfig>\n\n<limit name=\"no_such_limit\">3</limit></busconfig>")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/test.conf:3: There is no limit called \"no_such_limit\""
+        );
 
         for bad in [
             r#"<limit name="auth_timeout">-1</limit>"#,
@@ -1317,77 +1069,6 @@ mod tests {
     }
 
     #[test]
-    fn policy_allow_all_and_warnings() {
-        let cfg = parse(&format!("<busconfig>{ALLOW_ALL}</busconfig>")).unwrap();
-        assert_eq!(cfg.policy, PolicySummary::allow_all());
-
-        // Extra narrower allows (also per-user) do not matter.
-        let cfg = parse(&format!(
-            "<busconfig>{ALLOW_ALL}<policy user=\"root\"><allow send_destination=\"a.b\"/>\
-             </policy></busconfig>"
-        ))
-        .unwrap();
-        assert!(cfg.policy.allow_all, "{:?}", cfg.policy);
-
-        // A deny is never silently treated as allow.
-        let cfg = parse(&format!(
-            "<busconfig>{ALLOW_ALL}\n<policy context=\"mandatory\">\n\
-             <deny send_destination=\"org.foo\" send_interface=\"org.foo.Secret\"/>\
-             </policy></busconfig>"
-        ))
-        .unwrap();
-        assert!(!cfg.policy.allow_all);
-        assert_eq!(cfg.policy.unenforced.len(), 1);
-        let w = &cfg.policy.unenforced[0];
-        assert!(
-            w.starts_with("policy rule <deny send_destination=\"org.foo\""),
-            "{w}"
-        );
-        assert!(w.contains("/nonexistent/test.conf line 7"), "{w}");
-        assert!(w.ends_with("is not enforced by busvisor"), "{w}");
-        assert!(cfg.warnings.contains(w));
-
-        // No policy at all: everything is denied by dbus-daemon.
-        let cfg = parse("<busconfig/>").unwrap();
-        assert!(!cfg.policy.allow_all);
-        assert_eq!(cfg.policy.unenforced.len(), 3, "{:?}", cfg.policy);
-        assert!(
-            cfg.policy
-                .unenforced
-                .iter()
-                .all(|w| w.contains("is not enforced by busvisor"))
-        );
-
-        // Missing eavesdrop permission.
-        let cfg = parse(
-            "<busconfig><policy context=\"default\"><allow send_destination=\"*\"/>\
-             <allow receive_sender=\"*\" eavesdrop=\"true\"/><allow own=\"*\"/></policy>\
-             </busconfig>",
-        )
-        .unwrap();
-        assert!(!cfg.policy.allow_all);
-        assert_eq!(cfg.policy.unenforced.len(), 1);
-        assert!(cfg.policy.unenforced[0].contains("eavesdropping on sent"));
-
-        // Connection rules.
-        let cfg = parse(&format!(
-            "<busconfig>{ALLOW_ALL}<policy context=\"default\"><allow user=\"*\"/></policy>\
-             </busconfig>"
-        ))
-        .unwrap();
-        assert!(!cfg.policy.allow_all);
-
-        // The system bus policy is not allow-all.
-        let cfg = load_xml_with_env(Path::new("/usr/share/dbus-1/system.conf"), &no_env);
-        if let Ok(cfg) = cfg {
-            assert!(!cfg.policy.allow_all);
-            assert!(cfg.policy.unenforced.len() > 3);
-            assert!(cfg.fork && cfg.syslog);
-            assert_eq!(cfg.user.as_deref(), Some("messagebus"));
-        }
-    }
-
-    #[test]
     fn rule_validation() {
         for bad in [
             "<allow/>",
@@ -1399,7 +1080,7 @@ mod tests {
             "<allow send_destination=\"a\" send_destination_prefix=\"b\"/>",
             "<allow send_broadcast=\"true\" send_destination=\"a\"/>",
             "<allow send_error=\"e\" send_interface=\"i\"/>",
-            "<allow send_type=\"signal\" max_fds=\"1000\"/>",
+            "<allow send_type=\"signal\" max_fds=\"33554433\"/>",
             "<allow bogus=\"x\"/>",
         ] {
             let text = format!("<busconfig><policy context=\"default\">{bad}</policy></busconfig>");
@@ -1506,7 +1187,7 @@ mod tests {
                 d.join("sub/b.conf")
             ]
         );
-        assert!(cfg.policy.allow_all);
+        assert_eq!(cfg.policy_rules, crate::policy::Policy::allow_all());
 
         // Missing include without ignore_missing is an error naming the file.
         write(
@@ -1595,6 +1276,178 @@ mod tests {
     }
 
     #[test]
+    fn policy_rules_in_order_across_includes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir(d.join("conf.d")).unwrap();
+        let own = |names: &[&str]| -> String {
+            names
+                .iter()
+                .map(|n| format!("<allow own=\"{n}\"/>"))
+                .collect()
+        };
+        write(
+            &d.join("main.conf"),
+            &format!(
+                "<busconfig><policy context=\"default\">{}</policy>\
+                 <include>inc.conf</include><includedir>conf.d</includedir>\
+                 <policy context=\"default\">{}</policy>\
+                 <policy user=\"root\">{}</policy><policy user=\"0\">{}</policy>\
+                 <policy group=\"0\">{}</policy><policy at_console=\"false\">{}</policy>\
+                 </busconfig>",
+                own(&["a"]),
+                own(&["e"]),
+                own(&["u1"]),
+                own(&["u2"]),
+                own(&["g"]),
+                own(&["nc"])
+            ),
+        );
+        write(
+            &d.join("inc.conf"),
+            &format!(
+                "<busconfig><policy context=\"mandatory\">{}</policy>\
+                 <policy context=\"default\">{}</policy></busconfig>",
+                own(&["m"]),
+                own(&["b", "c"])
+            ),
+        );
+        write(
+            &d.join("conf.d/1.conf"),
+            &format!(
+                "<busconfig><policy context=\"default\">{}</policy></busconfig>",
+                own(&["d"])
+            ),
+        );
+        // Refused, so its rules are rolled back with the rest of it.
+        write(
+            &d.join("conf.d/2.conf"),
+            &format!(
+                "<busconfig><policy context=\"default\">{}<allow/></policy></busconfig>",
+                own(&["broken"])
+            ),
+        );
+        let cfg = load_xml_with_env(&d.join("main.conf"), &no_env).unwrap();
+        let names = |rules: &[Rule]| -> Vec<String> {
+            rules
+                .iter()
+                .map(|r| match &r.kind {
+                    RuleKind::Own { name, .. } => name.clone().unwrap_or_default(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let p = &cfg.policy_rules;
+        assert_eq!(names(&p.default), ["a", "b", "c", "d", "e"]);
+        assert_eq!(names(&p.mandatory), ["m"]);
+        assert_eq!(names(&p.by_user[&0]), ["u1", "u2"]);
+        assert_eq!(names(&p.by_group[&0]), ["g"]);
+        assert_eq!(names(&p.not_at_console), ["nc"]);
+        assert!(p.at_console.is_empty());
+        let w = cfg
+            .warnings
+            .iter()
+            .find(|w| w.contains("2.conf"))
+            .expect("warning for 2.conf");
+        assert!(
+            w.contains("Element <allow> must have one or more attributes"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn unknown_users_and_groups_warn_and_drop() {
+        let cfg = parse(
+            "<busconfig>\n<policy user=\"busvisor-no-such-user\">\
+             <deny own=\"x\"/></policy>\n\
+             <policy group=\"busvisor-no-such-group\"><allow own=\"y\"/></policy>\n\
+             <policy context=\"default\"><allow user=\"busvisor-no-such-user\"/>\
+             <deny group=\"busvisor-no-such-group\"/><allow own=\"z\"/></policy>\n\
+             </busconfig>",
+        )
+        .unwrap();
+        let mut expected = Policy::default();
+        expected.default.push(Rule {
+            allow: true,
+            kind: RuleKind::Own {
+                name: Some("z".into()),
+                prefix: false,
+            },
+        });
+        assert_eq!(cfg.policy_rules, expected);
+        for (line, text) in [
+            (
+                2,
+                "Unknown username \"busvisor-no-such-user\" in message bus configuration file",
+            ),
+            (
+                3,
+                "Unknown group \"busvisor-no-such-group\" in message bus configuration file",
+            ),
+            (
+                4,
+                "Unknown username \"busvisor-no-such-user\" on element <allow>",
+            ),
+            (
+                4,
+                "Unknown group \"busvisor-no-such-group\" on element <deny>",
+            ),
+        ] {
+            let at = format!("/nonexistent/test.conf line {line}: {text}");
+            assert!(
+                cfg.warnings.iter().any(|w| w.starts_with(&at)),
+                "{at}: {:?}",
+                cfg.warnings
+            );
+        }
+        // A bad rule in a dropped policy is still an error, as in dbus-daemon.
+        let e = parse(
+            "<busconfig><policy user=\"busvisor-no-such-user\">\n<allow/></policy></busconfig>",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/test.conf:2: Element <allow> must have one or more attributes"
+        );
+    }
+
+    #[test]
+    fn connection_rules_in_per_user_policies() {
+        for (policy, rule, per) in [
+            (
+                "user=\"root\"",
+                "<allow user=\"*\"/>",
+                "<allow> rule cannot be per-user",
+            ),
+            (
+                "group=\"0\"",
+                "<deny group=\"0\"/>",
+                "<deny> rule cannot be per-group",
+            ),
+        ] {
+            let e = parse(&format!(
+                "<busconfig>\n<policy {policy}>\n{rule}</policy></busconfig>"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("/nonexistent/test.conf:3: {per} because it has bus-global semantics")
+            );
+        }
+        let cfg = parse(
+            "<busconfig><policy at_console=\"true\"><allow user=\"root\"/></policy></busconfig>",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.policy_rules.at_console,
+            [Rule {
+                allow: true,
+                kind: RuleKind::User(Some(0))
+            }]
+        );
+    }
+
+    #[test]
     fn includedir() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -1656,7 +1509,7 @@ mod tests {
         // Local additions in /etc/dbus-1/session.d may add policies; with a
         // stock installation the result is allow-all.
         if cfg.source_files.len() == 1 {
-            assert!(cfg.policy.allow_all, "{:?}", cfg.policy);
+            assert_eq!(cfg.policy_rules, crate::policy::Policy::allow_all());
             assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
         }
     }

@@ -120,38 +120,6 @@ struct Lists {
 }
 
 impl Policy {
-    /// The stock session bus's policy (session.conf): everything allowed,
-    /// eavesdropping and unrequested replies included; only the bus's own
-    /// user may connect.
-    pub(crate) fn session() -> Policy {
-        use super::{MessageRule, Rule, RuleKind};
-        let any = MessageRule {
-            eavesdrop: true,
-            requested_reply: true,
-            ..MessageRule::default()
-        };
-        Policy {
-            default: vec![
-                Rule {
-                    allow: true,
-                    kind: RuleKind::Send(any.clone()),
-                },
-                Rule {
-                    allow: true,
-                    kind: RuleKind::Receive(any),
-                },
-                Rule {
-                    allow: true,
-                    kind: RuleKind::Own {
-                        name: None,
-                        prefix: false,
-                    },
-                },
-            ],
-            ..Policy::default()
-        }
-    }
-
     /// The policy of a connection of `uid`, member of `groups` (in the order
     /// of its credentials: dbus-daemon's `bus_connection_get_unix_groups`),
     /// at the console or not. The rules of the contexts in dbus-daemon's
@@ -305,6 +273,7 @@ impl ClientPolicy {
         self.0.allows_everything
     }
 
+    #[cfg(test)]
     /// Whether `self` and `other` are the same shared policy.
     pub(crate) fn ptr_eq(&self, other: &ClientPolicy) -> bool {
         Arc::ptr_eq(&self.0, &other.0)

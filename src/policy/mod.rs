@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 pub(crate) mod check;
+pub(crate) mod parse;
 
 /// A message type a rule names (`send_type`, `receive_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -241,13 +241,23 @@ impl Task {
             }
         }
         loop {
-            let (dirs, callers) = {
+            let (dirs, config, callers) = {
                 let mut g = self.bus.lock();
-                (g.sup.catalog.dirs.clone(), g.sup.catalog.reload.begin())
+                let c = &mut g.sup.catalog;
+                (c.dirs.clone(), c.config_file.clone(), c.reload.begin())
             };
-            let scanned = tokio::task::spawn_blocking(move || catalog::scan(&dirs)).await;
+            let read = tokio::task::spawn_blocking(move || {
+                // The configuration's policy too, as dbus-daemon reloads it.
+                let policy = config.map(|f| crate::config::load_xml(&f).map(|c| c.policy_rules));
+                (catalog::scan(&dirs), policy)
+            })
+            .await;
             let mut g = self.bus.lock();
             let Shared { core, sup } = &mut *g;
+            let (scanned, outcome) = match read {
+                Ok((scanned, policy)) => (Ok(scanned), install_policy(policy, core)),
+                Err(e) => (Err(e), Ok(())),
+            };
             match scanned {
                 Ok(scanned) => {
                     sup.install(scanned, core);
@@ -265,7 +275,7 @@ impl Task {
                 Err(e) => warn!("reload failed: {e}"),
             }
             for c in callers {
-                core.complete(&c, Ok(()));
+                core.complete(&c, outcome.clone());
             }
             if !sup.catalog.reload.again() {
                 return;
@@ -328,10 +338,12 @@ impl SupervisorState {
     pub(crate) fn set_dirs(
         &mut self,
         dirs: catalog::Dirs,
+        config_file: Option<std::path::PathBuf>,
         scanned: catalog::Scanned,
         core: &mut BusState,
     ) {
         self.catalog.dirs = dirs;
+        self.catalog.config_file = config_file;
         self.install(scanned, core);
     }
 
@@ -365,6 +377,26 @@ impl SupervisorState {
         }
         let idle = core.idle_for(peer).unwrap_or_default();
         Some(timeout.saturating_sub(idle))
+    }
+}
+
+/// Put a reloaded policy in place; a configuration that no longer parses
+/// keeps the old one, and ReloadConfig's callers get the error (as
+/// dbus-daemon does).
+fn install_policy(
+    policy: Option<Result<crate::policy::Policy, crate::config::ConfigError>>,
+    core: &mut BusState,
+) -> Result<(), BusError> {
+    match policy {
+        None => Ok(()),
+        Some(Ok(p)) => {
+            core.set_policy(p);
+            Ok(())
+        }
+        Some(Err(e)) => {
+            warn!("configuration reload failed, the old policy stays: {e}");
+            Err(BusError::failed(e.to_string()))
+        }
     }
 }
 

@@ -68,10 +68,15 @@ fn bind_path(path: &Path, spec: &str) -> Result<Bound, TransportError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    let std = StdUnixListener::bind(path).map_err(|source| TransportError::Bind {
+    let err = |source| TransportError::Bind {
         address: spec.to_owned(),
         source,
-    })?;
+    };
+    let std = StdUnixListener::bind(path).map_err(err)?;
+    // Open to every user, as dbus-daemon makes it: who may connect is the
+    // policy's call (and the directory's), not the socket file's mode.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(err)?;
     finish(
         std,
         crate::config::address::client_address_for_path(path),
