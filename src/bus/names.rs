@@ -210,14 +210,17 @@ impl Names {
         }
         self.unlink(peer, name);
         if i == 0 {
+            // dbus-daemon's order when an owner goes (bus_service_remove_owner):
+            // NameLost, then NameOwnerChanged, then the next owner's
+            // NameAcquired.
+            changes.push(NameChange::Lost {
+                peer,
+                name: name.to_owned(),
+            });
             changes.push(NameChange::OwnerChanged {
                 name: name.to_owned(),
                 old: Some(peer),
                 new: next,
-            });
-            changes.push(NameChange::Lost {
-                peer,
-                name: name.to_owned(),
             });
             if let Some(next) = next {
                 changes.push(NameChange::Acquired {
@@ -264,13 +267,24 @@ mod tests {
         assert_eq!(n.queued("a.b"), vec![1, 2]);
         let (r, c) = n.release("a.b", 1);
         assert_eq!(r, RELEASED);
+        // dbus-daemon's order: NameLost, NameOwnerChanged, NameAcquired.
         assert_eq!(
-            c[0],
-            NameChange::OwnerChanged {
-                name: "a.b".into(),
-                old: Some(1),
-                new: Some(2)
-            }
+            c,
+            [
+                NameChange::Lost {
+                    peer: 1,
+                    name: "a.b".into()
+                },
+                NameChange::OwnerChanged {
+                    name: "a.b".into(),
+                    old: Some(1),
+                    new: Some(2)
+                },
+                NameChange::Acquired {
+                    peer: 2,
+                    name: "a.b".into()
+                },
+            ]
         );
         assert_eq!(n.owner("a.b"), Some(2));
         assert_eq!(n.release("a.b", 1).0, NOT_OWNER);

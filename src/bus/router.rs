@@ -94,7 +94,14 @@ impl BusState {
         if msg.data().fds().len() as u64 > self.limits.max_message_unix_fds {
             return Verdict::Disconnect("message carries more fds than max_message_unix_fds");
         }
-        self.capture(&msg, Some(from), if to_bus { Some(None) } else { None });
+        // Monitors' rules see the addressed recipient (a `destination=` rule
+        // matches its unique name and the names it owns).
+        let recipient = match dest {
+            _ if to_bus => Some(None),
+            Some(d) if !self.monitors.is_empty() => self.resolve(d).map(Some),
+            _ => None,
+        };
+        self.capture(&msg, Some(from), recipient);
         match (msg.message_type(), dest) {
             (Type::MethodReturn | Type::Error, _) => self.route_reply(from, &msg),
             (_, None) => self.broadcast(&msg, Some(from)),

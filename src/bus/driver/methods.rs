@@ -397,7 +397,13 @@ pub(super) fn get_id(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 pub(super) fn become_monitor(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     privileged(cx, "Only the bus owner or root may become a monitor")?;
     let body = msg.body();
-    let (texts, _flags): (Vec<&str>, u32) = wire::args(&body)?;
+    let (texts, flags): (Vec<&str>, u32) = wire::args(&body)?;
+    if flags != 0 {
+        return err(
+            ErrorName::InvalidArgs,
+            "BecomeMonitor does not support any flags yet",
+        );
+    }
     let rules = texts
         .into_iter()
         .map(parse_rule)
