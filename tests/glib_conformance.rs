@@ -2,6 +2,8 @@
 //! `G_TEST_DBUS_DAEMON` (GTestDBus starts the named binary with
 //! dbus-daemon's flags and its own config file). Package: libglib2.0-tests.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -52,7 +54,7 @@ fn run_one(name: &str, skips: &[&str]) -> Result<Duration, String> {
     let mark = format!("{}-{name}", std::process::id());
     let mut child = cmd
         .current_dir(DIR)
-        .env("BUSVISOR_TEST_MARK", &mark)
+        .env(common::TEST_MARK_VAR, &mark)
         .env("G_TEST_DBUS_DAEMON", env!("CARGO_BIN_EXE_busvisor"))
         .env("RUST_LOG", "warn")
         .env_remove("DBUS_SESSION_BUS_ADDRESS")
@@ -63,7 +65,7 @@ fn run_one(name: &str, skips: &[&str]) -> Result<Duration, String> {
         .map_err(|e| format!("cannot start {name}: {e}"))?;
     let deadline = started + Duration::from_secs(90);
     let status = run_until(&mut child, deadline);
-    kill_marked(&mark);
+    common::kill_marked(&mark);
     let status = match status {
         Ok(s) => s,
         Err(()) => return Err(format!("{name}: timed out after 90 s")),
@@ -94,16 +96,6 @@ fn run_until(
                 return Err(());
             }
         }
-    }
-}
-
-/// Stop, by pid, every process whose environment carries `mark`.
-fn kill_marked(mark: &str) {
-    for pid in busvisor::supervision::procs::with_env_var("BUSVISOR_TEST_MARK", mark) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }
 

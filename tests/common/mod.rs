@@ -842,3 +842,26 @@ impl Drop for PidGuard {
         }
     }
 }
+
+/// The variable a test sets, to a value of its own, in the environment of a
+/// program that starts buses (and their services) which may outlive it: the
+/// buses inherit it whatever they do with sessions and process groups.
+pub const TEST_MARK_VAR: &str = "BUSVISOR_TEST_MARK";
+
+/// SIGKILL, by pid, every live process whose environment has
+/// `BUSVISOR_TEST_MARK=mark`, until none is left (one may fork meanwhile).
+pub fn kill_marked(mark: &str) {
+    for _ in 0..50 {
+        let pids = busvisor::supervision::procs::with_env_var(TEST_MARK_VAR, mark);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
