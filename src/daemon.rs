@@ -161,6 +161,10 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     if listen.is_empty() {
         return Err(DaemonError::NoListen);
     }
+    // As dbus-daemon: many clients, many fds; not passed on to services.
+    if let Err(e) = crate::supervision::spawner::raise_fd_limit() {
+        warn!("cannot raise the fd limit: {e}");
+    }
     let guid = crate::wire::new_guid();
     let (sup, commands) = SupervisorState::new();
     let own_name = crate::wire::names::SUPERVISOR_NAME;

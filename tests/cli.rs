@@ -315,3 +315,30 @@ fn dbus_run_session_and_run_with_a_config_file() {
         assert_eq!(out.status.code(), Some(7), "{program} {args:?}: {out:?}");
     }
 }
+
+/// As dbus-daemon, busvisor raises its own fd limit (the soft limit to the
+/// hard one; as root with CAP_SYS_RESOURCE to at least 65536), and what it
+/// spawns gets the limit busvisor started with.
+#[test]
+fn the_fd_limit_is_raised_for_the_bus_only() {
+    let script = format!(
+        "ulimit -Sn 512 && exec {} run -- sh -c \
+         'echo child=$(ulimit -Sn); grep \"open files\" /proc/$PPID/limits'",
+        busvisor_bin()
+    );
+    let out = run_tool("sh", &["-c", &script], Duration::from_secs(20));
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.contains("child=512"), "{out:?}");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("the bus's limits");
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums.len(), 2, "{line}");
+    assert_eq!(
+        nums[0], nums[1],
+        "soft limit raised to the hard one: {line}"
+    );
+    assert_ne!(nums[0], "512", "{line}");
+}

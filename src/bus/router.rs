@@ -147,7 +147,12 @@ impl BusState {
     /// peer, unless its receive policy refuses it (silently, as dbus-daemon).
     pub(super) fn send_to(&mut self, to: PeerId, msg: Message) {
         self.capture(&msg, None, Some(Some(to)));
-        if self.check_delivery(None, to, &msg, true, false).is_err() {
+        if let Err(e) = self.check_delivery(None, to, &msg, true, false) {
+            // Eaten, but monitors see the error it would have been
+            // (dbus-daemon's capture_error_reply; dbus#457).
+            if let Some(m) = wire::error(&msg, &e) {
+                self.capture(&m, None, Some(None));
+            }
             return;
         }
         let is_reply = matches!(msg.message_type(), Type::MethodReturn | Type::Error);

@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc;
 
+use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
 
@@ -75,6 +76,39 @@ impl Spawner {
     }
 }
 
+/// The fd limit busvisor started with, restored in what it spawns (see
+/// `raise_fd_limit`).
+static INITIAL_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// dbus-daemon's `_dbus_rlimit_raise_fd_limit`: as root, a soft limit of at
+/// least 65536 (and a hard limit at least that); as anyone, the soft limit
+/// up to the hard one. The original is kept for the processes busvisor
+/// spawns.
+pub(crate) fn raise_fd_limit() -> nix::Result<()> {
+    const ENOUGH_FDS: u64 = 65536;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = INITIAL_NOFILE.set((soft, hard));
+    let (mut new_soft, mut new_hard) = (soft, hard);
+    if nix::unistd::getuid().is_root() {
+        if new_soft != RLIM_INFINITY && new_soft < ENOUGH_FDS {
+            new_soft = ENOUGH_FDS;
+        }
+        if new_hard != RLIM_INFINITY && new_hard < new_soft {
+            new_hard = new_soft;
+        }
+    }
+    if new_hard == RLIM_INFINITY || new_soft < new_hard {
+        new_soft = new_hard;
+    }
+    if (new_soft, new_hard) == (soft, hard) {
+        return Ok(());
+    }
+    // Root without CAP_SYS_RESOURCE (a container) may not raise the hard
+    // limit: then at least the soft one, up to it.
+    setrlimit(Resource::RLIMIT_NOFILE, new_soft, new_hard)
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard))
+}
+
 /// Resolve argv[0]: absolute as given, otherwise searched in PATH.
 pub fn resolve_program(
     program: &str,
@@ -128,10 +162,15 @@ fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe syscalls (setsid, prctl); it allocates nothing and
     // touches no lock.
+    let nofile = INITIAL_NOFILE.get().copied();
     unsafe {
         cmd.pre_exec(move || {
             if new_session {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+            }
+            // The fd limit busvisor raised for itself is not the service's.
+            if let Some((soft, hard)) = nofile {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
             }
             // If busvisor dies without stopping its services, they hear about it.
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;

@@ -140,21 +140,27 @@ pub(super) fn start_service_by_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     Ok(None)
 }
 
-/// Only the bus's own user or root may do this; AccessDenied otherwise.
-fn privileged(cx: &Ctx<'_>, refusal: &str) -> Result<(), BusError> {
-    let uid = cx.core.peers.get(&cx.from).and_then(|p| p.creds.uid);
+/// Only the bus's own user or root may call `member`; AccessDenied with
+/// dbus-daemon's text otherwise (`bus_driver_check_caller_is_privileged`).
+pub(super) fn privileged(cx: &Ctx<'_>, member: &str) -> Result<(), BusError> {
+    let peer = cx.core.peers.get(&cx.from);
+    let uid = peer.and_then(|p| p.creds.uid);
     if cx.facts.is_privileged(uid) {
-        Ok(())
-    } else {
-        Err(BusError::new(ErrorName::AccessDenied, refusal))
+        return Ok(());
     }
+    let name = unique_name(cx.from);
+    let loginfo = peer.map_or("", |p| &*p.loginfo);
+    let who = match uid {
+        Some(uid) => format!("uid {uid}"),
+        None => "unknown uid".to_owned(),
+    };
+    let text =
+        format!("rejected attempt to call {member} by connection {name} ({loginfo}) with {who}");
+    warn!("{text}");
+    Err(BusError::new(ErrorName::AccessDenied, text))
 }
 
 pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
-    privileged(
-        cx,
-        "Cannot change activation environment on a system bus or as another user",
-    )?;
     let body = msg.body();
     let env: HashMap<String, String> = wire::args(&body)?;
     cx.sup.set_activation_env(env);
@@ -395,7 +401,6 @@ pub(super) fn get_id(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 }
 
 pub(super) fn become_monitor(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
-    privileged(cx, "Only the bus owner or root may become a monitor")?;
     let body = msg.body();
     let (texts, flags): (Vec<&str>, u32) = wire::args(&body)?;
     if flags != 0 {

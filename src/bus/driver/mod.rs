@@ -41,8 +41,11 @@ struct Method {
     member: &'static str,
     /// The input signature.
     sig: &'static str,
-    /// Served only at /org/freedesktop/DBus, as in dbus-daemon.
+    /// Served only at /org/freedesktop/DBus (dbus-daemon's methods without
+    /// METHOD_FLAG_ANY_PATH).
     canonical_path: bool,
+    /// Only for the bus's own user and root (METHOD_FLAG_PRIVILEGED).
+    privileged: bool,
     /// Sends its own reply, in order with the signals it causes.
     replies_itself: bool,
     handler: fn(&mut Ctx<'_>, &Message) -> Answer,
@@ -65,6 +68,7 @@ const fn m(
         member,
         sig,
         canonical_path: false,
+        privileged: false,
         replies_itself: false,
         handler,
     }
@@ -84,6 +88,11 @@ const fn canonical(mut method: Method) -> Method {
     method
 }
 
+const fn privileged(mut method: Method) -> Method {
+    method.privileged = true;
+    method
+}
+
 const fn replies_itself(mut method: Method) -> Method {
     method.replies_itself = true;
     method
@@ -96,7 +105,11 @@ const METHODS: &[Method] = &[
     dbus("RequestName", "su", h::request_name),
     dbus("ReleaseName", "s", h::release_name),
     dbus("StartServiceByName", "su", h::start_service_by_name),
-    canonical(dbus("UpdateActivationEnvironment", "a{ss}", h::update_env)),
+    privileged(canonical(dbus(
+        "UpdateActivationEnvironment",
+        "a{ss}",
+        h::update_env,
+    ))),
     dbus("NameHasOwner", "s", h::name_has_owner),
     dbus("ListNames", "", h::list_names),
     dbus("ListActivatableNames", "", h::list_activatable_names),
@@ -115,12 +128,12 @@ const METHODS: &[Method] = &[
     dbus("GetConnectionCredentials", "s", h::credentials),
     dbus("ReloadConfig", "", h::reload_config),
     dbus("GetId", "", h::get_id),
-    replies_itself(canonical(m(
+    replies_itself(privileged(canonical(m(
         IFACE_MONITORING,
         "BecomeMonitor",
         "asu",
         h::become_monitor,
-    ))),
+    )))),
     canonical(m(IFACE_STATS, "GetStats", "", h::get_stats)),
     canonical(m(
         IFACE_STATS,
@@ -142,6 +155,10 @@ const METHODS: &[Method] = &[
     canonical(m(IFACE_PROPS, "Set", "ssv", h::prop_set)),
 ];
 
+/// Interfaces served at any object path (dbus-daemon's
+/// INTERFACE_FLAG_ANY_PATH); the others only at /org/freedesktop/DBus.
+const ANY_PATH_INTERFACES: &[&str] = &[IFACE_DBUS, IFACE_INTROSPECT, IFACE_PEER];
+
 /// Whether `msg` is a Hello call (the only call an unregistered peer may make).
 pub(crate) fn is_hello(msg: &Message) -> bool {
     let h = msg.header();
@@ -162,20 +179,21 @@ pub(super) fn handle(
         // Signals to the bus are allowed and ignored, as dbus-daemon does.
         return;
     }
-    let (answer, replied) = match find(msg) {
+    let mut ctx = Ctx {
+        facts,
+        core,
+        sup,
+        from,
+    };
+    let (answer, replied) = match find(msg).and_then(|m| admit(&ctx, m, msg)) {
         Err(e) => (Err(e), false),
         Ok(method) => {
-            let mut ctx = Ctx {
-                facts,
-                core,
-                sup,
-                from,
-            };
             let answer = (method.handler)(&mut ctx, msg);
             let replied = method.replies_itself && answer.is_ok();
             (answer, replied)
         }
     };
+    let core = ctx.core;
     if !replied {
         let call = CallRef {
             from,
@@ -185,48 +203,56 @@ pub(super) fn handle(
     }
 }
 
-/// The row for `msg`, checked against its path and signature.
+/// The row for `msg`, as dbus-daemon's `bus_driver_handle_message` finds
+/// it: interfaces in order, those not served at any path skipped away from
+/// the canonical one, the first method of that name.
 fn find(msg: &Message) -> Result<&'static Method, BusError> {
     let hdr = msg.header();
     let member = hdr.member().map(|m| m.as_str()).unwrap_or("");
     let iface = hdr.interface().map(|i| i.as_str());
-    let path = hdr.path().map(|p| p.as_str()).unwrap_or("/");
-    let signature = crate::bus::matching::body_signature(msg);
-    let Some(method) = METHODS
-        .iter()
-        .find(|r| r.member == member && iface.is_none_or(|want| want == r.iface))
-    else {
-        let known_iface = iface.is_none_or(|want| METHODS.iter().any(|r| r.iface == want));
-        let iface = iface.unwrap_or("(null)");
-        return Err(if known_iface {
-            BusError::new(
-                ErrorName::UnknownMethod,
-                format!(
-                    "Method \"{member}\" with signature \"{signature}\" on interface \"{iface}\" doesn't exist"
-                ),
-            )
-        } else {
-            BusError::new(
-                ErrorName::UnknownInterface,
-                format!("Interface \"{iface}\" doesn't exist"),
-            )
-        });
+    let canonical = hdr.path().map(|p| p.as_str()) == Some(BUS_PATH);
+    let visible = |r: &Method| {
+        (canonical || ANY_PATH_INTERFACES.contains(&r.iface)) && iface.is_none_or(|i| i == r.iface)
     };
-    if method.canonical_path && path != BUS_PATH {
-        let text = format!(
-            "{}.{} is only available at the canonical object path {BUS_PATH}",
-            method.iface, method.member
-        );
-        let name = if method.iface == IFACE_PROPS {
-            ErrorName::UnknownInterface
-        } else {
-            ErrorName::AccessDenied
-        };
-        return Err(BusError::new(name, text));
+    if let Some(method) = METHODS.iter().find(|r| visible(r) && r.member == member) {
+        return Ok(method);
     }
+    let name = if METHODS.iter().any(visible) {
+        ErrorName::UnknownMethod
+    } else {
+        ErrorName::UnknownInterface
+    };
+    Err(BusError::new(
+        name,
+        format!("{BUS_NAME} does not understand message {member}"),
+    ))
+}
+
+/// The checks between finding a method and running it, in dbus-daemon's
+/// order: the caller's privilege, the object path, the signature.
+fn admit(
+    cx: &Ctx<'_>,
+    method: &'static Method,
+    msg: &Message,
+) -> Result<&'static Method, BusError> {
+    if method.privileged {
+        methods::privileged(cx, method.member)?;
+    }
+    let hdr = msg.header();
+    if method.canonical_path && hdr.path().map(|p| p.as_str()) != Some(BUS_PATH) {
+        return Err(BusError::new(
+            ErrorName::AccessDenied,
+            format!(
+                "Method '{}' is only available at the canonical object path '{BUS_PATH}'",
+                method.member
+            ),
+        ));
+    }
+    let signature = crate::bus::matching::body_signature(msg);
     if signature != method.sig {
+        // The newline is dbus-daemon's.
         return Err(BusError::invalid_args(format!(
-            "Call to {} has wrong args ({signature}, expected {})",
+            "Call to {} has wrong args ({signature}, expected {})\n",
             method.member, method.sig
         )));
     }
@@ -261,18 +287,25 @@ mod tests {
     }
 
     #[test]
-    fn lookup_checks_interface_path_and_signature() {
+    fn lookup_is_dbus_daemons() {
         assert!(find(&call(None, "ListNames", "/")).is_ok());
+        assert!(find(&call(None, "GetAll", BUS_PATH)).is_ok());
         let e = find(&call(Some("org.example.Nope"), "ListNames", "/")).unwrap_err();
         assert_eq!(e.name, ErrorName::UnknownInterface);
+        assert_eq!(
+            e.text,
+            "org.freedesktop.DBus does not understand message ListNames"
+        );
         let e = find(&call(Some(IFACE_DBUS), "Nope", "/")).unwrap_err();
         assert_eq!(e.name, ErrorName::UnknownMethod);
-        let e = find(&call(None, "UpdateActivationEnvironment", "/")).unwrap_err();
-        assert_eq!(e.name, ErrorName::AccessDenied);
+        // Interfaces not served at any path are not there elsewhere.
+        let e = find(&call(Some(IFACE_MONITORING), "BecomeMonitor", "/")).unwrap_err();
+        assert_eq!(e.name, ErrorName::UnknownInterface);
         let e = find(&call(Some(IFACE_PROPS), "GetAll", "/x")).unwrap_err();
         assert_eq!(e.name, ErrorName::UnknownInterface);
-        let e = find(&call(None, "GetNameOwner", "/")).unwrap_err();
-        assert_eq!(e.name, ErrorName::InvalidArgs);
+        // A method of an any-path interface is found; admit() refuses it.
+        let m = find(&call(None, "UpdateActivationEnvironment", "/")).unwrap();
+        assert!(m.canonical_path && m.privileged);
         assert!(is_hello(&call(Some(IFACE_DBUS), "Hello", "/")));
     }
 }
