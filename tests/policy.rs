@@ -22,20 +22,9 @@ fn is_root() -> bool {
 /// A configuration whose default policy is `rules`, including `dir`'s
 /// `*.conf` files after it.
 fn config(rules: &str, dir: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:tmpdir=/tmp</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-{rules}
-  </policy>
-  <includedir>{}</includedir>
-</busconfig>
-"#,
-        dir.display()
+    config_with(
+        rules,
+        &format!("  <includedir>{}</includedir>\n", dir.display()),
     )
 }
 
@@ -57,6 +46,13 @@ fn send_as_nobody(address: &str, args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), format!("{}{}", out.stdout, out.stderr))
 }
 
+/// GetId as `nobody`: a call any connected peer may make.
+const GET_ID: [&str; 3] = [
+    "--dest=org.freedesktop.DBus",
+    "/org/freedesktop/DBus",
+    "org.freedesktop.DBus.GetId",
+];
+
 /// A bus whose socket directory `nobody` may enter.
 fn open_bus(cfg: &str) -> TestBus {
     let bus = start_bus(Some(cfg));
@@ -71,30 +67,14 @@ fn another_user_needs_a_connect_rule() {
         return eprintln!("skipped: needs root for setpriv");
     }
     let inc = tempfile::tempdir().unwrap();
-    let allow_all = r#"    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>"#;
+    let allow_all = ALLOW_ALL_RULES;
     let bus = open_bus(&config(allow_all, inc.path()));
-    let (code, out) = send_as_nobody(
-        &bus.address,
-        &[
-            "--dest=org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus.GetId",
-        ],
-    );
+    let (code, out) = send_as_nobody(&bus.address, &GET_ID);
     assert_ne!(code, Some(0), "nobody connected without a rule: {out}");
 
     let with_user = format!("    <allow user=\"*\"/>\n{allow_all}");
     let bus = open_bus(&config(&with_user, inc.path()));
-    let (code, out) = send_as_nobody(
-        &bus.address,
-        &[
-            "--dest=org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus.GetId",
-        ],
-    );
+    let (code, out) = send_as_nobody(&bus.address, &GET_ID);
     assert_eq!(code, Some(0), "{out}");
 }
 
@@ -125,14 +105,7 @@ fn a_denied_call_gets_access_denied_and_a_reload_changes_the_decision() {
             && out.contains("interface=\"org.example.Denied\" member=\"Call\""),
         "{out}"
     );
-    let (code, out) = send_as_nobody(
-        &bus.address,
-        &[
-            "--dest=org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus.GetId",
-        ],
-    );
+    let (code, out) = send_as_nobody(&bus.address, &GET_ID);
     assert_eq!(code, Some(0), "{out}");
     let (code, out) = send_as_nobody(
         &bus.address,

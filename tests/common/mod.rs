@@ -120,9 +120,15 @@ impl Drop for TestBus {
     }
 }
 
-/// The dbus-daemon style configuration the tests use, with extra `<limit>`s.
-pub fn config_xml(limits: &[(&str, u64)]) -> String {
-    let mut s = String::from(
+/// The default policy of session.conf: everything allowed.
+pub const ALLOW_ALL_RULES: &str = r#"    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>"#;
+
+/// A dbus-daemon style configuration whose default policy is `rules`, with
+/// `extra` elements after it.
+pub fn config_with(rules: &str, extra: &str) -> String {
+    format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
@@ -130,17 +136,20 @@ pub fn config_xml(limits: &[(&str, u64)]) -> String {
   <listen>unix:tmpdir=/tmp</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
+{rules}
   </policy>
-"#,
-    );
-    for (name, v) in limits {
-        s.push_str(&format!("  <limit name=\"{name}\">{v}</limit>\n"));
-    }
-    s.push_str("</busconfig>\n");
-    s
+{extra}</busconfig>
+"#
+    )
+}
+
+/// The dbus-daemon style configuration the tests use, with extra `<limit>`s.
+pub fn config_xml(limits: &[(&str, u64)]) -> String {
+    let limits: String = limits
+        .iter()
+        .map(|(name, v)| format!("  <limit name=\"{name}\">{v}</limit>\n"))
+        .collect();
+    config_with(ALLOW_ALL_RULES, &limits)
 }
 
 /// Start busvisor on `<tmpdir>/bus`, optionally with a config file holding `config`.
