@@ -98,6 +98,24 @@ impl Reader {
         self.framer.header_len == 0 && self.framer.remaining == 0
     }
 
+    /// A message about to be handed out whose header has fields the bus
+    /// does not understand loses them, as dbus-daemon 1.14 filters them
+    /// (zbus's parser would refuse the message). Only a header wholly in
+    /// the chunk read ahead is looked at.
+    fn filter_header(&mut self) {
+        let Some((old, new)) = crate::wire::args::filter_header(&self.chunk[self.pos..]) else {
+            return;
+        };
+        let shrink = (old - new.len()) as u64;
+        self.chunk.splice(self.pos..self.pos + old, new);
+        // Fds waiting for a later message in this chunk: its start moved.
+        if let Some((at, _)) = &mut self.pending
+            && *at > self.served
+        {
+            *at -= shrink;
+        }
+    }
+
     fn owner_of_fds(&self, chunk: &[u8]) -> u64 {
         let mut framer = self.framer;
         let mut owner = None;
@@ -256,6 +274,9 @@ impl zbus::connection::socket::ReadHalf for Reader {
             }
             self.chunk = chunk;
             self.pos = 0;
+        }
+        if self.at_message_boundary() {
+            self.filter_header();
         }
         let n = buf.len().min(self.chunk.len() - self.pos);
         buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);

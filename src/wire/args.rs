@@ -213,6 +213,74 @@ fn read_header(msg: &Message) -> Option<(Reader<'_>, &[u8])> {
     Some((r, body_sig))
 }
 
+/// The header fields the bus understands (PATH to UNIX_FDS); dbus-daemon
+/// 1.14 removes the others before relaying a message ("HeaderFiltering").
+const KNOWN_FIELDS: std::ops::RangeInclusive<u8> = 1..=9;
+
+/// When the message starting `bytes` has header fields the bus does not
+/// understand, its header without them: (the length of the header it
+/// replaces, padding included; the new header). None when there is nothing
+/// to remove, or `bytes` does not hold the whole header, or the header is
+/// malformed (which the parser then refuses as before).
+pub(crate) fn filter_header(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let big_endian = match bytes.first()? {
+        b'l' => false,
+        b'B' => true,
+        _ => return None,
+    };
+    let mut r = Reader {
+        buf: bytes.get(..16)?,
+        pos: 12,
+        big_endian,
+    };
+    let end = 16usize.checked_add(usize::try_from(r.u32()?).ok()?)?;
+    let old_len = end.next_multiple_of(8);
+    let header = bytes.get(..old_len)?;
+    let mut r = Reader {
+        buf: &header[..end],
+        pos: 16,
+        big_endian,
+    };
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    loop {
+        let start = r.pos.next_multiple_of(8);
+        if start >= end {
+            break;
+        }
+        r.pos = start;
+        let code = r.byte()?;
+        let sig = r.signature()?;
+        if !r.skip(sig, 1)?.is_empty() {
+            return None;
+        }
+        if KNOWN_FIELDS.contains(&code) {
+            kept.push(start..r.pos);
+        } else {
+            dropped = true;
+        }
+    }
+    if !dropped {
+        return None;
+    }
+    // Each field starts on 8 bytes in both, so the values inside keep
+    // their alignment.
+    let mut out = header[..16].to_vec();
+    for range in kept {
+        out.resize(out.len().next_multiple_of(8), 0);
+        out.extend_from_slice(&header[range]);
+    }
+    let fields = u32::try_from(out.len() - 16).ok()?;
+    let len = if big_endian {
+        fields.to_be_bytes()
+    } else {
+        fields.to_le_bytes()
+    };
+    out[12..16].copy_from_slice(&len);
+    out.resize(out.len().next_multiple_of(8), 0);
+    Some((old_len, out))
+}
+
 /// The body signature exactly as the header carries it ("" for no body):
 /// the form D-Bus error messages and signature checks use.
 pub fn body_signature(msg: &Message) -> &str {
@@ -259,6 +327,53 @@ fn decode_args_into<'m>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `msg`'s bytes with a field (code, `u` 0x12345678) added to its
+    /// header, first or last: as dbus's test-header-fields makes them.
+    fn with_weird_field(msg: &Message, code: u8, first: bool) -> (Vec<u8>, usize) {
+        let bytes = msg.data().bytes().to_vec();
+        let fields_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        let header_end = (16 + fields_len).next_multiple_of(8);
+        let weird = [code, 1, b'u', 0, 0x78, 0x56, 0x34, 0x12];
+        let mut fields = bytes[16..16 + fields_len].to_vec();
+        if first {
+            let mut f = weird.to_vec();
+            f.extend_from_slice(&fields);
+            fields = f;
+        } else {
+            fields.resize(fields.len().next_multiple_of(8), 0);
+            fields.extend_from_slice(&weird);
+        }
+        let mut out = bytes[..16].to_vec();
+        out[12..16].copy_from_slice(&(fields.len() as u32).to_le_bytes());
+        out.extend_from_slice(&fields);
+        out.resize(out.len().next_multiple_of(8), 0);
+        let new_header = out.len();
+        out.extend_from_slice(&bytes[header_end..]);
+        (out, new_header)
+    }
+
+    #[test]
+    fn unknown_header_fields_are_filtered_out() {
+        let msg = Message::method_call("/p", "M")
+            .destination("org.example.D")
+            .interface("org.example.I")
+            .build(&("hello",))
+            .unwrap();
+        let original = msg.data().bytes();
+        let len = u32::from_le_bytes(original[12..16].try_into().unwrap()) as usize;
+        let original_header = &original[..(16 + len).next_multiple_of(8)];
+        assert!(filter_header(original).is_none(), "nothing to filter");
+        for first in [true, false] {
+            let (weird, header_len) = with_weird_field(&msg, 123, first);
+            let (old_len, filtered) = filter_header(&weird).expect("a field to drop");
+            assert_eq!(old_len, header_len);
+            assert_eq!(filtered, original_header, "first: {first}");
+        }
+        // Not the whole header at hand: nothing done.
+        let (weird, header_len) = with_weird_field(&msg, 123, false);
+        assert!(filter_header(&weird[..header_len - 1]).is_none());
+    }
     use zbus::wire::{Endian, ObjectPath, Variant};
 
     fn body<B>(b: &B) -> Message

@@ -18,7 +18,11 @@ use crate::wire::names::{
 use crate::wire::{BusError, ErrorName, Message, Type};
 
 /// Bus features advertised in the Features property.
-const FEATURES: &[&str] = &["ActivatableServicesChanged", SUPERVISOR_NAME];
+const FEATURES: &[&str] = &[
+    "ActivatableServicesChanged",
+    "HeaderFiltering",
+    SUPERVISOR_NAME,
+];
 /// Extra interfaces advertised in the Interfaces property.
 const INTERFACES: &[&str] = &[IFACE_MONITORING, IFACE_STATS];
 
