@@ -136,7 +136,7 @@ pub struct DaemonArgs {
     /// Do not write a pid file (busvisor never writes one).
     #[arg(long)]
     pub nopidfile: bool,
-    /// Accepted for compatibility; systemd activation is not used.
+    /// Hand services with `SystemdService=` to systemd, as dbus-daemon does.
     #[arg(long = "systemd-activation")]
     pub systemd_activation: bool,
     /// Accepted for compatibility; busvisor logs to stderr.

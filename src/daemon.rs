@@ -101,6 +101,9 @@ pub struct Options {
     /// No address and no configuration file given: listen where a user
     /// session expects its bus.
     pub user_session_default: bool,
+    /// `--systemd-activation`: services with `SystemdService=` are started
+    /// by systemd, as dbus-daemon hands them over.
+    pub systemd_activation: bool,
 }
 
 /// `$XDG_RUNTIME_DIR/bus` when that directory exists, else a private socket.
@@ -166,20 +169,23 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         warn!("cannot raise the fd limit: {e}");
     }
     let guid = crate::wire::new_guid();
-    let (sup, commands) = SupervisorState::new();
+    let (mut sup, commands) = SupervisorState::new();
+    sup.systemd_activation = opts.systemd_activation;
     let own_name = crate::wire::names::SUPERVISOR_NAME;
     let machine_id = std::fs::read_to_string("/etc/machine-id")
         .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| guid.clone());
-    let bus = Arc::new(Bus::new(
+    let mut bus = Bus::new(
         guid.clone(),
         machine_id,
         cfg.limits,
         own_name,
         cfg.policy_rules.clone(),
         sup,
-    ));
+    );
+    bus.facts.systemd_activation = opts.systemd_activation;
+    let bus = Arc::new(bus);
     let gate = Arc::new(Gate::new());
     let mut addresses = Vec::new();
     let mut listeners = Vec::new();

@@ -46,6 +46,7 @@ fn daemon_options(a: &DaemonArgs) -> Options {
         print_pid: a.print_pid.as_deref().map(Output::from_flag),
         services_dirs: absolute(&a.services_dir),
         user_session_default: !a.session && a.config_file.is_none() && a.config.is_none(),
+        systemd_activation: a.systemd_activation,
     }
 }
 

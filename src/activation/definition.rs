@@ -121,6 +121,9 @@ pub struct ServiceDef {
     /// The file the definition was read from.
     pub file: PathBuf,
     pub source: Source,
+    /// `SystemdService=` of a `[D-BUS Service]` file: with
+    /// `--systemd-activation`, systemd starts this unit instead.
+    pub systemd_service: Option<String>,
 }
 
 impl ServiceDef {
@@ -152,6 +155,7 @@ impl ServiceDef {
             idle_timeout: None,
             file,
             source,
+            systemd_service: None,
         }
     }
 }
@@ -736,13 +740,15 @@ pub fn parse_dbus_service(path: &Path, text: &str) -> Result<ServiceDef, Definit
 }
 
 fn def_from_service_file(path: &Path, service: ServiceFile) -> ServiceDef {
-    ServiceDef::with_defaults(
+    let mut def = ServiceDef::with_defaults(
         service.name.clone(),
         vec![service.name],
         service.argv,
         path.to_path_buf(),
         Source::DBusService,
-    )
+    );
+    def.systemd_service = service.systemd_service;
+    def
 }
 
 // ---------------------------------------------------------------------------

@@ -89,8 +89,8 @@ pub(crate) trait Activator {
         new: Option<PeerId>,
         core: &mut BusState,
     );
-    /// UpdateActivationEnvironment.
-    fn set_activation_env(&mut self, vars: HashMap<String, String>);
+    /// UpdateActivationEnvironment, in the caller's order.
+    fn set_activation_env(&mut self, vars: Vec<(String, String)>, core: &mut BusState);
     /// Re-read the definitions, off the lock; answer `caller` once done.
     fn reload(&mut self, caller: Option<CallRef>);
     /// A method call to the name the activator answers (the control API).
@@ -106,6 +106,8 @@ pub(crate) struct Facts {
     pub(crate) machine_id: String,
     /// The address clients use, once listening.
     pub(crate) address: std::sync::OnceLock<String>,
+    /// `--systemd-activation` (listed in Features).
+    pub(crate) systemd_activation: bool,
     /// Group lists by (uid, primary gid), looked up once (a session bus sees one uid).
     groups: Mutex<HashMap<(u32, u32), Vec<u32>>>,
 }
@@ -179,6 +181,7 @@ impl<S: Activator> Bus<S> {
                 pid: std::process::id(),
                 machine_id,
                 address: std::sync::OnceLock::new(),
+                systemd_activation: false,
                 groups: Mutex::new(HashMap::new()),
             },
             next_unique: std::sync::atomic::AtomicU64::new(0),
@@ -290,7 +293,7 @@ mod tests {
         ) {
             self.owners.push((name.into(), old, new));
         }
-        fn set_activation_env(&mut self, _: HashMap<String, String>) {}
+        fn set_activation_env(&mut self, _: Vec<(String, String)>, _: &mut BusState) {}
         fn reload(&mut self, _: Option<CallRef>) {}
         fn call(&mut self, _: &CallRef, _: &Facts, _: &mut BusState) -> Answer {
             Err(BusError::failed("no control API here"))

@@ -19,6 +19,9 @@ pub(crate) enum Waiter {
     Message { msg: Message, from: PeerId },
     /// A StartServiceByName call to answer with 1.
     Start(CallRef),
+    /// A message of the bus itself for the name's owner (an
+    /// ActivationRequest waiting for systemd).
+    FromBus(Message),
 }
 
 impl Waiter {
@@ -26,12 +29,14 @@ impl Waiter {
         match self {
             Waiter::Message { from, .. } => *from,
             Waiter::Start(c) => c.from,
+            // Nobody to answer: the bus itself.
+            Waiter::FromBus(_) => PeerId::MAX,
         }
     }
 
     pub(crate) fn call(&self) -> &Message {
         match self {
-            Waiter::Message { msg, .. } => msg,
+            Waiter::Message { msg, .. } | Waiter::FromBus(msg) => msg,
             Waiter::Start(c) => &c.call,
         }
     }

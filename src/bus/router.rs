@@ -480,7 +480,7 @@ impl BusState {
                     let r = wire::reply(&call.call, &(1u32,));
                     self.answer(&call, Ok(r));
                 }
-                m @ Waiter::Message { .. } => queued.push(m),
+                m @ (Waiter::Message { .. } | Waiter::FromBus(_)) => queued.push(m),
             }
         }
         queued
@@ -488,10 +488,12 @@ impl BusState {
 
     fn deliver_queued(&mut self, owner: PeerId, name: &str, queued: Vec<Waiter>) {
         for w in queued {
-            if let Waiter::Message { msg, from } = w
-                && self.peers.contains_key(&from)
-            {
-                self.deliver(from, &msg, owner, name);
+            match w {
+                Waiter::Message { msg, from } if self.peers.contains_key(&from) => {
+                    self.deliver(from, &msg, owner, name)
+                }
+                Waiter::FromBus(msg) => self.send_to(owner, msg),
+                _ => {}
             }
         }
     }

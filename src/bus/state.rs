@@ -254,6 +254,24 @@ impl BusState {
         self.answer(call, answer);
     }
 
+    /// The unique name of the owner of `name`, if any.
+    pub(crate) fn owner_name(&self, name: &str) -> Option<String> {
+        self.resolve(name).map(unique_name)
+    }
+
+    /// Send a message of the bus to the owner of `name`, or keep it for the
+    /// name's next owner (monitors see it now, as dbus-daemon captures it).
+    pub(crate) fn send_from_bus_to_name(&mut self, name: &str, msg: Message) {
+        match self.resolve(name) {
+            Some(owner) => self.send_to(owner, msg),
+            None => {
+                self.capture(&msg, None, None);
+                self.pending
+                    .push(name, super::pending::Waiter::FromBus(msg));
+            }
+        }
+    }
+
     /// Answer everything that waits for any of `names` with `e`.
     pub(crate) fn fail_pending(&mut self, names: &[String], e: &BusError) {
         for n in names {

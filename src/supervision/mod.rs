@@ -31,6 +31,9 @@ use reaper::ExitKind;
 use service::{Service, ServiceState};
 use spawner::SpawnRequest;
 
+/// systemd's bus name, for `--systemd-activation`.
+const SYSTEMD: &str = "org.freedesktop.systemd1";
+
 /// The bus with busvisor's supervisor as its activator.
 pub(crate) type SupervisedBus = Bus<SupervisorState>;
 
@@ -121,6 +124,9 @@ pub(crate) struct SupervisorState {
     cmd: SupervisorHandle,
     /// Set at shutdown: every stop ends in inactive, nothing restarts.
     shutting_down: bool,
+    /// `--systemd-activation`: services with `SystemdService=` are
+    /// systemd's to start.
+    pub(crate) systemd_activation: bool,
 }
 
 impl SupervisorState {
@@ -135,6 +141,7 @@ impl SupervisorState {
             events: Announcer::default(),
             cmd: SupervisorHandle { tx },
             shutting_down: false,
+            systemd_activation: false,
         };
         (st, rx)
     }
@@ -220,7 +227,7 @@ impl SupervisorState {
         let inside = owner_pid.is_some_and(|pid| {
             svc.pids.contains(&pid) || procs::token_of(pid).as_deref() == Some(svc.token.as_str())
         });
-        if !inside {
+        if !inside && !svc.via_systemd {
             warn!(
                 service = %id,
                 %name,
@@ -244,9 +251,61 @@ impl SupervisorState {
         self.event(core, id, Event::Ready(main));
     }
 
+    /// Hand a start to systemd (`--systemd-activation`), as dbus-daemon
+    /// does: an ActivationRequest signal with the unit to systemd's
+    /// connection, or waiting for it if systemd is not on the bus yet. The
+    /// waiters are answered when the name is taken, or when the start
+    /// times out.
+    fn hand_to_systemd(
+        &mut self,
+        id: &str,
+        unit: &str,
+        requester: Requester,
+        core: &mut BusState,
+    ) -> Result<(), BusError> {
+        let Some(svc) = self.services.get(id) else {
+            return Ok(());
+        };
+        if svc.is_starting() {
+            return Ok(());
+        }
+        let sig = crate::wire::signal(
+            crate::wire::names::BUS_PATH,
+            "org.freedesktop.systemd1.Activator",
+            "ActivationRequest",
+            Some(SYSTEMD),
+            &(unit,),
+        );
+        info!(service = %id, %unit, requester = %requester.name, "activating via systemd");
+        if let Some(sig) = sig {
+            core.send_from_bus_to_name(SYSTEMD, sig);
+        }
+        let svc = self.svc_mut(id).expect("looked up above");
+        svc.activation_requested(Some(requester.clone()));
+        svc.new_invocation(std::process::id());
+        svc.via_systemd = true;
+        let inv = svc.invocation;
+        self.event(core, id, Event::ActivationRequested(Some(&requester)));
+        let timeout = Duration::from_millis(core.limits().service_start_timeout_ms);
+        self.cmd
+            .after(timeout, Cmd::StartTimeout(id.to_owned(), inv));
+        Ok(())
+    }
+
     /// The owner of `name` released it and nobody took over. (When its
     /// connection closed instead, the exit of its process tells more.)
-    fn name_released(&mut self, name: &str, old: PeerId, core: &BusState) {
+    fn name_released(&mut self, name: &str, old: PeerId, core: &mut BusState) {
+        // systemd's processes are not busvisor's: their name is all it sees.
+        if let Some(id) = self.peer_service.get(&old).cloned()
+            && self.services.get(&id).is_some_and(|s| s.via_systemd)
+        {
+            self.peer_service.remove(&old);
+            if let Some(svc) = self.svc_mut(&id) {
+                svc.settle(ServiceState::Inactive, "its name went (started by systemd)");
+            }
+            self.event(core, &id, Event::Stopped);
+            return;
+        }
         if !core.is_connected(old) {
             return;
         }
@@ -285,6 +344,16 @@ impl Activator for SupervisorState {
             }
             return Ok(());
         };
+        if self.systemd_activation {
+            if name == SYSTEMD {
+                // systemd itself is missing: its messages wait for it.
+                return Ok(());
+            }
+            if let Some(unit) = &def.systemd_service {
+                let unit = unit.clone();
+                return self.hand_to_systemd(&def.id, &unit, requester, core);
+            }
+        }
         let id = def.id.clone();
         let svc = self
             .services
@@ -324,7 +393,25 @@ impl Activator for SupervisorState {
         }
     }
 
-    fn set_activation_env(&mut self, vars: HashMap<String, String>) {
+    fn set_activation_env(&mut self, vars: Vec<(String, String)>, core: &mut BusState) {
+        if self.systemd_activation {
+            // dbus-daemon passes the variables on to systemd, to the name
+            // (kept until systemd is there) or to its owner.
+            let list: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let dest = core
+                .owner_name(SYSTEMD)
+                .unwrap_or_else(|| SYSTEMD.to_owned());
+            let call = crate::wire::call_from_bus(
+                &dest,
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+                "SetEnvironment",
+                &(list,),
+            );
+            if let Some(call) = call {
+                core.send_from_bus_to_name(SYSTEMD, call);
+            }
+        }
         for (k, v) in vars {
             self.activation_env.retain(|(key, _)| *key != k);
             self.activation_env.push((k, v));

@@ -108,6 +108,9 @@ pub(crate) struct Service {
     /// The current start is an automatic restart (its failure goes back to
     /// the restart policy instead of ending the activation).
     pub(crate) auto_restart: bool,
+    /// This start was handed to systemd (`--systemd-activation`): its
+    /// processes are not busvisor's.
+    pub(crate) via_systemd: bool,
     /// The error of the last failed restart attempt, for the final report.
     pub(crate) last_start_error: Option<String>,
 }
@@ -140,6 +143,7 @@ impl Service {
             waiting_start: Vec::new(),
             waiting_restart: Vec::new(),
             auto_restart: false,
+            via_systemd: false,
             last_start_error: None,
         }
     }
@@ -187,6 +191,7 @@ impl Service {
 
     /// → activating, for a start asked for by a message or a call.
     pub(crate) fn activation_requested(&mut self, requester: Option<Requester>) {
+        self.via_systemd = false;
         self.requester = requester;
         self.launched_pid = None;
         self.auto_restart = false;

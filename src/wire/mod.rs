@@ -100,6 +100,28 @@ where
         .ok()
 }
 
+/// A method call the bus makes itself, expecting no reply (dbus-daemon's
+/// SetEnvironment to systemd).
+pub(crate) fn call_from_bus<B>(
+    dest: &str,
+    path: &str,
+    iface: &str,
+    member: &str,
+    body: &B,
+) -> Option<Message>
+where
+    B: serde::Serialize + DynamicType,
+{
+    Message::method_call(path, member)
+        .interface(iface)
+        .destination(dest)
+        .sender(names::BUS_NAME)
+        .with_flags(Flags::NO_REPLY_EXPECTED)
+        .build(body)
+        .map_err(|e| warn!("cannot build call {member}: {e}"))
+        .ok()
+}
+
 /// An error to a call that is not at hand, only its sender and serial:
 /// zbus's reply builders need a header to answer.
 pub(crate) fn detached_error(caller: &str, serial: u32, e: &BusError) -> Option<Message> {

@@ -162,8 +162,11 @@ pub(super) fn privileged(cx: &Ctx<'_>, member: &str) -> Result<(), BusError> {
 
 pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let body = msg.body();
-    let env: HashMap<String, String> = wire::args(&body)?;
-    cx.sup.set_activation_env(env);
+    // Sorted: the same order for the same variables, whatever the caller's
+    // dictionary order (systemd receives them in it).
+    let env: std::collections::BTreeMap<String, String> = wire::args(&body)?;
+    cx.sup
+        .set_activation_env(env.into_iter().collect(), cx.core);
     ok(msg, &())
 }
 
@@ -528,7 +531,17 @@ fn string_list(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
-fn property(iface: &str, prop: &str) -> Result<Vec<String>, BusError> {
+/// The Features property: fixed, and SystemdActivation with
+/// `--systemd-activation`.
+fn features(cx: &Ctx<'_>) -> Vec<String> {
+    let mut list = string_list(FEATURES);
+    if cx.facts.systemd_activation {
+        list.push("SystemdActivation".to_owned());
+    }
+    list
+}
+
+fn property(cx: &Ctx<'_>, iface: &str, prop: &str) -> Result<Vec<String>, BusError> {
     if iface != IFACE_DBUS && !iface.is_empty() {
         return Err(BusError::new(
             ErrorName::UnknownInterface,
@@ -536,7 +549,7 @@ fn property(iface: &str, prop: &str) -> Result<Vec<String>, BusError> {
         ));
     }
     match prop {
-        "Features" => Ok(string_list(FEATURES)),
+        "Features" => Ok(features(cx)),
         "Interfaces" => Ok(string_list(INTERFACES)),
         _ => Err(BusError::new(
             ErrorName::UnknownProperty,
@@ -545,19 +558,19 @@ fn property(iface: &str, prop: &str) -> Result<Vec<String>, BusError> {
     }
 }
 
-pub(super) fn prop_get(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+pub(super) fn prop_get(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let body = msg.body();
     let (i, prop): (&str, &str) = wire::args(&body)?;
-    let value = property(i, prop)?;
+    let value = property(cx, i, prop)?;
     ok(msg, &(Variant::from(value),))
 }
 
-pub(super) fn prop_get_all(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+pub(super) fn prop_get_all(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let body = msg.body();
     let i: &str = wire::args(&body)?;
     let mut all: HashMap<&str, Variant<'_>> = HashMap::new();
     if i == IFACE_DBUS || i.is_empty() {
-        all.insert("Features", Variant::from(string_list(FEATURES)));
+        all.insert("Features", Variant::from(features(cx)));
         all.insert("Interfaces", Variant::from(string_list(INTERFACES)));
     } else if !super::METHODS.iter().any(|r| r.iface == i) {
         return err(
@@ -568,10 +581,10 @@ pub(super) fn prop_get_all(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     ok(msg, &(&all,))
 }
 
-pub(super) fn prop_set(_cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+pub(super) fn prop_set(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let body = msg.body();
     let (i, prop, _v): (&str, &str, Variant<'_>) = wire::args(&body)?;
-    property(i, prop)?;
+    property(cx, i, prop)?;
     err(
         ErrorName::PropertyReadOnly,
         format!("Property '{prop}' cannot be changed"),
