@@ -227,6 +227,21 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
             })
             .collect(),
     };
+    // The transient service directory ($XDG_RUNTIME_DIR/dbus-1/services:
+    // strict naming, not watched) is created, as dbus-daemon creates it,
+    // so that systemd and test suites can write into it.
+    for d in cfg
+        .servicedirs
+        .iter()
+        .filter(|d| d.strict_naming && !d.watch)
+    {
+        if let Err(e) = std::fs::create_dir_all(&d.path) {
+            warn!(
+                "Unable to set up transient service directory {}: {e}",
+                d.path.display()
+            );
+        }
+    }
     // Read off the lock, installed under it.
     let scanned = catalog::scan(&dirs);
     {
