@@ -295,6 +295,35 @@ async fn snapshot_then_events_lose_nothing_under_churn() {
     bus.assert_alive();
 }
 
+/// A bus whose services dir holds one definition of the test service
+/// (tests/fixtures/testsvc.py) owning `name`, with `extra` settings; and a
+/// stream of the signals matching `rule`.
+async fn testsvc_bus(
+    name: &str,
+    extra: &str,
+    rule: &str,
+) -> (tempfile::TempDir, TestBus, zbus::MessageStream) {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = format!("{}/tests/fixtures/testsvc.py", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(
+        tmp.path().join("svc.toml"),
+        format!("name = \"{name}\"\nexec = [\"python3\", \"{script}\", \"{name}\"]\n{extra}"),
+    )
+    .unwrap();
+    let bus = start_bus_with_args(None, &["--services-dir", tmp.path().to_str().unwrap()]);
+    let watcher = connect(&bus.address).await;
+    let s = stream(&watcher);
+    add_match(&watcher, rule).await;
+    (tmp, bus, s)
+}
+
+/// Make the test service owning `name` exit with `code` (it does not reply).
+async fn exit_service(client: &zbus::Connection, name: &str, code: i32) {
+    let r =
+        within(client.call_method(Some(name), TEST_PATH, Some(TEST_IFACE), "Exit", &(code,))).await;
+    assert!(r.is_err(), "Exit does not reply");
+}
+
 /// A run that ends in failure with `restart = "no"` is announced: Exited
 /// (a failure), Stopped, then Failed with reason `exited`, and the state
 /// property reads `failed`.
@@ -303,30 +332,16 @@ async fn a_failed_run_without_restart_is_announced_as_failed() {
     if is_reference() {
         return; // busvisor-only: lifecycle events are busvisor's own API
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let script = format!("{}/tests/fixtures/testsvc.py", env!("CARGO_MANIFEST_DIR"));
-    std::fs::write(
-        tmp.path().join("once.toml"),
-        format!(
-            "name = \"org.busvisor.Once\"\nexec = [\"python3\", \"{script}\", \"org.busvisor.Once\"]\nrestart = \"no\"\n"
-        ),
+    let (_tmp, mut bus, mut s) = testsvc_bus(
+        "org.busvisor.Once",
+        "restart = \"no\"\n",
+        "type='signal',sender='org.busvisor.Supervisor1'",
     )
-    .unwrap();
-    let mut bus = start_bus_with_args(None, &["--services-dir", tmp.path().to_str().unwrap()]);
-    let watcher = connect(&bus.address).await;
-    let mut s = stream(&watcher);
-    add_match(&watcher, "type='signal',sender='org.busvisor.Supervisor1'").await;
+    .await;
     let client = connect(&bus.address).await;
     let mut pids = PidGuard::default();
     pids.add(call_pid(&client, "org.busvisor.Once").await);
-    let _ = within(client.call_method(
-        Some("org.busvisor.Once"),
-        TEST_PATH,
-        Some(TEST_IFACE),
-        "Exit",
-        &(3i32,),
-    ))
-    .await;
+    exit_service(&client, "org.busvisor.Once", 3).await;
     let (mut events, mut states) = (Vec::new(), Vec::new());
     collect_until(&mut s, &mut events, &mut states, |e| e.member == "Failed").await;
     let members: Vec<&str> = events.iter().map(|e| e.member.as_str()).collect();
@@ -345,7 +360,7 @@ async fn a_failed_run_without_restart_is_announced_as_failed() {
     let state: String = {
         let m = within(client.call_method(
             Some(SUP),
-            "/org/busvisor/Supervisor1/service/once",
+            "/org/busvisor/Supervisor1/service/svc",
             Some("org.freedesktop.DBus.Properties"),
             "Get",
             &("org.busvisor.Service1", "State"),
@@ -368,22 +383,10 @@ async fn a_stable_run_resets_the_restart_backoff() {
     if is_reference() {
         return; // busvisor-only: lifecycle events are busvisor's own API
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let script = format!("{}/tests/fixtures/testsvc.py", env!("CARGO_MANIFEST_DIR"));
-    std::fs::write(
-        tmp.path().join("b.toml"),
-        format!(
-            "name = \"org.busvisor.B\"\nexec = [\"python3\", \"{script}\", \"org.busvisor.B\"]\n\
-             restart = \"on-failure\"\nrestart_delay = \"100ms\"\nrestart_delay_max = \"400ms\"\n\
-             start_limit = {{ burst = 10, interval = \"1s\" }}\n"
-        ),
-    )
-    .unwrap();
-    let mut bus = start_bus_with_args(None, &["--services-dir", tmp.path().to_str().unwrap()]);
-    let watcher = connect(&bus.address).await;
-    let mut s = stream(&watcher);
-    add_match(
-        &watcher,
+    let (_tmp, mut bus, mut s) = testsvc_bus(
+        "org.busvisor.B",
+        "restart = \"on-failure\"\nrestart_delay = \"100ms\"\nrestart_delay_max = \"400ms\"\n\
+         start_limit = { burst = 10, interval = \"1s\" }\n",
         "type='signal',sender='org.busvisor.Supervisor1',member='Restarting'",
     )
     .await;
@@ -392,16 +395,9 @@ async fn a_stable_run_resets_the_restart_backoff() {
     let mut delays = Vec::new();
     for pause in [0u64, 0, 1500] {
         pids.add(call_pid(&client, "org.busvisor.B").await);
+        // The run must last that long: the rule is about its length.
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        let crash = within(client.call_method(
-            Some("org.busvisor.B"),
-            TEST_PATH,
-            Some(TEST_IFACE),
-            "Exit",
-            &(1i32,),
-        ))
-        .await;
-        assert!(crash.is_err(), "Exit does not reply");
+        exit_service(&client, "org.busvisor.B", 1).await;
         let m = within(async {
             loop {
                 let m = s.next().await.expect("signal stream").expect("message");

@@ -455,29 +455,39 @@ async fn calls_to_missing_names() {
     assert!(out.stderr.contains("does not exist"), "{out:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callee_disconnecting_gives_no_reply_error() {
-    let bus = start_bus(None);
-    let a = connect(&bus.address).await;
-    let b = connect(&bus.address).await;
+/// A call from a new client to another that never answers, once delivered:
+/// the callee, its message stream, and the caller's pending call.
+async fn hanging_call(
+    address: &str,
+) -> (
+    zbus::Connection,
+    zbus::MessageStream,
+    tokio::task::JoinHandle<zbus::Result<Message>>,
+) {
+    let a = connect(address).await;
+    let b = connect(address).await;
     let mut sb = stream(&b);
     let dest = unique(&b);
-    let call = tokio::spawn({
-        let a = a.clone();
-        async move {
-            within(a.call_method(
-                Some(dest.as_str()),
-                "/",
-                Some("org.busvisor.X"),
-                "Hang",
-                &(),
-            ))
-            .await
-        }
+    let call = tokio::spawn(async move {
+        within(a.call_method(
+            Some(dest.as_str()),
+            "/",
+            Some("org.busvisor.X"),
+            "Hang",
+            &(),
+        ))
+        .await
     });
     next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Hang")
         .await
         .expect("call delivered");
+    (b, sb, call)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callee_disconnecting_gives_no_reply_error() {
+    let bus = start_bus(None);
+    let (b, sb, call) = hanging_call(&bus.address).await;
     drop(sb);
     drop(b);
     let e = call.await.unwrap().expect_err("must fail");
@@ -485,32 +495,12 @@ async fn callee_disconnecting_gives_no_reply_error() {
 }
 
 /// With `reply_timeout`, a call nobody answers gets NoReply from the bus
-/// when the time is up, with dbus-daemon's text; a late reply is then
-/// unrequested and dropped.
+/// when the time is up, with dbus-daemon's text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_call_times_out_with_no_reply() {
     let bus = start_bus(Some(&config_xml(&[("reply_timeout", 400)])));
-    let a = connect(&bus.address).await;
-    let b = connect(&bus.address).await;
-    let mut sb = stream(&b);
-    let dest = unique(&b);
     let started = std::time::Instant::now();
-    let call = tokio::spawn({
-        let a = a.clone();
-        async move {
-            within(a.call_method(
-                Some(dest.as_str()),
-                "/",
-                Some("org.busvisor.X"),
-                "Hang",
-                &(),
-            ))
-            .await
-        }
-    });
-    next_matching(&mut sb, OP_TIMEOUT, |m| member(m) == "Hang")
-        .await
-        .expect("call delivered");
+    let (b, _sb, call) = hanging_call(&bus.address).await;
     let e = call.await.unwrap().expect_err("must time out");
     let waited = started.elapsed();
     assert_eq!(err_name(&e), "org.freedesktop.DBus.Error.NoReply", "{e}");

@@ -25,12 +25,12 @@ pub(crate) enum Waiter {
 }
 
 impl Waiter {
-    pub(crate) fn from(&self) -> PeerId {
+    /// The peer to answer; None for the bus's own messages.
+    pub(crate) fn from(&self) -> Option<PeerId> {
         match self {
-            Waiter::Message { from, .. } => *from,
-            Waiter::Start(c) => c.from,
-            // Nobody to answer: the bus itself.
-            Waiter::FromBus(_) => PeerId::MAX,
+            Waiter::Message { from, .. } => Some(*from),
+            Waiter::Start(c) => Some(c.from),
+            Waiter::FromBus(_) => None,
         }
     }
 

@@ -63,7 +63,9 @@ impl Names for PeerNames<'_> {
     }
 
     fn has_under(&self, prefix: &str) -> bool {
-        has_prefix(&unique_name(self.peer), prefix)
+        // Only a prefix starting with ':' can hold a unique name: build it
+        // then alone.
+        (prefix.starts_with(':') && has_prefix(&unique_name(self.peer), prefix))
             || self
                 .st
                 .names

@@ -107,11 +107,8 @@ impl BusState {
             (_, None) => self.broadcast(&msg, Some(from)),
             (_, Some(d)) if to_bus || d == self.own_name => {
                 self.eavesdrop(&msg, Some(from), Some(None));
-                let hello = to_bus && driver::is_hello(&msg);
-                if let Err(e) = self
-                    .check_to_bus(from, &msg)
-                    .or_else(|e| hello.then_some(()).ok_or(e))
-                {
+                // Before Hello a peer has no policy: its Hello is not checked.
+                if let Err(e) = self.check_to_bus(from, &msg) {
                     self.deny(from, &msg, &e);
                 } else if to_bus {
                     driver::handle(facts, self, sup, from, &msg);
@@ -342,8 +339,8 @@ impl BusState {
         }
         let from = waiter.from();
         let requester = Requester {
-            name: unique_name(from),
-            pid: self.peer_pid(from),
+            name: from.map(unique_name).unwrap_or_default(),
+            pid: from.and_then(|p| self.peer_pid(p)),
         };
         sup.start(name, requester, self)?;
         self.pending.push(name, waiter);

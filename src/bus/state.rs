@@ -276,10 +276,11 @@ impl BusState {
     pub(crate) fn fail_pending(&mut self, names: &[String], e: &BusError) {
         for n in names {
             for w in self.pending.take(n) {
-                if wire::wants_reply(w.call())
+                if let Some(to) = w.from()
+                    && wire::wants_reply(w.call())
                     && let Some(m) = wire::error(w.call(), e)
                 {
-                    self.send_to(w.from(), m);
+                    self.send_to(to, m);
                 }
             }
         }

@@ -234,12 +234,8 @@ impl Task {
     /// Read the definitions, off the lock, until no request came in during
     /// the last read; then announce and answer the callers.
     async fn reload(&mut self) {
-        {
-            let mut g = self.bus.lock();
-            if !g.sup.catalog.reload.running {
-                g.sup.catalog.reload.running = true;
-            }
-        }
+        // SIGHUP and the directory watch come here without `request`.
+        self.bus.lock().sup.catalog.reload.running = true;
         loop {
             let (dirs, config, callers) = {
                 let mut g = self.bus.lock();
