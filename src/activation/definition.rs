@@ -124,6 +124,9 @@ pub struct ServiceDef {
     /// `SystemdService=` of a `[D-BUS Service]` file: with
     /// `--systemd-activation`, systemd starts this unit instead.
     pub systemd_service: Option<String>,
+    /// The user the service runs as (`User=`; TOML `user`). Required on the
+    /// system bus; on a session bus every service runs as the bus's user.
+    pub user: Option<String>,
 }
 
 impl ServiceDef {
@@ -156,6 +159,7 @@ impl ServiceDef {
             file,
             source,
             systemd_service: None,
+            user: None,
         }
     }
 }
@@ -564,6 +568,7 @@ struct TomlService {
     stop_timeout: Option<Dur<true>>,
     stop_signal: Option<Sig>,
     idle_timeout: Option<Dur<true>>,
+    user: Option<String>,
 }
 
 /// Byte offset -> 1-based (line, column in characters).
@@ -726,6 +731,7 @@ pub fn parse_toml(path: &Path, text: &str) -> Result<ServiceDef, DefinitionError
         def.stop_signal = sig.0;
     }
     def.idle_timeout = raw.idle_timeout.map(|d| d.0);
+    def.user = raw.user;
     Ok(def)
 }
 
@@ -748,6 +754,7 @@ fn def_from_service_file(path: &Path, service: ServiceFile) -> ServiceDef {
         Source::DBusService,
     );
     def.systemd_service = service.systemd_service;
+    def.user = service.user;
     def
 }
 
