@@ -16,4 +16,5 @@ pub mod logging;
 pub(crate) mod policy;
 pub mod supervision;
 pub(crate) mod transport;
+pub(crate) mod warden;
 pub(crate) mod wire;

@@ -17,18 +17,6 @@ fn init_logging(level: Option<&str>) {
         .try_init();
 }
 
-/// One worker thread: every message passes through the one routing lock
-/// anyway, and a second worker mostly adds cross-thread wakeups (measured:
-/// the same or lower CPU per message on every benchmark row, 15% less per
-/// connection set up). Blocking work (the /proc scan) goes to the blocking
-/// pool; spawning and inotify have threads of their own.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-}
-
 /// Service directories as absolute paths, so that definition files are
 /// reported in a form any client can use.
 fn absolute(dirs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
@@ -47,6 +35,7 @@ fn daemon_options(a: &DaemonArgs) -> Options {
         services_dirs: absolute(&a.services_dir),
         user_session_default: !a.session && a.config_file.is_none() && a.config.is_none(),
         systemd_activation: a.systemd_activation,
+        nopidfile: a.nopidfile,
     }
 }
 
@@ -114,15 +103,8 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
         println!("{}", daemon::introspection());
         return ExitCode::SUCCESS;
     }
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("busvisor: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(daemon::run_daemon(daemon_options(&a))) {
-        Ok(()) => ExitCode::SUCCESS,
+    match daemon::serve(daemon_options(&a)) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("busvisor: {e}");
             ExitCode::FAILURE
@@ -132,7 +114,7 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
 
 fn run_main(a: RunArgs) -> ExitCode {
     init_logging(Some(a.log_level.as_deref().unwrap_or("warn")));
-    let rt = match runtime() {
+    let rt = match daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("busvisor run: cannot start the runtime: {e}");

@@ -14,14 +14,14 @@ use super::service::{
 };
 use super::spawner::SpawnRequest;
 use super::{Cmd, SupervisorState};
-use crate::activation::definition::{RestartPolicy, Source};
+use crate::activation::definition::RestartPolicy;
 use crate::bus::{BusState, CallRef, Facts};
 use crate::supervision::lifecycle::Event;
 use crate::wire::{BusError, ErrorName};
 
-fn signal_all(pids: &std::collections::BTreeSet<i32>, sig: Signal) {
+fn signal_all(killer: &super::host::Killer, pids: &std::collections::BTreeSet<i32>, sig: Signal) {
     for p in pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+        killer.kill(*p, sig);
     }
 }
 
@@ -76,40 +76,29 @@ impl SupervisorState {
         id: &str,
         address: &str,
         core: &mut BusState,
-    ) -> Option<SpawnRequest> {
+    ) -> Option<(SpawnRequest, String)> {
         let svc = self.services.get(id)?;
         if svc.state() != ServiceState::Activating || svc.launched_pid.is_some() {
             return None;
         }
-        let argv = match &svc.def.argv {
-            // dbus-daemon execs Exec='s program as given, without a PATH
-            // search: a bare name does not run.
-            Ok(a) if svc.def.source == Source::DBusService && !a[0].contains('/') => {
-                let text = format!(
-                    "Failed to execute program {}: No such file or directory",
-                    svc.def.names[0]
-                );
-                let e = BusError::new(ErrorName::SpawnExecFailed, text);
-                self.activation_failed(id, &e, core);
-                return None;
-            }
-            Ok(a) => a.clone(),
-            Err(e) => {
-                let e = BusError::invalid_args(e.message());
-                self.activation_failed(id, &e, core);
-                return None;
-            }
+        let token = svc.next_token(std::process::id());
+        let launch = super::launch::Launch {
+            def: &svc.def,
+            token: &token,
+            address,
+            activation_env: &self.activation_env,
+            system: self.system_bus,
         };
-        let svc = self.svc_mut(id)?;
-        svc.new_invocation(std::process::id());
-        let svc = &self.services[id];
-        Some(SpawnRequest {
-            argv,
-            env: super::task::environment(&self.activation_env, svc, address),
-            cwd: super::task::working_dir(&svc.def),
-            capture: true,
-            new_session: true,
-        })
+        match launch.request() {
+            Ok(req) => {
+                self.svc_mut(id)?.new_invocation(std::process::id());
+                Some((req, token))
+            }
+            Err(e) => {
+                self.activation_failed(id, &e, core);
+                None
+            }
+        }
     }
 
     /// The process is spawned: announce it and arm the start timer. False
@@ -277,6 +266,7 @@ impl SupervisorState {
                 core.hold(peer, true);
             }
         }
+        let killer = self.killer.clone();
         let svc = self.svc_mut(id).expect("looked up above");
         if nothing {
             // Nothing to signal: straight to what follows the stop.
@@ -286,9 +276,9 @@ impl SupervisorState {
             return;
         }
         svc.stopping(reason);
-        signal_all(&svc.pids, svc.def.stop_signal);
+        signal_all(&killer, &svc.pids, svc.def.stop_signal);
         // SIGCONT so that stopped processes see the signal (as s6 does).
-        signal_all(&svc.pids, Signal::SIGCONT);
+        signal_all(&killer, &svc.pids, Signal::SIGCONT);
         let (timeout, inv) = (svc.def.stop_timeout, svc.invocation);
         self.event(core, id, Event::Stopping);
         self.cmd
@@ -305,7 +295,7 @@ impl SupervisorState {
         }
         let svc = &self.services[id];
         warn!(service = id, pids = ?svc.pids, "did not stop in time; sending SIGKILL");
-        signal_all(&svc.pids, Signal::SIGKILL);
+        signal_all(&self.killer, &svc.pids, Signal::SIGKILL);
         // Descendants re-parented by the kills are found by the next scan.
         let cmd = Cmd::StopTimeout(id.to_owned(), inv);
         self.cmd.after(Duration::from_millis(100), cmd);
@@ -443,7 +433,7 @@ impl SupervisorState {
         );
         warn!(service = id, "{text}");
         // dbus-daemon kills the process it spawned; busvisor kills the tree.
-        signal_all(&svc.pids, Signal::SIGKILL);
+        signal_all(&self.killer, &svc.pids, Signal::SIGKILL);
         self.start_failed(id, &BusError::new(ErrorName::TimedOut, text), core, scan);
     }
 

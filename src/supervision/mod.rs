@@ -8,6 +8,8 @@
 //! definitions and /proc off the lock.
 
 pub(crate) mod control;
+pub(crate) mod host;
+pub(crate) mod launch;
 pub(crate) mod lifecycle;
 mod machine;
 pub mod procs;
@@ -127,6 +129,10 @@ pub(crate) struct SupervisorState {
     /// `--systemd-activation`: services with `SystemdService=` are
     /// systemd's to start.
     pub(crate) systemd_activation: bool,
+    /// A system bus: services run as their `User=`, in a clean environment.
+    pub(crate) system_bus: bool,
+    /// Signals service processes (here, or through the warden).
+    killer: host::Killer,
 }
 
 impl SupervisorState {
@@ -142,6 +148,8 @@ impl SupervisorState {
             cmd: SupervisorHandle { tx },
             shutting_down: false,
             systemd_activation: false,
+            system_bus: false,
+            killer: host::Killer::default(),
         };
         (st, rx)
     }
@@ -434,6 +442,7 @@ impl Activator for SupervisorState {
 pub(crate) fn start(
     bus: Arc<SupervisedBus>,
     rx: mpsc::UnboundedReceiver<Cmd>,
+    host: host::HostSpec,
 ) -> std::io::Result<SupervisorHandle> {
-    task::start(bus, rx)
+    task::start(bus, rx, host)
 }

@@ -72,7 +72,11 @@ pub async fn run(tx: mpsc::UnboundedSender<(i32, ExitKind)>) {
         Err(e) => return warn!("cannot watch SIGCHLD: {e}"),
     };
     loop {
-        for exit in reap_all() {
+        let exits = reap_all();
+        if !exits.is_empty() {
+            super::procs::prune_cgroups(false);
+        }
+        for exit in exits {
             if tx.send(exit).is_err() {
                 return;
             }

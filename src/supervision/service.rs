@@ -198,10 +198,27 @@ impl Service {
         self.set_state(ServiceState::Activating, "activation requested");
     }
 
+    /// The token the next invocation will have. It names the invocation's
+    /// cgroup too, so it is a valid file name: the id's unusual characters
+    /// replaced, its length bounded.
+    pub(crate) fn next_token(&self, bus_pid: u32) -> String {
+        let id: String = self
+            .def
+            .id
+            .chars()
+            .take(160)
+            .map(|c| match c {
+                'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+                _ => '_',
+            })
+            .collect();
+        format!("{id}-{bus_pid}-{}", self.invocation + 1)
+    }
+
     /// A new process is about to be spawned: a new invocation and token.
     pub(crate) fn new_invocation(&mut self, bus_pid: u32) {
+        self.token = self.next_token(bus_pid);
         self.invocation += 1;
-        self.token = format!("{}-{bus_pid}-{}", self.def.id, self.invocation);
         self.recent_starts.push_back(Instant::now());
     }
 

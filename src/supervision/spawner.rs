@@ -33,6 +33,45 @@ pub struct SpawnRequest {
     pub capture: bool,
     /// Put the process in a session of its own (services).
     pub new_session: bool,
+    /// The cgroup to create and run in (see `procs`).
+    pub cgroup: Option<PathBuf>,
+    /// Run as this user, with its groups (system services).
+    pub user: Option<Credentials>,
+    /// Reset the OOM score adjustment to 0, as dbus-daemon does for system
+    /// services: the bus's own (often -900) is not theirs.
+    pub reset_oom: bool,
+}
+
+/// A user to run as, resolved before the fork (the child may not allocate,
+/// and NSS lookups do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub name: String,
+    pub uid: nix::unistd::Uid,
+    pub gid: nix::unistd::Gid,
+    pub groups: Vec<nix::unistd::Gid>,
+}
+
+impl Credentials {
+    /// The passwd entry of `name`, and the groups `initgroups` would give it.
+    pub fn of(name: &str) -> std::io::Result<Credentials> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(std::io::Error::from)?
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no such user {name:?}"),
+                )
+            })?;
+        let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+        let groups = nix::unistd::getgrouplist(&cname, user.gid).map_err(std::io::Error::from)?;
+        Ok(Credentials {
+            name: name.to_owned(),
+            uid: user.uid,
+            gid: user.gid,
+            groups,
+        })
+    }
 }
 
 /// A started process: its pid and the read ends of its output pipes.
@@ -138,7 +177,31 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
+/// Create an invocation's cgroup; the path of its `cgroup.procs`, which the
+/// child writes itself into. None if the cgroup cannot be made (the
+/// environment token still finds the service).
+fn join_cgroup_path(dir: &Path) -> Option<std::ffi::CString> {
+    if let Err(e) = std::fs::create_dir(dir)
+        && e.kind() != std::io::ErrorKind::AlreadyExists
+    {
+        tracing::warn!("cannot create the cgroup {}: {e}", dir.display());
+        return None;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok()
+}
+
+/// In a forked child: write `data` to a file, ignoring failure (only
+/// async-signal-safe calls, no allocation).
+fn write_file(path: &std::ffi::CStr, data: &[u8]) {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    if let Ok(fd) = open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+        let _ = nix::unistd::write(&fd, data);
+    }
+}
+
+pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     let Some((program, args)) = req.argv.split_first() else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -159,20 +222,59 @@ fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
         cmd.current_dir(dir);
     }
     let new_session = req.new_session;
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe syscalls (setsid, prctl); it allocates nothing and
-    // touches no lock.
+    // Everything the child needs is made here: it may not allocate.
+    let join = match &req.cgroup {
+        Some(dir) => join_cgroup_path(dir),
+        None => None,
+    };
+    let user = req.user.clone();
+    let reset_oom = req.reset_oom;
     let nofile = INITIAL_NOFILE.get().copied();
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe syscalls (open, write, close, setsid, setrlimit,
+    // setgroups, setresgid, setresuid, prctl) on data made before the fork;
+    // it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(procs) = &join {
+                // Into the invocation's cgroup first, while still privileged.
+                write_file(procs, b"0");
+            }
+            if reset_oom {
+                write_file(c"/proc/self/oom_score_adj", b"0");
+            }
             if new_session {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+            }
+            // A program starts with no signal blocked (the warden blocks the
+            // ones it reads from a signalfd) and SIGPIPE at its default
+            // (Rust ignores it); exec keeps both otherwise.
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            )?;
+            // SAFETY: restoring the default disposition installs no handler.
+            unsafe {
+                nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)?;
             }
             // The fd limit busvisor raised for itself is not the service's.
             if let Some((soft, hard)) = nofile {
                 let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
             }
-            // If busvisor dies without stopping its services, they hear about it.
+            if let Some(c) = &user {
+                // As the launch helper does (initgroups, setgid, setuid), all
+                // three ids, and checked: a half-dropped service is worse
+                // than none.
+                nix::unistd::setgroups(&c.groups)?;
+                nix::unistd::setresgid(c.gid, c.gid, c.gid)?;
+                nix::unistd::setresuid(c.uid, c.uid, c.uid)?;
+                if nix::unistd::geteuid() != c.uid || nix::unistd::getegid() != c.gid {
+                    return Err(std::io::Error::from(nix::errno::Errno::EPERM));
+                }
+            }
+            // If busvisor dies without stopping its services, they hear
+            // about it (set after the uid change, which would clear it).
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
             Ok(())
         });

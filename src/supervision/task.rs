@@ -3,7 +3,6 @@
 //! definitions scan) has been done without it.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,40 +12,26 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::reaper::{self, ExitKind};
+use super::host::{Host, HostSpec};
+use super::reaper::ExitKind;
 use super::service::{Service, ServiceState};
-use super::spawner::Spawner;
 use super::{Cmd, SupervisedBus, SupervisorHandle, SupervisorState, procs};
 use crate::activation::catalog;
-use crate::activation::definition::{ServiceDef, Source};
 use crate::bus::{BusState, Requester, Shared};
 use crate::wire::{self, BusError, ErrorName, names};
-
-/// Variables a service must not inherit from the bus (dbus-daemon drops these too).
-const DROPPED_ENV: &[&str] = &[
-    "JOURNAL_STREAM",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PID",
-    "NOTIFY_SOCKET",
-    "INVOCATION_ID",
-    procs::TOKEN_VAR,
-    crate::daemon::FORKED_ENV,
-];
 
 pub(super) fn start(
     bus: Arc<SupervisedBus>,
     rx: mpsc::UnboundedReceiver<Cmd>,
+    spec: HostSpec,
 ) -> std::io::Result<SupervisorHandle> {
-    reaper::become_subreaper().map_err(|e| {
-        std::io::Error::other(format!(
-            "cannot become a child subreaper (prctl PR_SET_CHILD_SUBREAPER, Linux 3.4+): {e}"
-        ))
-    })?;
-    let spawner = Spawner::start()?;
-    let handle = bus.lock().sup.handle();
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
-    tokio::spawn(reaper::run(exit_tx));
+    let host = Host::start(spec, exit_tx)?;
+    let handle = {
+        let mut g = bus.lock();
+        g.sup.killer = host.killer();
+        g.sup.handle()
+    };
     let fwd = handle.clone();
     tokio::spawn(async move {
         while let Some((pid, kind)) = exit_rx.recv().await {
@@ -55,7 +40,7 @@ pub(super) fn start(
     });
     let task = Task {
         bus,
-        spawner,
+        host,
         commands: HashMap::new(),
         shutdown_waiters: Vec::new(),
         scan: procs::Scan::new(),
@@ -66,7 +51,7 @@ pub(super) fn start(
 
 struct Task {
     bus: Arc<SupervisedBus>,
-    spawner: Spawner,
+    host: Host,
     /// Processes of `busvisor run`, outside any service.
     commands: HashMap<i32, oneshot::Sender<ExitKind>>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
@@ -90,7 +75,7 @@ impl Task {
         if self.needs_scan(&cmd) {
             // The scan reads every process's environment: on the blocking
             // pool, so that neither the runtime nor the core lock waits.
-            self.scan = tokio::task::spawn_blocking(|| procs::scan(procs::TOKEN_VAR))
+            self.scan = tokio::task::spawn_blocking(procs::services)
                 .await
                 .unwrap_or_default();
         }
@@ -99,7 +84,7 @@ impl Task {
             Cmd::Resolve => self.resolve().await,
             Cmd::Reload => self.reload().await,
             Cmd::RunCommand(req, reply) => {
-                let r = self.spawner.spawn(req).await.map(|s| {
+                let r = self.host.spawn_command(req).await.map(|s| {
                     let (tx, rx) = oneshot::channel();
                     self.commands.insert(s.pid, tx);
                     (s.pid, rx)
@@ -120,7 +105,11 @@ impl Task {
             other => self.locked(|sup, core, scan| sup.apply(other, core, scan)),
         }
         let idle = self.bus.lock().sup.shutdown_done();
-        if idle {
+        if idle && !self.shutdown_waiters.is_empty() {
+            if matches!(self.host, Host::Local(_)) {
+                // Where a warden runs, it removes them (they are root's).
+                procs::prune_cgroups(true);
+            }
             for w in self.shutdown_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -163,23 +152,21 @@ impl Task {
 
     async fn spawn(&mut self, id: &str) {
         let address = self.bus.facts.address.get().cloned().unwrap_or_default();
-        let req = {
+        let (req, token) = {
             let mut g = self.bus.lock();
             let Shared { core, sup } = &mut *g;
             match sup.prepare_spawn(id, &address, core) {
-                Some(req) => req,
+                Some(x) => x,
                 None => return,
             }
         };
         let program = req.argv[0].clone();
-        let result = self.spawner.spawn(req).await;
+        let result = self.host.spawn(id, &token, req).await;
         let mut g = self.bus.lock();
         let Shared { core, sup } = &mut *g;
         match result {
             Err(e) => {
-                let text = format!("Failed to execute program {program}: {e}");
-                warn!(service = id, "{text}");
-                let e = BusError::new(ErrorName::SpawnExecFailed, text);
+                warn!(service = id, "{}", e.text);
                 sup.start_failed(id, &e, core, &self.scan);
             }
             Ok(spawned) => {
@@ -424,38 +411,4 @@ fn capture_output(bus: Arc<SupervisedBus>, id: String, pid: i32, fd: std::os::fd
             sup.output(&id, pid, std::mem::take(&mut burst), core);
         }
     });
-}
-
-/// Where a service runs: its `working_directory`, else, for busvisor's own
-/// definitions, the directory of the definition file (so that examples can
-/// name scripts beside them), else busvisor's own.
-pub(super) fn working_dir(def: &ServiceDef) -> Option<std::path::PathBuf> {
-    def.working_dir.clone().or_else(|| match def.source {
-        Source::Toml => def
-            .file
-            .parent()
-            .map(|p| p.to_path_buf())
-            .filter(|p| !p.as_os_str().is_empty()),
-        Source::DBusService => None,
-    })
-}
-
-/// The environment of a service: busvisor's, minus what must not leak; the
-/// activation environment; the definition's; the bus variables; the token.
-pub(super) fn environment(
-    activation_env: &[(String, String)],
-    svc: &Service,
-    address: &str,
-) -> HashMap<OsString, OsString> {
-    let mut env: HashMap<OsString, OsString> = std::env::vars_os()
-        .filter(|(k, _)| !DROPPED_ENV.iter().any(|d| k == d))
-        .collect();
-    for (k, v) in activation_env.iter().chain(&svc.def.env) {
-        env.insert(k.into(), v.into());
-    }
-    env.insert("DBUS_STARTER_ADDRESS".into(), address.into());
-    env.insert("DBUS_STARTER_BUS_TYPE".into(), "session".into());
-    env.insert("DBUS_SESSION_BUS_ADDRESS".into(), address.into());
-    env.insert(procs::TOKEN_VAR.into(), svc.token.clone().into());
-    env
 }

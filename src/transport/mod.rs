@@ -48,7 +48,9 @@ pub enum TransportError {
 
 /// A bound listening socket and the address clients use for it.
 pub(crate) struct Bound {
-    pub listener: UnixListener,
+    /// Non-blocking, not yet registered with a runtime: a bus that drops
+    /// privileges binds before its runtime exists.
+    pub listener: StdUnixListener,
     /// Client address, without the guid.
     pub address: String,
     /// Socket file to remove at shutdown (the caller's job).
@@ -96,15 +98,14 @@ fn finish(
         source,
     };
     std.set_nonblocking(true).map_err(err)?;
-    let listener = UnixListener::from_std(std).map_err(err)?;
     Ok(Bound {
-        listener,
+        listener: std,
         address,
         path,
     })
 }
 
-/// Bind one listen address. Must be called inside the tokio runtime.
+/// Bind one listen address.
 pub(crate) fn bind(addr: &ListenAddress, spec: &str) -> Result<Bound, TransportError> {
     match addr {
         ListenAddress::Path(p) => bind_path(p, spec),

@@ -87,6 +87,42 @@ pub enum ErrorName {
 }
 
 impl ErrorName {
+    /// Every error name, to look one up by its text (see [`Self::parse`]).
+    const ALL: &[ErrorName] = {
+        use ErrorName::*;
+        &[
+            ServiceUnknown,
+            NameHasNoOwner,
+            NoReply,
+            LimitsExceeded,
+            InvalidArgs,
+            UnknownMethod,
+            UnknownInterface,
+            UnknownProperty,
+            PropertyReadOnly,
+            AccessDenied,
+            MatchRuleInvalid,
+            MatchRuleNotFound,
+            NotSupported,
+            Failed,
+            TimedOut,
+            UnixProcessIdUnknown,
+            AdtAuditDataUnknown,
+            SELinuxSecurityContextUnknown,
+            SpawnExecFailed,
+            SpawnChildExited,
+            SpawnChildSignaled,
+            NoSuchService,
+            StartFailed,
+        ]
+    };
+
+    /// The error name whose text is `s` (errors that crossed a process
+    /// boundary as text).
+    pub fn parse(s: &str) -> Option<ErrorName> {
+        Self::ALL.iter().copied().find(|e| e.as_str() == s)
+    }
+
     pub const fn as_str(self) -> &'static str {
         use ErrorName::*;
         match self {

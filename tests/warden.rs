@@ -1,0 +1,304 @@
+//! A system bus started as root with `<user>`: busvisor splits into a root
+//! warden (the main process) and a router running as `<user>`; services run
+//! as their `User=`, as the warden's children, in a clean environment, and
+//! busvisor stops them across users. Driven as a distribution would: real
+//! dbus-send calls as `nobody` through setpriv, the real CLI as root.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{ALLOW_ALL_RULES, TestBus, run_tool, start_bus, wait_until};
+use nix::sys::signal::Signal;
+
+/// These tests need root, the users they switch to, and setpriv.
+fn runnable() -> bool {
+    let ok = !common::is_reference()
+        && nix::unistd::geteuid().is_root()
+        && nix::unistd::User::from_name("messagebus")
+            .ok()
+            .flatten()
+            .is_some()
+        && nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_some()
+        && Path::new("/usr/bin/setpriv").exists()
+        && Path::new("/usr/bin/dbus-send").exists();
+    if !ok {
+        eprintln!("SKIPPED: needs root, users messagebus and nobody, setpriv and dbus-send");
+    }
+    ok
+}
+
+/// The test service and its library, copied where any user can read them
+/// (the checkout may be in a directory only root can enter).
+struct Fixtures {
+    dir: tempfile::TempDir,
+}
+
+impl Fixtures {
+    fn new() -> Fixtures {
+        let dir = tempfile::Builder::new()
+            .prefix("busvisor-warden")
+            .tempdir()
+            .unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (from, to) in [
+            ("tests/fixtures/testsvc.py", "tests/fixtures/testsvc.py"),
+            ("services.d/minibus.py", "services.d/minibus.py"),
+        ] {
+            let to = dir.path().join(to);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(root.join(from), &to).unwrap();
+        }
+        for sub in ["", "tests", "tests/fixtures", "services.d"] {
+            chmod(&dir.path().join(sub), 0o755);
+        }
+        for sub in ["services", "scratch"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        chmod(&dir.path().join("services"), 0o755);
+        // The service (as nobody) writes its grandchild's pid here.
+        chmod(&dir.path().join("scratch"), 0o777);
+        Fixtures { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn add_service(&self, name: &str, user: &str) {
+        let text = format!(
+            "[D-BUS Service]\nName={name}\nExec=/usr/bin/python3 {} {name} --grandchild {}\nUser={user}\n",
+            self.path("tests/fixtures/testsvc.py").display(),
+            self.path("scratch/grandchild").display(),
+        );
+        std::fs::write(self.path(&format!("services/{name}.service")), text).unwrap();
+    }
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn start_system_bus(fx: &Fixtures) -> TestBus {
+    let config = format!(
+        r#"<busconfig>
+  <type>system</type>
+  <user>messagebus</user>
+  <auth>EXTERNAL</auth>
+  <servicedir>{}</servicedir>
+  <pidfile>{}</pidfile>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+{ALLOW_ALL_RULES}
+  </policy>
+</busconfig>
+"#,
+        fx.path("services").display(),
+        fx.path("pidfile").display(),
+    );
+    let bus = start_bus(Some(&config));
+    // Clients and services of other users reach the socket through its
+    // directory.
+    chmod(bus.dir.path(), 0o755);
+    bus
+}
+
+/// Uid, ppid and command name of a process, from /proc.
+fn proc_info(pid: u32) -> Option<(u32, u32, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+    };
+    let uid = field("Uid:")?.parse().ok()?;
+    let ppid = field("PPid:")?.parse().ok()?;
+    Some((uid, ppid, field("Name:")?))
+}
+
+/// The live processes whose parent is `ppid`.
+fn children(ppid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&p| common::proc_stat(p).is_some_and(|(pp, st)| pp == ppid && st != 'Z'))
+        .collect()
+}
+
+fn uid_of(name: &str) -> u32 {
+    nix::unistd::User::from_name(name)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw()
+}
+
+/// Call the test service as `nobody`; the reply's last line's value.
+fn call_as_nobody(bus: &TestBus, member: &str, args: &[&str]) -> String {
+    let address = format!("--bus={}", bus.address);
+    let method = format!("org.busvisor.Test.{member}");
+    let mut argv = vec![
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "dbus-send",
+        &address,
+        "--print-reply",
+        "--dest=org.busvisor.Test",
+        "/org/busvisor/Test",
+        &method,
+    ];
+    argv.extend_from_slice(args);
+    let out = run_tool("setpriv", &argv, common::OP_TIMEOUT);
+    assert!(
+        out.success(),
+        "{member} as nobody failed: {}\nbus log:\n{}",
+        out.stderr,
+        bus.log()
+    );
+    let last = out.stdout.lines().last().unwrap_or("").trim().to_owned();
+    last.split_once(' ')
+        .map(|(_, v)| v.trim_matches('"').to_owned())
+        .unwrap_or(last)
+}
+
+fn busvisor_cli(bus: &TestBus, args: &[&str]) -> common::ToolOutput {
+    common::run_tool_env(
+        common::busvisor_bin(),
+        args,
+        &[("DBUS_SESSION_BUS_ADDRESS", &bus.address)],
+        Duration::from_secs(30),
+    )
+}
+
+fn alive(pid: u32) -> bool {
+    common::proc_stat(pid).is_some_and(|(_, st)| st != 'Z')
+}
+
+#[test]
+fn the_router_runs_as_user_and_services_as_theirs_under_the_warden() {
+    if !runnable() {
+        return;
+    }
+    let fx = Fixtures::new();
+    fx.add_service("org.busvisor.Test", "nobody");
+    let mut bus = start_system_bus(&fx);
+    let warden = bus.pid();
+
+    // The warden is root and the bus's main process; the router is its child,
+    // as messagebus.
+    assert_eq!(proc_info(warden).unwrap().0, 0);
+    let pidfile = std::fs::read_to_string(fx.path("pidfile")).unwrap();
+    assert_eq!(pidfile.trim(), warden.to_string());
+    let routers: Vec<u32> = children(warden)
+        .into_iter()
+        .filter(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
+        .collect();
+    assert_eq!(routers.len(), 1, "one router under the warden");
+    assert_eq!(proc_info(routers[0]).unwrap().0, uid_of("messagebus"));
+
+    // Activated by an unprivileged caller: runs as nobody, as the warden's
+    // child, with only the launch helper's variables and busvisor's token.
+    let pid: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    let (uid, ppid, _) = proc_info(pid).unwrap();
+    assert_eq!(uid, uid_of("nobody"));
+    assert_eq!(ppid, warden, "the service is the warden's child");
+    assert_eq!(call_as_nobody(&bus, "Ppid", &[]), warden.to_string());
+    for (var, want) in [
+        ("DBUS_STARTER_BUS_TYPE", "system"),
+        ("PATH", "<unset>"),
+        ("HOME", "<unset>"),
+        ("RUST_LOG", "<unset>"),
+    ] {
+        assert_eq!(
+            call_as_nobody(&bus, "Env", &[&format!("string:{var}")]),
+            want
+        );
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let blocked = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+    assert!(
+        blocked.ends_with("0000000000000000"),
+        "no signal blocked: {blocked}"
+    );
+
+    // Its grandchild (setsid) is in the tree too; a stop by root ends both,
+    // by their stop signal (well before the 10 s SIGKILL).
+    let grandchild: u32 = std::fs::read_to_string(fx.path("scratch/grandchild"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(grandchild));
+    let t = Instant::now();
+    busvisor_cli(&bus, &["stop", "org.busvisor.Test"]).assert_ok();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(2), || !alive(pid) && !alive(grandchild)));
+
+    // Restart across users, then SIGTERM to the warden ends everything and
+    // removes the pidfile and the socket.
+    let again: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    assert_ne!(again, pid);
+    let out = busvisor_cli(&bus, &["restart", "org.busvisor.Test"]);
+    out.assert_ok();
+    assert!(wait_until(Duration::from_secs(2), || !alive(again)));
+    let third: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    assert_eq!(proc_info(third).unwrap().1, warden);
+    bus.proc.signal(Signal::SIGTERM);
+    let st = bus.proc.wait_timeout(Duration::from_secs(15));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "log:\n{}", bus.log());
+    assert!(!alive(third) && !alive(routers[0]));
+    assert!(!fx.path("pidfile").exists(), "the pidfile is removed");
+    assert!(!bus.socket.exists(), "the socket file is removed");
+    let cgroups = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    if let Some(mount) = cgroups.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+    }) {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let dir = Path::new(&mount)
+            .join(rel.trim_start_matches('/'))
+            .join(format!("busvisor-{warden}"));
+        assert!(!dir.exists(), "{} is removed", dir.display());
+    }
+}
+
+#[test]
+fn a_router_that_dies_takes_its_services_with_it() {
+    if !runnable() {
+        return;
+    }
+    let fx = Fixtures::new();
+    fx.add_service("org.busvisor.Test", "nobody");
+    let mut bus = start_system_bus(&fx);
+    let warden = bus.pid();
+    let pid: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    let router = children(warden)
+        .into_iter()
+        .find(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
+        .unwrap();
+    // The router is the part exposed to clients: if it is killed, the
+    // warden ends the services and exits, leaving nothing behind.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(router as i32), Signal::SIGKILL).unwrap();
+    let st = bus.proc.wait_timeout(Duration::from_secs(15));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the warden exits, failing"
+    );
+    assert!(!alive(pid));
+}
