@@ -201,6 +201,75 @@ fn write_file(path: &std::ffi::CStr, data: &[u8]) {
     }
 }
 
+/// What the child does between fork and exec, made before the fork: the
+/// child may not allocate.
+struct ChildSetup {
+    cgroup_procs: Option<std::ffi::CString>,
+    reset_oom: bool,
+    new_session: bool,
+    nofile: Option<(u64, u64)>,
+    user: Option<Credentials>,
+}
+
+impl ChildSetup {
+    fn new(req: &SpawnRequest) -> ChildSetup {
+        ChildSetup {
+            cgroup_procs: req.cgroup.as_deref().and_then(join_cgroup_path),
+            reset_oom: req.reset_oom,
+            new_session: req.new_session,
+            nofile: INITIAL_NOFILE.get().copied(),
+            user: req.user.clone(),
+        }
+    }
+
+    /// In the child: only async-signal-safe calls (open, write, close,
+    /// setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
+    /// setresuid, prctl).
+    fn run(&self) -> std::io::Result<()> {
+        if let Some(procs) = &self.cgroup_procs {
+            // Into the invocation's cgroup first, while still privileged.
+            write_file(procs, b"0");
+        }
+        if self.reset_oom {
+            write_file(c"/proc/self/oom_score_adj", b"0");
+        }
+        if self.new_session {
+            nix::unistd::setsid()?;
+        }
+        // A program starts with no signal blocked (the warden blocks the
+        // ones it reads from a signalfd) and SIGPIPE at its default (Rust
+        // ignores it); exec keeps both otherwise.
+        nix::sys::signal::sigprocmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&nix::sys::signal::SigSet::empty()),
+            None,
+        )?;
+        // SAFETY: restoring the default disposition installs no handler.
+        unsafe {
+            nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)?;
+        }
+        // The fd limit busvisor raised for itself is not the service's.
+        if let Some((soft, hard)) = self.nofile {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
+        }
+        if let Some(c) = &self.user {
+            // As the launch helper does (initgroups, setgid, setuid), all
+            // three ids, and checked: a half-dropped service is worse than
+            // none.
+            nix::unistd::setgroups(&c.groups)?;
+            nix::unistd::setresgid(c.gid, c.gid, c.gid)?;
+            nix::unistd::setresuid(c.uid, c.uid, c.uid)?;
+            if nix::unistd::geteuid() != c.uid || nix::unistd::getegid() != c.gid {
+                return Err(std::io::Error::from(nix::errno::Errno::EPERM));
+            }
+        }
+        // If busvisor dies without stopping its services, they hear about
+        // it (set after the uid change, which would clear it).
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+        Ok(())
+    }
+}
+
 pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     let Some((program, args)) = req.argv.split_first() else {
         return Err(std::io::Error::new(
@@ -221,63 +290,12 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     if let Some(dir) = &req.cwd {
         cmd.current_dir(dir);
     }
-    let new_session = req.new_session;
-    // Everything the child needs is made here: it may not allocate.
-    let join = match &req.cgroup {
-        Some(dir) => join_cgroup_path(dir),
-        None => None,
-    };
-    let user = req.user.clone();
-    let reset_oom = req.reset_oom;
-    let nofile = INITIAL_NOFILE.get().copied();
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe syscalls (open, write, close, setsid, setrlimit,
-    // setgroups, setresgid, setresuid, prctl) on data made before the fork;
-    // it allocates nothing and touches no lock.
+    let setup = ChildSetup::new(req);
+    // SAFETY: the closure runs in the forked child before exec; `run` calls
+    // only async-signal-safe syscalls on data made before the fork, and
+    // allocates nothing and touches no lock.
     unsafe {
-        cmd.pre_exec(move || {
-            if let Some(procs) = &join {
-                // Into the invocation's cgroup first, while still privileged.
-                write_file(procs, b"0");
-            }
-            if reset_oom {
-                write_file(c"/proc/self/oom_score_adj", b"0");
-            }
-            if new_session {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-            }
-            // A program starts with no signal blocked (the warden blocks the
-            // ones it reads from a signalfd) and SIGPIPE at its default
-            // (Rust ignores it); exec keeps both otherwise.
-            nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&nix::sys::signal::SigSet::empty()),
-                None,
-            )?;
-            // SAFETY: restoring the default disposition installs no handler.
-            unsafe {
-                nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)?;
-            }
-            // The fd limit busvisor raised for itself is not the service's.
-            if let Some((soft, hard)) = nofile {
-                let _ = setrlimit(Resource::RLIMIT_NOFILE, soft, hard);
-            }
-            if let Some(c) = &user {
-                // As the launch helper does (initgroups, setgid, setuid), all
-                // three ids, and checked: a half-dropped service is worse
-                // than none.
-                nix::unistd::setgroups(&c.groups)?;
-                nix::unistd::setresgid(c.gid, c.gid, c.gid)?;
-                nix::unistd::setresuid(c.uid, c.uid, c.uid)?;
-                if nix::unistd::geteuid() != c.uid || nix::unistd::getegid() != c.gid {
-                    return Err(std::io::Error::from(nix::errno::Errno::EPERM));
-                }
-            }
-            // If busvisor dies without stopping its services, they hear
-            // about it (set after the uid change, which would clear it).
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
-            Ok(())
-        });
+        cmd.pre_exec(move || setup.run());
     }
     let guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let child = cmd.spawn();
