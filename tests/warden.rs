@@ -72,7 +72,7 @@ impl Fixtures {
 
     fn add_service(&self, name: &str, user: &str) {
         let text = format!(
-            "[D-BUS Service]\nName={name}\nExec=/usr/bin/python3 {} {name} --grandchild {}\nUser={user}\n",
+            "[D-BUS Service]\nName={name}\nExec=/usr/bin/python3 {} {name} --say hello-from-{user} --grandchild {}\nUser={user}\n",
             self.path("tests/fixtures/testsvc.py").display(),
             self.path("scratch/grandchild").display(),
         );
@@ -238,6 +238,10 @@ fn the_router_runs_as_user_and_services_as_theirs_under_the_warden() {
         .parse()
         .unwrap();
     assert!(alive(grandchild));
+    // Its output comes through the warden's pipes.
+    let logs = busvisor_cli(&bus, &["logs", "org.busvisor.Test"]);
+    logs.assert_ok();
+    assert!(logs.stdout.contains("hello-from-nobody"), "{}", logs.stdout);
     let t = Instant::now();
     busvisor_cli(&bus, &["stop", "org.busvisor.Test"]).assert_ok();
     assert!(
