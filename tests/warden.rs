@@ -306,3 +306,170 @@ fn a_router_that_dies_takes_its_services_with_it() {
     );
     assert!(!alive(pid));
 }
+
+/// A bus in a private mount namespace (tmpfs on /run/dbus), so that it can
+/// listen where system clients and services look; ended by SIGTERM (its
+/// services with it) even when the test fails.
+struct NamespacedBus {
+    proc: common::ChildGuard,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NamespacedBus {
+    fn start(args: &[&str]) -> NamespacedBus {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("bus.log");
+        let out = dir.path().join("address");
+        let script = r#"mount -t tmpfs tmpfs /run/dbus && exec "$@""#;
+        let child = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+            .arg(common::busvisor_bin())
+            .args(args)
+            .args(["--nofork", "--print-address"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let bus = NamespacedBus {
+            proc: common::ChildGuard::new(child),
+            log,
+            _dir: dir,
+        };
+        assert!(
+            wait_until(common::OP_TIMEOUT, || std::fs::read_to_string(&out)
+                .is_ok_and(|s| s.ends_with('\n'))),
+            "no address; log:\n{}",
+            bus.log()
+        );
+        bus
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Run a program in the bus's mount namespace, as root or through
+    /// setpriv as `nobody`.
+    fn run(&self, nobody: bool, argv: &[&str]) -> common::ToolOutput {
+        let pid = self.proc.pid().to_string();
+        let mut all = vec!["-t", &pid, "-m"];
+        if nobody {
+            all.extend([
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+            ]);
+        }
+        all.extend_from_slice(argv);
+        run_tool("nsenter", &all, common::OP_TIMEOUT)
+    }
+
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.signal(Signal::SIGTERM);
+        self.proc.wait_timeout(Duration::from_secs(20))
+    }
+}
+
+impl Drop for NamespacedBus {
+    fn drop(&mut self) {
+        if self.proc.is_running() {
+            self.stop();
+        }
+    }
+}
+
+/// Debian's own polkitd, activated by an unprivileged caller through
+/// Debian's own system.conf, system.d and service file: started as root by
+/// the warden, it drops to its user and stays the warden's child; its
+/// user-context `own` rule lets it take its name, and nobody else can.
+#[test]
+fn debians_polkitd_runs_supervised_under_the_warden() {
+    if !runnable() {
+        return;
+    }
+    let polkitd = "/usr/lib/polkit-1/polkitd";
+    let conf = "/usr/share/dbus-1/system.conf";
+    if !Path::new(polkitd).exists() || !Path::new(conf).exists() || !Path::new("/run/dbus").is_dir()
+    {
+        eprintln!("SKIPPED: needs polkitd, dbus's system.conf and /run/dbus");
+        return;
+    }
+    let mut bus = NamespacedBus::start(&[&format!("--config-file={conf}")]);
+    let warden = bus.proc.pid();
+    let enumerate = bus.run(
+        true,
+        &[
+            "dbus-send",
+            "--system",
+            "--print-reply",
+            "--dest=org.freedesktop.PolicyKit1",
+            "/org/freedesktop/PolicyKit1/Authority",
+            "org.freedesktop.PolicyKit1.Authority.EnumerateActions",
+            "string:",
+        ],
+    );
+    assert!(
+        enumerate.success() && enumerate.stdout.contains("org.freedesktop.policykit.exec"),
+        "{}{}\nlog:\n{}",
+        enumerate.stdout,
+        enumerate.stderr,
+        bus.log()
+    );
+    let pid_reply = bus.run(
+        false,
+        &[
+            "dbus-send",
+            "--system",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.GetConnectionUnixProcessID",
+            "string:org.freedesktop.PolicyKit1",
+        ],
+    );
+    pid_reply.assert_ok();
+    let pid: u32 = pid_reply
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (uid, ppid, _) = proc_info(pid).unwrap();
+    assert_eq!(uid, uid_of("polkitd"), "polkitd dropped to its user");
+    assert_eq!(ppid, warden, "polkitd is the warden's child");
+
+    let squat = bus.run(
+        true,
+        &[
+            "dbus-send",
+            "--system",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.RequestName",
+            "string:org.freedesktop.PolicyKit1",
+            "uint32:0",
+        ],
+    );
+    assert!(!squat.success());
+    assert!(
+        squat.stderr.contains("org.freedesktop.DBus.Error.AccessDenied")
+            && squat.stderr.contains(
+                "is not allowed to own the service \"org.freedesktop.PolicyKit1\" due to security policies in the configuration file"
+            ),
+        "{}",
+        squat.stderr
+    );
+
+    let st = bus.stop();
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "log:\n{}", bus.log());
+    assert!(!alive(pid), "polkitd ends with the bus");
+}
