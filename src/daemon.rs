@@ -104,6 +104,12 @@ pub struct Options {
     /// `--systemd-activation`: services with `SystemdService=` are started
     /// by systemd, as dbus-daemon hands them over.
     pub systemd_activation: bool,
+    /// `--system` without a system.conf on this machine: the built-in one.
+    /// (With one, `config_file` names it: see `DaemonArgs::config_file_to_load`.)
+    pub system: bool,
+    /// `--syslog`, `--nosyslog`, `--syslog-only`; `None`: the
+    /// configuration's `<syslog/>` decides.
+    pub syslog: Option<crate::logging::SyslogFlag>,
 }
 
 /// `$XDG_RUNTIME_DIR/bus` when that directory exists, else a private socket.
@@ -119,9 +125,13 @@ pub fn load_config(opts: &Options) -> Result<BusConfig, DaemonError> {
         config::load_xml(p)?
     } else if let Some(p) = &opts.toml_config {
         config::load_toml(p)?
+    } else if opts.system {
+        config::system_default()?
     } else {
         config::session_default()
     };
+    // Before the warnings, so that they reach the system log too.
+    crate::logging::set_target(crate::logging::LogTarget::choose(opts.syslog, cfg.syslog));
     for w in &cfg.warnings {
         warn!("{w}");
     }
