@@ -571,14 +571,15 @@ mod tests {
             .expect("a write to a full system log blocked");
         let dropped = w.dropped();
         let queued = pending(&rx);
-        assert!(dropped > 0 && queued > 0, "{dropped} dropped, {queued} queued");
+        assert!(
+            dropped > 0 && queued > 0,
+            "{dropped} dropped, {queued} queued"
+        );
         assert_eq!(dropped as usize + queued, 5000);
         w.line(&Level::INFO, b"next");
-        assert!(
-            recv(&rx).ends_with(&format!(
-                "{dropped} log lines dropped: the system log did not take them"
-            ))
-        );
+        assert!(recv(&rx).ends_with(&format!(
+            "{dropped} log lines dropped: the system log did not take them"
+        )));
         assert!(recv(&rx).ends_with("]: next"));
         assert_eq!(w.dropped(), 0);
     }
@@ -622,7 +623,10 @@ mod tests {
 
             assert_eq!(sinks.set_target(LogTarget::Syslog), LogTarget::Syslog);
             tracing::error!(peer = ":1.5", "second");
-            assert_eq!(recv(&rx), format!("<27>busvisor[{pid}]: second peer=\":1.5\""));
+            assert_eq!(
+                recv(&rx),
+                format!("<27>busvisor[{pid}]: second peer=\":1.5\"")
+            );
             assert_eq!(stderr_text(), "");
 
             let both = sinks.set_target(LogTarget::StderrAndSyslog);
@@ -639,7 +643,10 @@ mod tests {
         // No system log: stderr, whatever was asked.
         let none = Sinks::new(std::io::stderr(), path.with_file_name("none"));
         assert_eq!(none.set_target(LogTarget::Syslog), LogTarget::Stderr);
-        assert_eq!(none.set_target(LogTarget::StderrAndSyslog), LogTarget::Stderr);
+        assert_eq!(
+            none.set_target(LogTarget::StderrAndSyslog),
+            LogTarget::Stderr
+        );
         assert!(sinks.syslog().available());
     }
 }

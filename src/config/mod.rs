@@ -53,10 +53,8 @@ pub const SYSTEM_CONF_ORIGIN: &str = "<busvisor built-in system.conf>";
 
 /// Where `dbus-daemon --system` finds its configuration: the compiled-in
 /// path of current packages, then the one of older installations.
-pub const SYSTEM_CONF_PATHS: [&str; 2] = [
-    "/usr/share/dbus-1/system.conf",
-    "/etc/dbus-1/system.conf",
-];
+pub const SYSTEM_CONF_PATHS: [&str; 2] =
+    ["/usr/share/dbus-1/system.conf", "/etc/dbus-1/system.conf"];
 
 /// Error loading or parsing a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -808,7 +806,10 @@ mod tests {
             for conf in confs {
                 assert!(
                     cfg.source_files.contains(&conf)
-                        || cfg.warnings.iter().any(|w| w.contains(&*conf.to_string_lossy())),
+                        || cfg
+                            .warnings
+                            .iter()
+                            .any(|w| w.contains(&*conf.to_string_lossy())),
                     "{} neither read nor reported",
                     conf.display()
                 );
