@@ -23,7 +23,7 @@ pub(crate) type Scanned = (Catalog, Vec<String>);
 
 /// Read every definition. File I/O: never under the lock.
 pub(crate) fn scan(dirs: &Dirs) -> Scanned {
-    Catalog::scan(&dirs.toml, &dirs.dbus)
+    Catalog::scan(&dirs.toml, &dirs.dbus, None)
 }
 
 /// Whether a service directory changed since `since` (a stat per directory:

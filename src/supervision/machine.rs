@@ -15,6 +15,7 @@ use super::service::{
 use super::spawner::SpawnRequest;
 use super::{Cmd, SupervisorState};
 use crate::activation::definition::{RestartPolicy, Source};
+use crate::activation::system::system_bus_refusal;
 use crate::bus::{BusState, CallRef, Facts};
 use crate::supervision::lifecycle::Event;
 use crate::wire::{BusError, ErrorName};
@@ -79,6 +80,15 @@ impl SupervisorState {
     ) -> Option<SpawnRequest> {
         let svc = self.services.get(id)?;
         if svc.state() != ServiceState::Activating || svc.launched_pid.is_some() {
+            return None;
+        }
+        // Every start passes here, whoever asked: a refusal reaches every
+        // waiter as its D-Bus error, and nothing is spawned.
+        if self.system_bus
+            && let Some(e) = system_bus_refusal(&svc.def, self.systemd_activation)
+        {
+            warn!(service = %id, "Activated service '{id}' failed: {}", e.text.trim_end());
+            self.activation_failed(id, &e, core);
             return None;
         }
         let argv = match &svc.def.argv {

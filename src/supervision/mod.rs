@@ -127,6 +127,9 @@ pub(crate) struct SupervisorState {
     /// `--systemd-activation`: services with `SystemdService=` are
     /// systemd's to start.
     pub(crate) systemd_activation: bool,
+    /// A system bus: a start is first checked against its rules
+    /// (`activation::system::system_bus_refusal`).
+    pub(crate) system_bus: bool,
 }
 
 impl SupervisorState {
@@ -142,6 +145,7 @@ impl SupervisorState {
             cmd: SupervisorHandle { tx },
             shutting_down: false,
             systemd_activation: false,
+            system_bus: false,
         };
         (st, rx)
     }
