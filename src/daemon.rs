@@ -181,6 +181,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
     let guid = crate::wire::new_guid();
     let (mut sup, commands) = SupervisorState::new();
     sup.systemd_activation = opts.systemd_activation;
+    sup.system_bus = cfg.is_system();
     let own_name = crate::wire::names::SUPERVISOR_NAME;
     let machine_id = std::fs::read_to_string("/etc/machine-id")
         .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
@@ -195,6 +196,7 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
         sup,
     );
     bus.facts.systemd_activation = opts.systemd_activation;
+    bus.facts.system_bus = cfg.is_system();
     let bus = Arc::new(bus);
     let gate = Arc::new(Gate::new());
     let mut addresses = Vec::new();
@@ -236,6 +238,8 @@ pub async fn start(opts: &Options) -> Result<Running, DaemonError> {
                 strict_naming: d.strict_naming,
             })
             .collect(),
+        system: cfg.is_system(),
+        systemd_activation: opts.systemd_activation,
     };
     // The transient service directory ($XDG_RUNTIME_DIR/dbus-1/services:
     // strict naming, not watched) is created, as dbus-daemon creates it,
