@@ -559,6 +559,55 @@ fn only_roots_definitions_are_read() {
     );
 }
 
+/// The control API on the system bus: root may use it once
+/// dist/system.d/org.busvisor.Supervisor1.conf is installed; nobody may not.
+#[test]
+fn the_shipped_policy_opens_the_control_api_to_root() {
+    if !can_run() || is_reference() {
+        return;
+    }
+    let files = Files::new();
+    let sys = start_system_bus(&files);
+    let list = |as_nobody: bool| {
+        let address = format!("--address={}", sys.bus.address);
+        let mut args = vec![busvisor_bin(), &address, "list"];
+        if as_nobody {
+            let nobody = ["--reuid", NOBODY, "--regid", "nogroup", "--clear-groups"];
+            args.splice(0..0, nobody);
+        }
+        let program = if as_nobody { "setpriv" } else { args.remove(0) };
+        run_tool(program, &args, OP_TIMEOUT)
+    };
+    let out = list(false);
+    assert!(!out.success(), "allowed without the policy file: {out:?}");
+    assert!(out.stderr.contains("AccessDenied"), "{out:?}");
+
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/system.d/org.busvisor.Supervisor1.conf"
+    );
+    files.write_conf(
+        "org.busvisor.Supervisor1.conf",
+        &std::fs::read_to_string(shipped).unwrap(),
+    );
+    let reload = run_tool(
+        "dbus-send",
+        &[
+            &format!("--bus={}", sys.bus.address),
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.ReloadConfig",
+        ],
+        OP_TIMEOUT,
+    );
+    reload.assert_ok();
+    list(false).assert_ok();
+    let out = list(true);
+    assert!(!out.success(), "{out:?}");
+    assert!(out.stderr.contains("AccessDenied"), "{out:?}");
+}
+
 /// `busvisor --system` as a system bus is started, in a private mount
 /// namespace whose /run/dbus is its own: Debian's system.conf, listening
 /// on /run/dbus/system_bus_socket, where `dbus-send --system` finds it.
