@@ -107,8 +107,9 @@ pub struct DaemonArgs {
     /// Use the standard session bus configuration (the default).
     #[arg(long)]
     pub session: bool,
-    /// The system bus is not supported; accepted to fail with a clear message.
-    #[arg(long)]
+    /// Use the system bus configuration (the distribution's system.conf, or
+    /// busvisor's built-in equivalent).
+    #[arg(long, conflicts_with_all = ["session", "config_file", "config"])]
     pub system: bool,
     /// dbus-daemon XML configuration file.
     #[arg(long = "config-file", value_name = "FILE")]
@@ -139,14 +140,14 @@ pub struct DaemonArgs {
     /// Hand services with `SystemdService=` to systemd, as dbus-daemon does.
     #[arg(long = "systemd-activation")]
     pub systemd_activation: bool,
-    /// Accepted for compatibility; busvisor logs to stderr.
-    #[arg(long)]
+    /// Log to the system log as well as to stderr.
+    #[arg(long, overrides_with = "nosyslog")]
     pub syslog: bool,
-    /// Accepted for compatibility.
-    #[arg(long)]
+    /// Log to stderr only, whatever the configuration's <syslog/> says.
+    #[arg(long, overrides_with_all = ["syslog", "syslog_only"])]
     pub nosyslog: bool,
-    /// Accepted for compatibility.
-    #[arg(long = "syslog-only")]
+    /// Log to the system log only.
+    #[arg(long = "syslog-only", overrides_with = "nosyslog")]
     pub syslog_only: bool,
     /// Print the bus's introspection XML and exit.
     #[arg(long)]
@@ -157,6 +158,36 @@ pub struct DaemonArgs {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub log_level: Option<String>,
+}
+
+impl DaemonArgs {
+    /// The XML configuration file to load: `--config-file`, or for
+    /// `--system` the distribution's system.conf (None: the built-in one,
+    /// or no XML file at all).
+    pub fn config_file_to_load(&self) -> Option<PathBuf> {
+        match &self.config_file {
+            Some(f) => Some(f.clone()),
+            None if self.system => crate::config::system_config_file(),
+            None => None,
+        }
+    }
+
+    /// `--syslog`, `--nosyslog` and `--syslog-only`, the last given
+    /// winning as in dbus-daemon (clap keeps only the last of the pairs
+    /// that override each other); `--syslog-only` with `--syslog` is
+    /// `--syslog-only`, as there.
+    pub fn syslog_flag(&self) -> Option<crate::logging::SyslogFlag> {
+        use crate::logging::SyslogFlag;
+        if self.syslog_only {
+            Some(SyslogFlag::SyslogOnly)
+        } else if self.syslog {
+            Some(SyslogFlag::Syslog)
+        } else if self.nosyslog {
+            Some(SyslogFlag::NoSyslog)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -278,6 +309,49 @@ mod tests {
         let c = parse(&["busvisor", "--session", "--print-address", "--nofork"]);
         assert_eq!(c.daemon.print_address.as_deref(), Some(""));
         assert!(c.daemon.session);
+    }
+
+    #[test]
+    fn system_flag() {
+        let c = parse(&["busvisor", "--system", "--nofork"]);
+        assert!(c.daemon.system);
+        assert_eq!(
+            c.daemon.config_file_to_load(),
+            crate::config::system_config_file()
+        );
+        let c = parse(&["busvisor", "daemon", "--system"]);
+        assert!(matches!(c.command, Some(Command::Daemon(a)) if a.system));
+        let c = parse(&["busvisor", "--config-file=/x.conf"]);
+        assert_eq!(
+            c.daemon.config_file_to_load(),
+            Some(PathBuf::from("/x.conf"))
+        );
+        // As dbus-daemon: one configuration only.
+        for other in ["--session", "--config-file=/x.conf", "--config=/x.toml"] {
+            let e = Cli::try_parse_from(["busvisor", "--system", other]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        }
+    }
+
+    #[test]
+    fn syslog_flags_last_wins() {
+        use crate::logging::SyslogFlag::*;
+        let flag = |args: &[&str]| {
+            let mut all = vec!["busvisor"];
+            all.extend_from_slice(args);
+            parse(&all).daemon.syslog_flag()
+        };
+        assert_eq!(flag(&[]), None);
+        assert_eq!(flag(&["--syslog"]), Some(Syslog));
+        assert_eq!(flag(&["--nosyslog"]), Some(NoSyslog));
+        assert_eq!(flag(&["--syslog-only"]), Some(SyslogOnly));
+        assert_eq!(flag(&["--syslog", "--nosyslog"]), Some(NoSyslog));
+        assert_eq!(flag(&["--nosyslog", "--syslog"]), Some(Syslog));
+        assert_eq!(flag(&["--syslog-only", "--nosyslog"]), Some(NoSyslog));
+        assert_eq!(flag(&["--nosyslog", "--syslog-only"]), Some(SyslogOnly));
+        // bus/main.c: --syslog does not clear --syslog-only's "only".
+        assert_eq!(flag(&["--syslog-only", "--syslog"]), Some(SyslogOnly));
+        assert_eq!(flag(&["--syslog", "--syslog-only"]), Some(SyslogOnly));
     }
 
     #[test]

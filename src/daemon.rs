@@ -107,6 +107,12 @@ pub struct Options {
     pub systemd_activation: bool,
     /// `--nopidfile`: ignore the configuration's `<pidfile>`.
     pub nopidfile: bool,
+    /// `--system` without a system.conf on this machine: the built-in one.
+    /// (With one, `config_file` names it: see `DaemonArgs::config_file_to_load`.)
+    pub system: bool,
+    /// `--syslog`, `--nosyslog`, `--syslog-only`; `None`: the
+    /// configuration's `<syslog/>` decides.
+    pub syslog: Option<crate::logging::SyslogFlag>,
 }
 
 /// `$XDG_RUNTIME_DIR/bus` when that directory exists, else a private socket.
@@ -122,9 +128,13 @@ pub fn load_config(opts: &Options) -> Result<BusConfig, DaemonError> {
         config::load_xml(p)?
     } else if let Some(p) = &opts.toml_config {
         config::load_toml(p)?
+    } else if opts.system {
+        config::system_default()?
     } else {
         config::session_default()
     };
+    // Before the warnings, so that they reach the system log too.
+    crate::logging::set_target(crate::logging::LogTarget::choose(opts.syslog, cfg.syslog));
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -215,6 +225,8 @@ pub fn prepare(opts: &Options) -> Result<Prepared, DaemonError> {
                 strict_naming: d.strict_naming,
             })
             .collect(),
+        system: cfg.is_system(),
+        systemd_activation: opts.systemd_activation,
     };
     let pidfile = cfg.pidfile.clone().filter(|_| !opts.nopidfile);
     if let Some(p) = &pidfile {
@@ -281,13 +293,12 @@ async fn start_prepared(
         pidfile,
         main_pid,
     } = prepared;
-    let system = cfg.bus_type == "system";
-    if system && matches!(host, HostSpec::Local) && nix::unistd::geteuid().is_root() {
+    if cfg.is_system() && matches!(host, HostSpec::Local) && nix::unistd::geteuid().is_root() {
         warn!("a system bus running as root: give the configuration a <user> to drop to");
     }
     let (mut sup, commands) = SupervisorState::new();
     sup.systemd_activation = opts.systemd_activation;
-    sup.system_bus = system;
+    sup.system_bus = cfg.is_system();
     let own_name = crate::wire::names::SUPERVISOR_NAME;
     let machine_id = std::fs::read_to_string("/etc/machine-id")
         .or_else(|_| std::fs::read_to_string("/var/lib/dbus/machine-id"))
@@ -302,6 +313,7 @@ async fn start_prepared(
         sup,
     );
     bus.facts.systemd_activation = opts.systemd_activation;
+    bus.facts.system_bus = cfg.is_system();
     let bus = Arc::new(bus);
     let gate = Arc::new(Gate::new());
     let mut listeners = Vec::new();

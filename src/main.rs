@@ -1,20 +1,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use busvisor::cli::{Cli, Command, DaemonArgs, RunArgs, normalize_args};
 use busvisor::daemon::{self, Options, Output};
 
-/// Log to stderr, never blocking on it (see `busvisor::logging`).
+/// Log to stderr, never blocking on it; the configuration may add the
+/// system log (see `busvisor::logging`).
 fn init_logging(level: Option<&str>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(busvisor::logging::LogWriter::new(std::io::stderr()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    busvisor::logging::init(level);
 }
 
 /// Service directories as absolute paths, so that definition files are
@@ -27,15 +21,20 @@ fn absolute(dirs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
 
 fn daemon_options(a: &DaemonArgs) -> Options {
     Options {
-        config_file: a.config_file.clone(),
+        config_file: a.config_file_to_load(),
         toml_config: a.config.clone(),
         address: a.address.clone(),
         print_address: a.print_address.as_deref().map(Output::from_flag),
         print_pid: a.print_pid.as_deref().map(Output::from_flag),
         services_dirs: absolute(&a.services_dir),
-        user_session_default: !a.session && a.config_file.is_none() && a.config.is_none(),
+        user_session_default: !a.session
+            && !a.system
+            && a.config_file.is_none()
+            && a.config.is_none(),
         systemd_activation: a.systemd_activation,
         nopidfile: a.nopidfile,
+        system: a.system,
+        syslog: a.syslog_flag(),
     }
 }
 
@@ -95,10 +94,6 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
         return fork_main();
     }
     init_logging(a.log_level.as_deref());
-    if a.system {
-        eprintln!("busvisor: the system bus is not supported: busvisor is a session bus");
-        return ExitCode::FAILURE;
-    }
     if a.introspect {
         println!("{}", daemon::introspection());
         return ExitCode::SUCCESS;

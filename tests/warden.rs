@@ -398,7 +398,7 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         eprintln!("SKIPPED: needs polkitd, dbus's system.conf and /run/dbus");
         return;
     }
-    let mut bus = NamespacedBus::start(&[&format!("--config-file={conf}")]);
+    let mut bus = NamespacedBus::start(&["--system", "--nosyslog"]);
     let warden = bus.proc.pid();
     let enumerate = bus.run(
         true,

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use super::definition::{Catalog, ServiceDirSpec};
+use super::definition::{Catalog, ServiceDirSpec, SystemScan};
 use crate::bus::{CallRef, Requester};
 
 /// Where definitions come from: busvisor's TOML directories, then the
@@ -16,6 +16,11 @@ use crate::bus::{CallRef, Requester};
 pub(crate) struct Dirs {
     pub(crate) toml: Vec<PathBuf>,
     pub(crate) dbus: Vec<ServiceDirSpec>,
+    /// A system bus (`BusConfig::is_system`): definitions are read by its
+    /// rules (`activation/system.rs`).
+    pub(crate) system: bool,
+    /// `--systemd-activation`, which those rules leave systemd's services to.
+    pub(crate) systemd_activation: bool,
 }
 
 /// Definitions read from the service directories, and the files skipped.
@@ -23,7 +28,10 @@ pub(crate) type Scanned = (Catalog, Vec<String>);
 
 /// Read every definition. File I/O: never under the lock.
 pub(crate) fn scan(dirs: &Dirs) -> Scanned {
-    Catalog::scan(&dirs.toml, &dirs.dbus)
+    let system = dirs.system.then_some(SystemScan {
+        systemd_activation: dirs.systemd_activation,
+    });
+    Catalog::scan(&dirs.toml, &dirs.dbus, system)
 }
 
 /// Whether a service directory changed since `since` (a stat per directory:
@@ -162,14 +170,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dirs = Dirs {
             toml: vec![d.path().to_owned()],
-            dbus: Vec::new(),
+            ..Dirs::default()
         };
         assert!(dirs_changed(&dirs, SystemTime::UNIX_EPOCH));
         let later = SystemTime::now() + Duration::from_secs(60);
         assert!(!dirs_changed(&dirs, later));
         let missing = Dirs {
             toml: vec![d.path().join("nope")],
-            dbus: Vec::new(),
+            ..Dirs::default()
         };
         assert!(!dirs_changed(&missing, SystemTime::UNIX_EPOCH));
     }

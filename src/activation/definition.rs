@@ -127,6 +127,10 @@ pub struct ServiceDef {
     /// The user the service runs as (`User=`; TOML `user`). Required on the
     /// system bus; on a session bus every service runs as the bus's user.
     pub user: Option<String>,
+    /// `user` names no account: looked up when the definition was read on
+    /// the system bus (off the lock), so that starting it is refused as
+    /// dbus-daemon's launch helper refuses it (see `system.rs`).
+    pub unknown_user: bool,
 }
 
 impl ServiceDef {
@@ -160,6 +164,7 @@ impl ServiceDef {
             source,
             systemd_service: None,
             user: None,
+            unknown_user: false,
         }
     }
 }
@@ -806,15 +811,31 @@ impl Catalog {
     /// directory's files in byte order of their names.  The first
     /// definition of an id or bus name wins; a later definition that reuses
     /// any of them is skipped as a whole.  Bad, unreadable and skipped files
-    /// are logged (`tracing::warn!`) and described in the returned warnings;
+    /// are described in the returned warnings (the caller logs them);
     /// nothing is fatal and missing directories are ignored.
-    pub fn scan(toml_dirs: &[PathBuf], service_dirs: &[ServiceDirSpec]) -> (Catalog, Vec<String>) {
+    ///
+    /// On the system bus (`system`), the rules of `system.rs` apply too:
+    /// only root's files in root's directories are read, each definition's
+    /// user is looked up, what will keep a service from starting is said
+    /// once here, and a `[D-BUS Service]` file not named after its name
+    /// comes after every well-named one (the launch helper finds files by
+    /// name, so `NAME.service` is the one that counts, wherever it is).
+    pub fn scan(
+        toml_dirs: &[PathBuf],
+        service_dirs: &[ServiceDirSpec],
+        system: Option<SystemScan>,
+    ) -> (Catalog, Vec<String>) {
         let mut catalog = Catalog::default();
         let mut warnings = Vec::new();
+        let mut misnamed = Vec::new();
+        let trust = system.is_some();
 
         for dir in toml_dirs {
+            if trust && !dir_trusted(dir, &mut warnings) {
+                continue;
+            }
             for (path, _) in list_dir(dir, ".toml", &mut warnings) {
-                let result = read_file(&path, MAX_TOML_FILE_SIZE).and_then(|bytes| {
+                let result = read_file(&path, MAX_TOML_FILE_SIZE, trust).and_then(|bytes| {
                     let text = String::from_utf8(bytes).map_err(|e| DefinitionError::File {
                         file: path.clone(),
                         message: format!(
@@ -825,38 +846,54 @@ impl Catalog {
                     parse_toml(&path, &text)
                 });
                 match result {
-                    Ok(def) => catalog.add_or_warn(def, &mut warnings),
-                    Err(e) => warn(&mut warnings, format!("{e}; skipping this file")),
+                    Ok(mut def) => {
+                        if let Some(rules) = system {
+                            rules.check(&mut def, &mut warnings);
+                        }
+                        catalog.add_or_warn(def, &mut warnings)
+                    }
+                    Err(e) => warnings.push(format!("{e}; skipping this file")),
                 }
             }
         }
 
         for spec in service_dirs {
+            if trust && !dir_trusted(&spec.path, &mut warnings) {
+                continue;
+            }
             for (path, file_name) in list_dir(&spec.path, ".service", &mut warnings) {
-                let result = read_file(&path, super::desktop::MAX_SERVICE_FILE_SIZE)
+                let result = read_file(&path, super::desktop::MAX_SERVICE_FILE_SIZE, trust)
                     .and_then(|bytes| Ok(ServiceFile::parse_bytes(&path, &bytes)?));
                 let service = match result {
                     Ok(service) => service,
                     Err(e) => {
-                        warn(&mut warnings, format!("{e}; skipping this file"));
+                        warnings.push(format!("{e}; skipping this file"));
                         continue;
                     }
                 };
                 let expected = format!("{}.service", service.name);
                 if spec.strict_naming && file_name != expected {
-                    warn(
-                        &mut warnings,
-                        format!(
-                            "{}: service file should have been named \"{expected}\" \
-                             (strict naming in {}); skipping this file",
-                            path.display(),
-                            spec.path.display()
-                        ),
-                    );
+                    warnings.push(format!(
+                        "{}: service file should have been named \"{expected}\" \
+                         (strict naming in {}); skipping this file",
+                        path.display(),
+                        spec.path.display()
+                    ));
                     continue;
                 }
-                catalog.add_or_warn(def_from_service_file(&path, service), &mut warnings);
+                let mut def = def_from_service_file(&path, service);
+                if let Some(rules) = system {
+                    rules.check(&mut def, &mut warnings);
+                    if file_name != expected {
+                        misnamed.push(def);
+                        continue;
+                    }
+                }
+                catalog.add_or_warn(def, &mut warnings);
             }
+        }
+        for def in misnamed {
+            catalog.add_or_warn(def, &mut warnings);
         }
 
         (catalog, warnings)
@@ -876,7 +913,7 @@ impl Catalog {
 
     fn add_or_warn(&mut self, def: ServiceDef, warnings: &mut Vec<String>) {
         if let Err(message) = self.add(def) {
-            warn(warnings, message);
+            warnings.push(message);
         }
     }
 
@@ -938,9 +975,38 @@ impl Catalog {
     }
 }
 
-fn warn(warnings: &mut Vec<String>, message: String) {
-    tracing::warn!("{message}");
-    warnings.push(message);
+/// How definitions are read on the system bus (see `system.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SystemScan {
+    /// `--systemd-activation`: services with `SystemdService=` are
+    /// systemd's, and nothing is said about them.
+    pub systemd_activation: bool,
+}
+
+impl SystemScan {
+    /// Look the definition's user up (off the lock: this is the scan) and
+    /// say what will keep it from starting.
+    fn check(&self, def: &mut ServiceDef, warnings: &mut Vec<String>) {
+        def.unknown_user = def.user.as_deref().is_some_and(super::system::user_unknown);
+        warnings.extend(super::system::load_warnings(def, self.systemd_activation));
+    }
+}
+
+/// Whether the system bus may read definitions in `dir`: a missing one is
+/// silently empty, an untrusted one is skipped with a warning.
+fn dir_trusted(dir: &Path, warnings: &mut Vec<String>) -> bool {
+    match std::fs::metadata(dir) {
+        Ok(meta) if super::system::trusted(&meta) => true,
+        Ok(_) => {
+            warnings.push(super::system::untrusted_dir(dir));
+            false
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            warnings.push(format!("{}: cannot read directory: {e}", dir.display()));
+            false
+        }
+    }
 }
 
 /// Regular files (following symlinks) in `dir` whose UTF-8 names end in
@@ -950,10 +1016,7 @@ fn list_dir(dir: &Path, suffix: &str, warnings: &mut Vec<String>) -> Vec<(PathBu
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
-            warn(
-                warnings,
-                format!("{}: cannot read directory: {e}", dir.display()),
-            );
+            warnings.push(format!("{}: cannot read directory: {e}", dir.display()));
             return Vec::new();
         }
     };
@@ -961,10 +1024,7 @@ fn list_dir(dir: &Path, suffix: &str, warnings: &mut Vec<String>) -> Vec<(PathBu
     for entry in entries {
         match entry {
             Ok(entry) => names.push(entry.file_name()),
-            Err(e) => warn(
-                warnings,
-                format!("{}: error reading directory: {e}", dir.display()),
-            ),
+            Err(e) => warnings.push(format!("{}: error reading directory: {e}", dir.display())),
         }
     }
     names.sort();
@@ -974,13 +1034,10 @@ fn list_dir(dir: &Path, suffix: &str, warnings: &mut Vec<String>) -> Vec<(PathBu
         let path = dir.join(&os_name);
         let Some(name) = os_name.to_str() else {
             if os_name.as_encoded_bytes().ends_with(suffix.as_bytes()) {
-                warn(
-                    warnings,
-                    format!(
-                        "{}: file name is not valid UTF-8; skipping this file",
-                        path.display()
-                    ),
-                );
+                warnings.push(format!(
+                    "{}: file name is not valid UTF-8; skipping this file",
+                    path.display()
+                ));
             }
             continue;
         };
@@ -989,26 +1046,43 @@ fn list_dir(dir: &Path, suffix: &str, warnings: &mut Vec<String>) -> Vec<(PathBu
         }
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => files.push((path, name.to_string())),
-            Ok(_) => warn(
-                warnings,
-                format!("{}: not a regular file; skipping it", path.display()),
-            ),
-            Err(e) => warn(
-                warnings,
-                format!("{}: {e}; skipping this file", path.display()),
-            ),
+            Ok(_) => warnings.push(format!(
+                "{}: not a regular file; skipping it",
+                path.display()
+            )),
+            Err(e) => warnings.push(format!("{}: {e}; skipping this file", path.display())),
         }
     }
     files
 }
 
-/// Reads at most `limit` bytes; a longer file is an error.
-fn read_file(path: &Path, limit: usize) -> Result<Vec<u8>, DefinitionError> {
+/// Reads at most `limit` bytes; a longer file is an error. With `trust`
+/// (the system bus), only a file of root's in a directory of root's (see
+/// `system::trusted`): checked on the open file, so that what is read is
+/// what was checked, and on the directory it really is in (a symlink may
+/// lead elsewhere).
+fn read_file(path: &Path, limit: usize, trust: bool) -> Result<Vec<u8>, DefinitionError> {
     let io_err = |e: std::io::Error| DefinitionError::File {
         file: path.to_path_buf(),
         message: format!("cannot read file: {e}"),
     };
     let file = std::fs::File::open(path).map_err(io_err)?;
+    if trust {
+        let untrusted = || DefinitionError::File {
+            file: path.to_path_buf(),
+            message: "not owned by root, or writable by group or others: not trusted on the \
+                      system bus"
+                .to_owned(),
+        };
+        if !super::system::trusted(&file.metadata().map_err(io_err)?) {
+            return Err(untrusted());
+        }
+        let real = std::fs::canonicalize(path).map_err(io_err)?;
+        let dir = real.parent().unwrap_or(Path::new("/"));
+        if !std::fs::metadata(dir).is_ok_and(|m| super::system::trusted(&m)) {
+            return Err(untrusted());
+        }
+    }
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1)
         .read_to_end(&mut bytes)
@@ -1497,6 +1571,7 @@ idle_timeout = "1.5s"
         let (cat, warnings) = Catalog::scan(
             &[d.toml1.clone(), d.toml2.clone()],
             &[ServiceDirSpec::new(&d.svc1), ServiceDirSpec::new(&d.svc2)],
+            None,
         );
         let argv0 = |name: &str| cat.lookup(name).unwrap().argv.as_ref().unwrap()[0].clone();
         assert_eq!(argv0("org.a.A"), "/toml1/a");
@@ -1544,6 +1619,7 @@ idle_timeout = "1.5s"
         let (cat, warnings) = Catalog::scan(
             std::slice::from_ref(&d.toml1),
             &[ServiceDirSpec::new(&d.svc1)],
+            None,
         );
         assert_eq!(cat.lookup("org.a.X").unwrap().argv, Ok(v(&["/first"])));
         assert_eq!(cat.lookup("org.a.Y").unwrap().id, "m");
@@ -1559,7 +1635,7 @@ idle_timeout = "1.5s"
             "b.toml",
             "names = [\"org.a.B\", \"org.a.A\"]\nexec = [\"/b\"]\n",
         );
-        let (cat, warnings) = Catalog::scan(std::slice::from_ref(&d.toml1), &[]);
+        let (cat, warnings) = Catalog::scan(std::slice::from_ref(&d.toml1), &[], None);
         assert!(cat.lookup("org.a.B").is_none());
         assert!(cat.get("b").is_none());
         assert_eq!(warnings.len(), 1);
@@ -1578,6 +1654,7 @@ idle_timeout = "1.5s"
                 ServiceDirSpec::strict(&d.svc1),
                 ServiceDirSpec::new(&d.svc2),
             ],
+            None,
         );
         assert!(cat.lookup("org.a.Good").is_some());
         assert!(cat.lookup("org.a.Bad").is_none());
@@ -1630,6 +1707,7 @@ idle_timeout = "1.5s"
         let (cat, warnings) = Catalog::scan(
             std::slice::from_ref(&d.toml1),
             &[ServiceDirSpec::new(&d.svc1)],
+            None,
         );
         assert_eq!(
             cat.names().collect::<Vec<_>>(),
@@ -1678,10 +1756,11 @@ idle_timeout = "1.5s"
         let (cat, warnings) = Catalog::scan(
             std::slice::from_ref(&missing),
             &[ServiceDirSpec::new(&missing)],
+            None,
         );
         assert!(cat.is_empty());
         assert!(warnings.is_empty());
-        let (cat, warnings) = Catalog::scan(&[], &[]);
+        let (cat, warnings) = Catalog::scan(&[], &[], None);
         assert!(cat.is_empty() && warnings.is_empty());
     }
 
@@ -1695,7 +1774,7 @@ idle_timeout = "1.5s"
             d.svc1.join("org.a.Dangling.service"),
         )
         .unwrap();
-        let (cat, warnings) = Catalog::scan(&[], &[ServiceDirSpec::strict(&d.svc1)]);
+        let (cat, warnings) = Catalog::scan(&[], &[ServiceDirSpec::strict(&d.svc1)], None);
         assert!(cat.lookup("org.a.Link").is_some());
         assert_eq!(warnings.len(), 1, "{warnings:#?}");
         assert!(warnings[0].contains("org.a.Dangling.service"));
@@ -1737,8 +1816,205 @@ idle_timeout = "1.5s"
             assert!(def.argv.is_ok(), "{}: {:?}", path.display(), def.argv);
             count += 1;
         }
-        let (cat, warnings) = Catalog::scan(&[], &[ServiceDirSpec::new(dir)]);
+        let (cat, warnings) = Catalog::scan(&[], &[ServiceDirSpec::new(dir)], None);
         assert!(warnings.is_empty(), "{warnings:#?}");
         assert_eq!(cat.len(), count);
+    }
+
+    fn system() -> Option<SystemScan> {
+        Some(SystemScan::default())
+    }
+
+    /// The system bus's rules need files of root's; as any other user,
+    /// every file would be skipped.
+    fn as_root() -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            eprintln!("not root: skipped");
+        }
+        root
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn system_scan_reads_only_roots_files_in_roots_dirs() {
+        if !as_root() {
+            return;
+        }
+        let d = dirs();
+        let user = "User=root\n";
+        write(
+            &d.svc1,
+            "org.a.Good.service",
+            &(svc("org.a.Good", "/good") + user),
+        );
+        let open = write(
+            &d.svc1,
+            "org.a.Open.service",
+            &(svc("org.a.Open", "/o") + user),
+        );
+        chmod(&open, 0o664);
+        let other = write(
+            &d.svc1,
+            "org.a.Other.service",
+            &(svc("org.a.Other", "/o") + user),
+        );
+        nix::unistd::chown(&other, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        write(
+            &d.svc2,
+            "org.a.InOpenDir.service",
+            &(svc("org.a.InOpenDir", "/o") + user),
+        );
+        chmod(&d.svc2, 0o777);
+        write(
+            &d.toml1,
+            "t.toml",
+            &(tml("org.a.Toml", "/t") + "user = \"root\"\n"),
+        );
+        chmod(&d.toml1, 0o775);
+
+        let (cat, warnings) = Catalog::scan(
+            std::slice::from_ref(&d.toml1),
+            &[ServiceDirSpec::new(&d.svc1), ServiceDirSpec::new(&d.svc2)],
+            system(),
+        );
+        assert_eq!(cat.names().collect::<Vec<_>>(), ["org.a.Good"]);
+        let untrusted = "not owned by root, or writable by group or others: not trusted on the \
+                         system bus";
+        for (what, skip) in [
+            (open.display().to_string(), "skipping this file"),
+            (other.display().to_string(), "skipping this file"),
+            (
+                d.svc2.display().to_string(),
+                "skipping the definitions in it",
+            ),
+            (
+                d.toml1.display().to_string(),
+                "skipping the definitions in it",
+            ),
+        ] {
+            assert!(
+                warnings.contains(&format!("{what}: {untrusted}; {skip}")),
+                "{what}: {warnings:#?}"
+            );
+        }
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        // A session bus reads them all.
+        let (cat, _) = Catalog::scan(
+            std::slice::from_ref(&d.toml1),
+            &[ServiceDirSpec::new(&d.svc1), ServiceDirSpec::new(&d.svc2)],
+            None,
+        );
+        assert_eq!(cat.len(), 5);
+    }
+
+    #[test]
+    fn system_scan_a_symlink_into_an_open_dir_is_not_trusted() {
+        if !as_root() {
+            return;
+        }
+        let d = dirs();
+        let target = write(
+            &d.svc2,
+            "elsewhere",
+            &(svc("org.a.Link", "/l") + "User=root\n"),
+        );
+        chmod(&d.svc2, 0o777);
+        std::os::unix::fs::symlink(&target, d.svc1.join("org.a.Link.service")).unwrap();
+        let (cat, warnings) = Catalog::scan(&[], &[ServiceDirSpec::new(&d.svc1)], system());
+        assert!(cat.is_empty());
+        assert!(
+            warnings[0].contains("not trusted on the system bus"),
+            "{warnings:#?}"
+        );
+    }
+
+    #[test]
+    fn system_scan_well_named_files_win_and_the_rest_is_said_once() {
+        if !as_root() {
+            return;
+        }
+        let d = dirs();
+        // The misnamed file comes first in directory order, yet the
+        // well-named one, in a later directory, provides the name.
+        write(
+            &d.svc1,
+            "aaa.service",
+            &(svc("org.a.X", "/misnamed") + "User=root\n"),
+        );
+        write(
+            &d.svc2,
+            "org.a.X.service",
+            &(svc("org.a.X", "/right") + "User=root\n"),
+        );
+        write(
+            &d.svc1,
+            "bbb.service",
+            &(svc("org.a.Only", "/only") + "User=root\n"),
+        );
+        write(&d.svc1, "org.a.NoUser.service", &svc("org.a.NoUser", "/n"));
+        write(
+            &d.svc1,
+            "org.a.Ghost.service",
+            &(svc("org.a.Ghost", "/g") + "User=busvisor-no-such-user\n"),
+        );
+        write(&d.toml1, "t.toml", &tml("org.a.Toml", "/t"));
+        let (cat, warnings) = Catalog::scan(
+            std::slice::from_ref(&d.toml1),
+            &[ServiceDirSpec::new(&d.svc1), ServiceDirSpec::new(&d.svc2)],
+            system(),
+        );
+        assert_eq!(cat.lookup("org.a.X").unwrap().argv, Ok(v(&["/right"])));
+        // A name only a misnamed file provides is activatable, as in
+        // dbus-daemon; starting it is refused (system.rs).
+        assert_eq!(cat.lookup("org.a.Only").unwrap().argv, Ok(v(&["/only"])));
+        assert!(cat.lookup("org.a.Ghost").unwrap().unknown_user);
+        assert!(!cat.lookup("org.a.X").unwrap().unknown_user);
+        assert!(cat.lookup("org.a.NoUser").is_some());
+        let has = |needle: &str| warnings.iter().filter(|w| w.contains(needle)).count();
+        assert_eq!(
+            has("aaa.service\" should have been named \"org.a.X.service\""),
+            1
+        );
+        assert_eq!(
+            has("bbb.service\" should have been named \"org.a.Only.service\""),
+            1
+        );
+        assert_eq!(has("org.a.X is already provided by"), 1);
+        assert_eq!(
+            has("no User=: system bus activation of org.a.NoUser will fail"),
+            1
+        );
+        assert_eq!(has("user busvisor-no-such-user does not exist"), 1);
+        assert_eq!(
+            has("no `user`: system bus activation of org.a.Toml will fail"),
+            1
+        );
+        assert_eq!(warnings.len(), 6, "{warnings:#?}");
+    }
+
+    #[test]
+    fn system_scan_of_this_machines_system_services() {
+        let dir = Path::new("/usr/share/dbus-1/system-services");
+        if !dir.is_dir() || !as_root() {
+            return;
+        }
+        let (cat, warnings) = Catalog::scan(&[], &[ServiceDirSpec::new(dir)], system());
+        // Every file loads; the only things said are systemd's services
+        // (Exec=/bin/false), each on one line naming its file and unit.
+        assert!(!cat.is_empty());
+        for w in &warnings {
+            assert!(w.contains("needs systemd (unit "), "{w}");
+        }
+        let with_systemd = Some(SystemScan {
+            systemd_activation: true,
+        });
+        let (again, warnings) = Catalog::scan(&[], &[ServiceDirSpec::new(dir)], with_systemd);
+        assert!(warnings.is_empty(), "{warnings:#?}");
+        assert_eq!(again.len(), cat.len());
     }
 }

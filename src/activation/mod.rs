@@ -6,4 +6,5 @@ pub(crate) mod catalog;
 pub(crate) mod definition;
 pub(crate) mod desktop;
 pub(crate) mod exec;
+pub(crate) mod system;
 pub(crate) mod watch;

@@ -108,6 +108,11 @@ pub(crate) struct Facts {
     pub(crate) address: std::sync::OnceLock<String>,
     /// `--systemd-activation` (listed in Features).
     pub(crate) systemd_activation: bool,
+    /// A system bus (`<type>system</type>`): services run as their own
+    /// users with an environment of the bus's making, so
+    /// UpdateActivationEnvironment is refused, as dbus-daemon refuses it
+    /// where a launch helper starts services.
+    pub(crate) system_bus: bool,
     /// Group lists by (uid, primary gid), looked up once (a session bus sees one uid).
     groups: Mutex<HashMap<(u32, u32), Vec<u32>>>,
 }
@@ -182,6 +187,7 @@ impl<S: Activator> Bus<S> {
                 machine_id,
                 address: std::sync::OnceLock::new(),
                 systemd_activation: false,
+                system_bus: false,
                 groups: Mutex::new(HashMap::new()),
             },
             next_unique: std::sync::atomic::AtomicU64::new(0),
@@ -266,6 +272,7 @@ mod tests {
     struct Stub {
         started: Vec<String>,
         owners: Vec<(String, Option<PeerId>, Option<PeerId>)>,
+        env: Vec<(String, String)>,
     }
 
     const SVC: &str = "org.example.Svc";
@@ -293,7 +300,9 @@ mod tests {
         ) {
             self.owners.push((name.into(), old, new));
         }
-        fn set_activation_env(&mut self, _: Vec<(String, String)>, _: &mut BusState) {}
+        fn set_activation_env(&mut self, vars: Vec<(String, String)>, _: &mut BusState) {
+            self.env.extend(vars);
+        }
         fn reload(&mut self, _: Option<CallRef>) {}
         fn call(&mut self, _: &CallRef, _: &Facts, _: &mut BusState) -> Answer {
             Err(BusError::failed("no control API here"))
@@ -461,5 +470,43 @@ mod tests {
         let g = bus.lock();
         assert_eq!(g.core.names.owner(SVC), None, "its names went");
         assert_eq!(g.core.monitors, [b.id]);
+    }
+
+    #[tokio::test]
+    async fn update_activation_environment_is_refused_on_a_system_bus() {
+        for system in [false, true] {
+            let mut bus = bus();
+            bus.facts.system_bus = system;
+            let a = connect(&bus);
+            let vars = HashMap::from([("A", "1")]);
+            let uae = Message::method_call(names::BUS_PATH, "UpdateActivationEnvironment")
+                .sender(unique_name(a.id))
+                .destination(names::BUS_NAME)
+                .interface(names::IFACE_DBUS)
+                .serial(std::num::NonZeroU32::new(4).unwrap())
+                .build(&(vars,))
+                .unwrap();
+            bus.handle(a.id, uae);
+            let mut batch = Vec::new();
+            futures_util::FutureExt::now_or_never(a.outbox.next_batch(&mut batch));
+            let reply = batch.first().expect("an answer");
+            if system {
+                assert_eq!(reply.message_type(), Type::Error);
+                let h = reply.header();
+                assert_eq!(
+                    h.error_name().map(|e| e.as_str()),
+                    Some("org.freedesktop.DBus.Error.AccessDenied")
+                );
+                let text: String = reply.body().deserialize().unwrap();
+                assert_eq!(
+                    text,
+                    "Cannot change activation environment on a system bus."
+                );
+                assert!(bus.lock().sup.env.is_empty());
+            } else {
+                assert_eq!(reply.message_type(), Type::MethodReturn);
+                assert_eq!(bus.lock().sup.env, [("A".to_owned(), "1".to_owned())]);
+            }
+        }
     }
 }

@@ -44,6 +44,18 @@ pub const SESSION_CONF: &str = include_str!("session.conf");
 /// Pseudo-path used as the origin of the embedded [`SESSION_CONF`].
 pub const SESSION_CONF_ORIGIN: &str = "<busvisor built-in session.conf>";
 
+/// busvisor's embedded system bus configuration (the equivalent of
+/// Debian 12's `/usr/share/dbus-1/system.conf`), for systems without one.
+pub const SYSTEM_CONF: &str = include_str!("system.conf");
+
+/// Pseudo-path used as the origin of the embedded [`SYSTEM_CONF`].
+pub const SYSTEM_CONF_ORIGIN: &str = "<busvisor built-in system.conf>";
+
+/// Where `dbus-daemon --system` finds its configuration: the compiled-in
+/// path of current packages, then the one of older installations.
+pub const SYSTEM_CONF_PATHS: [&str; 2] =
+    ["/usr/share/dbus-1/system.conf", "/etc/dbus-1/system.conf"];
+
 /// Error loading or parsing a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -204,6 +216,15 @@ impl BusConfig {
         if !self.servicedirs.iter().any(|d| d.path == dir.path) {
             self.servicedirs.push(dir);
         }
+    }
+
+    /// `<type>system</type>`: the system bus's rules apply (EXTERNAL
+    /// authentication only, `User=` and file naming for service
+    /// definitions, definitions only from root-owned files, no
+    /// UpdateActivationEnvironment), whether the file came from `--system`
+    /// or `--config-file`.
+    pub fn is_system(&self) -> bool {
+        self.bus_type == "system"
     }
 
     /// The effective authentication mechanisms: [`BusConfig::auth`], or
@@ -553,6 +574,24 @@ pub fn session_default_with_env(env: &dyn Fn(&str) -> Option<String>) -> BusConf
     }
 }
 
+/// The configuration file `--system` loads: the first of
+/// [`SYSTEM_CONF_PATHS`] that exists; `None` means the embedded
+/// [`SYSTEM_CONF`] ([`system_default`]).
+pub fn system_config_file() -> Option<PathBuf> {
+    SYSTEM_CONF_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// The embedded [`SYSTEM_CONF`], for `--system` on a system without a
+/// system.conf of its own. Its includes are read as any configuration's: a
+/// system.d file that does not parse is skipped with a warning, a
+/// system-local.conf that does not parse is an error.
+pub fn system_default() -> Result<BusConfig, ConfigError> {
+    parse_xml_with_env(SYSTEM_CONF, Path::new(SYSTEM_CONF_ORIGIN), &process_env)
+}
+
 impl fmt::Display for ServiceDir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.path.display())?;
@@ -674,6 +713,113 @@ mod tests {
             session_default().policy_rules,
             crate::policy::Policy::allow_all()
         );
+    }
+
+    /// A configuration's text without its includes, to compare the files
+    /// themselves whatever this machine's system.d holds.
+    fn without_includes(text: &str) -> String {
+        text.lines()
+            .filter(|l| !l.contains("<include") && !l.contains("<servicehelper>"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn embedded_system_conf() {
+        let cfg = parse_xml_with_env(
+            &without_includes(SYSTEM_CONF),
+            Path::new(SYSTEM_CONF_ORIGIN),
+            &fake_env(&[]),
+        )
+        .unwrap();
+        assert!(cfg.is_system());
+        assert_eq!(cfg.listen, ["unix:path=/run/dbus/system_bus_socket"]);
+        assert_eq!(cfg.auth_mechanisms(), ["EXTERNAL"]);
+        assert_eq!(cfg.user.as_deref(), Some("messagebus"));
+        assert!(cfg.syslog && cfg.fork && !cfg.keep_umask);
+        assert_eq!(cfg.pidfile, Some(PathBuf::from("/run/dbus/pid")));
+        assert_eq!(cfg.limits, Limits::DBUS_DAEMON_BUILTIN);
+        assert_eq!(cfg.servicedirs, standard_system_servicedirs());
+        assert_eq!(cfg.servicehelper, None);
+        // The whole file, includes and all, parses too.
+        let full = system_default().unwrap();
+        assert!(full.is_system());
+        assert!(
+            full.include_dirs
+                .iter()
+                .all(|d| d.is_absolute() && d.ends_with("system.d"))
+        );
+        assert!(!session_default().is_system());
+    }
+
+    #[test]
+    fn embedded_system_conf_matches_debian() {
+        let Ok(debian) = std::fs::read_to_string(SYSTEM_CONF_PATHS[0]) else {
+            eprintln!("{} not installed; skipped", SYSTEM_CONF_PATHS[0]);
+            return;
+        };
+        let parse = |text: &str| {
+            parse_xml_with_env(
+                &without_includes(text),
+                Path::new("/x/system.conf"),
+                &fake_env(&[]),
+            )
+            .unwrap()
+        };
+        let (ours, theirs) = (parse(SYSTEM_CONF), parse(&debian));
+        assert_eq!(ours.policy_rules, theirs.policy_rules);
+        assert_eq!(ours.limits, theirs.limits);
+        assert_eq!(ours.listen, theirs.listen);
+        assert_eq!(ours.auth, theirs.auth);
+        assert_eq!(ours.servicedirs, theirs.servicedirs);
+        assert_eq!(ours.bus_type, theirs.bus_type);
+        assert_eq!(ours.user, theirs.user);
+        assert_eq!(
+            (ours.syslog, ours.fork, &ours.pidfile),
+            (theirs.syslog, theirs.fork, &theirs.pidfile)
+        );
+    }
+
+    /// The distribution's system.conf as `--system` loads it: its system.d
+    /// files included, the standard system service directories.
+    #[test]
+    fn real_system_conf_includes_system_d() {
+        let Some(path) = system_config_file() else {
+            eprintln!("no system.conf installed; skipped");
+            return;
+        };
+        let cfg = load_xml(&path).unwrap();
+        assert!(cfg.is_system());
+        assert_eq!(cfg.listen, ["unix:path=/run/dbus/system_bus_socket"]);
+        assert_eq!(cfg.servicedirs, standard_system_servicedirs());
+        for dir in ["/usr/share/dbus-1/system.d", "/etc/dbus-1/system.d"] {
+            let dir = Path::new(dir);
+            if !dir.is_dir() {
+                continue;
+            }
+            assert!(cfg.include_dirs.iter().any(|d| d == dir), "{dir:?}");
+            let confs = std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "conf"));
+            for conf in confs {
+                assert!(
+                    cfg.source_files.contains(&conf)
+                        || cfg
+                            .warnings
+                            .iter()
+                            .any(|w| w.contains(&*conf.to_string_lossy())),
+                    "{} neither read nor reported",
+                    conf.display()
+                );
+            }
+        }
+        if cfg.source_files.len() > 1 {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let bare = parse_xml_with_env(&without_includes(&text), &path, &fake_env(&[])).unwrap();
+            assert_ne!(cfg.policy_rules, bare.policy_rules, "system.d adds rules");
+        }
     }
 
     #[test]

@@ -773,19 +773,13 @@ impl<'e> State<'e> {
                 cfg.add_servicedir(ServiceDir::new(resolve(&ctx.base_dir, content)));
             }
             Kind::Pidfile => cfg.pidfile = Some(PathBuf::from(content)),
-            Kind::User => {
-                cfg.user = Some(content.to_owned());
-                let msg = format!(
-                    "<user>{content}</user> in {}: busvisor does not change user; ignored",
-                    ctx.file_line(f.line)
-                );
-                self.warn(msg);
-            }
+            // Honoured by a bus started as root (`daemon::prepare`, the warden).
+            Kind::User => cfg.user = Some(content.to_owned()),
             Kind::Servicehelper => {
                 cfg.servicehelper = Some(PathBuf::from(content));
                 let msg = format!(
-                    "<servicehelper> in {}: system bus activation helpers are not used by \
-                     busvisor; ignored",
+                    "<servicehelper> in {}: busvisor starts system services itself (its \
+                     root warden does what the helper does); ignored",
                     ctx.file_line(f.line)
                 );
                 self.warn(msg);

@@ -42,6 +42,14 @@ impl Launch<'_> {
     /// The request, or the error every waiter gets instead of a start.
     pub(crate) fn request(&self) -> Result<SpawnRequest, BusError> {
         let def = self.def;
+        // The system bus's rules (a user, a trusted file, the file's name),
+        // with dbus-daemon's launch-helper errors. Services that systemd
+        // starts never come here.
+        if self.system
+            && let Some(e) = crate::activation::system::system_bus_refusal(def, false)
+        {
+            return Err(e);
+        }
         let argv = match &def.argv {
             // dbus-daemon execs Exec='s program as given, without a PATH
             // search: a bare name does not run.
@@ -57,15 +65,16 @@ impl Launch<'_> {
         };
         let user = match (&def.user, self.system) {
             (Some(name), true) => Some(Credentials::of(name).map_err(|e| {
+                tracing::warn!("cannot find user '{name}': {e}");
                 BusError::new(
-                    ErrorName::SpawnExecFailed,
-                    format!("cannot find user '{name}': {e}"),
+                    ErrorName::SpawnFailedToSetup,
+                    "Failed to setup environment correctly",
                 )
             })?),
             (None, true) => {
                 return Err(BusError::new(
-                    ErrorName::SpawnExecFailed,
-                    "Cannot do system-bus activation with no user",
+                    ErrorName::SpawnFileInvalid,
+                    "Cannot do system-bus activation with no user\n",
                 ));
             }
             // A session bus runs everything as its own user, as dbus-daemon.

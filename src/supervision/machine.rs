@@ -95,6 +95,9 @@ impl SupervisorState {
                 Some((req, token))
             }
             Err(e) => {
+                // Every start passes here, whoever asked: a refusal reaches
+                // every waiter as its D-Bus error, and nothing is spawned.
+                warn!(service = %id, "Activated service '{id}' failed: {}", e.text.trim_end());
                 self.activation_failed(id, &e, core);
                 None
             }

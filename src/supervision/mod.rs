@@ -129,7 +129,8 @@ pub(crate) struct SupervisorState {
     /// `--systemd-activation`: services with `SystemdService=` are
     /// systemd's to start.
     pub(crate) systemd_activation: bool,
-    /// A system bus: services run as their `User=`, in a clean environment.
+    /// A system bus: services run as their `User=`, in a clean
+    /// environment, once `activation::system::system_bus_refusal` lets them.
     pub(crate) system_bus: bool,
     /// Signals service processes (here, or through the warden).
     killer: host::Killer,

@@ -270,4 +270,32 @@ mod tests {
         assert!(!neg.fds);
         client.await.unwrap();
     }
+
+    /// EXTERNAL is the only mechanism, on every bus: the system bus's
+    /// `<auth>EXTERNAL</auth>` is what busvisor always does, and
+    /// `<allow_anonymous/>` changes nothing.
+    #[tokio::test]
+    async fn other_mechanisms_are_rejected_with_the_list() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        let client = tokio::spawn(async move {
+            let mut b = b;
+            let mut got = vec![0u8; 256];
+            b.write_all(b"\0AUTH ANONYMOUS 74657374\r\n").await.unwrap();
+            let n = b.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], b"REJECTED EXTERNAL\r\n");
+            b.write_all(b"AUTH DBUS_COOKIE_SHA1 31303030\r\n")
+                .await
+                .unwrap();
+            let n = b.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], b"REJECTED EXTERNAL\r\n");
+            b.write_all(b"AUTH\r\n").await.unwrap();
+            let n = b.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], b"REJECTED EXTERNAL\r\n");
+            drop(b);
+        });
+        let r = handshake(&a, "0123456789abcdef0123456789abcdef", uid).await;
+        assert!(matches!(r, Err(SaslError::Closed)), "{r:?}");
+        client.await.unwrap();
+    }
 }

@@ -80,6 +80,15 @@ pub enum ErrorName {
     SpawnExecFailed,
     SpawnChildExited,
     SpawnChildSignaled,
+    /// The system bus's activation errors, as dbus-daemon reports its
+    /// launch helper's exit codes (bus/activation.c).
+    SpawnFileInvalid,
+    SpawnServiceNotFound,
+    SpawnFailedToSetup,
+    SpawnConfigInvalid,
+    SpawnServiceNotValid,
+    SpawnPermissionsInvalid,
+    NoMemory,
     /// busvisor's control API: no service by that id or name.
     NoSuchService,
     /// busvisor's control API: Start or Restart did not reach `running`.
@@ -149,6 +158,13 @@ impl ErrorName {
             SpawnExecFailed => "org.freedesktop.DBus.Error.Spawn.ExecFailed",
             SpawnChildExited => "org.freedesktop.DBus.Error.Spawn.ChildExited",
             SpawnChildSignaled => "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
+            SpawnFileInvalid => "org.freedesktop.DBus.Error.Spawn.FileInvalid",
+            SpawnServiceNotFound => "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+            SpawnFailedToSetup => "org.freedesktop.DBus.Error.Spawn.FailedToSetup",
+            SpawnConfigInvalid => "org.freedesktop.DBus.Error.Spawn.ConfigInvalid",
+            SpawnServiceNotValid => "org.freedesktop.DBus.Error.Spawn.ServiceNotValid",
+            SpawnPermissionsInvalid => "org.freedesktop.DBus.Error.Spawn.PermissionsInvalid",
+            NoMemory => "org.freedesktop.DBus.Error.NoMemory",
             NoSuchService => "org.busvisor.Supervisor1.Error.NoSuchService",
             StartFailed => "org.busvisor.Supervisor1.Error.StartFailed",
         }

@@ -161,6 +161,14 @@ pub(super) fn privileged(cx: &Ctx<'_>, member: &str) -> Result<(), BusError> {
 }
 
 pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    if cx.facts.system_bus {
+        // bus/driver.c, after the privilege check, where a servicehelper
+        // is configured: the helper wipes the environment anyway.
+        return Err(BusError::new(
+            ErrorName::AccessDenied,
+            "Cannot change activation environment on a system bus.",
+        ));
+    }
     let body = msg.body();
     // Sorted: the same order for the same variables, whatever the caller's
     // dictionary order (systemd receives them in it).
