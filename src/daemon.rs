@@ -141,6 +141,19 @@ pub fn load_config(opts: &Options) -> Result<BusConfig, DaemonError> {
     Ok(cfg)
 }
 
+/// Whether the configuration asks to fork (`<fork/>`, as Debian's
+/// system.conf does), read quietly: the copy that serves logs its warnings.
+pub fn config_wants_fork(opts: &Options) -> bool {
+    let cfg = if let Some(p) = &opts.config_file {
+        config::load_xml(p).ok()
+    } else if opts.system {
+        config::system_default().ok()
+    } else {
+        None
+    };
+    cfg.is_some_and(|c| c.fork)
+}
+
 /// The bus driver's introspection data (`busvisor --introspect`).
 pub fn introspection() -> String {
     format!("{}</node>", crate::bus::driver::introspection())

@@ -90,7 +90,12 @@ fn fork_main() -> ExitCode {
 }
 
 fn daemon_main(a: DaemonArgs) -> ExitCode {
-    if a.fork && !a.nofork && std::env::var_os(daemon::FORKED_ENV).is_none() {
+    // As dbus-daemon: --fork, or the configuration's <fork/>, unless
+    // --nofork.
+    if !a.nofork
+        && std::env::var_os(daemon::FORKED_ENV).is_none()
+        && (a.fork || daemon::config_wants_fork(&daemon_options(&a)))
+    {
         return fork_main();
     }
     init_logging(a.log_level.as_deref());

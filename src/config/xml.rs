@@ -57,6 +57,18 @@ pub fn parse_xml_with_env(
     Ok(st.finish())
 }
 
+/// busvisor's own rules on a system bus: the control API for root, the
+/// services' output for root only (see the file).
+const SUPERVISOR_SYSTEM_POLICY: &str = include_str!("supervisor-system-policy.conf");
+
+fn supervisor_system_policy() -> crate::policy::Policy {
+    let origin = Path::new("<built-in org.busvisor.Supervisor1 system policy>");
+    let mut st = State::new(&super::process_env);
+    st.parse_text(SUPERVISOR_SYSTEM_POLICY, origin)
+        .expect("the built-in policy parses (tested)");
+    st.acc.cfg.policy_rules
+}
+
 /// Bound on `<include>` nesting (distinct files; loops are caught
 /// separately), so that hostile configurations cannot exhaust the stack.
 const MAX_INCLUDE_DEPTH: usize = 64;
@@ -296,7 +308,11 @@ impl<'e> State<'e> {
 
     /// The configuration read.
     fn finish(self) -> BusConfig {
-        self.acc.cfg
+        let mut cfg = self.acc.cfg;
+        if cfg.is_system() {
+            cfg.policy_rules.append(supervisor_system_policy());
+        }
+        cfg
     }
 
     /// Read and parse `path`. `from`/`line` name the including element for
@@ -1111,8 +1127,9 @@ mod tests {
         assert!(cfg.allow_anonymous && cfg.selinux);
         assert_eq!(cfg.apparmor.as_deref(), Some("required"));
         assert_eq!(cfg.servicehelper, Some(PathBuf::from("/usr/lib/helper")));
+        // <user> is honoured: no warning.
+        assert!(!cfg.warnings.iter().any(|w| w.contains("<user>")));
         for needle in [
-            "<user>",
             "<servicehelper>",
             "allow_anonymous",
             "AppArmor",
@@ -1520,5 +1537,48 @@ mod tests {
             assert_eq!(embedded.servicedirs, debian.servicedirs);
             assert_eq!(embedded.keep_umask, debian.keep_umask);
         }
+    }
+
+    #[test]
+    fn a_system_bus_gets_the_control_api_rules_after_its_own() {
+        use crate::policy::{Rule, RuleKind};
+        let cfg = parse_xml_with_env(super::super::SYSTEM_CONF, Path::new("system.conf"), &|_| {
+            None
+        })
+        .unwrap();
+        let names = |rules: &[Rule]| -> Vec<(bool, Option<String>)> {
+            rules
+                .iter()
+                .filter_map(|r| match &r.kind {
+                    RuleKind::Send(m) | RuleKind::Receive(m) => {
+                        Some((r.allow, m.member.clone().or(m.name.clone())))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let root = names(&cfg.policy_rules.by_user[&0]);
+        assert_eq!(
+            root[root.len() - 2..],
+            [
+                (true, Some("org.busvisor.Supervisor1".into())),
+                (true, Some("LogLine".into()))
+            ],
+            "{root:?}"
+        );
+        let default = names(&cfg.policy_rules.default);
+        assert_eq!(
+            default.last(),
+            Some(&(false, Some("LogLine".into()))),
+            "{default:?}"
+        );
+        // A session bus gets none of it.
+        let session = parse_xml_with_env(
+            super::super::SESSION_CONF,
+            Path::new("session.conf"),
+            &|_| None,
+        )
+        .unwrap();
+        assert!(session.policy_rules.by_user.is_empty());
     }
 }

@@ -112,3 +112,19 @@ pub(crate) struct Policy {
     /// `<policy at_console="false">`.
     pub(crate) not_at_console: Vec<Rule>,
 }
+
+impl Policy {
+    /// Add `other`'s rules after this policy's own, context by context.
+    pub(crate) fn append(&mut self, other: Policy) {
+        self.default.extend(other.default);
+        self.mandatory.extend(other.mandatory);
+        for (uid, rules) in other.by_user {
+            self.by_user.entry(uid).or_default().extend(rules);
+        }
+        for (gid, rules) in other.by_group {
+            self.by_group.entry(gid).or_default().extend(rules);
+        }
+        self.at_console.extend(other.at_console);
+        self.not_at_console.extend(other.not_at_console);
+    }
+}
