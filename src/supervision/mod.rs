@@ -26,13 +26,11 @@ use tracing::{info, warn};
 use crate::activation::catalog::CatalogState;
 use crate::bus::{Activator, Answer, Bus, BusState, CallRef, Facts, PeerId, Requester};
 use crate::supervision::lifecycle::{Announcer, Event};
+use crate::wire::names::SYSTEMD_NAME;
 use crate::wire::{BusError, ErrorName};
 use reaper::ExitKind;
 use service::{Service, ServiceState};
 use spawner::SpawnRequest;
-
-/// systemd's bus name, for `--systemd-activation`.
-const SYSTEMD: &str = "org.freedesktop.systemd1";
 
 /// The bus with busvisor's supervisor as its activator.
 pub(crate) type SupervisedBus = Bus<SupervisorState>;
@@ -271,14 +269,16 @@ impl SupervisorState {
         }
         let sig = crate::wire::signal(
             crate::wire::names::BUS_PATH,
-            "org.freedesktop.systemd1.Activator",
+            crate::wire::names::SYSTEMD_ACTIVATOR_IFACE,
             "ActivationRequest",
-            Some(SYSTEMD),
+            Some(SYSTEMD_NAME),
             &(unit,),
         );
         info!(service = %id, %unit, requester = %requester.name, "activating via systemd");
         if let Some(sig) = sig {
-            core.send_from_bus_to_name(SYSTEMD, sig);
+            // dbus-daemon sends it in a transaction of its own: monitors see
+            // it before the message that asked for the start.
+            core.apart(|core| core.send_from_bus_to_name(SYSTEMD_NAME, sig));
         }
         let svc = self.svc_mut(id).expect("looked up above");
         svc.activation_requested(Some(requester.clone()));
@@ -345,7 +345,7 @@ impl Activator for SupervisorState {
             return Ok(());
         };
         if self.systemd_activation {
-            if name == SYSTEMD {
+            if name == SYSTEMD_NAME {
                 // systemd itself is missing: its messages wait for it.
                 return Ok(());
             }
@@ -399,8 +399,8 @@ impl Activator for SupervisorState {
             // (kept until systemd is there) or to its owner.
             let list: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let dest = core
-                .owner_name(SYSTEMD)
-                .unwrap_or_else(|| SYSTEMD.to_owned());
+                .owner_name(SYSTEMD_NAME)
+                .unwrap_or_else(|| SYSTEMD_NAME.to_owned());
             let call = crate::wire::call_from_bus(
                 &dest,
                 "/org/freedesktop/systemd1",
@@ -409,7 +409,7 @@ impl Activator for SupervisorState {
                 &(list,),
             );
             if let Some(call) = call {
-                core.send_from_bus_to_name(SYSTEMD, call);
+                core.send_from_bus_to_name(SYSTEMD_NAME, call);
             }
         }
         for (k, v) in vars {
