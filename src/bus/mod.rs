@@ -89,6 +89,10 @@ pub(crate) trait Activator {
         new: Option<PeerId>,
         core: &mut BusState,
     );
+    /// systemd could not start `unit` (its ActivationFailure, checked to
+    /// come from the owner of its name): fail every start waiting for that
+    /// unit with `e`, through [`BusState::fail_pending`].
+    fn systemd_failed(&mut self, unit: &str, e: &BusError, core: &mut BusState);
     /// UpdateActivationEnvironment, in the caller's order.
     fn set_activation_env(&mut self, vars: Vec<(String, String)>, core: &mut BusState);
     /// Re-read the definitions, off the lock; answer `caller` once done.
@@ -307,6 +311,11 @@ mod tests {
         ) {
             self.owners.push((name.into(), old, new));
         }
+        fn systemd_failed(&mut self, unit: &str, e: &BusError, core: &mut BusState) {
+            if unit == "svc.service" {
+                core.fail_pending(&[SVC.to_owned()], e);
+            }
+        }
         fn set_activation_env(&mut self, _: Vec<(String, String)>, _: &mut BusState) {}
         fn reload(&mut self, _: Option<CallRef>) {}
         fn call(&mut self, _: &CallRef, _: &Facts, _: &mut BusState) -> Answer {
@@ -481,6 +490,18 @@ mod tests {
         );
     }
 
+    fn activation_failure(from: &Peer, body: &(&str, &str, &str)) -> Message {
+        Message::signal(
+            "/org/freedesktop/systemd1",
+            names::SYSTEMD_ACTIVATOR_IFACE,
+            "ActivationFailure",
+        )
+        .sender(unique_name(from.id))
+        .destination(names::BUS_NAME)
+        .build(body)
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn monitors_see_an_activation_request_before_its_cause_and_once() {
         let bus = bus();
@@ -512,6 +533,55 @@ mod tests {
             ],
             "the request is not captured a second time when it is delivered"
         );
+    }
+
+    #[tokio::test]
+    async fn an_activation_failure_from_systemd_fails_the_waiters_first() {
+        let mut bus = bus();
+        bus.facts.systemd_activation = true;
+        bus.lock().sup.via_systemd = true;
+        let (monitor, caller, systemd) = (connect(&bus), connect(&bus), connect(&bus));
+        take_name(&bus, &systemd, SYSTEMD);
+        drain(&systemd);
+        become_monitor(&bus, &monitor, &[]);
+        bus.handle(caller.id, poke(&caller, SVC, "Poke"));
+        bus.handle(caller.id, call(&caller, SVC, "Work", 8, &()));
+        assert_eq!(drain(&systemd), ["Signal ActivationRequest"]);
+        drain(&monitor);
+        // Only the owner of systemd's name is believed.
+        let body = ("svc.service", "com.example.Nope", "Computer says no");
+        bus.handle(caller.id, activation_failure(&caller, &body));
+        assert!(drain(&caller).is_empty());
+        assert_eq!(drain(&monitor), ["Signal ActivationFailure"]);
+        assert_eq!(bus.lock().core.pending.count(), 2);
+        bus.handle(systemd.id, activation_failure(&systemd, &body));
+        // Every waiter gets systemd's error, even the signal, as from dbus-daemon.
+        assert_eq!(
+            drain(&caller),
+            ["error com.example.Nope", "error com.example.Nope"]
+        );
+        assert_eq!(
+            drain(&monitor),
+            [
+                "error com.example.Nope",
+                "error com.example.Nope",
+                "Signal ActivationFailure"
+            ],
+            "the errors go first, in a transaction of their own"
+        );
+        assert_eq!(bus.lock().core.pending.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_activation_failure_is_ignored_without_systemd_activation() {
+        let bus = bus();
+        let (caller, systemd) = (connect(&bus), connect(&bus));
+        take_name(&bus, &systemd, SYSTEMD);
+        bus.handle(caller.id, call(&caller, SVC, "Work", 8, &()));
+        let body = ("svc.service", "com.example.Nope", "Computer says no");
+        bus.handle(systemd.id, activation_failure(&systemd, &body));
+        assert!(drain(&caller).is_empty());
+        assert_eq!(bus.lock().core.pending.count(), 1);
     }
 
     #[tokio::test]

@@ -189,6 +189,7 @@ impl SupervisorState {
             return;
         };
         svc.start_failed(&e.text);
+        let via_systemd = svc.via_systemd;
         let names = svc.def.names.clone();
         let callers = std::mem::take(&mut svc.waiting_start);
         core.fail_pending(&names, e);
@@ -203,6 +204,7 @@ impl SupervisorState {
             ErrorName::SpawnChildExited => "exit-before-ready",
             ErrorName::SpawnChildSignaled => "signal-before-ready",
             ErrorName::TimedOut => "timeout",
+            _ if via_systemd => "systemd",
             _ => "error",
         };
         self.event(core, id, Event::Failed(kind));
@@ -390,6 +392,26 @@ impl Activator for SupervisorState {
             }
             (Some(old), None) => self.name_released(name, old, core),
             (None, None) => {}
+        }
+    }
+
+    fn systemd_failed(&mut self, unit: &str, e: &BusError, core: &mut BusState) {
+        // As dbus-daemon, every start handed to systemd for that unit, as
+        // the definition read when it was asked for named it.
+        let failed: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.via_systemd && s.is_starting() && s.def.systemd_service.as_deref() == Some(unit)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if failed.is_empty() {
+            info!(%unit, "systemd reported a failed activation nothing waits for");
+        }
+        for id in failed {
+            warn!(service = %id, %unit, error = %e, "systemd could not start the service");
+            self.activation_failed(&id, e, core);
         }
     }
 
