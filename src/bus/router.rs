@@ -63,6 +63,9 @@ impl BusState {
         msg: Message,
     ) -> Verdict {
         self.pressure = None;
+        // Left set only by a panic while routing an earlier message.
+        self.apart = false;
+        self.held_capture = None;
         let Some(peer) = self.peers.get_mut(&from) else {
             return Verdict::Disconnect("unknown peer");
         };
