@@ -97,20 +97,7 @@ impl BusState {
         if msg.data().fds().len() as u64 > self.limits.max_message_unix_fds {
             return Verdict::Disconnect("message carries more fds than max_message_unix_fds");
         }
-        if !self.monitors.is_empty() {
-            // Monitors' rules see the addressed recipient (a `destination=`
-            // rule matches its unique name and the names it owns), and are
-            // matched now, before routing changes any name.
-            let recipient = match dest {
-                _ if to_bus => Some(None),
-                Some(d) => self.resolve(d).map(Some),
-                None => None,
-            };
-            let takers = self.capturers(&msg, Some(from), recipient, true);
-            if !takers.is_empty() {
-                self.held_capture = Some((msg.clone(), takers));
-            }
-        }
+        self.hold_capture(&msg, from, dest, to_bus);
         match (msg.message_type(), dest) {
             (Type::MethodReturn | Type::Error, _) => self.route_reply(from, &msg),
             (_, None) => self.broadcast(&msg, Some(from)),
@@ -139,6 +126,26 @@ impl BusState {
         match self.pressure.take() {
             Some(o) => Verdict::Wait(o),
             None => Verdict::Continue,
+        }
+    }
+
+    /// Find the monitors that take the message being routed; the copies go
+    /// out with the first message the bus sends on its behalf (see `capture`).
+    fn hold_capture(&mut self, msg: &Message, from: PeerId, dest: Option<&str>, to_bus: bool) {
+        if self.monitors.is_empty() {
+            return;
+        }
+        // Monitors' rules see the addressed recipient (a `destination=` rule
+        // matches its unique name and the names it owns), and are matched
+        // now, before routing changes any name.
+        let recipient = match dest {
+            _ if to_bus => Some(None),
+            Some(d) => self.resolve(d).map(Some),
+            None => None,
+        };
+        let takers = self.capturers(msg, Some(from), recipient, true);
+        if !takers.is_empty() {
+            self.held_capture = Some((msg.clone(), takers));
         }
     }
 
