@@ -537,6 +537,8 @@ async fn forge_replies(address: &str) -> (Vec<Message>, Vec<Message>) {
         .build(&("forged",))
         .unwrap();
     emit(&b, &forged_err).await;
+    // Routed before the call below (a's messages could overtake b's).
+    sync(&b).await;
     // A real call: its reply is delivered once; a second is unrequested.
     let dest = unique(&b);
     let call = tokio::spawn({

@@ -89,6 +89,10 @@ pub(crate) trait Activator {
         new: Option<PeerId>,
         core: &mut BusState,
     );
+    /// systemd could not start `unit` (its ActivationFailure, checked to
+    /// come from the owner of its name): fail every start waiting for that
+    /// unit with `e`, through [`BusState::fail_pending`].
+    fn systemd_failed(&mut self, unit: &str, e: &BusError, core: &mut BusState);
     /// UpdateActivationEnvironment, in the caller's order.
     fn set_activation_env(&mut self, vars: Vec<(String, String)>, core: &mut BusState);
     /// Re-read the definitions, off the lock; answer `caller` once done.
@@ -273,9 +277,12 @@ mod tests {
         started: Vec<String>,
         owners: Vec<(String, Option<PeerId>, Option<PeerId>)>,
         env: Vec<(String, String)>,
+        /// Starts by asking systemd, as `--systemd-activation` does.
+        via_systemd: bool,
     }
 
     const SVC: &str = "org.example.Svc";
+    const SYSTEMD: &str = names::SYSTEMD_NAME;
 
     impl Activator for Stub {
         fn provides(&self, name: &str) -> bool {
@@ -284,11 +291,22 @@ mod tests {
         fn activatable_names(&self) -> Vec<String> {
             vec![SVC.into()]
         }
-        fn start(&mut self, name: &str, _: Requester, _: &mut BusState) -> Result<(), BusError> {
+        fn start(&mut self, name: &str, _: Requester, core: &mut BusState) -> Result<(), BusError> {
             if name != SVC {
                 return Err(BusError::new(ErrorName::ServiceUnknown, name));
             }
+            let first = !self.started.iter().any(|n| n == name);
             self.started.push(name.into());
+            if self.via_systemd && first {
+                let req = crate::wire::signal(
+                    names::BUS_PATH,
+                    names::SYSTEMD_ACTIVATOR_IFACE,
+                    "ActivationRequest",
+                    Some(SYSTEMD),
+                    &("svc.service",),
+                );
+                core.apart(|core| core.send_from_bus_to_name(SYSTEMD, req.unwrap()));
+            }
             Ok(())
         }
         fn name_owner_changed(
@@ -299,6 +317,11 @@ mod tests {
             _: &mut BusState,
         ) {
             self.owners.push((name.into(), old, new));
+        }
+        fn systemd_failed(&mut self, unit: &str, e: &BusError, core: &mut BusState) {
+            if unit == "svc.service" {
+                core.fail_pending(&[SVC.to_owned()], e);
+            }
         }
         fn set_activation_env(&mut self, vars: Vec<(String, String)>, _: &mut BusState) {
             self.env.extend(vars);
@@ -447,6 +470,146 @@ mod tests {
             ["error org.freedesktop.DBus.Error.ServiceUnknown"]
         );
         assert_eq!(bus.lock().core.pending.count(), 0);
+    }
+
+    fn become_monitor(bus: &Bus<Stub>, p: &Peer, rules: &[&str]) {
+        let monitor = Message::method_call(names::BUS_PATH, "BecomeMonitor")
+            .sender(unique_name(p.id))
+            .destination(names::BUS_NAME)
+            .interface(names::IFACE_MONITORING)
+            .build(&(rules, 0u32))
+            .unwrap();
+        bus.handle(p.id, monitor);
+        drain(p);
+    }
+
+    /// A unicast signal from `from` to `dest`.
+    fn poke(from: &Peer, dest: &str, member: &str) -> Message {
+        Message::signal("/", "org.example.I", member)
+            .sender(unique_name(from.id))
+            .destination(dest)
+            .build(&())
+            .unwrap()
+    }
+
+    fn take_name(bus: &Bus<Stub>, p: &Peer, name: &str) {
+        bus.handle(
+            p.id,
+            call(p, names::BUS_NAME, "RequestName", 40, &(name, 0u32)),
+        );
+    }
+
+    fn activation_failure(from: &Peer, body: &(&str, &str, &str)) -> Message {
+        Message::signal(
+            "/org/freedesktop/systemd1",
+            names::SYSTEMD_ACTIVATOR_IFACE,
+            "ActivationFailure",
+        )
+        .sender(unique_name(from.id))
+        .destination(names::BUS_NAME)
+        .build(body)
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn monitors_see_an_activation_request_before_its_cause_and_once() {
+        let bus = bus();
+        bus.lock().sup.via_systemd = true;
+        let (monitor, caller) = (connect(&bus), connect(&bus));
+        become_monitor(&bus, &monitor, &[]);
+        bus.handle(caller.id, poke(&caller, SVC, "Poke"));
+        // dbus-daemon sends the request in a transaction of its own, done
+        // before the one of the message that caused it.
+        assert_eq!(drain(&monitor), ["Signal ActivationRequest", "Signal Poke"]);
+        let systemd = connect(&bus);
+        drain(&monitor);
+        take_name(&bus, &systemd, SYSTEMD);
+        assert_eq!(
+            drain(&systemd),
+            [
+                "Signal NameAcquired",
+                "Signal ActivationRequest",
+                "return 40"
+            ]
+        );
+        assert_eq!(
+            drain(&monitor),
+            [
+                "MethodCall RequestName",
+                "Signal NameOwnerChanged",
+                "Signal NameAcquired",
+                "return 40"
+            ],
+            "the request is not captured a second time when it is delivered"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_activation_failure_from_systemd_fails_the_waiters_first() {
+        let mut bus = bus();
+        bus.facts.systemd_activation = true;
+        bus.lock().sup.via_systemd = true;
+        let (monitor, caller, systemd) = (connect(&bus), connect(&bus), connect(&bus));
+        take_name(&bus, &systemd, SYSTEMD);
+        drain(&systemd);
+        become_monitor(&bus, &monitor, &[]);
+        bus.handle(caller.id, poke(&caller, SVC, "Poke"));
+        bus.handle(caller.id, call(&caller, SVC, "Work", 8, &()));
+        assert_eq!(drain(&systemd), ["Signal ActivationRequest"]);
+        drain(&monitor);
+        // Only the owner of systemd's name is believed.
+        let body = ("svc.service", "com.example.Nope", "Computer says no");
+        bus.handle(caller.id, activation_failure(&caller, &body));
+        assert!(drain(&caller).is_empty());
+        assert_eq!(drain(&monitor), ["Signal ActivationFailure"]);
+        assert_eq!(bus.lock().core.pending.count(), 2);
+        bus.handle(systemd.id, activation_failure(&systemd, &body));
+        // Every waiter gets systemd's error, even the signal, as from dbus-daemon.
+        assert_eq!(
+            drain(&caller),
+            ["error com.example.Nope", "error com.example.Nope"]
+        );
+        assert_eq!(
+            drain(&monitor),
+            [
+                "error com.example.Nope",
+                "error com.example.Nope",
+                "Signal ActivationFailure"
+            ],
+            "the errors go first, in a transaction of their own"
+        );
+        assert_eq!(bus.lock().core.pending.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_activation_failure_is_ignored_without_systemd_activation() {
+        let bus = bus();
+        let (caller, systemd) = (connect(&bus), connect(&bus));
+        take_name(&bus, &systemd, SYSTEMD);
+        bus.handle(caller.id, call(&caller, SVC, "Work", 8, &()));
+        let body = ("svc.service", "com.example.Nope", "Computer says no");
+        bus.handle(systemd.id, activation_failure(&systemd, &body));
+        assert!(drain(&caller).is_empty());
+        assert_eq!(bus.lock().core.pending.count(), 1);
+    }
+
+    #[tokio::test]
+    async fn busvisor_events_reach_only_monitors_that_ask_for_them() {
+        let bus = bus();
+        let (all, wildcard, asking) = (connect(&bus), connect(&bus), connect(&bus));
+        become_monitor(&bus, &all, &[]);
+        become_monitor(&bus, &wildcard, &["", "eavesdrop=true"]);
+        become_monitor(&bus, &asking, &["sender='org.busvisor.Supervisor1'"]);
+        drain(&all);
+        drain(&wildcard);
+        let body = (1u64, "svc", 0u32);
+        let path = names::SUPERVISOR_PATH;
+        let ev = crate::wire::signal(path, names::SUPERVISOR_IFACE, "Ready", None, &body);
+        bus.lock().core.emit_event(&ev.unwrap());
+        // Those that asked for everything see what dbus-daemon would send.
+        assert!(drain(&all).is_empty());
+        assert!(drain(&wildcard).is_empty());
+        assert_eq!(drain(&asking), ["Signal Ready"]);
     }
 
     #[tokio::test]

@@ -63,6 +63,9 @@ impl BusState {
         msg: Message,
     ) -> Verdict {
         self.pressure = None;
+        // Left set only by a panic while routing an earlier message.
+        self.apart = false;
+        self.held_capture = None;
         let Some(peer) = self.peers.get_mut(&from) else {
             return Verdict::Disconnect("unknown peer");
         };
@@ -94,14 +97,7 @@ impl BusState {
         if msg.data().fds().len() as u64 > self.limits.max_message_unix_fds {
             return Verdict::Disconnect("message carries more fds than max_message_unix_fds");
         }
-        // Monitors' rules see the addressed recipient (a `destination=` rule
-        // matches its unique name and the names it owns).
-        let recipient = match dest {
-            _ if to_bus => Some(None),
-            Some(d) if !self.monitors.is_empty() => self.resolve(d).map(Some),
-            _ => None,
-        };
-        self.capture(&msg, Some(from), recipient);
+        self.hold_capture(&msg, from, dest, to_bus);
         match (msg.message_type(), dest) {
             (Type::MethodReturn | Type::Error, _) => self.route_reply(from, &msg),
             (_, None) => self.broadcast(&msg, Some(from)),
@@ -126,9 +122,30 @@ impl BusState {
                 self.route_unicast(sup, from, &msg, &d);
             }
         }
+        self.release_capture();
         match self.pressure.take() {
             Some(o) => Verdict::Wait(o),
             None => Verdict::Continue,
+        }
+    }
+
+    /// Find the monitors that take the message being routed; the copies go
+    /// out with the first message the bus sends on its behalf (see `capture`).
+    fn hold_capture(&mut self, msg: &Message, from: PeerId, dest: Option<&str>, to_bus: bool) {
+        if self.monitors.is_empty() {
+            return;
+        }
+        // Monitors' rules see the addressed recipient (a `destination=` rule
+        // matches its unique name and the names it owns), and are matched
+        // now, before routing changes any name.
+        let recipient = match dest {
+            _ if to_bus => Some(None),
+            Some(d) => self.resolve(d).map(Some),
+            None => None,
+        };
+        let takers = self.capturers(msg, Some(from), recipient, true);
+        if !takers.is_empty() {
+            self.held_capture = Some((msg.clone(), takers));
         }
     }
 
@@ -144,6 +161,12 @@ impl BusState {
     /// peer, unless its receive policy refuses it (silently, as dbus-daemon).
     pub(super) fn send_to(&mut self, to: PeerId, msg: Message) {
         self.capture(&msg, None, Some(Some(to)));
+        self.send_captured(to, msg);
+    }
+
+    /// `send_to` for a message monitors saw already, when it was queued for
+    /// a name's next owner (dbus-daemon captures it once).
+    fn send_captured(&mut self, to: PeerId, msg: Message) {
         if let Err(e) = self.check_delivery(None, to, &msg, true, false) {
             // Eaten, but monitors see the error it would have been
             // (dbus-daemon's capture_error_reply; dbus#457).
@@ -179,9 +202,13 @@ impl BusState {
         Ok(())
     }
 
-    /// Copy a message to the monitors whose rules match it.
+    /// Copy a message to the monitors whose rules match it. As in
+    /// dbus-daemon, where a message and what the bus sends on its behalf go
+    /// out together at the end of its transaction: the message being routed
+    /// goes first, unless this is sent `apart` (a transaction of its own,
+    /// which dbus-daemon completes before the one it runs inside).
     pub(super) fn capture(
-        &self,
+        &mut self,
         msg: &Message,
         sender: Option<PeerId>,
         dest: Option<Option<PeerId>>,
@@ -189,12 +216,64 @@ impl BusState {
         if self.monitors.is_empty() {
             return;
         }
+        if !self.apart {
+            self.release_capture();
+        }
+        let takers = self.capturers(msg, sender, dest, true);
+        self.push_to_monitors(msg, &takers);
+    }
+
+    /// Copy one of busvisor's own signals (the supervisor's events) to the
+    /// monitors with a rule that selects it. A monitor that asked for
+    /// everything sees what dbus-daemon would send, and dbus-daemon sends
+    /// none of these.
+    pub(super) fn capture_own(&mut self, msg: &Message) {
+        if self.monitors.is_empty() {
+            return;
+        }
+        if !self.apart {
+            self.release_capture();
+        }
+        let takers = self.capturers(msg, None, None, false);
+        self.push_to_monitors(msg, &takers);
+    }
+
+    /// Capture the message being routed, if it is still held.
+    fn release_capture(&mut self) {
+        if let Some((msg, takers)) = self.held_capture.take() {
+            self.push_to_monitors(&msg, &takers);
+        }
+    }
+
+    /// The monitors whose rules match a message; without `catch_all`, only
+    /// by a rule that selects something (not `''`, not an empty list).
+    fn capturers(
+        &self,
+        msg: &Message,
+        sender: Option<PeerId>,
+        dest: Option<Option<PeerId>>,
+        catch_all: bool,
+    ) -> Vec<PeerId> {
         let info = MessageInfo::new(msg);
         let view = self.view(sender, dest);
-        for m in &self.monitors {
-            let Some(p) = self.peers.get(m) else { continue };
-            let rules = p.monitor.as_deref().unwrap_or(&[]);
-            if rules.is_empty() || rules.iter().any(|r| r.matches(&info, &view)) {
+        self.monitors
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.peers.get(m).is_some_and(|p| {
+                    let rules = p.monitor.as_deref().unwrap_or(&[]);
+                    (catch_all && rules.is_empty())
+                        || rules
+                            .iter()
+                            .any(|r| (catch_all || !r.is_wildcard()) && r.matches(&info, &view))
+                })
+            })
+            .collect()
+    }
+
+    fn push_to_monitors(&self, msg: &Message, monitors: &[PeerId]) {
+        for m in monitors {
+            if let Some(p) = self.peers.get(m) {
                 // A monitor that falls behind loses messages, counted; it never stalls the bus.
                 let _ = p.outbox.push_counted(msg.clone());
             }
@@ -489,7 +568,7 @@ impl BusState {
                 Waiter::Message { msg, from } if self.peers.contains_key(&from) => {
                     self.deliver(from, &msg, owner, name)
                 }
-                Waiter::FromBus(msg) => self.send_to(owner, msg),
+                Waiter::FromBus(msg) => self.send_captured(owner, msg),
                 _ => {}
             }
         }

@@ -43,6 +43,12 @@ pub(crate) struct BusState {
     /// A recipient of the message being routed whose queue is filling
     /// while it reads: the sender waits for it (see `Verdict::Wait`).
     pub(super) pressure: Option<Arc<Outbox>>,
+    /// The message being routed and the monitors that take it, held until
+    /// the bus sends something on its behalf or is done with it, so that what
+    /// the bus sends `apart` reaches monitors first (see `capture`).
+    pub(super) held_capture: Option<(Message, Vec<PeerId>)>,
+    /// Inside `apart`: captures leave `held_capture` held.
+    pub(super) apart: bool,
 }
 
 impl BusState {
@@ -69,6 +75,8 @@ impl BusState {
             limits,
             own_name,
             pressure: None,
+            held_capture: None,
+            apart: false,
         }
     }
 
@@ -226,6 +234,13 @@ impl BusState {
         self.broadcast(sig, None);
     }
 
+    /// Broadcast one of busvisor's own events (the supervisor's lifecycle
+    /// signals): only monitors that ask for it with a rule see it.
+    pub(crate) fn emit_event(&mut self, sig: &Message) {
+        self.capture_own(sig);
+        self.broadcast(sig, None);
+    }
+
     /// Whether any rule or monitor could take a signal: when not, skip
     /// building it.
     pub(crate) fn wants_signals(&self) -> bool {
@@ -272,18 +287,34 @@ impl BusState {
         }
     }
 
-    /// Answer everything that waits for any of `names` with `e`.
+    /// Answer everything that waits for any of `names` with `e`, as
+    /// dbus-daemon fails a pending activation: every waiter still connected
+    /// gets the error, even for a signal or a call that wanted no reply, in
+    /// a step of its own.
     pub(crate) fn fail_pending(&mut self, names: &[String], e: &BusError) {
-        for n in names {
-            for w in self.pending.take(n) {
-                if let Some(to) = w.from()
-                    && wire::wants_reply(w.call())
-                    && let Some(m) = wire::error(w.call(), e)
-                {
-                    self.send_to(to, m);
+        self.apart(|core| {
+            for n in names {
+                for w in core.pending.take(n) {
+                    if let Some(to) = w.from()
+                        && core.peers.contains_key(&to)
+                        && let Some(m) = wire::error(w.call(), e)
+                    {
+                        core.send_to(to, m);
+                    }
                 }
             }
-        }
+        });
+    }
+
+    /// Run `f` as a step of its own, as dbus-daemon runs a transaction of
+    /// its own while it routes a message (an ActivationRequest, the errors
+    /// of a failed activation): monitors see what `f` sends before the
+    /// message being routed.
+    pub(crate) fn apart<R>(&mut self, f: impl FnOnce(&mut BusState) -> R) -> R {
+        let was = std::mem::replace(&mut self.apart, true);
+        let r = f(self);
+        self.apart = was;
+        r
     }
 
     pub(crate) fn has_pending(&self, names: &[String]) -> bool {

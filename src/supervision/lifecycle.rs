@@ -195,7 +195,7 @@ impl Announcer {
                 if let Some(sig) =
                     wire::signal(&path, IFACE_PROPS, "PropertiesChanged", None, &body)
                 {
-                    core.emit(&sig);
+                    core.emit_event(&sig);
                 }
             }
             self.announced.insert(id, now);
@@ -239,7 +239,7 @@ impl Announcer {
             Event::IdleStopped => signal("IdleStopped", &(s, id)),
         };
         if let Some(sig) = sig {
-            core.emit(&sig);
+            core.emit_event(&sig);
         }
     }
 }
@@ -259,7 +259,7 @@ pub(crate) fn log_lines(core: &mut BusState, id: &str, pid: i32, lines: &[String
     }
     for line in lines {
         if let Some(sig) = signal("LogLine", &(id, pid as u32, line)) {
-            core.emit(&sig);
+            core.emit_event(&sig);
         }
     }
 }

@@ -28,13 +28,11 @@ use tracing::{info, warn};
 use crate::activation::catalog::CatalogState;
 use crate::bus::{Activator, Answer, Bus, BusState, CallRef, Facts, PeerId, Requester};
 use crate::supervision::lifecycle::{Announcer, Event};
+use crate::wire::names::SYSTEMD_NAME;
 use crate::wire::{BusError, ErrorName};
 use reaper::ExitKind;
 use service::{Service, ServiceState};
 use spawner::SpawnRequest;
-
-/// systemd's bus name, for `--systemd-activation`.
-const SYSTEMD: &str = "org.freedesktop.systemd1";
 
 /// The bus with busvisor's supervisor as its activator.
 pub(crate) type SupervisedBus = Bus<SupervisorState>;
@@ -200,6 +198,7 @@ impl SupervisorState {
             return;
         };
         svc.start_failed(&e.text);
+        let via_systemd = svc.via_systemd;
         let names = svc.def.names.clone();
         let callers = std::mem::take(&mut svc.waiting_start);
         core.fail_pending(&names, e);
@@ -214,6 +213,7 @@ impl SupervisorState {
             ErrorName::SpawnChildExited => "exit-before-ready",
             ErrorName::SpawnChildSignaled => "signal-before-ready",
             ErrorName::TimedOut => "timeout",
+            _ if via_systemd => "systemd",
             _ => "error",
         };
         self.event(core, id, Event::Failed(kind));
@@ -280,14 +280,16 @@ impl SupervisorState {
         }
         let sig = crate::wire::signal(
             crate::wire::names::BUS_PATH,
-            "org.freedesktop.systemd1.Activator",
+            crate::wire::names::SYSTEMD_ACTIVATOR_IFACE,
             "ActivationRequest",
-            Some(SYSTEMD),
+            Some(SYSTEMD_NAME),
             &(unit,),
         );
         info!(service = %id, %unit, requester = %requester.name, "activating via systemd");
         if let Some(sig) = sig {
-            core.send_from_bus_to_name(SYSTEMD, sig);
+            // dbus-daemon sends it in a transaction of its own: monitors see
+            // it before the message that asked for the start.
+            core.apart(|core| core.send_from_bus_to_name(SYSTEMD_NAME, sig));
         }
         let svc = self.svc_mut(id).expect("looked up above");
         svc.activation_requested(Some(requester.clone()));
@@ -354,7 +356,7 @@ impl Activator for SupervisorState {
             return Ok(());
         };
         if self.systemd_activation {
-            if name == SYSTEMD {
+            if name == SYSTEMD_NAME {
                 // systemd itself is missing: its messages wait for it.
                 return Ok(());
             }
@@ -402,14 +404,34 @@ impl Activator for SupervisorState {
         }
     }
 
+    fn systemd_failed(&mut self, unit: &str, e: &BusError, core: &mut BusState) {
+        // As dbus-daemon, every start handed to systemd for that unit, as
+        // the definition read when it was asked for named it.
+        let failed: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.via_systemd && s.is_starting() && s.def.systemd_service.as_deref() == Some(unit)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if failed.is_empty() {
+            info!(%unit, "systemd reported a failed activation nothing waits for");
+        }
+        for id in failed {
+            warn!(service = %id, %unit, error = %e, "systemd could not start the service");
+            self.activation_failed(&id, e, core);
+        }
+    }
+
     fn set_activation_env(&mut self, vars: Vec<(String, String)>, core: &mut BusState) {
         if self.systemd_activation {
             // dbus-daemon passes the variables on to systemd, to the name
             // (kept until systemd is there) or to its owner.
             let list: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let dest = core
-                .owner_name(SYSTEMD)
-                .unwrap_or_else(|| SYSTEMD.to_owned());
+                .owner_name(SYSTEMD_NAME)
+                .unwrap_or_else(|| SYSTEMD_NAME.to_owned());
             let call = crate::wire::call_from_bus(
                 &dest,
                 "/org/freedesktop/systemd1",
@@ -418,7 +440,7 @@ impl Activator for SupervisorState {
                 &(list,),
             );
             if let Some(call) = call {
-                core.send_from_bus_to_name(SYSTEMD, call);
+                core.send_from_bus_to_name(SYSTEMD_NAME, call);
             }
         }
         for (k, v) in vars {

@@ -17,10 +17,13 @@ pub(crate) use zbus::wire::{DynamicType, Fd, ObjectPath, OwnedVariant, Variant};
 
 /// A D-Bus error the bus answers with: its name and its human text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {text}", .name.as_str())]
+#[error("{}: {}", self.name_str(), self.text)]
 pub(crate) struct BusError {
     pub(crate) name: ErrorName,
     pub(crate) text: String,
+    /// An error name from outside busvisor's list, passed on as it came
+    /// (systemd's ActivationFailure); `name` is then `Failed`.
+    foreign: Option<Box<str>>,
 }
 
 impl BusError {
@@ -28,7 +31,23 @@ impl BusError {
         BusError {
             name,
             text: text.into(),
+            foreign: None,
         }
+    }
+
+    /// An error with a name someone else chose. dbus-daemon would send an
+    /// invalid one nowhere (and retry for ever); busvisor sends `Failed`.
+    pub(crate) fn named(name: &str, text: impl Into<String>) -> Self {
+        let mut e = BusError::failed(text);
+        if validate::error_name(name) {
+            e.foreign = Some(name.into());
+        }
+        e
+    }
+
+    /// The error name on the wire.
+    pub(crate) fn name_str(&self) -> &str {
+        self.foreign.as_deref().unwrap_or(self.name.as_str())
     }
 
     pub(crate) fn invalid_args(text: impl Into<String>) -> Self {
@@ -73,10 +92,10 @@ where
 
 /// An error from the bus in reply to `call`.
 pub(crate) fn error(call: &Message, e: &BusError) -> Option<Message> {
-    Message::error(&call.header(), e.name.as_str())
+    Message::error(&call.header(), e.name_str())
         .sender(names::BUS_NAME)
         .build(&(e.text.as_str(),))
-        .map_err(|err| warn!("cannot build error {}: {err}", e.name.as_str()))
+        .map_err(|err| warn!("cannot build error {}: {err}", e.name_str()))
         .ok()
 }
 
@@ -175,6 +194,19 @@ mod tests {
         );
         let text: String = e.body().deserialize().unwrap();
         assert_eq!(text, "bad");
+    }
+
+    #[test]
+    fn an_error_name_from_outside_is_passed_on_when_valid() {
+        let e = BusError::named("com.example.Nope", "Computer says no");
+        let m = error(&call(false), &e).unwrap();
+        assert_eq!(
+            m.header().error_name().unwrap().as_str(),
+            "com.example.Nope"
+        );
+        assert_eq!(e.to_string(), "com.example.Nope: Computer says no");
+        let bad = BusError::named("not an error name", "x");
+        assert_eq!(bad.name_str(), ErrorName::Failed.as_str());
     }
 
     #[test]

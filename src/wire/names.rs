@@ -18,6 +18,11 @@ pub const SUPERVISOR_IFACE: &str = "org.busvisor.Supervisor1";
 pub const SERVICE_IFACE: &str = "org.busvisor.Service1";
 pub const SERVICE_PATH_PREFIX: &str = "/org/busvisor/Supervisor1/service/";
 
+/// systemd, for `--systemd-activation`: its name, and the interface of the
+/// signals it and the bus exchange (ActivationRequest, ActivationFailure).
+pub const SYSTEMD_NAME: &str = "org.freedesktop.systemd1";
+pub const SYSTEMD_ACTIVATOR_IFACE: &str = "org.freedesktop.systemd1.Activator";
+
 /// The DOCTYPE line every introspection document starts with.
 pub const INTROSPECT_HEADER: &str = "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n\"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n";
 

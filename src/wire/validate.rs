@@ -122,11 +122,6 @@ pub(crate) fn interface(name: &str) -> bool {
 }
 
 /// An error name (`org.example.Error.Failed`): the rules of an interface name.
-#[allow(
-    dead_code,
-    reason = "the driver still checks error names with zbus's types; it stays here with the \
-              other names so that there is one set"
-)]
 pub(crate) fn error_name(name: &str) -> bool {
     interface(name)
 }

@@ -9,7 +9,7 @@ use crate::bus::matching::MatchRule;
 use crate::bus::peer::{PeerEntry, PeerId, unique_name};
 use crate::bus::pending::Waiter;
 use crate::bus::{Answer, CallRef};
-use crate::wire::names::{BUS_NAME, IFACE_DBUS};
+use crate::wire::names::{BUS_NAME, IFACE_DBUS, SYSTEMD_NAME};
 use crate::wire::{self, BusError, ErrorName, Fd, Message, Variant};
 
 fn ok<B>(msg: &Message, body: &B) -> Answer
@@ -158,6 +158,56 @@ pub(super) fn privileged(cx: &Ctx<'_>, member: &str) -> Result<(), BusError> {
         format!("rejected attempt to call {member} by connection {name} ({loginfo}) with {who}");
     warn!("{text}");
     Err(BusError::new(ErrorName::AccessDenied, text))
+}
+
+/// systemd's ActivationFailure(s unit, s error_name, s error_message), as
+/// dbus-daemon's driver takes it: from the bus's user or root (else an
+/// AccessDenied, though it is a signal), from the owner of systemd's name
+/// (else ignored), with --systemd-activation (else ignored); then every start
+/// waiting for that unit fails with systemd's error, before monitors see
+/// the signal. Arguments that are not three strings fail the unit's starts
+/// with InvalidArgs, if the first names one.
+pub(super) fn activation_failure(cx: &mut Ctx<'_>, msg: &Message) {
+    if let Err(e) = privileged(cx, "ActivationFailure") {
+        return cx.core.deny(cx.from, msg, &e);
+    }
+    if cx.core.names.owner(SYSTEMD_NAME) != Some(cx.from) {
+        let loginfo = cx.core.peers.get(&cx.from).map_or("", |p| &*p.loginfo);
+        warn!(
+            "Ignoring forged ActivationFailure message from connection {} ({loginfo})",
+            unique_name(cx.from)
+        );
+        return;
+    }
+    if !cx.facts.systemd_activation {
+        warn!("Ignoring unexpected ActivationFailure message while not using systemd activation");
+        return;
+    }
+    let args = wire::args::decode_args(msg, 3);
+    let string = |i: usize| {
+        args.get(i)
+            .copied()
+            .flatten()
+            .filter(|a| !a.is_path)
+            .map(|a| a.value)
+    };
+    let Some(unit) = string(0) else {
+        warn!("Ignoring an ActivationFailure without a unit");
+        return;
+    };
+    let e = match (string(1), string(2)) {
+        (Some(name), Some(text)) => BusError::named(name, text),
+        _ => BusError::invalid_args(format!(
+            "ActivationFailure has wrong arguments ({}, expected sss)",
+            wire::args::body_signature(msg)
+        )),
+    };
+    info!(
+        "Activation via systemd failed for unit '{unit}': {}",
+        e.text
+    );
+    let Ctx { core, sup, .. } = cx;
+    core.apart(|core| sup.systemd_failed(unit, &e, core));
 }
 
 pub(super) fn update_env(cx: &mut Ctx<'_>, msg: &Message) -> Answer {

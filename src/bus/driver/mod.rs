@@ -13,7 +13,7 @@ use super::peer::PeerId;
 use super::{Activator, Answer, BusState, CallRef, Facts};
 use crate::wire::names::{
     BUS_NAME, BUS_PATH, IFACE_DBUS, IFACE_INTROSPECT, IFACE_MONITORING, IFACE_PEER, IFACE_PROPS,
-    IFACE_STATS, INTROSPECT_HEADER, SUPERVISOR_NAME,
+    IFACE_STATS, INTROSPECT_HEADER, SUPERVISOR_NAME, SYSTEMD_ACTIVATOR_IFACE,
 };
 use crate::wire::{BusError, ErrorName, Message, Type};
 
@@ -171,6 +171,15 @@ pub(crate) fn is_hello(msg: &Message) -> bool {
         && h.member().map(|m| m.as_str()) == Some("Hello")
 }
 
+/// Whether `msg` is systemd's ActivationFailure signal (any path, as
+/// dbus-daemon takes it).
+fn is_activation_failure(msg: &Message) -> bool {
+    let h = msg.header();
+    msg.message_type() == Type::Signal
+        && h.interface().map(|i| i.as_str()) == Some(SYSTEMD_ACTIVATOR_IFACE)
+        && h.member().map(|m| m.as_str()) == Some("ActivationFailure")
+}
+
 /// Handle a message addressed to `org.freedesktop.DBus`.
 pub(super) fn handle(
     facts: &Facts,
@@ -179,16 +188,20 @@ pub(super) fn handle(
     from: PeerId,
     msg: &Message,
 ) {
-    if msg.message_type() != Type::MethodCall {
-        // Signals to the bus are allowed and ignored, as dbus-daemon does.
-        return;
-    }
     let mut ctx = Ctx {
         facts,
         core,
         sup,
         from,
     };
+    if msg.message_type() != Type::MethodCall {
+        // Signals to the bus are allowed and ignored, as dbus-daemon does,
+        // but for systemd's.
+        if is_activation_failure(msg) {
+            methods::activation_failure(&mut ctx, msg);
+        }
+        return;
+    }
     let (answer, replied) = match find(msg).and_then(|m| admit(&ctx, m, msg)) {
         Err(e) => (Err(e), false),
         Ok(method) => {

@@ -399,6 +399,18 @@ impl MatchRule {
         self.eavesdrop
     }
 
+    /// Whether the rule selects nothing (`''`, or only `eavesdrop`): it
+    /// matches every message.
+    pub fn is_wildcard(&self) -> bool {
+        self.msg_type.is_none()
+            && self.sender.is_none()
+            && self.interface.is_none()
+            && self.member.is_none()
+            && self.path.is_none()
+            && self.destination.is_none()
+            && self.args.is_empty()
+    }
+
     #[cfg(test)]
     /// The `type` key.
     pub fn msg_type(&self) -> Option<Type> {
@@ -601,6 +613,21 @@ mod tests {
             ("error", Type::Error),
         ] {
             assert_eq!(rule(&format!("type='{t}'")).msg_type(), Some(ty));
+        }
+    }
+
+    #[test]
+    fn wildcards_select_nothing() {
+        for w in ["", "  ", "eavesdrop=true"] {
+            assert!(rule(w).is_wildcard(), "{w:?}");
+        }
+        for r in [
+            "type='signal'",
+            "path_namespace='/'",
+            "arg0='x'",
+            "destination=':1.2'",
+        ] {
+            assert!(!rule(r).is_wildcard(), "{r:?}");
         }
     }
 
