@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{ALLOW_ALL_RULES, TestBus, run_tool, start_bus, wait_until};
+use common::{ALLOW_ALL_RULES, TestBus, run_tool, wait_until};
 use nix::sys::signal::Signal;
 
 /// These tests need root, the users they switch to, and setpriv.
@@ -49,6 +49,7 @@ impl Fixtures {
         for (from, to) in [
             ("tests/fixtures/testsvc.py", "tests/fixtures/testsvc.py"),
             ("services.d/minibus.py", "services.d/minibus.py"),
+            ("services.d/daemon.py", "services.d/daemon.py"),
         ] {
             let to = dir.path().join(to);
             std::fs::create_dir_all(to.parent().unwrap()).unwrap();
@@ -57,10 +58,11 @@ impl Fixtures {
         for sub in ["", "tests", "tests/fixtures", "services.d"] {
             chmod(&dir.path().join(sub), 0o755);
         }
-        for sub in ["services", "scratch"] {
+        for sub in ["services", "scratch", "toml"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
         chmod(&dir.path().join("services"), 0o755);
+        chmod(&dir.path().join("toml"), 0o755);
         // The service (as nobody) writes its grandchild's pid here.
         chmod(&dir.path().join("scratch"), 0o777);
         Fixtures { dir }
@@ -78,6 +80,22 @@ impl Fixtures {
         );
         std::fs::write(self.path(&format!("services/{name}.service")), text).unwrap();
     }
+
+    /// A `[D-BUS Service]` file for the double-forking example daemon.
+    fn add_daemon(&self, user: &str) {
+        let name = "org.busvisor.Example.Daemon";
+        let text = format!(
+            "[D-BUS Service]\nName={name}\nExec=/usr/bin/python3 {}\nUser={user}\n",
+            self.path("services.d/daemon.py").display(),
+        );
+        std::fs::write(self.path(&format!("services/{name}.service")), text).unwrap();
+    }
+
+    /// A busvisor TOML definition (a restart policy, which `[D-BUS
+    /// Service]` files cannot have).
+    fn add_toml(&self, id: &str, text: &str) {
+        std::fs::write(self.path(&format!("toml/{id}.toml")), text).unwrap();
+    }
 }
 
 fn chmod(p: &Path, mode: u32) {
@@ -85,6 +103,10 @@ fn chmod(p: &Path, mode: u32) {
 }
 
 fn start_system_bus(fx: &Fixtures) -> TestBus {
+    start_system_bus_with(fx, &[])
+}
+
+fn start_system_bus_with(fx: &Fixtures, args: &[&str]) -> TestBus {
     let config = format!(
         r#"<busconfig>
   <type>system</type>
@@ -102,7 +124,7 @@ fn start_system_bus(fx: &Fixtures) -> TestBus {
         fx.path("services").display(),
         fx.path("pidfile").display(),
     );
-    let bus = start_bus(Some(&config));
+    let bus = common::start_bus_with_args(Some(&config), args);
     // Clients and services of other users reach the socket through its
     // directory.
     chmod(bus.dir.path(), 0o755);
@@ -382,6 +404,11 @@ impl Drop for NamespacedBus {
     }
 }
 
+/// The last word of `dbus-send --print-reply`'s output, a number.
+fn last_u32(out: &str) -> u32 {
+    out.split_whitespace().last().unwrap().parse().unwrap()
+}
+
 /// Debian's own polkitd, activated by an unprivileged caller through
 /// Debian's own system.conf, system.d and service file: started as root by
 /// the warden, it drops to its user and stays the warden's child; its
@@ -419,29 +446,18 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         enumerate.stderr,
         bus.log()
     );
-    let pid_reply = bus.run(
-        false,
-        &[
-            "dbus-send",
-            "--system",
-            "--print-reply",
-            "--dest=org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus.GetConnectionUnixProcessID",
-            "string:org.freedesktop.PolicyKit1",
-        ],
-    );
+    let get_pid = [
+        "dbus-send",
+        "--system",
+        "--print-reply",
+        "--dest=org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus.GetConnectionUnixProcessID",
+        "string:org.freedesktop.PolicyKit1",
+    ];
+    let pid_reply = bus.run(false, &get_pid);
     pid_reply.assert_ok();
-    let pid: u32 = pid_reply
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = last_u32(&pid_reply.stdout);
     let (uid, ppid, _) = proc_info(pid).unwrap();
     assert_eq!(uid, uid_of("polkitd"), "polkitd dropped to its user");
     assert_eq!(ppid, warden, "polkitd is the warden's child");
@@ -469,7 +485,153 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         squat.stderr
     );
 
+    // Root restarts it through the control API (open to root on a system
+    // bus): root's warden stops a polkitd-user process and starts another.
+    let restart = bus.run(
+        false,
+        &[
+            common::busvisor_bin(),
+            "--address=unix:path=/run/dbus/system_bus_socket",
+            "restart",
+            "org.freedesktop.PolicyKit1",
+        ],
+    );
+    restart.assert_ok();
+    assert!(wait_until(Duration::from_secs(5), || !alive(pid)));
+    let pid_reply = bus.run(false, &get_pid);
+    pid_reply.assert_ok();
+    let again = last_u32(&pid_reply.stdout);
+    assert_ne!(again, pid);
+    assert_eq!(proc_info(again).unwrap().1, warden);
+
     let st = bus.stop();
     assert_eq!(st.and_then(|s| s.code()), Some(0), "log:\n{}", bus.log());
-    assert!(!alive(pid), "polkitd ends with the bus");
+    assert!(!alive(again), "polkitd ends with the bus");
+}
+
+fn dbus_send_as_nobody(bus: &TestBus, dest: &str, path: &str, method: &str) -> String {
+    let address = format!("--bus={}", bus.address);
+    let dest = format!("--dest={dest}");
+    let argv = [
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "dbus-send",
+        &address,
+        "--print-reply",
+        &dest,
+        path,
+        method,
+    ];
+    let out = run_tool("setpriv", &argv, common::OP_TIMEOUT);
+    assert!(out.success(), "{method}: {}\n{}", out.stderr, bus.log());
+    out.stdout
+        .split_whitespace()
+        .last()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A classic double-forking daemon started as nobody: its launcher exits 0,
+/// the daemon is re-parented to the warden, busvisor knows it as the
+/// service's main process (through its cgroup: the router cannot read a
+/// nobody process's environment... it could here, but not a root one's),
+/// and a stop ends it.
+#[test]
+fn a_double_forking_daemon_of_another_user_stays_supervised() {
+    if !runnable() {
+        return;
+    }
+    let fx = Fixtures::new();
+    fx.add_daemon("nobody");
+    let bus = start_system_bus(&fx);
+    let warden = bus.pid();
+    let (dest, path) = (
+        "org.busvisor.Example.Daemon",
+        "/org/busvisor/Example/Daemon",
+    );
+    let pid: u32 = dbus_send_as_nobody(&bus, dest, path, &format!("{dest}.Pid"))
+        .parse()
+        .unwrap();
+    let ppid: u32 = dbus_send_as_nobody(&bus, dest, path, &format!("{dest}.Ppid"))
+        .parse()
+        .unwrap();
+    assert_eq!(ppid, warden, "re-parented to the warden, not to init");
+    assert_eq!(proc_info(pid).unwrap().0, uid_of("nobody"));
+    let status = busvisor_cli(&bus, &["status", dest]);
+    status.assert_ok();
+    assert!(
+        status
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("MainPID:") && l.ends_with(&pid.to_string())),
+        "{}",
+        status.stdout
+    );
+    let t = Instant::now();
+    busvisor_cli(&bus, &["stop", dest]).assert_ok();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(wait_until(Duration::from_secs(2), || !alive(pid)));
+}
+
+/// A restart policy across users: a nobody service that crashes is started
+/// again by the warden, as nobody.
+#[test]
+fn a_crashed_service_of_another_user_is_restarted() {
+    if !runnable() {
+        return;
+    }
+    let fx = Fixtures::new();
+    let script = fx.path("tests/fixtures/testsvc.py");
+    fx.add_toml(
+        "crashy",
+        &format!(
+            "name = \"org.busvisor.Test\"\nexec = [\"/usr/bin/python3\", \"{}\", \"org.busvisor.Test\"]\nuser = \"nobody\"\nrestart = \"on-failure\"\nrestart_delay = \"100ms\"\n",
+            script.display()
+        ),
+    );
+    let toml = fx.path("toml");
+    let dir = format!("--services-dir={}", toml.display());
+    let bus = start_system_bus_with(&fx, &[&dir]);
+    let first: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    // Exit(1) without a reply: the call fails, the service is restarted.
+    let address = format!("--bus={}", bus.address);
+    let _ = run_tool(
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "dbus-send",
+            &address,
+            "--print-reply",
+            "--dest=org.busvisor.Test",
+            "/org/busvisor/Test",
+            "org.busvisor.Test.Exit",
+            "int32:1",
+        ],
+        common::OP_TIMEOUT,
+    );
+    // Restarted by its policy, not by a call (none is made meanwhile).
+    let main_pid = || {
+        let out = busvisor_cli(&bus, &["status", "crashy"]);
+        let running = out.stdout.lines().any(|l| l == "State:           running");
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("MainPID:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|_| running)
+    };
+    let restarted = wait_until(Duration::from_secs(10), || {
+        main_pid().is_some_and(|p| p != first)
+    });
+    assert!(restarted, "not restarted; log:\n{}", bus.log());
+    let second: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    assert_eq!(Some(second), main_pid());
+    let (uid, ppid, _) = proc_info(second).unwrap();
+    assert_eq!((uid, ppid), (uid_of("nobody"), bus.pid()));
 }
