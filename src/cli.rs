@@ -61,6 +61,10 @@ pub struct ClientArgs {
     /// Address of the bus (default: $DBUS_SESSION_BUS_ADDRESS).
     #[arg(long, value_name = "ADDRESS")]
     pub address: Option<String>,
+    /// The system bus: $DBUS_SYSTEM_BUS_ADDRESS, else
+    /// unix:path=/run/dbus/system_bus_socket.
+    #[arg(long, conflicts_with = "address")]
+    pub system: bool,
     /// Machine-readable JSON output.
     #[arg(long)]
     pub json: bool,
@@ -252,15 +256,16 @@ pub const CLIENT_COMMANDS: &[&str] = &[
 ];
 
 /// `busvisor --address=A list` means `busvisor list --address=A`: move
-/// `--address` and `--json` given before a control command after it (the
-/// top level's `--address` is the daemon's listen address otherwise).
+/// `--address`, `--json` and `--system` given before a control command after
+/// it (at the top level they are the daemon's: its listen address, its
+/// system configuration).
 pub fn hoist_client_options(args: Vec<OsString>) -> Vec<OsString> {
     let mut i = 1;
     while i < args.len() {
         let a = args[i].to_string_lossy();
         if a == "--address" && i + 1 < args.len() {
             i += 2;
-        } else if a.starts_with("--address=") || a == "--json" {
+        } else if a.starts_with("--address=") || a == "--json" || a == "--system" {
             i += 1;
         } else {
             break;
@@ -283,6 +288,16 @@ mod tests {
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn system_before_a_control_command_is_the_commands() {
+        let c = parse(&["busvisor", "--system", "status", "org.x"]);
+        let Some(Command::Client(ClientCommand::Status(a))) = c.command else {
+            panic!("{c:?}");
+        };
+        assert!(a.client.system && a.name == "org.x");
+        assert!(parse(&["busvisor", "--system", "--nofork"]).daemon.system);
     }
 
     #[test]

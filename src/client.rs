@@ -125,8 +125,19 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
 
 // ---------------------------------------------------------------- connection
 
-/// The bus address: `--address`, else `$DBUS_SESSION_BUS_ADDRESS`.
+/// Where a system bus listens when `$DBUS_SYSTEM_BUS_ADDRESS` does not say
+/// (the specification's default).
+const SYSTEM_BUS_DEFAULT: &str = "unix:path=/run/dbus/system_bus_socket";
+
+/// The bus address: `--address`; with `--system`, `$DBUS_SYSTEM_BUS_ADDRESS`
+/// or the system bus's default; else `$DBUS_SESSION_BUS_ADDRESS`.
 pub fn bus_address(args: &ClientArgs) -> Result<String> {
+    if args.system && args.address.is_none() {
+        return Ok(std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+            .ok()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| SYSTEM_BUS_DEFAULT.to_owned()));
+    }
     if let Some(a) = &args.address {
         if a.is_empty() {
             return Err(Failure::msg("--address: the bus address is empty"));
@@ -1237,13 +1248,24 @@ mod tests {
     fn address_is_required() {
         let a = ClientArgs {
             address: Some("unix:path=/x".into()),
-            json: false,
+            ..Default::default()
         };
         assert_eq!(bus_address(&a).unwrap(), "unix:path=/x");
         let a = ClientArgs {
             address: Some(String::new()),
-            json: false,
+            ..Default::default()
         };
         assert!(bus_address(&a).is_err());
+        // --system: the variable, else the specification's default (the
+        // variable is not set in this test's environment by our harness).
+        let a = ClientArgs {
+            system: true,
+            ..Default::default()
+        };
+        let want = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+            .ok()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| SYSTEM_BUS_DEFAULT.into());
+        assert_eq!(bus_address(&a).unwrap(), want);
     }
 }

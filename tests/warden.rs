@@ -427,6 +427,12 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
     }
     let mut bus = NamespacedBus::start(&["--system", "--nosyslog"]);
     let warden = bus.proc.pid();
+    // The process that handles messages runs as messagebus.
+    let router = children(warden)
+        .into_iter()
+        .find(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
+        .expect("the router");
+    assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
     let enumerate = bus.run(
         true,
         &[
@@ -435,12 +441,13 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
             "--print-reply",
             "--dest=org.freedesktop.PolicyKit1",
             "/org/freedesktop/PolicyKit1/Authority",
-            "org.freedesktop.PolicyKit1.Authority.EnumerateActions",
-            "string:",
+            "org.freedesktop.DBus.Properties.Get",
+            "string:org.freedesktop.PolicyKit1.Authority",
+            "string:BackendName",
         ],
     );
     assert!(
-        enumerate.success() && enumerate.stdout.contains("org.freedesktop.policykit.exec"),
+        enumerate.success() && enumerate.stdout.contains("js"),
         "{}{}\nlog:\n{}",
         enumerate.stdout,
         enumerate.stderr,
@@ -485,13 +492,73 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         squat.stderr
     );
 
+    // `busvisor --system status` shows it running, with its pid.
+    let status = bus.run(
+        false,
+        &[
+            common::busvisor_bin(),
+            "--system",
+            "status",
+            "org.freedesktop.PolicyKit1",
+        ],
+    );
+    status.assert_ok();
+    assert!(
+        status.stdout.contains("State:           running")
+            && status
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("PIDs:") && l.contains(&pid.to_string())),
+        "{}",
+        status.stdout
+    );
+
+    // What nobody may not do: become a monitor, change the activation
+    // environment, use the control API.
+    for argv in [
+        &[
+            "dbus-send",
+            "--system",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.Monitoring.BecomeMonitor",
+            "array:string:",
+            "uint32:0",
+        ][..],
+        &[
+            "dbus-send",
+            "--system",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.UpdateActivationEnvironment",
+            "dict:string:string:FOO,bar",
+        ][..],
+        &[
+            common::busvisor_bin(),
+            "--system",
+            "stop",
+            "org.freedesktop.PolicyKit1",
+        ][..],
+    ] {
+        let out = bus.run(true, argv);
+        assert!(
+            !out.success() && out.stderr.contains("AccessDenied"),
+            "{argv:?}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    assert!(alive(pid));
+
     // Root restarts it through the control API (open to root on a system
     // bus): root's warden stops a polkitd-user process and starts another.
     let restart = bus.run(
         false,
         &[
             common::busvisor_bin(),
-            "--address=unix:path=/run/dbus/system_bus_socket",
+            "--system",
             "restart",
             "org.freedesktop.PolicyKit1",
         ],
