@@ -222,10 +222,11 @@ impl ChildSetup {
         }
     }
 
-    /// In the child: only async-signal-safe calls (open, write, close,
-    /// setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
+    /// In the child: only async-signal-safe calls (close_range or fcntl,
+    /// open, write, close, setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
     /// setresuid, prctl).
     fn run(&self) -> std::io::Result<()> {
+        cloexec_above_stdio();
         if let Some(procs) = &self.cgroup_procs {
             // Into the invocation's cgroup first, while still privileged.
             write_file(procs, b"0");
@@ -267,6 +268,37 @@ impl ChildSetup {
         // it (set after the uid change, which would clear it).
         nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
         Ok(())
+    }
+}
+
+/// In the child: mark every fd above 2 close-on-exec, so that a service
+/// gets only its stdio and not what busvisor inherited (a harness's pipe
+/// would never reach EOF while a service lives). std passes the stdio as
+/// 0, 1 and 2, and its exec-error pipe is close-on-exec already.
+/// Async-signal-safe: raw syscalls only.
+fn cloexec_above_stdio() {
+    // SAFETY: close_range(2) takes three integers and touches no memory
+    // of this process; nix has no wrapper.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    // Kernels before 5.11: every fd up to the limit (at most 2^20).
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft.min(1 << 20));
+    for fd in 3..limit as i32 {
+        // SAFETY: fcntl(2) on an integer fd; an fd that is not open gives EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+        }
     }
 }
 

@@ -1,0 +1,174 @@
+//! Supervision under bad conditions, end to end: the real busvisor binary,
+//! real clients (zbus, busctl, the CLI) and real service processes
+//! (tests/fixtures/testsvc.py, python3 and sh one-liners): output that is
+//! not UTF-8 or has no newline, pids the kernel reuses, a /proc full of
+//! processes without an environment, the start limit over time, inherited
+//! descriptors, names already owned, and where a bare `exec` is looked up.
+//!
+//! Every process a test causes is stopped by pid at the end ([`Bus`]'s drop
+//! kills busvisor, then every process carrying one of its invocation tokens).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+const SUP: &str = "org.busvisor.Supervisor1";
+const SUP_PATH: &str = "/org/busvisor/Supervisor1";
+
+/// A busvisor serving one directory of TOML definitions.
+struct Bus {
+    bus: TestBus,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Bus {
+    fn new(defs: impl FnOnce(&Path)) -> Bus {
+        Self::with_env(defs, &[])
+    }
+
+    fn with_env(defs: impl FnOnce(&Path), env: &[(&str, &str)]) -> Bus {
+        let tmp = tempfile::Builder::new()
+            .prefix("busvisor-hard")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().join("services");
+        std::fs::create_dir(&dir).unwrap();
+        defs(&dir);
+        let bus = start_bus_with_env(None, &["--services-dir", dir.to_str().unwrap()], env);
+        Bus {
+            bus,
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    fn addr(&self) -> &str {
+        &self.bus.address
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self._tmp.path().join(name)
+    }
+
+    /// Run the CLI against this bus.
+    fn cli(&self, args: &[&str]) -> ToolOutput {
+        let mut all = vec!["--address", self.addr()];
+        all.extend_from_slice(args);
+        run_tool(busvisor_bin(), &all, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        kill_bus_and_services(&mut self.bus);
+    }
+}
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn write_def(dir: &Path, id: &str, name: &str, exec: &[&str], extra: &str) {
+    let text = format!("name = {name:?}\nexec = {}\n{extra}\n", toml_list(exec));
+    std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
+}
+
+/// `python3 testsvc.py NAME OPTS...`
+fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &str) {
+    let script = format!("{FIXTURES}/testsvc.py");
+    let mut exec = vec!["python3", script.as_str(), name];
+    exec.extend_from_slice(opts);
+    write_def(dir, id, name, &exec, extra);
+}
+
+/// A call to the manager object.
+async fn sup_call<B>(conn: &zbus::Connection, member: &str, body: &B) -> zbus::Result<Message>
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    within_t(
+        Duration::from_secs(20),
+        conn.call_method(Some(SUP), SUP_PATH, Some(SUP), member, body),
+    )
+    .await
+}
+
+use zbus::message::Message;
+
+/// A property of a service object.
+async fn prop(conn: &zbus::Connection, id: &str, name: &str) -> zbus::zvariant::OwnedValue {
+    let path: zbus::zvariant::OwnedObjectPath = sup_call(conn, "GetService", &(id,))
+        .await
+        .expect("GetService")
+        .body()
+        .deserialize()
+        .unwrap();
+    let m = within(conn.call_method(
+        Some(SUP),
+        path.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.busvisor.Service1", name),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("Get {name}: {e}"));
+    let v: zbus::zvariant::OwnedValue = m.body().deserialize().unwrap();
+    v
+}
+
+async fn state(conn: &zbus::Connection, id: &str) -> String {
+    String::try_from(prop(conn, id, "State").await).unwrap()
+}
+
+async fn logs(conn: &zbus::Connection, id: &str) -> Vec<String> {
+    sup_call(conn, "GetLogs", &(id, 0u32))
+        .await
+        .expect("GetLogs")
+        .body()
+        .deserialize()
+        .unwrap()
+}
+
+fn err_text(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(_, Some(t), _) => t.clone(),
+        other => other.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------- fds
+
+/// A descriptor busvisor inherited (here a pipe the test holds) does not
+/// reach the services it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_do_not_inherit_what_busvisor_inherited() {
+    // Without O_CLOEXEC, so that busvisor inherits both ends.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let ino = nix::sys::stat::fstat(&r).unwrap().st_ino;
+    let b = Bus::new(|d| write_testsvc(d, "plain", "org.busvisor.Plain", &[], ""));
+    drop((r, w)); // the test's own copies; busvisor keeps its own
+    let conn = connect(b.addr()).await;
+    let pid = call_pid(&conn, "org.busvisor.Plain").await;
+    let want = format!("pipe:[{ino}]");
+    let bus_has = std::fs::read_dir(format!("/proc/{}/fd", b.bus.pid()))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want));
+    assert!(bus_has, "the test did not pass the pipe to busvisor");
+    let leaked: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the service inherited fds {leaked:?} ({want})"
+    );
+}
