@@ -172,3 +172,34 @@ async fn services_do_not_inherit_what_busvisor_inherited() {
         "the service inherited fds {leaked:?} ({want})"
     );
 }
+
+// ---------------------------------------------------------------- /proc scan
+
+/// A /proc scan by environment (how busvisor finds service processes where
+/// it makes no cgroups) does not wait on processes whose environment is
+/// empty: 300 of them cost milliseconds, not 300 × 10 ms.
+#[test]
+fn a_proc_scan_does_not_wait_for_empty_environments() {
+    let mut children = Vec::new();
+    for _ in 0..300 {
+        let c = std::process::Command::new("sleep")
+            .arg("60")
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        children.push(ChildGuard::new(c));
+    }
+    // Each has exec'd (its environment readable, and empty).
+    for c in &children {
+        let path = format!("/proc/{}/comm", c.pid());
+        assert!(wait_until(OP_TIMEOUT, || std::fs::read_to_string(&path)
+            .is_ok_and(|s| s.trim() == "sleep")));
+    }
+    let t = Instant::now();
+    let found = busvisor::supervision::procs::scan("BUSVISOR_INVOCATION");
+    let took = t.elapsed();
+    eprintln!("measured: scan with 300 empty environments: {took:?}");
+    drop(found);
+    assert!(took < Duration::from_millis(1500), "the scan took {took:?}");
+}

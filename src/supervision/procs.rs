@@ -160,23 +160,13 @@ pub fn token_of(pid: i32) -> Option<String> {
     value_in(&env, TOKEN_VAR)
 }
 
-/// The value of `var` in a process's environment, if any.
+/// The value of `var` in a process's environment, if any. One read, no
+/// waiting: a process caught in the middle of execve (its environment
+/// empty for a moment) is found by the next scan, and a start that looks
+/// empty is checked again (`ExitMeaning::RecheckSoon`). Waiting here would
+/// cost every kernel thread and every process without an environment.
 pub fn env_var_of(pid: i32, var: &str) -> Option<String> {
-    let path = format!("/proc/{pid}/environ");
-    let mut env = std::fs::read(&path).ok()?;
-    // A process in the middle of execve shows an empty environment for a
-    // moment: look again rather than lose it. (Kernel threads, pid 2 and its
-    // children, have none at all.)
-    let mut tries = 0;
-    while env.is_empty()
-        && tries < 20
-        && pid != 2
-        && stat_of(pid).is_some_and(|(ppid, s)| ppid != 2 && s != 'Z')
-    {
-        std::thread::sleep(std::time::Duration::from_micros(500));
-        env = std::fs::read(&path).ok()?;
-        tries += 1;
-    }
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     value_in(&env, var)
 }
 
