@@ -203,3 +203,53 @@ fn a_proc_scan_does_not_wait_for_empty_environments() {
     drop(found);
     assert!(took < Duration::from_millis(1500), "the scan took {took:?}");
 }
+
+// ---------------------------------------------------------------- start limit
+
+/// After the start limit trips, activation is refused for the start-limit
+/// interval; after it, the next call starts the service again (as
+/// dbus-daemon would), without an explicit Start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_limit_expires_after_its_interval() {
+    let b = Bus::new(|d| {
+        write_testsvc(
+            d,
+            "limited",
+            "org.busvisor.Limited",
+            &[],
+            "restart = \"on-failure\"\nrestart_delay = \"50ms\"\nstart_limit = { burst = 2, interval = \"2s\" }",
+        )
+    });
+    let conn = connect(b.addr()).await;
+    let mut last = 0;
+    let tripped_by = Instant::now() + Duration::from_secs(10);
+    while state(&conn, "limited").await != "failed" {
+        assert!(Instant::now() < tripped_by, "the limit never tripped");
+        if let Ok(m) = call(&conn, "org.busvisor.Limited", "Pid").await {
+            let pid: u32 = m.body().deserialize().unwrap();
+            if pid != last {
+                last = pid;
+                let _ = within(conn.call_method(
+                    Some("org.busvisor.Limited"),
+                    TEST_PATH,
+                    Some(TEST_IFACE),
+                    "Exit",
+                    &(1i32,),
+                ))
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tripped = Instant::now();
+    let e = call(&conn, "org.busvisor.Limited", "Pid")
+        .await
+        .unwrap_err();
+    assert!(err_text(&e).contains("start limit"), "{e}");
+    // Once the interval has passed, a call activates it again.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(tripped.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = call_pid(&conn, "org.busvisor.Limited").await;
+    assert_ne!(pid, last);
+    assert_eq!(state(&conn, "limited").await, "running");
+}

@@ -376,8 +376,10 @@ impl SupervisorState {
             }
             Next::StartLimited => {
                 let mut text = format!(
-                    "Service {id} was restarted too often ({} starts within {:?}); it stays failed until started explicitly",
-                    svc.def.start_limit_burst, svc.def.start_limit_interval
+                    "Service {id} was restarted too often ({} starts within {:?}); it stays failed for {:?} (its start limit) or until started explicitly",
+                    svc.def.start_limit_burst,
+                    svc.def.start_limit_interval,
+                    svc.def.start_limit_interval
                 );
                 if let Some(last) = svc.last_start_error.take() {
                     text.push_str(&format!(" (last attempt: {last})"));

@@ -370,9 +370,10 @@ impl Activator for SupervisorState {
             .services
             .entry(id.clone())
             .or_insert_with(|| Service::new(def));
-        if svc.start_limited {
+        if let Some(left) = svc.start_limit_left() {
             return Err(BusError::failed(format!(
-                "Service {id} hit its start limit and stays failed until started explicitly"
+                "Service {id} hit its start limit: activation is refused for another {:.1}s, or until started explicitly",
+                left.as_secs_f64()
             )));
         }
         match svc.state() {

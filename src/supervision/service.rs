@@ -97,8 +97,9 @@ pub(crate) struct Service {
     pub(crate) stop_reason: Option<StopReason>,
     /// The failure of the previous main process, for the restart decision.
     pub(crate) ended_with_failure: bool,
-    /// Set when the start limit was hit: only an explicit start clears it.
-    pub(crate) start_limited: bool,
+    /// When the start limit was hit: activation is refused for the
+    /// start-limit interval from then, or until an explicit start.
+    pub(crate) start_limited: Option<Instant>,
     pub(crate) logs: VecDeque<String>,
     /// Control calls waiting for this service to stop, to start, or to stop
     /// and start again; answered where that completes.
@@ -137,7 +138,7 @@ impl Service {
             next_restart: None,
             stop_reason: None,
             ended_with_failure: false,
-            start_limited: false,
+            start_limited: None,
             logs: VecDeque::new(),
             waiting_stop: Vec::new(),
             waiting_start: Vec::new(),
@@ -293,7 +294,7 @@ impl Service {
             Next::Inactive => self.set_state(ServiceState::Inactive, "exited"),
             Next::Failed => self.set_state(ServiceState::Failed, "exited with failure"),
             Next::StartLimited => {
-                self.start_limited = true;
+                self.start_limited = Some(Instant::now());
                 self.auto_restart = false;
                 self.set_state(ServiceState::Failed, "start limit hit");
             }
@@ -312,9 +313,24 @@ impl Service {
         self.set_state(ServiceState::Activating, "restarting");
     }
 
+    /// How long activation is still refused for the start limit (None: not
+    /// refused). Once the interval has passed since the limit was hit, the
+    /// limit and the backoff start over, as after an explicit start; the
+    /// failure stays in the state until the next activation changes it.
+    pub(crate) fn start_limit_left(&mut self) -> Option<Duration> {
+        let at = self.start_limited?;
+        let left = self.def.start_limit_interval.saturating_sub(at.elapsed());
+        if left.is_zero() {
+            self.start_limited = None;
+            self.consecutive_failures = 0;
+            return None;
+        }
+        Some(left)
+    }
+
     /// An explicit start: the start limit and the backoff start over.
     pub(crate) fn explicit_start(&mut self) {
-        self.start_limited = false;
+        self.start_limited = None;
         self.restarts = 0;
         self.consecutive_failures = 0;
     }
