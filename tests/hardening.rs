@@ -102,8 +102,8 @@ where
 use zbus::message::Message;
 
 /// A property of a service object.
-async fn prop(conn: &zbus::Connection, id: &str, name: &str) -> zbus::zvariant::OwnedValue {
-    let path: zbus::zvariant::OwnedObjectPath = sup_call(conn, "GetService", &(id,))
+async fn prop(conn: &zbus::Connection, id: &str, name: &str) -> zbus::wire::OwnedVariant {
+    let path: zbus::wire::OwnedObjectPath = sup_call(conn, "GetService", &(id,))
         .await
         .expect("GetService")
         .body()
@@ -118,7 +118,7 @@ async fn prop(conn: &zbus::Connection, id: &str, name: &str) -> zbus::zvariant::
     ))
     .await
     .unwrap_or_else(|e| panic!("Get {name}: {e}"));
-    let v: zbus::zvariant::OwnedValue = m.body().deserialize().unwrap();
+    let v: zbus::wire::OwnedVariant = m.body().deserialize().unwrap();
     v
 }
 
@@ -252,4 +252,97 @@ async fn the_start_limit_expires_after_its_interval() {
     let pid = call_pid(&conn, "org.busvisor.Limited").await;
     assert_ne!(pid, last);
     assert_eq!(state(&conn, "limited").await, "running");
+}
+
+// ---------------------------------------------------------------- output
+
+/// `sh -c SCRIPT; exec python3 testsvc.py NAME --say TEXT`: a service that
+/// prints something first.
+fn write_printing(dir: &Path, id: &str, name: &str, script: &str, say: &str) {
+    let svc = format!("{FIXTURES}/testsvc.py");
+    let sh = format!("{script}; exec python3 {svc} {name} --say {say}");
+    write_def(dir, id, name, &["sh", "-c", &sh], "");
+}
+
+/// A byte that is not UTF-8 does not stop busvisor reading the service's
+/// output: what follows is logged, and the service, which writes more, is
+/// not killed by SIGPIPE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_that_is_not_utf8_is_read_on() {
+    let b = Bus::new(|d| {
+        write_printing(
+            d,
+            "bytes",
+            "org.busvisor.Bytes",
+            r"printf 'one\377two\n'; sleep 0.2",
+            "after-marker",
+        )
+    });
+    let conn = connect(b.addr()).await;
+    let pid = call_pid(&conn, "org.busvisor.Bytes").await;
+    assert!(wait_until(OP_TIMEOUT, || b
+        .bus
+        .log()
+        .contains("after-marker (stderr)")));
+    let l = logs(&conn, "bytes").await;
+    assert!(l.iter().any(|x| x == "one\u{fffd}two"), "{l:?}");
+    assert!(l.iter().any(|x| x == "after-marker"), "{l:?}");
+    assert!(pid_alive(pid));
+    assert_eq!(call_pid(&conn, "org.busvisor.Bytes").await, pid);
+}
+
+/// Output without a newline is split into marked pieces: busvisor's memory
+/// stays bounded, and so does what it keeps of the service's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_without_newline_is_split_and_bounded() {
+    const MIB: usize = 1024 * 1024;
+    let b = Bus::new(|d| {
+        write_printing(
+            d,
+            "long",
+            "org.busvisor.Long",
+            "head -c 67108864 /dev/zero | tr '\\0' a; echo; echo end-of-long",
+            "after-long",
+        )
+    });
+    let rss = |pid: u32| -> usize {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: usize = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    };
+    let before = rss(b.bus.pid());
+    let conn = connect(b.addr()).await;
+    within_t(Duration::from_secs(120), async {
+        call_pid(&conn, "org.busvisor.Long").await;
+    })
+    .await;
+    assert!(wait_until(Duration::from_secs(60), || b
+        .bus
+        .log()
+        .contains("after-long (stderr)")));
+    let grew = rss(b.bus.pid()).saturating_sub(before);
+    eprintln!(
+        "measured: peak RSS grew by {} KiB for a 64 MiB line",
+        grew / 1024
+    );
+    assert!(grew < 24 * MIB, "busvisor's peak RSS grew by {grew} bytes");
+    let l = logs(&conn, "long").await;
+    let kept: usize = l.iter().map(|x| x.len()).sum();
+    assert!(kept <= MIB, "{kept} bytes of output kept");
+    let pieces: Vec<&String> = l.iter().filter(|x| x.starts_with('a')).collect();
+    assert!(pieces.len() > 2, "{}", pieces.len());
+    assert!(
+        pieces.iter().all(|p| p.len() <= 8192 + 3),
+        "a piece is too long"
+    );
+    assert!(pieces[0].ends_with('\u{2026}'), "the split is not marked");
+    assert!(
+        l.iter().any(|x| x == "end-of-long"),
+        "{:?}",
+        &l[l.len() - 3..]
+    );
 }

@@ -20,6 +20,9 @@ use crate::wire::ErrorName;
 /// Lines of output kept per service.
 pub(crate) const LOG_LINES: usize = 1000;
 
+/// Bytes of output kept per service (lines are up to `task::MAX_LINE`).
+pub(crate) const LOG_BYTES: usize = 256 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ServiceState {
     Inactive,
@@ -101,6 +104,8 @@ pub(crate) struct Service {
     /// start-limit interval from then, or until an explicit start.
     pub(crate) start_limited: Option<Instant>,
     pub(crate) logs: VecDeque<String>,
+    /// The bytes in `logs`.
+    logs_bytes: usize,
     /// Control calls waiting for this service to stop, to start, or to stop
     /// and start again; answered where that completes.
     pub(crate) waiting_stop: Vec<CallRef>,
@@ -140,6 +145,7 @@ impl Service {
             ended_with_failure: false,
             start_limited: None,
             logs: VecDeque::new(),
+            logs_bytes: 0,
             waiting_stop: Vec::new(),
             waiting_start: Vec::new(),
             waiting_restart: Vec::new(),
@@ -182,10 +188,14 @@ impl Service {
     }
 
     pub(crate) fn push_log(&mut self, line: String) {
-        if self.logs.len() >= LOG_LINES {
-            self.logs.pop_front();
-        }
+        self.logs_bytes += line.len();
         self.logs.push_back(line);
+        while self.logs.len() > LOG_LINES || self.logs_bytes > LOG_BYTES {
+            let Some(old) = self.logs.pop_front() else {
+                break;
+            };
+            self.logs_bytes -= old.len();
+        }
     }
 
     // The transitions.
