@@ -346,3 +346,44 @@ async fn a_line_without_newline_is_split_and_bounded() {
         &l[l.len() - 3..]
     );
 }
+
+// ---------------------------------------------------------------- PATH
+
+/// A bare `exec[0]` is looked up in busvisor's own PATH, not in one a
+/// client set with UpdateActivationEnvironment; `status` shows the program.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_exec_is_not_looked_up_in_the_activation_path() {
+    let b = Bus::new(|d| write_testsvc(d, "pathsvc", "org.busvisor.PathSvc", &[], ""));
+    // A "python3" of a client's choosing.
+    let evil = b.file("evil");
+    std::fs::create_dir(&evil).unwrap();
+    let marker = b.file("evil-ran");
+    let fake = evil.join("python3");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conn = connect(b.addr()).await;
+    let mut env = std::collections::HashMap::new();
+    let path = format!("{}:{}", evil.display(), std::env::var("PATH").unwrap());
+    env.insert("PATH", path.as_str());
+    bus_call(&conn, "UpdateActivationEnvironment", &(env,))
+        .await
+        .unwrap();
+    let r = call(&conn, "org.busvisor.PathSvc", "Pid").await;
+    assert!(!marker.exists(), "the client's python3 ran");
+    r.expect("the service started");
+    let want = which("python3");
+    let exec_path = String::try_from(prop(&conn, "pathsvc", "ExecPath").await).unwrap();
+    assert_eq!(exec_path, want);
+    let out = b.cli(&["status", "pathsvc"]);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("ExecPath:") && l.ends_with(&want)),
+        "{out:?}"
+    );
+}

@@ -27,6 +27,9 @@ pub static SPAWN_LOCK: Mutex<()> = Mutex::new(());
 #[derive(Debug, Clone)]
 pub struct SpawnRequest {
     pub argv: Vec<String>,
+    /// The PATH a bare `argv[0]` is looked up in; None: the one in `env`
+    /// (`run`'s command, which the user gave with its environment).
+    pub search_path: Option<OsString>,
     pub env: HashMap<OsString, OsString>,
     pub cwd: Option<PathBuf>,
     /// Capture stdout/stderr (services); inherit them otherwise (`run`'s command).
@@ -148,33 +151,26 @@ pub(crate) fn raise_fd_limit() -> nix::Result<()> {
         .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard))
 }
 
-/// Resolve argv[0]: absolute as given, otherwise searched in PATH.
-pub fn resolve_program(
-    program: &str,
-    env: &HashMap<OsString, OsString>,
-) -> std::io::Result<PathBuf> {
+/// Resolve argv[0]: a path as given, otherwise searched in `search_path`
+/// (or the environment's PATH).
+pub fn resolve_program(program: &str, req: &SpawnRequest) -> std::io::Result<PathBuf> {
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
-    let path = env
-        .get(&OsString::from("PATH"))
-        .cloned()
-        .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(program);
-        if is_executable(&candidate) {
-            return Ok(candidate);
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("{program} not found in PATH"),
-    ))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    let path = match &req.search_path {
+        Some(p) => p.clone(),
+        None => req
+            .env
+            .get(&OsString::from("PATH"))
+            .cloned()
+            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin")),
+    };
+    crate::activation::exec::find_in_path(program, &path).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{program} not found in PATH"),
+        )
+    })
 }
 
 /// Create an invocation's cgroup; the path of its `cgroup.procs`, which the
@@ -309,7 +305,7 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
             "empty command line",
         ));
     };
-    let resolved = resolve_program(program, &req.env)?;
+    let resolved = resolve_program(program, req)?;
     let mut cmd = Command::new(&resolved);
     cmd.arg0(program)
         .args(args)
