@@ -387,3 +387,55 @@ async fn a_bare_exec_is_not_looked_up_in_the_activation_path() {
         "{out:?}"
     );
 }
+
+// ---------------------------------------------------------------- owned names
+
+/// A service whose name another connection already owns (one daemon behind
+/// several definitions, as gnome-keyring ships them) is not started a
+/// second time through the control API: the call fails at once naming the
+/// owner, and `list` shows who provides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_a_service_whose_name_is_owned_elsewhere() {
+    let b = Bus::new(|_| {});
+    let rec = b.file("starts");
+    write_testsvc(
+        &b.dir,
+        "dup",
+        "org.busvisor.Dup",
+        &["--record", rec.to_str().unwrap()],
+        "",
+    );
+    let owner = connect(b.addr()).await;
+    bus_call(&owner, "ReloadConfig", &()).await.unwrap();
+    let r: u32 = bus_ok(&owner, "RequestName", &("org.busvisor.Dup", 4u32)).await;
+    assert_eq!(r, 1);
+    let me = std::process::id();
+    let want = format!(
+        "org.busvisor.Dup is already provided by {} (pid {me})",
+        unique(&owner)
+    );
+    let conn = connect(b.addr()).await;
+    let t = Instant::now();
+    let e = sup_call(&conn, "Start", &("dup",)).await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(err_text(&e).contains(&want), "{e}");
+    let e = sup_call(&conn, "Restart", &("dup",)).await.unwrap_err();
+    assert!(err_text(&e).contains(&want), "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rec.exists(), "a second instance was spawned");
+    let out = b.cli(&["list"]);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("dup "))
+        .unwrap_or("");
+    assert!(line.contains(&want), "{out:?}");
+    // Once the name is released, Start starts it.
+    let _: u32 = bus_ok(&owner, "ReleaseName", &("org.busvisor.Dup",)).await;
+    sup_call(&conn, "Start", &("dup",)).await.expect("Start");
+    assert_eq!(std::fs::read_to_string(&rec).unwrap().lines().count(), 1);
+}

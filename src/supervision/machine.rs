@@ -488,6 +488,14 @@ impl SupervisorState {
             svc.explicit_start();
             return core.complete(&call, Ok(()));
         }
+        if !svc.is_starting()
+            && let Some(text) = self.provided_elsewhere(id, core)
+        {
+            // A second instance would wait for a name it cannot get.
+            let e = BusError::new(ErrorName::StartFailed, format!("Service {id}: {text}"));
+            return core.complete(&call, Err(e));
+        }
+        let svc = self.svc_mut(id).expect("looked up above");
         svc.waiting_start.push(call);
         self.explicit_start(id, core);
     }
@@ -514,6 +522,11 @@ impl SupervisorState {
         };
         match svc.state() {
             ServiceState::Inactive | ServiceState::Failed => {
+                if let Some(text) = self.provided_elsewhere(id, core) {
+                    let e = BusError::new(ErrorName::StartFailed, format!("Service {id}: {text}"));
+                    return core.complete(&call, Err(e));
+                }
+                let svc = self.svc_mut(id).expect("looked up above");
                 svc.waiting_start.push(call);
                 self.explicit_start(id, core);
             }

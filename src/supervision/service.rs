@@ -17,6 +17,9 @@ use crate::activation::definition::{RestartPolicy, ServiceDef};
 use crate::bus::{CallRef, PeerId, Requester};
 use crate::wire::ErrorName;
 
+/// Part of the reason of an idle service whose name another connection owns.
+pub(crate) const PROVIDED_ELSEWHERE: &str = "is already provided by";
+
 /// Lines of output kept per service.
 pub(crate) const LOG_LINES: usize = 1000;
 
@@ -198,6 +201,11 @@ impl Service {
         }
     }
 
+    /// Whether the reason says another connection provides its name.
+    pub(crate) fn is_provided_elsewhere(&self) -> bool {
+        self.reason.contains(PROVIDED_ELSEWHERE)
+    }
+
     // The transitions.
 
     /// → activating, for a start asked for by a message or a call.
@@ -251,6 +259,13 @@ impl Service {
         self.auto_restart = false;
         self.last_start_error = None;
         self.set_state(ServiceState::Running, format!("{name} taken"));
+    }
+
+    /// An idle service: another connection owns one of its names (`by`:
+    /// which and who), or no longer. The state stays.
+    pub(crate) fn provided_elsewhere(&mut self, by: Option<String>) {
+        let reason = by.unwrap_or_else(|| "its name was released".to_owned());
+        self.set_state(self.state, reason);
     }
 
     /// The start failed for good: failed.
