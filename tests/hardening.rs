@@ -439,3 +439,116 @@ async fn start_refuses_a_service_whose_name_is_owned_elsewhere() {
     sup_call(&conn, "Start", &("dup",)).await.expect("Start");
     assert_eq!(std::fs::read_to_string(&rec).unwrap().lines().count(), 1);
 }
+
+// ---------------------------------------------------------------- reused pids
+
+/// A service that ignores SIGTERM and has its children reaped by the kernel
+/// (SIGCHLD ignored), with a child that dies of SIGTERM: that child's exit
+/// never reaches busvisor, and its pid is free for anyone.
+const REAPING_PARENT_PY: &str = r#"
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[3])
+import minibus
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    while True:
+        time.sleep(60)
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(f"{pid}\n")
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+obj = minibus.Object("/org/busvisor/Test", "org.busvisor.Test")
+
+@obj.method("", "u")
+def Pid():
+    return os.getpid()
+
+minibus.serve(sys.argv[1], obj)
+"#;
+
+/// A process of ours with pid `pid`, made by asking the kernel for it
+/// (root: /proc/sys/kernel/ns_last_pid); None if others keep taking it.
+fn sleep_with_pid(pid: u32) -> Option<ChildGuard> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let c = std::process::Command::new("sleep")
+            .arg("60")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let c = ChildGuard::new(c);
+        if c.pid() == pid {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// A pid that left a service without busvisor reaping it, then reused by an
+/// unrelated process, is not signalled by Stop (busvisor holds its service
+/// processes by pidfd), and the Stop completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_never_signals_a_reused_pid() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to choose the next pid");
+        return;
+    }
+    let b = Bus::new(|_| {});
+    let script = b.file("reaping.py");
+    std::fs::write(&script, REAPING_PARENT_PY).unwrap();
+    let child_file = b.file("child");
+    let services = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
+    write_def(
+        &b.dir,
+        "reaping",
+        "org.busvisor.Reaping",
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            "org.busvisor.Reaping",
+            child_file.to_str().unwrap(),
+            services,
+        ],
+        "stop_timeout = \"4s\"",
+    );
+    let conn = connect(b.addr()).await;
+    bus_call(&conn, "ReloadConfig", &()).await.unwrap();
+    let main = call_pid(&conn, "org.busvisor.Reaping").await;
+    let mut guard = PidGuard::default();
+    guard.add(main);
+    let child: u32 = std::fs::read_to_string(&child_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    guard.add(child);
+    // Stop: the child dies of SIGTERM and the kernel reaps it; the main
+    // process ignores SIGTERM, so the stop waits for its timeout.
+    let stop_conn = conn.clone();
+    let stop = tokio::spawn(async move { sup_call(&stop_conn, "Stop", &("reaping",)).await });
+    assert!(
+        wait_until(Duration::from_secs(3), || pid_gone(child)),
+        "the child did not go"
+    );
+    let Some(mut reused) = sleep_with_pid(child) else {
+        eprintln!("skipped: pid {child} was taken by others");
+        return;
+    };
+    let r = within_t(Duration::from_secs(20), stop).await.unwrap();
+    r.expect("Stop");
+    assert!(
+        pid_gone(main) || !pid_alive(main),
+        "the main process survived"
+    );
+    assert!(
+        reused.is_running(),
+        "busvisor signalled the process that reused pid {child}"
+    );
+    let pids: Vec<u32> = prop(&conn, "reaping", "PIDs").await.try_into().unwrap();
+    assert!(pids.is_empty(), "{pids:?}");
+}

@@ -112,7 +112,7 @@ pub(crate) fn properties(svc: &Service) -> Vec<(&'static str, OwnedVariant)> {
         v(svc.state().as_str()),
         v(svc.reason().to_owned()),
         v(svc.main_pid.unwrap_or(0) as u32),
-        v(svc.pids.iter().map(|p| *p as u32).collect::<Vec<u32>>()),
+        v(svc.pids.iter().map(|p| p as u32).collect::<Vec<u32>>()),
         v(r.name),
         v(r.pid.unwrap_or(0)),
         v(micros(svc.started_at)),

@@ -19,9 +19,10 @@ use crate::bus::{BusState, CallRef, Facts};
 use crate::supervision::lifecycle::Event;
 use crate::wire::{BusError, ErrorName};
 
-fn signal_all(killer: &super::host::Killer, pids: &std::collections::BTreeSet<i32>, sig: Signal) {
-    for p in pids {
-        killer.kill(*p, sig);
+/// Signal every process of a set, through its pidfd where it has one.
+fn signal_all(killer: &super::host::Killer, pids: &procs::ProcSet, sig: Signal) {
+    for (pid, fd) in pids.held() {
+        killer.kill(pid, fd, sig);
     }
 }
 
@@ -60,11 +61,12 @@ impl SupervisorState {
             return true;
         };
         if !svc.token.is_empty() {
-            // Zombies stay until the reaper collects them, so that their exit
-            // is attributed and announced.
-            svc.pids.retain(|p| procs::stat_of(*p).is_some());
+            // What is gone goes (zombies stay until reaped: see retain_live).
+            svc.pids.retain_live();
             if let Some(found) = scan.get(&svc.token) {
-                svc.pids.extend(found);
+                for (pid, fd) in found {
+                    svc.pids.insert_held(*pid, fd);
+                }
             }
         }
         svc.pids.is_empty()

@@ -6,7 +6,7 @@
 //! state are pure functions ([`decide_restart`], [`attribute_exit`]) with
 //! unit tests, and the supervisor task applies them.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -90,7 +90,7 @@ pub(crate) struct Service {
     pub(crate) token: String,
     pub(crate) launched_pid: Option<i32>,
     pub(crate) main_pid: Option<i32>,
-    pub(crate) pids: BTreeSet<i32>,
+    pub(crate) pids: super::procs::ProcSet,
     pub(crate) peer: Option<PeerId>,
     pub(crate) requester: Option<Requester>,
     pub(crate) started_at: Option<SystemTime>,
@@ -134,7 +134,7 @@ impl Service {
             token: String::new(),
             launched_pid: None,
             main_pid: None,
-            pids: BTreeSet::new(),
+            pids: super::procs::ProcSet::default(),
             peer: None,
             requester: None,
             started_at: None,
