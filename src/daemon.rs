@@ -550,6 +550,7 @@ pub async fn run_command(
     env.remove(std::ffi::OsStr::new("DBUS_STARTER_ADDRESS"));
     env.remove(std::ffi::OsStr::new("DBUS_STARTER_BUS_TYPE"));
     let req = SpawnRequest {
+        search_path: None,
         argv: argv.clone(),
         env,
         cwd: None,

@@ -423,6 +423,7 @@ fn status_shows_every_property() {
         "Id",
         "Names",
         "DefinitionFile",
+        "ExecPath",
         "State",
         "Reason",
         "MainPID",
@@ -444,6 +445,10 @@ fn status_shows_every_property() {
     }
     assert_eq!(st["Id"], "echo");
     assert_eq!(st["PIDs"], serde_json::json!([pid]));
+    assert!(
+        st["ExecPath"].as_str().unwrap().ends_with("python3"),
+        "{st}"
+    );
     assert!(
         st["DefinitionFile"]
             .as_str()

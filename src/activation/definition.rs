@@ -93,6 +93,11 @@ pub struct ServiceDef {
     /// TOML: `exec` as given; `.service`: `Exec=` split like dbus-daemon.  An
     /// `Err` is reported as `InvalidArgs` when activation is attempted.
     pub argv: Result<Vec<String>, ExecError>,
+    /// The program `argv[0]` names, as busvisor runs it: a path as given, a
+    /// bare name (TOML only) looked up in busvisor's own PATH when the
+    /// definition was read (never in the activation environment's, which
+    /// clients set). None: not found, or no valid `argv`.
+    pub exec_path: Option<PathBuf>,
     /// Extra environment variables.  TOML: sorted by name (the toml crate
     /// does not keep document order); `.service`: none.
     pub env: Vec<(String, String)>,
@@ -146,6 +151,7 @@ impl ServiceDef {
             id,
             names,
             argv,
+            exec_path: None,
             env: Vec::new(),
             working_dir: None,
             restart: match source {
@@ -847,6 +853,7 @@ impl Catalog {
                 });
                 match result {
                     Ok(mut def) => {
+                        def.exec_path = find_exec(&def);
                         if let Some(rules) = system {
                             rules.check(&mut def, &mut warnings);
                         }
@@ -882,6 +889,7 @@ impl Catalog {
                     continue;
                 }
                 let mut def = def_from_service_file(&path, service);
+                def.exec_path = find_exec(&def);
                 if let Some(rules) = system {
                     rules.check(&mut def, &mut warnings);
                     if file_name != expected {
@@ -973,6 +981,16 @@ impl Catalog {
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
+}
+
+/// Where `def`'s program is: see [`ServiceDef::exec_path`]. Read off the
+/// lock, as part of the scan.
+fn find_exec(def: &ServiceDef) -> Option<PathBuf> {
+    let program = def.argv.as_ref().ok()?.first()?;
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    super::exec::find_in_path(program, &super::exec::bus_path())
 }
 
 /// How definitions are read on the system bus (see `system.rs`).

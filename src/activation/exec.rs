@@ -69,6 +69,22 @@ impl ExecError {
     }
 }
 
+/// The PATH busvisor looks bare program names up in: its own, never one
+/// a client set through UpdateActivationEnvironment.
+pub fn bus_path() -> std::ffi::OsString {
+    std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into())
+}
+
+/// The first executable file named `program` in the directories of `path`.
+pub fn find_in_path(program: &str, path: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Splits an `Exec=` command line into an argument vector the way
 /// dbus-daemon's `_dbus_shell_parse_argv()` does (see the module docs).
 pub fn split_exec(s: &str) -> Result<Vec<String>, ExecError> {

@@ -42,10 +42,18 @@ pub(crate) enum Killer {
 }
 
 impl Killer {
-    pub(crate) fn kill(&self, pid: i32, sig: Signal) {
+    /// Signal `pid`: through its pidfd where busvisor holds one, so that
+    /// a process that got the pid after it was reaped is never signalled.
+    /// The warden checks with a pidfd of its own that the pid is one of its
+    /// descendants.
+    pub(crate) fn kill(&self, pid: i32, pidfd: Option<&OwnedFd>, sig: Signal) {
         match self {
             Killer::Local => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                let _ = match pidfd {
+                    Some(fd) => super::procs::pidfd_send_signal(fd, Some(sig)),
+                    None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+                        .map_err(Into::into),
+                };
             }
             Killer::Warden(tx) => {
                 let _ = tx.send(

@@ -82,6 +82,9 @@ impl Launch<'_> {
         };
         Ok(SpawnRequest {
             argv,
+            // busvisor's own PATH, as `exec_path` was found with: the
+            // activation environment's PATH is a client's to set.
+            search_path: Some(crate::activation::exec::bus_path()),
             env: self.environment(),
             cwd: self.working_dir(),
             capture: true,

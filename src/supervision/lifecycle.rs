@@ -68,6 +68,7 @@ pub const PROPERTY_NAMES: &[&str] = &[
     "Id",
     "Names",
     "DefinitionFile",
+    "ExecPath",
     "State",
     "Reason",
     "MainPID",
@@ -103,10 +104,15 @@ pub(crate) fn properties(svc: &Service) -> Vec<(&'static str, OwnedVariant)> {
         v(svc.def.id.clone()),
         v(svc.def.names.clone()),
         v(svc.def.file.to_string_lossy().into_owned()),
+        v(svc
+            .def
+            .exec_path
+            .as_ref()
+            .map_or(String::new(), |p| p.to_string_lossy().into_owned())),
         v(svc.state().as_str()),
         v(svc.reason().to_owned()),
         v(svc.main_pid.unwrap_or(0) as u32),
-        v(svc.pids.iter().map(|p| *p as u32).collect::<Vec<u32>>()),
+        v(svc.pids.iter().map(|p| p as u32).collect::<Vec<u32>>()),
         v(r.name),
         v(r.pid.unwrap_or(0)),
         v(micros(svc.started_at)),

@@ -19,9 +19,10 @@ use crate::bus::{BusState, CallRef, Facts};
 use crate::supervision::lifecycle::Event;
 use crate::wire::{BusError, ErrorName};
 
-fn signal_all(killer: &super::host::Killer, pids: &std::collections::BTreeSet<i32>, sig: Signal) {
-    for p in pids {
-        killer.kill(*p, sig);
+/// Signal every process of a set, through its pidfd where it has one.
+fn signal_all(killer: &super::host::Killer, pids: &procs::ProcSet, sig: Signal) {
+    for (pid, fd) in pids.held() {
+        killer.kill(pid, fd, sig);
     }
 }
 
@@ -60,11 +61,12 @@ impl SupervisorState {
             return true;
         };
         if !svc.token.is_empty() {
-            // Zombies stay until the reaper collects them, so that their exit
-            // is attributed and announced.
-            svc.pids.retain(|p| procs::stat_of(*p).is_some());
+            // What is gone goes (zombies stay until reaped: see retain_live).
+            svc.pids.retain_live();
             if let Some(found) = scan.get(&svc.token) {
-                svc.pids.extend(found);
+                for (pid, fd) in found {
+                    svc.pids.insert_held(*pid, fd);
+                }
             }
         }
         svc.pids.is_empty()
@@ -376,8 +378,10 @@ impl SupervisorState {
             }
             Next::StartLimited => {
                 let mut text = format!(
-                    "Service {id} was restarted too often ({} starts within {:?}); it stays failed until started explicitly",
-                    svc.def.start_limit_burst, svc.def.start_limit_interval
+                    "Service {id} was restarted too often ({} starts within {:?}); it stays failed for {:?} (its start limit) or until started explicitly",
+                    svc.def.start_limit_burst,
+                    svc.def.start_limit_interval,
+                    svc.def.start_limit_interval
                 );
                 if let Some(last) = svc.last_start_error.take() {
                     text.push_str(&format!(" (last attempt: {last})"));
@@ -486,6 +490,14 @@ impl SupervisorState {
             svc.explicit_start();
             return core.complete(&call, Ok(()));
         }
+        if !svc.is_starting()
+            && let Some(text) = self.provided_elsewhere(id, core)
+        {
+            // A second instance would wait for a name it cannot get.
+            let e = BusError::new(ErrorName::StartFailed, format!("Service {id}: {text}"));
+            return core.complete(&call, Err(e));
+        }
+        let svc = self.svc_mut(id).expect("looked up above");
         svc.waiting_start.push(call);
         self.explicit_start(id, core);
     }
@@ -512,6 +524,11 @@ impl SupervisorState {
         };
         match svc.state() {
             ServiceState::Inactive | ServiceState::Failed => {
+                if let Some(text) = self.provided_elsewhere(id, core) {
+                    let e = BusError::new(ErrorName::StartFailed, format!("Service {id}: {text}"));
+                    return core.complete(&call, Err(e));
+                }
+                let svc = self.svc_mut(id).expect("looked up above");
                 svc.waiting_start.push(call);
                 self.explicit_start(id, core);
             }

@@ -118,6 +118,10 @@ pub(crate) struct SupervisorState {
     services: BTreeMap<String, Service>,
     /// The connection of each running service, for idleness and name loss.
     peer_service: HashMap<PeerId, String>,
+    /// The owner of every owned name a definition provides, whoever started
+    /// it: a service whose name another connection owns is not started
+    /// again through the control API (it would wait for a name it cannot get).
+    name_owners: HashMap<String, PeerId>,
     activation_env: Vec<(String, String)>,
     catalog: CatalogState,
     events: Announcer,
@@ -141,6 +145,7 @@ impl SupervisorState {
         let st = SupervisorState {
             services: BTreeMap::new(),
             peer_service: HashMap::new(),
+            name_owners: HashMap::new(),
             activation_env: Vec::new(),
             catalog: CatalogState::default(),
             events: Announcer::default(),
@@ -303,6 +308,35 @@ impl SupervisorState {
         Ok(())
     }
 
+    /// Which connection, other than the service's own, owns one of its
+    /// names: "NAME is already provided by :1.N (pid P)".
+    fn provided_elsewhere(&self, id: &str, core: &BusState) -> Option<String> {
+        let svc = self.services.get(id)?;
+        svc.def.names.iter().find_map(|n| {
+            let owner = *self.name_owners.get(n)?;
+            if svc.peer == Some(owner) || !core.is_connected(owner) {
+                return None;
+            }
+            let pid = core
+                .peer_pid(owner)
+                .map_or("unknown".to_owned(), |p| p.to_string());
+            let who = crate::bus::unique_name(owner);
+            Some(format!("{n} is already provided by {who} (pid {pid})"))
+        })
+    }
+
+    /// An idle service whose name another connection owns says so in its
+    /// reason (`busvisor list`), and stops saying so when the name goes.
+    fn note_provider(&mut self, id: &str, core: &BusState) {
+        let by = self.provided_elsewhere(id, core);
+        if let Some(svc) = self.services.get(id)
+            && svc.is_idle()
+            && (by.is_some() || svc.is_provided_elsewhere())
+        {
+            self.svc_mut(id).expect("looked up").provided_elsewhere(by);
+        }
+    }
+
     /// The owner of `name` released it and nobody took over. (When its
     /// connection closed instead, the exit of its process tells more.)
     fn name_released(&mut self, name: &str, old: PeerId, core: &mut BusState) {
@@ -370,9 +404,10 @@ impl Activator for SupervisorState {
             .services
             .entry(id.clone())
             .or_insert_with(|| Service::new(def));
-        if svc.start_limited {
+        if let Some(left) = svc.start_limit_left() {
             return Err(BusError::failed(format!(
-                "Service {id} hit its start limit and stays failed until started explicitly"
+                "Service {id} hit its start limit: activation is refused for another {:.1}s, or until started explicitly",
+                left.as_secs_f64()
             )));
         }
         match svc.state() {
@@ -393,14 +428,26 @@ impl Activator for SupervisorState {
         new: Option<PeerId>,
         core: &mut BusState,
     ) {
+        let def = self.catalog.catalog.lookup(name).cloned();
+        match new {
+            Some(owner) if def.is_some() => {
+                self.name_owners.insert(name.to_owned(), owner);
+            }
+            _ => {
+                self.name_owners.remove(name);
+            }
+        }
         match (old, new) {
             (_, Some(owner)) => {
-                if let Some(def) = self.catalog.catalog.lookup(name).cloned() {
+                if let Some(def) = &def {
                     self.service_ready(&def.id, name, owner, core);
                 }
             }
             (Some(old), None) => self.name_released(name, old, core),
             (None, None) => {}
+        }
+        if let Some(def) = def {
+            self.note_provider(&def.id, core);
         }
     }
 

@@ -14,9 +14,12 @@
 //! process's environ needs its uid (or CAP_SYS_PTRACE) and a dumpable
 //! process, which a session bus has and a system bus does not.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use nix::sys::signal::Signal;
 
 pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
 
@@ -129,8 +132,8 @@ fn cgroup_token_of(pid: i32, root: &CgroupRoot) -> Option<String> {
 }
 
 /// Live processes by token, from the services' cgroups.
-fn cgroup_scan(root: &CgroupRoot) -> Scan {
-    let mut out = Scan::new();
+fn cgroup_scan(root: &CgroupRoot) -> ByToken {
+    let mut out = ByToken::new();
     let Ok(dir) = std::fs::read_dir(&root.dir) else {
         return out;
     };
@@ -160,23 +163,13 @@ pub fn token_of(pid: i32) -> Option<String> {
     value_in(&env, TOKEN_VAR)
 }
 
-/// The value of `var` in a process's environment, if any.
+/// The value of `var` in a process's environment, if any. One read, no
+/// waiting: a process caught in the middle of execve (its environment
+/// empty for a moment) is found by the next scan, and a start that looks
+/// empty is checked again (`ExitMeaning::RecheckSoon`). Waiting here would
+/// cost every kernel thread and every process without an environment.
 pub fn env_var_of(pid: i32, var: &str) -> Option<String> {
-    let path = format!("/proc/{pid}/environ");
-    let mut env = std::fs::read(&path).ok()?;
-    // A process in the middle of execve shows an empty environment for a
-    // moment: look again rather than lose it. (Kernel threads, pid 2 and its
-    // children, have none at all.)
-    let mut tries = 0;
-    while env.is_empty()
-        && tries < 20
-        && pid != 2
-        && stat_of(pid).is_some_and(|(ppid, s)| ppid != 2 && s != 'Z')
-    {
-        std::thread::sleep(std::time::Duration::from_micros(500));
-        env = std::fs::read(&path).ok()?;
-        tries += 1;
-    }
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     value_in(&env, var)
 }
 
@@ -199,23 +192,57 @@ pub fn stat_of(pid: i32) -> Option<(i32, char)> {
 }
 
 /// Live (non-zombie) processes by the value of one environment variable.
-pub type Scan = HashMap<String, BTreeSet<i32>>;
+pub type ByToken = HashMap<String, BTreeSet<i32>>;
+
+/// A process held by a pidfd: the process itself, not its pid, which the
+/// kernel gives to another process once this one is reaped. None where
+/// the kernel has no pidfds (before 5.3): then the pid alone.
+pub type Pidfd = Option<Arc<OwnedFd>>;
+
+/// Service processes by token, each held by a pidfd opened before the
+/// process was seen to carry the token (so the pidfd is of that process).
+pub type Scan = HashMap<String, BTreeMap<i32, Pidfd>>;
 
 /// Every service process, by its invocation's token: from the cgroups where
 /// services run in cgroups, else from their environments.
 pub fn services() -> Scan {
-    match cgroups() {
+    let root = cgroups();
+    let found = match root {
         Some(root) => cgroup_scan(root),
         None => scan(TOKEN_VAR),
+    };
+    let token_of = |pid| match root {
+        Some(root) => cgroup_token_of(pid, root),
+        None => env_var_of(pid, TOKEN_VAR),
+    };
+    let mut out = Scan::new();
+    for (token, pids) in found {
+        let held: BTreeMap<i32, Pidfd> = pids
+            .into_iter()
+            .filter_map(|pid| {
+                let fd = match pidfd_open(pid) {
+                    Ok(fd) => Some(Arc::new(fd)),
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return None,
+                    Err(_) => None,
+                };
+                // Checked again with the pidfd held: a pid reused since the
+                // first look does not pass for the service's process.
+                (token_of(pid).as_deref() == Some(token.as_str())).then_some((pid, fd))
+            })
+            .collect();
+        if !held.is_empty() {
+            out.insert(token, held);
+        }
     }
+    out
 }
 
 /// Every live (non-zombie) process whose environment has `var`, grouped by
 /// its value: one pass over /proc serves every service at once. It reads
 /// every process's environment, milliseconds on a busy desktop, so the
 /// supervisor runs it off the runtime and outside the core lock.
-pub fn scan(var: &str) -> Scan {
-    let mut out = Scan::new();
+pub fn scan(var: &str) -> ByToken {
+    let mut out = ByToken::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -241,9 +268,130 @@ pub fn with_env_var(var: &str, value: &str) -> BTreeSet<i32> {
     scan(var).remove(value).unwrap_or_default()
 }
 
+/// A service's processes, each held by a pidfd from when it was first
+/// known (spawned, found by a scan, or taking the service's name), so that
+/// what is signalled is never a process that got a reused pid.
+#[derive(Default)]
+pub(crate) struct ProcSet(BTreeMap<i32, Pidfd>);
+
+impl std::fmt::Debug for ProcSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl ProcSet {
+    pub(crate) fn contains(&self, pid: &i32) -> bool {
+        self.0.contains_key(pid)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = i32> + '_ {
+        self.0.keys().copied()
+    }
+
+    /// The pids with their pidfds, to signal them.
+    pub(crate) fn held(&self) -> impl Iterator<Item = (i32, Option<&OwnedFd>)> + '_ {
+        self.0.iter().map(|(pid, fd)| (*pid, fd.as_deref()))
+    }
+
+    /// A process known by its pid now: a child not yet reaped (its pid
+    /// cannot be reused yet), or the peer that just took the service's name.
+    pub(crate) fn insert(&mut self, pid: i32) {
+        self.0
+            .entry(pid)
+            .or_insert_with(|| pidfd_open(pid).ok().map(Arc::new));
+    }
+
+    /// A process a scan found, with the pidfd the scan opened.
+    pub(crate) fn insert_held(&mut self, pid: i32, fd: &Pidfd) {
+        self.0.entry(pid).or_insert_with(|| fd.clone());
+    }
+
+    /// A process reaped.
+    pub(crate) fn remove(&mut self, pid: &i32) {
+        self.0.remove(pid);
+    }
+
+    /// Forget the processes that are gone. A zombie stays until the reaper
+    /// reports it, so that its exit is attributed; a process reaped by
+    /// someone else (its own parent) goes, even if its pid is reused,
+    /// because its pidfd says so.
+    pub(crate) fn retain_live(&mut self) {
+        self.0.retain(|pid, fd| match fd {
+            Some(fd) => match pidfd_send_signal(fd, None) {
+                Ok(()) => true,
+                // Alive, and another user's (a router's root service).
+                Err(e) => e.raw_os_error() != Some(libc::ESRCH),
+            },
+            None => stat_of(*pid).is_some(),
+        });
+    }
+}
+
+/// A pidfd for `pid` (pidfd_open(2), Linux 5.3).
+pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+    // descriptor or -1; nix has no wrapper.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new descriptor to this process.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Send `sig` to the process of `fd`; None sends nothing, and only says
+/// whether it still exists (ESRCH once it has been reaped).
+pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: Option<Signal>) -> std::io::Result<()> {
+    let signo = sig.map_or(0, |s| s as i32);
+    // SAFETY: pidfd_send_signal(2) with a valid pidfd, a signal number, no
+    // siginfo and no flags; nix has no wrapper.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signo,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pidfd_signals_reach_the_process_and_tell_when_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let mut set = ProcSet::default();
+        set.insert(pid);
+        let fd = pidfd_open(pid).unwrap();
+        pidfd_send_signal(&fd, Some(Signal::SIGKILL)).unwrap();
+        // A zombie is still there until it is reaped.
+        while stat_of(pid).is_some_and(|(_, s)| s != 'Z') {
+            std::thread::yield_now();
+        }
+        set.retain_live();
+        assert!(set.contains(&pid));
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+        set.retain_live();
+        assert!(set.is_empty());
+    }
 
     #[test]
     fn reads_own_stat() {

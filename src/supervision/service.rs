@@ -6,7 +6,7 @@
 //! state are pure functions ([`decide_restart`], [`attribute_exit`]) with
 //! unit tests, and the supervisor task applies them.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,8 +17,14 @@ use crate::activation::definition::{RestartPolicy, ServiceDef};
 use crate::bus::{CallRef, PeerId, Requester};
 use crate::wire::ErrorName;
 
+/// Part of the reason of an idle service whose name another connection owns.
+pub(crate) const PROVIDED_ELSEWHERE: &str = "is already provided by";
+
 /// Lines of output kept per service.
 pub(crate) const LOG_LINES: usize = 1000;
+
+/// Bytes of output kept per service (lines are up to `task::MAX_LINE`).
+pub(crate) const LOG_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ServiceState {
@@ -84,7 +90,7 @@ pub(crate) struct Service {
     pub(crate) token: String,
     pub(crate) launched_pid: Option<i32>,
     pub(crate) main_pid: Option<i32>,
-    pub(crate) pids: BTreeSet<i32>,
+    pub(crate) pids: super::procs::ProcSet,
     pub(crate) peer: Option<PeerId>,
     pub(crate) requester: Option<Requester>,
     pub(crate) started_at: Option<SystemTime>,
@@ -97,9 +103,12 @@ pub(crate) struct Service {
     pub(crate) stop_reason: Option<StopReason>,
     /// The failure of the previous main process, for the restart decision.
     pub(crate) ended_with_failure: bool,
-    /// Set when the start limit was hit: only an explicit start clears it.
-    pub(crate) start_limited: bool,
+    /// When the start limit was hit: activation is refused for the
+    /// start-limit interval from then, or until an explicit start.
+    pub(crate) start_limited: Option<Instant>,
     pub(crate) logs: VecDeque<String>,
+    /// The bytes in `logs`.
+    logs_bytes: usize,
     /// Control calls waiting for this service to stop, to start, or to stop
     /// and start again; answered where that completes.
     pub(crate) waiting_stop: Vec<CallRef>,
@@ -125,7 +134,7 @@ impl Service {
             token: String::new(),
             launched_pid: None,
             main_pid: None,
-            pids: BTreeSet::new(),
+            pids: super::procs::ProcSet::default(),
             peer: None,
             requester: None,
             started_at: None,
@@ -137,8 +146,9 @@ impl Service {
             next_restart: None,
             stop_reason: None,
             ended_with_failure: false,
-            start_limited: false,
+            start_limited: None,
             logs: VecDeque::new(),
+            logs_bytes: 0,
             waiting_stop: Vec::new(),
             waiting_start: Vec::new(),
             waiting_restart: Vec::new(),
@@ -181,10 +191,19 @@ impl Service {
     }
 
     pub(crate) fn push_log(&mut self, line: String) {
-        if self.logs.len() >= LOG_LINES {
-            self.logs.pop_front();
-        }
+        self.logs_bytes += line.len();
         self.logs.push_back(line);
+        while self.logs.len() > LOG_LINES || self.logs_bytes > LOG_BYTES {
+            let Some(old) = self.logs.pop_front() else {
+                break;
+            };
+            self.logs_bytes -= old.len();
+        }
+    }
+
+    /// Whether the reason says another connection provides its name.
+    pub(crate) fn is_provided_elsewhere(&self) -> bool {
+        self.reason.contains(PROVIDED_ELSEWHERE)
     }
 
     // The transitions.
@@ -242,6 +261,13 @@ impl Service {
         self.set_state(ServiceState::Running, format!("{name} taken"));
     }
 
+    /// An idle service: another connection owns one of its names (`by`:
+    /// which and who), or no longer. The state stays.
+    pub(crate) fn provided_elsewhere(&mut self, by: Option<String>) {
+        let reason = by.unwrap_or_else(|| "its name was released".to_owned());
+        self.set_state(self.state, reason);
+    }
+
     /// The start failed for good: failed.
     pub(crate) fn start_failed(&mut self, text: &str) {
         self.set_state(ServiceState::Failed, text.to_owned());
@@ -293,7 +319,7 @@ impl Service {
             Next::Inactive => self.set_state(ServiceState::Inactive, "exited"),
             Next::Failed => self.set_state(ServiceState::Failed, "exited with failure"),
             Next::StartLimited => {
-                self.start_limited = true;
+                self.start_limited = Some(Instant::now());
                 self.auto_restart = false;
                 self.set_state(ServiceState::Failed, "start limit hit");
             }
@@ -312,9 +338,24 @@ impl Service {
         self.set_state(ServiceState::Activating, "restarting");
     }
 
+    /// How long activation is still refused for the start limit (None: not
+    /// refused). Once the interval has passed since the limit was hit, the
+    /// limit and the backoff start over, as after an explicit start; the
+    /// failure stays in the state until the next activation changes it.
+    pub(crate) fn start_limit_left(&mut self) -> Option<Duration> {
+        let at = self.start_limited?;
+        let left = self.def.start_limit_interval.saturating_sub(at.elapsed());
+        if left.is_zero() {
+            self.start_limited = None;
+            self.consecutive_failures = 0;
+            return None;
+        }
+        Some(left)
+    }
+
     /// An explicit start: the start limit and the backoff start over.
     pub(crate) fn explicit_start(&mut self) {
-        self.start_limited = false;
+        self.start_limited = None;
         self.restarts = 0;
         self.consecutive_failures = 0;
     }

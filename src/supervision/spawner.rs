@@ -27,6 +27,9 @@ pub static SPAWN_LOCK: Mutex<()> = Mutex::new(());
 #[derive(Debug, Clone)]
 pub struct SpawnRequest {
     pub argv: Vec<String>,
+    /// The PATH a bare `argv[0]` is looked up in; None: the one in `env`
+    /// (`run`'s command, which the user gave with its environment).
+    pub search_path: Option<OsString>,
     pub env: HashMap<OsString, OsString>,
     pub cwd: Option<PathBuf>,
     /// Capture stdout/stderr (services); inherit them otherwise (`run`'s command).
@@ -148,33 +151,26 @@ pub(crate) fn raise_fd_limit() -> nix::Result<()> {
         .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard))
 }
 
-/// Resolve argv[0]: absolute as given, otherwise searched in PATH.
-pub fn resolve_program(
-    program: &str,
-    env: &HashMap<OsString, OsString>,
-) -> std::io::Result<PathBuf> {
+/// Resolve argv[0]: a path as given, otherwise searched in `search_path`
+/// (or the environment's PATH).
+pub fn resolve_program(program: &str, req: &SpawnRequest) -> std::io::Result<PathBuf> {
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
-    let path = env
-        .get(&OsString::from("PATH"))
-        .cloned()
-        .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(program);
-        if is_executable(&candidate) {
-            return Ok(candidate);
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("{program} not found in PATH"),
-    ))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    let path = match &req.search_path {
+        Some(p) => p.clone(),
+        None => req
+            .env
+            .get(&OsString::from("PATH"))
+            .cloned()
+            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin")),
+    };
+    crate::activation::exec::find_in_path(program, &path).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{program} not found in PATH"),
+        )
+    })
 }
 
 /// Create an invocation's cgroup; the path of its `cgroup.procs`, which the
@@ -222,10 +218,11 @@ impl ChildSetup {
         }
     }
 
-    /// In the child: only async-signal-safe calls (open, write, close,
-    /// setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
+    /// In the child: only async-signal-safe calls (close_range or fcntl,
+    /// open, write, close, setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
     /// setresuid, prctl).
     fn run(&self) -> std::io::Result<()> {
+        cloexec_above_stdio();
         if let Some(procs) = &self.cgroup_procs {
             // Into the invocation's cgroup first, while still privileged.
             write_file(procs, b"0");
@@ -270,6 +267,37 @@ impl ChildSetup {
     }
 }
 
+/// In the child: mark every fd above 2 close-on-exec, so that a service
+/// gets only its stdio and not what busvisor inherited (a harness's pipe
+/// would never reach EOF while a service lives). std passes the stdio as
+/// 0, 1 and 2, and its exec-error pipe is close-on-exec already.
+/// Async-signal-safe: raw syscalls only.
+fn cloexec_above_stdio() {
+    // SAFETY: close_range(2) takes three integers and touches no memory
+    // of this process; nix has no wrapper.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    // Kernels before 5.11: every fd up to the limit (at most 2^20).
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft.min(1 << 20));
+    for fd in 3..limit as i32 {
+        // SAFETY: fcntl(2) on an integer fd; an fd that is not open gives EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+        }
+    }
+}
+
 pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     let Some((program, args)) = req.argv.split_first() else {
         return Err(std::io::Error::new(
@@ -277,7 +305,7 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
             "empty command line",
         ));
     };
-    let resolved = resolve_program(program, &req.env)?;
+    let resolved = resolve_program(program, req)?;
     let mut cmd = Command::new(&resolved);
     cmd.arg0(program)
         .args(args)

@@ -318,7 +318,7 @@ impl Warden {
         let Ok(sig) = Signal::try_from(signo) else {
             return warn!("warden: refusing unknown signal {signo}");
         };
-        let pidfd = match pidfd_open(pid) {
+        let pidfd = match procs::pidfd_open(pid) {
             Ok(fd) => Some(fd),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return,
             // Kernels before 5.3: the plain pid (a tiny reuse window).
@@ -328,7 +328,7 @@ impl Warden {
             return warn!("warden: refusing to signal pid {pid}: not a service process");
         }
         let r = match &pidfd {
-            Some(fd) => pidfd_send_signal(fd, sig),
+            Some(fd) => procs::pidfd_send_signal(fd, Some(sig)),
             None => nix::sys::signal::kill(Pid::from_raw(pid), sig).map_err(Into::into),
         };
         if let Err(e) = r
@@ -441,35 +441,6 @@ fn valid_token(token: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
-    // descriptor or -1; nix has no wrapper.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this new descriptor to this process.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(r as i32) })
-}
-
-fn pidfd_send_signal(fd: &OwnedFd, sig: Signal) -> std::io::Result<()> {
-    // SAFETY: pidfd_send_signal(2) with a valid pidfd, a signal number, no
-    // siginfo and no flags; nix has no wrapper.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig as i32,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,18 +460,5 @@ mod tests {
         ] {
             assert!(!valid_token(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn pidfd_signals_reach_the_process() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let fd = pidfd_open(child.id() as i32).unwrap();
-        pidfd_send_signal(&fd, Signal::SIGKILL).unwrap();
-        let status = child.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9));
     }
 }

@@ -1,0 +1,554 @@
+//! Supervision under bad conditions, end to end: the real busvisor binary,
+//! real clients (zbus, busctl, the CLI) and real service processes
+//! (tests/fixtures/testsvc.py, python3 and sh one-liners): output that is
+//! not UTF-8 or has no newline, pids the kernel reuses, a /proc full of
+//! processes without an environment, the start limit over time, inherited
+//! descriptors, names already owned, and where a bare `exec` is looked up.
+//!
+//! Every process a test causes is stopped by pid at the end ([`Bus`]'s drop
+//! kills busvisor, then every process carrying one of its invocation tokens).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+const SUP: &str = "org.busvisor.Supervisor1";
+const SUP_PATH: &str = "/org/busvisor/Supervisor1";
+
+/// A busvisor serving one directory of TOML definitions.
+struct Bus {
+    bus: TestBus,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Bus {
+    fn new(defs: impl FnOnce(&Path)) -> Bus {
+        Self::with_env(defs, &[])
+    }
+
+    fn with_env(defs: impl FnOnce(&Path), env: &[(&str, &str)]) -> Bus {
+        let tmp = tempfile::Builder::new()
+            .prefix("busvisor-hard")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().join("services");
+        std::fs::create_dir(&dir).unwrap();
+        defs(&dir);
+        let bus = start_bus_with_env(None, &["--services-dir", dir.to_str().unwrap()], env);
+        Bus {
+            bus,
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    fn addr(&self) -> &str {
+        &self.bus.address
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self._tmp.path().join(name)
+    }
+
+    /// Run the CLI against this bus.
+    fn cli(&self, args: &[&str]) -> ToolOutput {
+        let mut all = vec!["--address", self.addr()];
+        all.extend_from_slice(args);
+        run_tool(busvisor_bin(), &all, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        kill_bus_and_services(&mut self.bus);
+    }
+}
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn write_def(dir: &Path, id: &str, name: &str, exec: &[&str], extra: &str) {
+    let text = format!("name = {name:?}\nexec = {}\n{extra}\n", toml_list(exec));
+    std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
+}
+
+/// `python3 testsvc.py NAME OPTS...`
+fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &str) {
+    let script = format!("{FIXTURES}/testsvc.py");
+    let mut exec = vec!["python3", script.as_str(), name];
+    exec.extend_from_slice(opts);
+    write_def(dir, id, name, &exec, extra);
+}
+
+/// A call to the manager object.
+async fn sup_call<B>(conn: &zbus::Connection, member: &str, body: &B) -> zbus::Result<Message>
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    within_t(
+        Duration::from_secs(20),
+        conn.call_method(Some(SUP), SUP_PATH, Some(SUP), member, body),
+    )
+    .await
+}
+
+use zbus::message::Message;
+
+/// A property of a service object.
+async fn prop(conn: &zbus::Connection, id: &str, name: &str) -> zbus::wire::OwnedVariant {
+    let path: zbus::wire::OwnedObjectPath = sup_call(conn, "GetService", &(id,))
+        .await
+        .expect("GetService")
+        .body()
+        .deserialize()
+        .unwrap();
+    let m = within(conn.call_method(
+        Some(SUP),
+        path.as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.busvisor.Service1", name),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("Get {name}: {e}"));
+    let v: zbus::wire::OwnedVariant = m.body().deserialize().unwrap();
+    v
+}
+
+async fn state(conn: &zbus::Connection, id: &str) -> String {
+    String::try_from(prop(conn, id, "State").await).unwrap()
+}
+
+async fn logs(conn: &zbus::Connection, id: &str) -> Vec<String> {
+    sup_call(conn, "GetLogs", &(id, 0u32))
+        .await
+        .expect("GetLogs")
+        .body()
+        .deserialize()
+        .unwrap()
+}
+
+fn err_text(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(_, Some(t), _) => t.clone(),
+        other => other.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------- fds
+
+/// A descriptor busvisor inherited (here a pipe the test holds) does not
+/// reach the services it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_do_not_inherit_what_busvisor_inherited() {
+    // Without O_CLOEXEC, so that busvisor inherits both ends.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let ino = nix::sys::stat::fstat(&r).unwrap().st_ino;
+    let b = Bus::new(|d| write_testsvc(d, "plain", "org.busvisor.Plain", &[], ""));
+    drop((r, w)); // the test's own copies; busvisor keeps its own
+    let conn = connect(b.addr()).await;
+    let pid = call_pid(&conn, "org.busvisor.Plain").await;
+    let want = format!("pipe:[{ino}]");
+    let bus_has = std::fs::read_dir(format!("/proc/{}/fd", b.bus.pid()))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want));
+    assert!(bus_has, "the test did not pass the pipe to busvisor");
+    let leaked: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the service inherited fds {leaked:?} ({want})"
+    );
+}
+
+// ---------------------------------------------------------------- /proc scan
+
+/// A /proc scan by environment (how busvisor finds service processes where
+/// it makes no cgroups) does not wait on processes whose environment is
+/// empty: 300 of them cost milliseconds, not 300 × 10 ms.
+#[test]
+fn a_proc_scan_does_not_wait_for_empty_environments() {
+    let mut children = Vec::new();
+    for _ in 0..300 {
+        let c = std::process::Command::new("sleep")
+            .arg("60")
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        children.push(ChildGuard::new(c));
+    }
+    // Each has exec'd (its environment readable, and empty).
+    for c in &children {
+        let path = format!("/proc/{}/comm", c.pid());
+        assert!(wait_until(OP_TIMEOUT, || std::fs::read_to_string(&path)
+            .is_ok_and(|s| s.trim() == "sleep")));
+    }
+    let t = Instant::now();
+    let found = busvisor::supervision::procs::scan("BUSVISOR_INVOCATION");
+    let took = t.elapsed();
+    eprintln!("measured: scan with 300 empty environments: {took:?}");
+    drop(found);
+    assert!(took < Duration::from_millis(1500), "the scan took {took:?}");
+}
+
+// ---------------------------------------------------------------- start limit
+
+/// After the start limit trips, activation is refused for the start-limit
+/// interval; after it, the next call starts the service again (as
+/// dbus-daemon would), without an explicit Start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_limit_expires_after_its_interval() {
+    let b = Bus::new(|d| {
+        write_testsvc(
+            d,
+            "limited",
+            "org.busvisor.Limited",
+            &[],
+            "restart = \"on-failure\"\nrestart_delay = \"50ms\"\nstart_limit = { burst = 2, interval = \"2s\" }",
+        )
+    });
+    let conn = connect(b.addr()).await;
+    let mut last = 0;
+    let tripped_by = Instant::now() + Duration::from_secs(10);
+    while state(&conn, "limited").await != "failed" {
+        assert!(Instant::now() < tripped_by, "the limit never tripped");
+        if let Ok(m) = call(&conn, "org.busvisor.Limited", "Pid").await {
+            let pid: u32 = m.body().deserialize().unwrap();
+            if pid != last {
+                last = pid;
+                let _ = within(conn.call_method(
+                    Some("org.busvisor.Limited"),
+                    TEST_PATH,
+                    Some(TEST_IFACE),
+                    "Exit",
+                    &(1i32,),
+                ))
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tripped = Instant::now();
+    let e = call(&conn, "org.busvisor.Limited", "Pid")
+        .await
+        .unwrap_err();
+    assert!(err_text(&e).contains("start limit"), "{e}");
+    // Once the interval has passed, a call activates it again.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(tripped.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = call_pid(&conn, "org.busvisor.Limited").await;
+    assert_ne!(pid, last);
+    assert_eq!(state(&conn, "limited").await, "running");
+}
+
+// ---------------------------------------------------------------- output
+
+/// `sh -c SCRIPT; exec python3 testsvc.py NAME --say TEXT`: a service that
+/// prints something first.
+fn write_printing(dir: &Path, id: &str, name: &str, script: &str, say: &str) {
+    let svc = format!("{FIXTURES}/testsvc.py");
+    let sh = format!("{script}; exec python3 {svc} {name} --say {say}");
+    write_def(dir, id, name, &["sh", "-c", &sh], "");
+}
+
+/// A byte that is not UTF-8 does not stop busvisor reading the service's
+/// output: what follows is logged, and the service, which writes more, is
+/// not killed by SIGPIPE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_that_is_not_utf8_is_read_on() {
+    let b = Bus::new(|d| {
+        write_printing(
+            d,
+            "bytes",
+            "org.busvisor.Bytes",
+            r"printf 'one\377two\n'; sleep 0.2",
+            "after-marker",
+        )
+    });
+    let conn = connect(b.addr()).await;
+    let pid = call_pid(&conn, "org.busvisor.Bytes").await;
+    assert!(wait_until(OP_TIMEOUT, || b
+        .bus
+        .log()
+        .contains("after-marker (stderr)")));
+    let l = logs(&conn, "bytes").await;
+    assert!(l.iter().any(|x| x == "one\u{fffd}two"), "{l:?}");
+    assert!(l.iter().any(|x| x == "after-marker"), "{l:?}");
+    assert!(pid_alive(pid));
+    assert_eq!(call_pid(&conn, "org.busvisor.Bytes").await, pid);
+}
+
+/// Output without a newline is split into marked pieces: busvisor's memory
+/// stays bounded, and so does what it keeps of the service's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_without_newline_is_split_and_bounded() {
+    const MIB: usize = 1024 * 1024;
+    let b = Bus::new(|d| {
+        write_printing(
+            d,
+            "long",
+            "org.busvisor.Long",
+            "head -c 67108864 /dev/zero | tr '\\0' a; echo; echo end-of-long",
+            "after-long",
+        )
+    });
+    let rss = |pid: u32| -> usize {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: usize = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    };
+    let before = rss(b.bus.pid());
+    let conn = connect(b.addr()).await;
+    within_t(Duration::from_secs(120), async {
+        call_pid(&conn, "org.busvisor.Long").await;
+    })
+    .await;
+    assert!(wait_until(Duration::from_secs(60), || b
+        .bus
+        .log()
+        .contains("after-long (stderr)")));
+    let grew = rss(b.bus.pid()).saturating_sub(before);
+    eprintln!(
+        "measured: peak RSS grew by {} KiB for a 64 MiB line",
+        grew / 1024
+    );
+    assert!(grew < 24 * MIB, "busvisor's peak RSS grew by {grew} bytes");
+    let l = logs(&conn, "long").await;
+    let kept: usize = l.iter().map(|x| x.len()).sum();
+    assert!(kept <= MIB, "{kept} bytes of output kept");
+    let pieces: Vec<&String> = l.iter().filter(|x| x.starts_with('a')).collect();
+    assert!(pieces.len() > 2, "{}", pieces.len());
+    assert!(
+        pieces.iter().all(|p| p.len() <= 8192 + 3),
+        "a piece is too long"
+    );
+    assert!(pieces[0].ends_with('\u{2026}'), "the split is not marked");
+    assert!(
+        l.iter().any(|x| x == "end-of-long"),
+        "{:?}",
+        &l[l.len() - 3..]
+    );
+}
+
+// ---------------------------------------------------------------- PATH
+
+/// A bare `exec[0]` is looked up in busvisor's own PATH, not in one a
+/// client set with UpdateActivationEnvironment; `status` shows the program.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_exec_is_not_looked_up_in_the_activation_path() {
+    let b = Bus::new(|d| write_testsvc(d, "pathsvc", "org.busvisor.PathSvc", &[], ""));
+    // A "python3" of a client's choosing.
+    let evil = b.file("evil");
+    std::fs::create_dir(&evil).unwrap();
+    let marker = b.file("evil-ran");
+    let fake = evil.join("python3");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conn = connect(b.addr()).await;
+    let mut env = std::collections::HashMap::new();
+    let path = format!("{}:{}", evil.display(), std::env::var("PATH").unwrap());
+    env.insert("PATH", path.as_str());
+    bus_call(&conn, "UpdateActivationEnvironment", &(env,))
+        .await
+        .unwrap();
+    let r = call(&conn, "org.busvisor.PathSvc", "Pid").await;
+    assert!(!marker.exists(), "the client's python3 ran");
+    r.expect("the service started");
+    let want = which("python3");
+    let exec_path = String::try_from(prop(&conn, "pathsvc", "ExecPath").await).unwrap();
+    assert_eq!(exec_path, want);
+    let out = b.cli(&["status", "pathsvc"]);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("ExecPath:") && l.ends_with(&want)),
+        "{out:?}"
+    );
+}
+
+// ---------------------------------------------------------------- owned names
+
+/// A service whose name another connection already owns (one daemon behind
+/// several definitions, as gnome-keyring ships them) is not started a
+/// second time through the control API: the call fails at once naming the
+/// owner, and `list` shows who provides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_a_service_whose_name_is_owned_elsewhere() {
+    let b = Bus::new(|_| {});
+    let rec = b.file("starts");
+    write_testsvc(
+        &b.dir,
+        "dup",
+        "org.busvisor.Dup",
+        &["--record", rec.to_str().unwrap()],
+        "",
+    );
+    let owner = connect(b.addr()).await;
+    bus_call(&owner, "ReloadConfig", &()).await.unwrap();
+    let r: u32 = bus_ok(&owner, "RequestName", &("org.busvisor.Dup", 4u32)).await;
+    assert_eq!(r, 1);
+    let me = std::process::id();
+    let want = format!(
+        "org.busvisor.Dup is already provided by {} (pid {me})",
+        unique(&owner)
+    );
+    let conn = connect(b.addr()).await;
+    let t = Instant::now();
+    let e = sup_call(&conn, "Start", &("dup",)).await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(err_text(&e).contains(&want), "{e}");
+    let e = sup_call(&conn, "Restart", &("dup",)).await.unwrap_err();
+    assert!(err_text(&e).contains(&want), "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rec.exists(), "a second instance was spawned");
+    let out = b.cli(&["list"]);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("dup "))
+        .unwrap_or("");
+    assert!(line.contains(&want), "{out:?}");
+    // Once the name is released, Start starts it.
+    let _: u32 = bus_ok(&owner, "ReleaseName", &("org.busvisor.Dup",)).await;
+    sup_call(&conn, "Start", &("dup",)).await.expect("Start");
+    assert_eq!(std::fs::read_to_string(&rec).unwrap().lines().count(), 1);
+}
+
+// ---------------------------------------------------------------- reused pids
+
+/// A service that ignores SIGTERM and has its children reaped by the kernel
+/// (SIGCHLD ignored), with a child that dies of SIGTERM: that child's exit
+/// never reaches busvisor, and its pid is free for anyone.
+const REAPING_PARENT_PY: &str = r#"
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[3])
+import minibus
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    while True:
+        time.sleep(60)
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(f"{pid}\n")
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+obj = minibus.Object("/org/busvisor/Test", "org.busvisor.Test")
+
+@obj.method("", "u")
+def Pid():
+    return os.getpid()
+
+minibus.serve(sys.argv[1], obj)
+"#;
+
+/// A process of ours with pid `pid`, made by asking the kernel for it
+/// (root: /proc/sys/kernel/ns_last_pid); None if others keep taking it.
+fn sleep_with_pid(pid: u32) -> Option<ChildGuard> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let c = std::process::Command::new("sleep")
+            .arg("60")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let c = ChildGuard::new(c);
+        if c.pid() == pid {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// A pid that left a service without busvisor reaping it, then reused by an
+/// unrelated process, is not signalled by Stop (busvisor holds its service
+/// processes by pidfd), and the Stop completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_never_signals_a_reused_pid() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to choose the next pid");
+        return;
+    }
+    let b = Bus::new(|_| {});
+    let script = b.file("reaping.py");
+    std::fs::write(&script, REAPING_PARENT_PY).unwrap();
+    let child_file = b.file("child");
+    let services = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
+    write_def(
+        &b.dir,
+        "reaping",
+        "org.busvisor.Reaping",
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            "org.busvisor.Reaping",
+            child_file.to_str().unwrap(),
+            services,
+        ],
+        "stop_timeout = \"4s\"",
+    );
+    let conn = connect(b.addr()).await;
+    bus_call(&conn, "ReloadConfig", &()).await.unwrap();
+    let main = call_pid(&conn, "org.busvisor.Reaping").await;
+    let mut guard = PidGuard::default();
+    guard.add(main);
+    let child: u32 = std::fs::read_to_string(&child_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    guard.add(child);
+    // Stop: the child dies of SIGTERM and the kernel reaps it; the main
+    // process ignores SIGTERM, so the stop waits for its timeout.
+    let stop_conn = conn.clone();
+    let stop = tokio::spawn(async move { sup_call(&stop_conn, "Stop", &("reaping",)).await });
+    assert!(
+        wait_until(Duration::from_secs(3), || pid_gone(child)),
+        "the child did not go"
+    );
+    let Some(mut reused) = sleep_with_pid(child) else {
+        eprintln!("skipped: pid {child} was taken by others");
+        return;
+    };
+    let r = within_t(Duration::from_secs(20), stop).await.unwrap();
+    r.expect("Stop");
+    assert!(
+        pid_gone(main) || !pid_alive(main),
+        "the main process survived"
+    );
+    assert!(
+        reused.is_running(),
+        "busvisor signalled the process that reused pid {child}"
+    );
+    let pids: Vec<u32> = prop(&conn, "reaping", "PIDs").await.try_into().unwrap();
+    assert!(pids.is_empty(), "{pids:?}");
+}
