@@ -42,6 +42,8 @@ pub enum TransportError {
     },
     #[error("{0} is in use by a running bus; refusing to replace it")]
     InUse(String),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(String),
     #[error("unsupported listen address {0}: busvisor listens on unix sockets only")]
     Unsupported(String),
 }
@@ -63,7 +65,13 @@ fn random_suffix() -> String {
 }
 
 fn bind_path(path: &Path, spec: &str) -> Result<Bound, TransportError> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a stale socket may go: anything else at the path is
+        // somebody's file, which a typo in --address must not destroy.
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(TransportError::NotASocket(path.display().to_string()));
+        }
         // A live bus answers a connect; a stale socket file does not.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(TransportError::InUse(path.display().to_string()));
