@@ -33,3 +33,181 @@ fn address_on_a_regular_file_is_refused_and_the_file_kept() {
         );
     }
 }
+
+// ------------------------------------------------------------ helpers
+
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use zbus::message::{Message, Type};
+
+/// The bus's resident memory in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// How many fds the bus has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A raw client that asked for fd passing when `fds`.
+fn raw_client(socket: &std::path::Path, fds: bool) -> RawClient {
+    let mut c = RawClient::connect(socket);
+    if !fds {
+        c.authenticate();
+        return c;
+    }
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+    let s = &mut c.stream;
+    s.write_all(format!("\0AUTH EXTERNAL {hex}\r\nNEGOTIATE_UNIX_FD\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !String::from_utf8_lossy(&got).contains("AGREE_UNIX_FD\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "EOF during SASL: {got:?}");
+        got.push(b[0]);
+    }
+    s.write_all(b"BEGIN\r\n").unwrap();
+    c
+}
+
+/// Send `bytes` in one sendmsg with `fds` as SCM_RIGHTS.
+fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let mut off = 0;
+    while off < bytes.len() {
+        let c: &[ControlMessage<'_>] = if off == 0 { &cmsg } else { &[] };
+        off += sendmsg::<UnixAddr>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(&bytes[off..])],
+            c,
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// A GetId call with serial `serial` as raw bytes.
+fn get_id(serial: u32) -> Vec<u8> {
+    let m = Message::method_call(BUS_PATH, "GetId")
+        .destination(BUS)
+        .interface(BUS)
+        .serial(std::num::NonZeroU32::new(serial).unwrap())
+        .build(&())
+        .unwrap();
+    m.data().to_vec()
+}
+
+/// Whether `c` still gets answers from the bus: a GetId round trip.
+fn answers(c: &mut RawClient) -> bool {
+    let _ = c.set_read_timeout(Some(OP_TIMEOUT));
+    if c.stream.write_all(&get_id(4242)).is_err() {
+        return false;
+    }
+    while let Some(m) = c.recv() {
+        if m.message_type() == Type::MethodReturn
+            && m.header().reply_serial().map(|s| s.get()) == Some(4242)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// A primary header (little-endian method call) declaring `body` bytes
+/// and `fields` bytes of header fields.
+fn primary_header(body: u32, fields: u32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&[b'l', 1, 0, 1]);
+    h[4..8].copy_from_slice(&body.to_le_bytes());
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h[12..16].copy_from_slice(&fields.to_le_bytes());
+    h
+}
+
+/// `msg`'s bytes with an extra header field of code `code` holding a
+/// string of `len` bytes of `fill` (little-endian messages only).
+fn with_unknown_field(msg: &Message, code: u8, len: usize, fill: u8) -> Vec<u8> {
+    let b = msg.data().to_vec();
+    assert_eq!(b[0], b'l');
+    let fields = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    let header_end = (16 + fields).next_multiple_of(8);
+    let mut out = b[..16 + fields].to_vec();
+    out.resize(out.len().next_multiple_of(8), 0);
+    out.extend_from_slice(&[code, 1, b's', 0]);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend(std::iter::repeat_n(fill, len));
+    out.push(0);
+    let new_fields = (out.len() - 16) as u32;
+    out[12..16].copy_from_slice(&new_fields.to_le_bytes());
+    out.resize(out.len().next_multiple_of(8), 0);
+    out.extend_from_slice(&b[header_end..]);
+    out
+}
+
+// ------------------------------------------------------------ item tests
+
+/// A header declaring a message of almost the spec's 128 MiB commits no
+/// memory until its bytes come, on a bus that allows such messages.
+#[test]
+fn a_declared_length_commits_no_memory() {
+    let cfg = config_xml(&[("max_message_size", 1_000_000_000)]);
+    let mut bus = start_bus(Some(&cfg));
+    let mut other = raw_client(&bus.socket, false);
+    other.hello();
+    assert!(answers(&mut other));
+    let before = vm_rss_kib(bus.pid());
+    let mut peers = Vec::new();
+    for _ in 0..4 {
+        let mut c = raw_client(&bus.socket, false);
+        c.hello();
+        c.stream
+            .write_all(&primary_header((1 << 27) - 16, 0))
+            .unwrap();
+        peers.push(c);
+    }
+    // Wait until the bus has read every header.
+    assert!(answers(&mut other));
+    std::thread::sleep(Duration::from_millis(300));
+    let after = vm_rss_kib(bus.pid());
+    eprintln!("bus RSS {before} KiB before, {after} KiB after");
+    assert!(
+        after < before + 4096,
+        "RSS went from {before} KiB to {after} KiB"
+    );
+    bus.assert_alive();
+    assert!(answers(&mut other));
+}
+
+/// A header declaring more than max_message_size ends the connection at
+/// once, as dbus-daemon's loader does; nobody else notices.
+#[test]
+fn a_declared_length_over_the_limit_disconnects() {
+    let cfg = config_xml(&[("max_message_size", 1_000_000)]);
+    let mut bus = start_bus(Some(&cfg));
+    let mut other = raw_client(&bus.socket, false);
+    other.hello();
+    let before = vm_rss_kib(bus.pid());
+    let mut c = raw_client(&bus.socket, false);
+    c.hello();
+    c.stream.write_all(&primary_header(100_000_000, 0)).unwrap();
+    assert!(c.closed_within(Duration::from_secs(5)), "still connected");
+    assert!(vm_rss_kib(bus.pid()) < before + 4096);
+    bus.assert_alive();
+    assert!(answers(&mut other));
+}

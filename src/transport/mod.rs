@@ -11,7 +11,6 @@
 pub mod sasl;
 pub mod socket;
 
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +22,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use zbus::connection::socket::ReadHalf;
 use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
@@ -236,7 +234,12 @@ async fn connection<S: Activator + Send + 'static>(
     else {
         return;
     };
-    let mut link = Link::new(stream, negotiated.leftover);
+    let limits = socket::ReadLimits {
+        max_message_size: bus.facts.limits.max_message_size,
+        pending_fd_timeout: Duration::from_millis(bus.facts.limits.pending_fd_timeout_ms),
+        fds: negotiated.fds,
+    };
+    let mut link = Link::new(stream, limits, negotiated.leftover);
     let Some(hello) = await_hello(&mut link, creds.pid, deadline).await else {
         return;
     };
@@ -328,32 +331,20 @@ struct Link {
     stream: Arc<UnixStream>,
     cutter: Arc<Cutter>,
     reader: socket::Reader,
-    /// Bytes read past the last message; at first, those after BEGIN.
-    leftover: Vec<u8>,
-    received_fds: Vec<OwnedFd>,
-    /// Sequence number of the next message.
-    seq: u64,
 }
 
 impl Link {
-    fn new(stream: UnixStream, leftover: Vec<u8>) -> Self {
+    fn new(stream: UnixStream, limits: socket::ReadLimits, leftover: Vec<u8>) -> Self {
         let stream = Arc::new(stream);
         Link {
             cutter: Arc::new(Cutter::new(stream.clone())),
-            reader: socket::Reader::new(stream.clone()),
+            reader: socket::Reader::new(stream.clone(), limits, leftover),
             stream,
-            leftover,
-            received_fds: Vec::new(),
-            seq: 0,
         }
     }
 
-    async fn receive(&mut self) -> zbus::Result<Message> {
-        let seq = self.seq;
-        self.seq += 1;
-        self.reader
-            .receive_message(seq, &mut self.leftover, &mut self.received_fds)
-            .await
+    async fn receive(&mut self) -> std::io::Result<Message> {
+        self.reader.receive().await
     }
 }
 
@@ -492,8 +483,10 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
             Ok(m) => m,
             Err(e) => {
                 // At a message boundary, the peer just closed.
-                if !link.reader.at_message_boundary() {
-                    debug!(peer = %me, "read error: {e}");
+                let closed = e.kind() == std::io::ErrorKind::UnexpectedEof
+                    && link.reader.at_message_boundary();
+                if !closed {
+                    info!(peer = %me, "disconnecting: {e}");
                 }
                 return;
             }
