@@ -5,12 +5,12 @@
 //! checks); writing sends the bytes of queued messages with `sendmsg`,
 //! several messages per call, and their fds as SCM_RIGHTS.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
@@ -399,38 +399,64 @@ const CHUNK: usize = 4096;
 /// enforces max_message_unix_fds.
 const MAX_FDS_PER_READ: usize = 253;
 
+/// Control buffer room for MAX_FDS_PER_READ fds: CMSG_SPACE(253 * 4) is
+/// 1032 bytes on Linux; in u64 words so that it is aligned for cmsghdr.
+const CMSG_WORDS: usize = (16 + MAX_FDS_PER_READ * 4).div_ceil(8) + 1;
+
 /// One `recvmsg`. With `want_fds` false no control buffer is given, so the
 /// kernel closes any fds sent (a client that did not negotiate them cannot
-/// make the bus hold them).
+/// make the bus hold them). libc rather than nix: nix reports a truncated
+/// control buffer as an error before handing out the fds that did arrive,
+/// which then stay open for good.
 fn recv_now(fd: RawFd, buf: &mut [u8], want_fds: bool) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    if !want_fds {
-        let msg = recvmsg::<UnixAddr>(fd, &mut iov, None, MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(std::io::Error::from)?;
-        return Ok((msg.bytes, Vec::new()));
+    // On the stack: no allocation per read.
+    let mut space = [0u64; CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty value.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    if want_fds {
+        mh.msg_control = space.as_mut_ptr().cast();
+        mh.msg_controllen = std::mem::size_of_val(&space) as _;
     }
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
-    let msg = recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(std::io::Error::from)?;
+    // SAFETY: `mh` points at `iov` (over `buf`) and `space`, both alive
+    // and writable for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel has just installed `fd` in our table for
-                // this SCM_RIGHTS message; nothing else refers to it, so it
-                // is owned here (nix hands received fds out as raw numbers).
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: the kernel wrote well-formed cmsghdrs into `space`, within
+    // `msg_controllen`, which the CMSG_* macros walk; SCM_RIGHTS data is
+    // an array of ints, each an fd just installed in our table that
+    // nothing else refers to, so it is owned here.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                    let raw = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
             }
+            c = libc::CMSG_NXTHDR(&mh, c);
         }
     }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        // Some fds were lost on the way: no message can be matched with
-        // its fds any more. dbus-daemon closes those that came and drops
-        // the connection (`_dbus_read_socket_with_unix_fds`).
+    if want_fds && mh.msg_flags & libc::MSG_CTRUNC != 0 {
+        // Some fds were lost on the way (the bus's fd limit, say): no
+        // message can be matched with its fds any more. dbus-daemon closes
+        // those that came and drops the connection
+        // (`_dbus_read_socket_with_unix_fds`).
         drop(fds);
         return Err(invalid("control data truncated (MSG_CTRUNC)".into()));
     }
-    Ok((msg.bytes, fds))
+    Ok((n as usize, fds))
 }
 
 /// Write `msgs` in order: as many messages per `sendmsg` as fit in 16
