@@ -374,3 +374,60 @@ fn truncated_fds_are_closed_and_the_sender_dropped() {
     bus.assert_alive();
     assert!(answers(&mut other));
 }
+
+/// A message of a type the specification does not define is ignored: not
+/// relayed, and its sender stays connected.
+#[test]
+fn unknown_message_types_are_ignored() {
+    let mut bus = start_bus(None);
+    let mut receiver = raw_client(&bus.socket, false);
+    let receiver_name = receiver.hello();
+    let mut sender = raw_client(&bus.socket, false);
+    sender.hello();
+    let ping = |serial: u32| {
+        Message::method_call("/t", "Ping")
+            .destination(receiver_name.as_str())
+            .interface("org.busvisor.Test")
+            .serial(std::num::NonZeroU32::new(serial).unwrap())
+            .build(&())
+            .unwrap()
+    };
+    let mut odd = ping(5).data().to_vec();
+    odd[1] = 42;
+    sender.stream.write_all(&odd).unwrap();
+    assert!(answers(&mut sender), "the sender was disconnected");
+    sender.send(&ping(6)).unwrap();
+    let m = loop {
+        let m = receiver.recv().expect("a message");
+        if m.message_type() != Type::Signal {
+            break m;
+        }
+    };
+    assert_eq!(m.primary_header().serial_num().get(), 6);
+    bus.assert_alive();
+}
+
+/// A client that did not negotiate fd passing cannot make the bus take
+/// fds: its message declaring one is invalid (the fd never arrives), and
+/// it is disconnected, as by dbus-daemon.
+#[test]
+fn fds_without_negotiation_disconnect() {
+    let mut bus = start_bus(None);
+    let mut other = raw_client(&bus.socket, false);
+    other.hello();
+    let mut c = raw_client(&bus.socket, false);
+    c.hello();
+    let before = open_fds(bus.pid());
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let m = Message::method_call(BUS_PATH, "GetId")
+        .destination(BUS)
+        .interface(BUS)
+        .build(&(zbus::wire::Fd::from(&file),))
+        .unwrap();
+    send_with_fds(&c.stream, m.data(), &[file.as_raw_fd()]).unwrap();
+    assert!(c.closed_within(Duration::from_secs(5)), "still connected");
+    drop(c);
+    assert!(wait_until(Duration::from_secs(5), || open_fds(bus.pid()) < before));
+    bus.assert_alive();
+    assert!(answers(&mut other));
+}
