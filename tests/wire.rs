@@ -431,3 +431,39 @@ fn fds_without_negotiation_disconnect() {
     bus.assert_alive();
     assert!(answers(&mut other));
 }
+
+/// dbus's invalid messages (package dbus-tests), each sent raw after
+/// Hello: the bus drops the sender, and another client notices nothing.
+#[test]
+fn dbus_invalid_messages_disconnect_their_sender() {
+    let dir = std::path::Path::new("/usr/lib/dbus-1.0/installed-tests/dbus/data/invalid-messages");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        eprintln!("skipped: {} is missing (package dbus-tests)", dir.display());
+        return;
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "message-raw"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut bus = start_bus(None);
+    let mut other = raw_client(&bus.socket, false);
+    other.hello();
+    let mut kept = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let mut c = raw_client(&bus.socket, false);
+        c.hello();
+        c.stream.write_all(&bytes).unwrap();
+        if !c.closed_within(Duration::from_secs(3)) {
+            kept.push(f.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        bus.assert_alive();
+        assert!(
+            answers(&mut other),
+            "the other client lost the bus after {f:?}"
+        );
+    }
+    assert!(kept.is_empty(), "senders not disconnected: {kept:?}");
+}

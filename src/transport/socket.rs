@@ -113,6 +113,10 @@ impl Reader {
             // filters them (zbus's parser would refuse the message). The
             // whole header is in, wherever the reads fell.
             if let Some((old, new)) = crate::wire::args::filter_header(&out) {
+                // Their values must still be well-formed.
+                if !crate::wire::header_well_formed(&out) {
+                    return Err(invalid("malformed header field".into()));
+                }
                 total = total - old + new.len();
                 out.clear();
                 out.extend_from_slice(&new);
@@ -122,7 +126,10 @@ impl Reader {
             self.partial = false;
             let fds = self.take_fds(unix_fds(&out).unwrap_or(0))?;
             if !matches!(head[1], 1..=4) && head[1] != 0 {
-                tracing::debug!("dropped a message of unknown type {}", head[1]);
+                if !crate::wire::well_formed_unknown(&out) {
+                    return Err(invalid(format!("malformed message of type {}", head[1])));
+                }
+                tracing::debug!("ignored a message of unknown type {}", head[1]);
                 continue;
             }
             let endian = if head[0] == b'B' {
