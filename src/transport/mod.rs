@@ -467,7 +467,19 @@ fn register<S: Activator>(
 async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registered, hello: Message) {
     let me = &peer.name;
     let mut msg = hello;
+    // A pipelining peer's messages are all in its socket and the chunk
+    // read ahead: reading them never waits, so without a bound one peer
+    // could keep the worker for its whole backlog. Each turn is TURN
+    // messages (a 4 KiB share of a big one counting as one), then the
+    // task yields to the others.
+    const TURN: usize = 16;
+    let mut turn = 0;
     loop {
+        turn += 1 + msg.data().len() / 4096;
+        if turn >= TURN {
+            turn = 0;
+            tokio::task::yield_now().await;
+        }
         let Some(stamped) = admit(msg, me) else {
             return;
         };
