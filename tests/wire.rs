@@ -527,3 +527,61 @@ fn a_pipelining_client_does_not_starve_others() {
         "round trips while another client floods: p99 {p99:?}, worst {worst:?}"
     );
 }
+
+/// A message whose fds came but whose bytes stop short: the sender is
+/// disconnected once pending_fd_timeout has passed, as by dbus-daemon;
+/// one that completes its message in time is not.
+#[test]
+fn fds_held_for_an_incomplete_message_time_out() {
+    let cfg = config_xml(&[("pending_fd_timeout", 1000)]);
+    let mut bus = start_bus(Some(&cfg));
+    let mut receiver = raw_client(&bus.socket, true);
+    let name = receiver.hello();
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let m = Message::method_call("/t", "Take")
+        .destination(name.as_str())
+        .interface("org.busvisor.Test")
+        .build(&(zbus::wire::Fd::from(&file), "x".repeat(100)))
+        .unwrap();
+    let bytes = m.data().to_vec();
+    let cut = bytes.len() - 20;
+    let before = open_fds(bus.pid());
+
+    // Completed within the timeout: delivered with its fd.
+    let mut prompt = raw_client(&bus.socket, true);
+    prompt.hello();
+    send_with_fds(&prompt.stream, &bytes[..cut], &[file.as_raw_fd()]).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    prompt.stream.write_all(&bytes[cut..]).unwrap();
+    assert!(answers(&mut prompt), "a prompt sender was disconnected");
+
+    // Stalled: disconnected after the timeout, its fd closed.
+    let mut slow = raw_client(&bus.socket, true);
+    slow.hello();
+    assert!(answers(&mut slow));
+    send_with_fds(&slow.stream, &bytes[..cut], &[file.as_raw_fd()]).unwrap();
+    let start = Instant::now();
+    assert!(
+        slow.closed_within(Duration::from_secs(10)),
+        "still connected"
+    );
+    let waited = start.elapsed();
+    eprintln!("disconnected after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "too early: {waited:?}"
+    );
+    drop(slow);
+    drop(prompt);
+    // Raw bytes: the test's plain reads cannot take the fd along.
+    let _ = receiver.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut raw = Vec::new();
+    let mut b = [0u8; 4096];
+    while let Ok(n @ 1..) = receiver.stream.read(&mut b) {
+        raw.extend_from_slice(&b[..n]);
+    }
+    let got = raw.windows(4).filter(|w| w == b"Take").count();
+    assert_eq!(got, 1, "the prompt message was not delivered once");
+    assert!(wait_until(Duration::from_secs(5), || open_fds(bus.pid()) <= before));
+    bus.assert_alive();
+}
