@@ -585,3 +585,61 @@ fn fds_held_for_an_incomplete_message_time_out() {
     assert!(wait_until(Duration::from_secs(5), || open_fds(bus.pid()) <= before));
     bus.assert_alive();
 }
+
+/// max_incoming_bytes: while a peer's messages waiting in others' queues
+/// pass it, the bus reads no more from that peer (dbus-daemon's live
+/// messages); once they leave, it reads on.
+#[test]
+fn max_incoming_bytes_stops_reading_a_sender() {
+    let cfg = config_xml(&[
+        ("max_incoming_bytes", 200_000),
+        ("max_outgoing_bytes", 100_000_000),
+    ]);
+    let mut bus = start_bus(Some(&cfg));
+    let mut receiver = raw_client(&bus.socket, false);
+    let name = receiver.hello();
+    let mut sender = raw_client(&bus.socket, false);
+    sender.hello();
+    let mut flood = Vec::new();
+    for i in 0..5000u32 {
+        let m = Message::method_call("/t", "Take")
+            .destination(name.as_str())
+            .interface("org.busvisor.Test")
+            .with_flags(zbus::message::Flags::NO_REPLY_EXPECTED)
+            .build(&(i, "x".repeat(1000)))
+            .unwrap();
+        flood.extend_from_slice(m.data());
+    }
+    flood.extend(get_id(77));
+    let mut w = sender.stream.try_clone().unwrap();
+    let t = std::thread::spawn(move || w.write_all(&flood).is_ok());
+    // The receiver reads nothing: the sender's GetId stays unread.
+    let _ = sender.set_read_timeout(Some(Duration::from_millis(1500)));
+    let reply_77 = |c: &mut RawClient| {
+        while let Some(m) = c.recv() {
+            if m.header().reply_serial().map(|s| s.get()) == Some(77) {
+                return Some(m);
+            }
+        }
+        None
+    };
+    let early = reply_77(&mut sender);
+    assert!(
+        early.is_none(),
+        "the bus read on past max_incoming_bytes: {early:?}"
+    );
+    // The receiver reads: the sender is read again, and answered.
+    let drain = std::thread::spawn(move || {
+        let _ = receiver.set_read_timeout(Some(Duration::from_secs(3)));
+        let mut b = vec![0u8; 1 << 16];
+        while receiver.stream.read(&mut b).is_ok_and(|n| n > 0) {}
+    });
+    let _ = sender.set_read_timeout(Some(OP_TIMEOUT));
+    assert!(
+        reply_77(&mut sender).is_some(),
+        "GetId not answered once the receiver reads"
+    );
+    assert!(t.join().unwrap());
+    drain.join().unwrap();
+    bus.assert_alive();
+}

@@ -26,7 +26,8 @@ use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::bus::{
-    Activator, Bus, Credentials, Cutter, Facts, Identity, Outbox, PeerId, Verdict, unique_name,
+    Activator, Bus, Credentials, Cutter, Facts, Identity, Incoming, Outbox, PeerId, Verdict,
+    unique_name,
 };
 use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
@@ -403,6 +404,8 @@ struct Registered {
     id: PeerId,
     name: OwnedUniqueName,
     writer: JoinHandle<()>,
+    /// Its messages queued for others (max_incoming_bytes).
+    incoming: Arc<Incoming>,
 }
 
 /// What the bus keeps of who the peer is, read here, off the bus lock: its
@@ -437,11 +440,15 @@ fn register<S: Activator>(
     creds: Credentials,
     fds: bool,
 ) -> Option<Registered> {
-    let outbox = Arc::new(Outbox::new(
-        bus.facts.limits.max_outgoing_bytes as usize,
-        bus.facts.limits.max_outgoing_unix_fds as usize,
-        fds,
-    ));
+    let limits = &bus.facts.limits;
+    let outbox = Arc::new(
+        Outbox::new(
+            limits.max_outgoing_bytes as usize,
+            limits.max_outgoing_unix_fds as usize,
+            fds,
+        )
+        .limit_incoming(limits.max_incoming_bytes as usize),
+    );
     let who = identity(&bus.facts, &link.cutter, creds);
     let id = bus.add_peer(outbox.clone(), link.cutter.clone(), who);
     let name = match OwnedUniqueName::try_from(unique_name(id)) {
@@ -456,10 +463,16 @@ fn register<S: Activator>(
     let writer = tokio::spawn(write_loop(
         id,
         link.stream.clone(),
-        outbox,
+        outbox.clone(),
         link.cutter.clone(),
     ));
-    Some(Registered { id, name, writer })
+    let incoming = outbox.incoming.clone();
+    Some(Registered {
+        id,
+        name,
+        writer,
+        incoming,
+    })
 }
 
 /// Hand the peer's messages to the bus, its Hello first, until the peer
@@ -490,6 +503,11 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
             // is reading, only slower, has caught up (bounded: a recipient
             // that stops moving stops being waited for).
             Verdict::Wait(outbox) => outbox.wait_drained().await,
+        }
+        // max_incoming_bytes: while this peer's messages queued for others
+        // pass it, read no more of them (dbus-daemon's live messages).
+        if peer.incoming.over() {
+            peer.incoming.wait_within().await;
         }
         msg = match link.receive().await {
             Ok(m) => m,
