@@ -7,8 +7,8 @@
 //! peer stops reading.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::wire::Message;
 use tokio::sync::Notify;
@@ -24,8 +24,67 @@ pub(crate) enum PushError {
     NoFds,
 }
 
+/// The bytes of a peer's messages still queued for others: dbus-daemon's
+/// live messages of a connection, which max_incoming_bytes bounds (its
+/// reader stops reading that peer while they are over the limit).
+pub(crate) struct Incoming {
+    bytes: AtomicUsize,
+    limit: usize,
+    /// Woken when the bytes fall back to the limit.
+    freed: Notify,
+}
+
+impl Incoming {
+    pub(crate) fn new(limit: usize) -> Self {
+        Incoming {
+            bytes: AtomicUsize::new(0),
+            limit,
+            freed: Notify::new(),
+        }
+    }
+
+    pub(crate) fn over(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > self.limit
+    }
+
+    /// Wait until the peer's queued messages are back within the limit.
+    pub(crate) async fn wait_within(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so that a release in between wakes it.
+            freed.as_mut().enable();
+            if !self.over() {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// A queued message's share of its sender's `Incoming`, given back when it
+/// leaves the queue (taken by the writer, or dropped with the queue).
+struct Charge {
+    to: Arc<Incoming>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let before = self.to.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        if before > self.to.limit && before - self.bytes <= self.to.limit {
+            self.to.freed.notify_waiters();
+        }
+    }
+}
+
+struct Entry {
+    msg: Message,
+    _charge: Option<Charge>,
+}
+
 struct Queue {
-    messages: VecDeque<Message>,
+    messages: VecDeque<Entry>,
     bytes: usize,
     fds: usize,
     closed: bool,
@@ -49,6 +108,8 @@ pub(crate) struct Outbox {
     /// Senders do not wait for this peer before this time (ms): it made
     /// one wait too long, so it is slow rather than just behind.
     no_wait_until: AtomicU64,
+    /// This peer's own messages queued for others (max_incoming_bytes).
+    pub(crate) incoming: Arc<Incoming>,
 }
 
 /// A queue that has not moved for this long belongs to a peer that is not
@@ -85,14 +146,34 @@ impl Outbox {
             last_progress: AtomicU64::new(now_ms()),
             drained: Notify::new(),
             no_wait_until: AtomicU64::new(0),
+            incoming: Arc::new(Incoming::new(usize::MAX)),
         }
+    }
+
+    /// This peer's messages may have at most `max` bytes queued for others
+    /// before its reader stops (max_incoming_bytes).
+    pub(crate) fn limit_incoming(mut self, max: usize) -> Self {
+        self.incoming = Arc::new(Incoming::new(max));
+        self
+    }
+
+    /// `push_charged`, charged to nobody.
+    #[cfg(test)]
+    pub(crate) fn push(&self, msg: Message) -> Result<bool, PushError> {
+        self.push_charged(msg, None)
     }
 
     /// Queue `msg`, unless that would pass the limits. A single message larger
     /// than the limit is still accepted into an empty queue, so that a peer
     /// that reads can always receive anything the bus accepted. Returns
     /// whether a sender should now wait for this queue (see `wait_drained`).
-    pub(crate) fn push(&self, msg: Message) -> Result<bool, PushError> {
+    /// With `charge`, the message counts against its sender's `Incoming`
+    /// until it leaves this queue.
+    pub(crate) fn push_charged(
+        &self,
+        msg: Message,
+        charge: Option<&Arc<Incoming>>,
+    ) -> Result<bool, PushError> {
         let len = msg.data().len();
         let fds = msg.data().fds().len();
         if fds > 0 && !self.fds_ok {
@@ -112,7 +193,17 @@ impl Outbox {
             }
             q.bytes += len;
             q.fds += fds;
-            q.messages.push_back(msg);
+            let charge = charge.map(|to| {
+                to.bytes.fetch_add(len, Ordering::Relaxed);
+                Charge {
+                    to: to.clone(),
+                    bytes: len,
+                }
+            });
+            q.messages.push_back(Entry {
+                msg,
+                _charge: charge,
+            });
             q.bytes > self.max_bytes / 2
         };
         self.ready.notify_one();
@@ -122,8 +213,12 @@ impl Outbox {
     }
 
     /// Queue `msg`, counting it as dropped when it does not fit.
-    pub(crate) fn push_counted(&self, msg: Message) -> Result<bool, PushError> {
-        let r = self.push(msg);
+    pub(crate) fn push_counted(
+        &self,
+        msg: Message,
+        charge: Option<&Arc<Incoming>>,
+    ) -> Result<bool, PushError> {
+        let r = self.push_charged(msg, charge);
         if r.is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -137,7 +232,8 @@ impl Outbox {
             {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if !q.messages.is_empty() {
-                    batch.extend(q.messages.drain(..));
+                    // Taken by the writer: the senders' charges end here.
+                    batch.extend(q.messages.drain(..).map(|e| e.msg));
                     return true;
                 }
                 if q.closed {
@@ -314,7 +410,7 @@ mod tests {
         let o = Outbox::new(100, 16, true);
         assert_eq!(o.push(msg(500)), Ok(true), "alone it fits, and presses");
         assert_eq!(o.push(msg(1)), Err(PushError::Full));
-        assert_eq!(o.push_counted(msg(1)), Err(PushError::Full));
+        assert_eq!(o.push_counted(msg(1), None), Err(PushError::Full));
         assert_eq!(o.dropped.load(Ordering::Relaxed), 1);
     }
 
@@ -362,5 +458,22 @@ mod tests {
         o.wait_drained().await;
         let waited = started.elapsed().as_millis() as u64;
         assert!(waited <= WAIT_BUDGET_MS + 200, "waited {waited} ms");
+    }
+
+    #[tokio::test]
+    async fn a_charge_lasts_until_the_writer_takes_the_message_or_the_queue_goes() {
+        let sender = Arc::new(Incoming::new(100));
+        let o = Outbox::new(1 << 20, 16, true);
+        o.push_charged(msg(200), Some(&sender)).unwrap();
+        assert!(sender.over());
+        let mut batch = Vec::new();
+        assert!(o.next_batch(&mut batch).await);
+        assert!(!sender.over());
+        sender.wait_within().await;
+        let o = Outbox::new(1 << 20, 16, true);
+        o.push_charged(msg(200), Some(&sender)).unwrap();
+        assert!(sender.over());
+        drop(o);
+        assert!(!sender.over());
     }
 }

@@ -4,12 +4,13 @@
 use tracing::{debug, warn};
 
 use super::names::NameChange;
-use super::outbox::PushError;
+use super::outbox::{Incoming, PushError};
 use super::peer::{PeerId, parse_unique_name, unique_name};
 use super::pending::Waiter;
 use super::{Activator, Facts, Requester, Verdict, driver};
 use crate::bus::matching::{MessageInfo, Owners, body_signature};
 use crate::wire::{self, BusError, ErrorName, Flags, Message, Type, names};
+use std::sync::Arc;
 
 use super::BusState;
 
@@ -73,6 +74,10 @@ impl BusState {
             return Verdict::Disconnect("monitors may not send messages");
         }
         peer.touch();
+        self.charge = Some((
+            peer.outbox.incoming.clone(),
+            msg.data().bytes().as_ptr() as usize,
+        ));
         let hdr = msg.header();
         tracing::trace!(
             peer = %unique_name(from),
@@ -123,6 +128,7 @@ impl BusState {
             }
         }
         self.release_capture();
+        self.charge = None;
         match self.pressure.take() {
             Some(o) => Verdict::Wait(o),
             None => Verdict::Continue,
@@ -195,7 +201,8 @@ impl BusState {
             return Err(PushError::Closed);
         };
         p.touch();
-        let pressured = p.outbox.push_counted(msg)?;
+        let charge = charge_of(&self.charge, &msg);
+        let pressured = p.outbox.push_counted(msg, charge)?;
         if pressured && self.pressure.is_none() {
             self.pressure = Some(p.outbox.clone());
         }
@@ -275,7 +282,9 @@ impl BusState {
         for m in monitors {
             if let Some(p) = self.peers.get(m) {
                 // A monitor that falls behind loses messages, counted; it never stalls the bus.
-                let _ = p.outbox.push_counted(msg.clone());
+                let _ = p
+                    .outbox
+                    .push_counted(msg.clone(), charge_of(&self.charge, msg));
             }
         }
     }
@@ -300,7 +309,10 @@ impl BusState {
                     return;
                 }
                 if let Some(p) = self.peers.get(&k) {
-                    match p.outbox.push_counted(msg.clone()) {
+                    match p
+                        .outbox
+                        .push_counted(msg.clone(), charge_of(&self.charge, msg))
+                    {
                         Ok(true) if pressure.is_none() => pressure = Some(p.outbox.clone()),
                         Ok(_) => {}
                         Err(e) => debug!(peer = %unique_name(k), "broadcast not queued: {e:?}"),
@@ -337,7 +349,9 @@ impl BusState {
                     return;
                 }
                 if let Some(p) = self.peers.get(&k) {
-                    let _ = p.outbox.push(msg.clone());
+                    let _ = p
+                        .outbox
+                        .push_charged(msg.clone(), charge_of(&self.charge, msg));
                 }
             },
         );
@@ -588,4 +602,16 @@ where
     B: serde::Serialize + wire::DynamicType,
 {
     wire::signal(names::BUS_PATH, names::BUS_NAME, member, dest, body)
+}
+
+/// The sender's `Incoming` when `msg` is the message being routed (a
+/// clone shares its bytes); what the bus sends itself is charged to nobody.
+fn charge_of<'a>(
+    charge: &'a Option<(Arc<Incoming>, usize)>,
+    msg: &Message,
+) -> Option<&'a Arc<Incoming>> {
+    match charge {
+        Some((to, at)) if *at == msg.data().bytes().as_ptr() as usize => Some(to),
+        _ => None,
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::info;
 
 use super::names::Names;
-use super::outbox::{Cutter, Outbox};
+use super::outbox::{Cutter, Incoming, Outbox};
 use super::peer::{Identity, PeerEntry, PeerId, unique_name};
 use super::pending::Pending;
 use super::reply::ReplyRegistry;
@@ -43,6 +43,10 @@ pub(crate) struct BusState {
     /// A recipient of the message being routed whose queue is filling
     /// while it reads: the sender waits for it (see `Verdict::Wait`).
     pub(super) pressure: Option<Arc<Outbox>>,
+    /// The sender of the message being routed, and where that message's
+    /// bytes are: its copies queued for others count against the sender's
+    /// max_incoming_bytes (see `charge_of`).
+    pub(super) charge: Option<(Arc<Incoming>, usize)>,
     /// The message being routed and the monitors that take it, held until
     /// the bus sends something on its behalf or is done with it, so that what
     /// the bus sends `apart` reaches monitors first (see `capture`).
@@ -75,6 +79,7 @@ impl BusState {
             limits,
             own_name,
             pressure: None,
+            charge: None,
             held_capture: None,
             apart: false,
         }

@@ -11,7 +11,6 @@
 pub mod sasl;
 pub mod socket;
 
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,12 +22,12 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use zbus::connection::socket::ReadHalf;
 use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::bus::{
-    Activator, Bus, Credentials, Cutter, Facts, Identity, Outbox, PeerId, Verdict, unique_name,
+    Activator, Bus, Credentials, Cutter, Facts, Identity, Incoming, Outbox, PeerId, Verdict,
+    unique_name,
 };
 use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
@@ -42,6 +41,8 @@ pub enum TransportError {
     },
     #[error("{0} is in use by a running bus; refusing to replace it")]
     InUse(String),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(String),
     #[error("unsupported listen address {0}: busvisor listens on unix sockets only")]
     Unsupported(String),
 }
@@ -63,7 +64,13 @@ fn random_suffix() -> String {
 }
 
 fn bind_path(path: &Path, spec: &str) -> Result<Bound, TransportError> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a stale socket may go: anything else at the path is
+        // somebody's file, which a typo in --address must not destroy.
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(TransportError::NotASocket(path.display().to_string()));
+        }
         // A live bus answers a connect; a stale socket file does not.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(TransportError::InUse(path.display().to_string()));
@@ -228,7 +235,12 @@ async fn connection<S: Activator + Send + 'static>(
     else {
         return;
     };
-    let mut link = Link::new(stream, negotiated.leftover);
+    let limits = socket::ReadLimits {
+        max_message_size: bus.facts.limits.max_message_size,
+        pending_fd_timeout: Duration::from_millis(bus.facts.limits.pending_fd_timeout_ms),
+        fds: negotiated.fds,
+    };
+    let mut link = Link::new(stream, limits, negotiated.leftover);
     let Some(hello) = await_hello(&mut link, creds.pid, deadline).await else {
         return;
     };
@@ -320,32 +332,20 @@ struct Link {
     stream: Arc<UnixStream>,
     cutter: Arc<Cutter>,
     reader: socket::Reader,
-    /// Bytes read past the last message; at first, those after BEGIN.
-    leftover: Vec<u8>,
-    received_fds: Vec<OwnedFd>,
-    /// Sequence number of the next message.
-    seq: u64,
 }
 
 impl Link {
-    fn new(stream: UnixStream, leftover: Vec<u8>) -> Self {
+    fn new(stream: UnixStream, limits: socket::ReadLimits, leftover: Vec<u8>) -> Self {
         let stream = Arc::new(stream);
         Link {
             cutter: Arc::new(Cutter::new(stream.clone())),
-            reader: socket::Reader::new(stream.clone()),
+            reader: socket::Reader::new(stream.clone(), limits, leftover),
             stream,
-            leftover,
-            received_fds: Vec::new(),
-            seq: 0,
         }
     }
 
-    async fn receive(&mut self) -> zbus::Result<Message> {
-        let seq = self.seq;
-        self.seq += 1;
-        self.reader
-            .receive_message(seq, &mut self.leftover, &mut self.received_fds)
-            .await
+    async fn receive(&mut self) -> std::io::Result<Message> {
+        self.reader.receive().await
     }
 }
 
@@ -404,6 +404,8 @@ struct Registered {
     id: PeerId,
     name: OwnedUniqueName,
     writer: JoinHandle<()>,
+    /// Its messages queued for others (max_incoming_bytes).
+    incoming: Arc<Incoming>,
 }
 
 /// What the bus keeps of who the peer is, read here, off the bus lock: its
@@ -438,11 +440,15 @@ fn register<S: Activator>(
     creds: Credentials,
     fds: bool,
 ) -> Option<Registered> {
-    let outbox = Arc::new(Outbox::new(
-        bus.facts.limits.max_outgoing_bytes as usize,
-        bus.facts.limits.max_outgoing_unix_fds as usize,
-        fds,
-    ));
+    let limits = &bus.facts.limits;
+    let outbox = Arc::new(
+        Outbox::new(
+            limits.max_outgoing_bytes as usize,
+            limits.max_outgoing_unix_fds as usize,
+            fds,
+        )
+        .limit_incoming(limits.max_incoming_bytes as usize),
+    );
     let who = identity(&bus.facts, &link.cutter, creds);
     let id = bus.add_peer(outbox.clone(), link.cutter.clone(), who);
     let name = match OwnedUniqueName::try_from(unique_name(id)) {
@@ -457,10 +463,16 @@ fn register<S: Activator>(
     let writer = tokio::spawn(write_loop(
         id,
         link.stream.clone(),
-        outbox,
+        outbox.clone(),
         link.cutter.clone(),
     ));
-    Some(Registered { id, name, writer })
+    let incoming = outbox.incoming.clone();
+    Some(Registered {
+        id,
+        name,
+        writer,
+        incoming,
+    })
 }
 
 /// Hand the peer's messages to the bus, its Hello first, until the peer
@@ -468,7 +480,19 @@ fn register<S: Activator>(
 async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registered, hello: Message) {
     let me = &peer.name;
     let mut msg = hello;
+    // A pipelining peer's messages are all in its socket and the chunk
+    // read ahead: reading them never waits, so without a bound one peer
+    // could keep the worker for its whole backlog. Each turn is TURN
+    // messages (a 4 KiB share of a big one counting as one), then the
+    // task yields to the others.
+    const TURN: usize = 16;
+    let mut turn = 0;
     loop {
+        turn += 1 + msg.data().len() / 4096;
+        if turn >= TURN {
+            turn = 0;
+            tokio::task::yield_now().await;
+        }
         let Some(stamped) = admit(msg, me) else {
             return;
         };
@@ -480,12 +504,19 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
             // that stops moving stops being waited for).
             Verdict::Wait(outbox) => outbox.wait_drained().await,
         }
+        // max_incoming_bytes: while this peer's messages queued for others
+        // pass it, read no more of them (dbus-daemon's live messages).
+        if peer.incoming.over() {
+            peer.incoming.wait_within().await;
+        }
         msg = match link.receive().await {
             Ok(m) => m,
             Err(e) => {
                 // At a message boundary, the peer just closed.
-                if !link.reader.at_message_boundary() {
-                    debug!(peer = %me, "read error: {e}");
+                let closed = e.kind() == std::io::ErrorKind::UnexpectedEof
+                    && link.reader.at_message_boundary();
+                if !closed {
+                    info!(peer = %me, "disconnecting: {e}");
                 }
                 return;
             }

@@ -5,164 +5,351 @@
 //! checks); writing sends the bytes of queued messages with `sendmsg`,
 //! several messages per call, and their fds as SCM_RIGHTS.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 use zbus::message::Message;
 
-/// The read side of a peer's socket, as zbus's `ReadHalf`.
+/// What the reader enforces for its connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadLimits {
+    /// A longer declared message ends the connection before any of its
+    /// body is read, as dbus-daemon's loader does.
+    pub max_message_size: u64,
+    /// How long fds may wait for the end of the message they came with.
+    pub pending_fd_timeout: Duration,
+    /// The client negotiated fd passing; without it fds are never taken
+    /// from the socket (the kernel closes them), as dbus-daemon reads.
+    pub fds: bool,
+}
+
+/// The read side of a peer's socket: frames, filters and parses each
+/// message itself, so that nothing is committed before bytes arrive.
 ///
-/// zbus asks for each message in two reads (its 16-byte primary header,
-/// then the rest). Reading the socket that way costs two system calls a
-/// message, so small reads are served from a chunk read ahead, and the
-/// chunk is freed once served (an idle peer holds no buffer).
+/// Small reads are served from a chunk read ahead (one system call serves
+/// several small messages), and the chunk is freed once served (an idle
+/// peer holds no buffer). A message longer than a chunk is read straight
+/// into its own buffer, which grows as its bytes arrive: a declared length
+/// commits no memory.
 ///
-/// File descriptors arrive with the read that includes the first byte of
-/// the data they were sent with, and a read may also hold the end of an
-/// earlier message. They belong to the first message starting in that chunk
-/// whose header declares UNIX_FDS (a message's fds travel with its first
-/// byte): they are handed out with the first read of that message.
+/// File descriptors are kept in arrival order, as dbus-daemon's loader
+/// keeps them, and each message takes as many as its UNIX_FDS field says.
+/// Fds travel with the first byte of the data they were sent with, so once
+/// every byte of the read that brought them is in complete messages, fds
+/// no message took never will be: they are closed.
 #[derive(Debug)]
-pub struct Reader {
+pub(crate) struct Reader {
     stream: Arc<UnixStream>,
+    limits: ReadLimits,
     chunk: Vec<u8>,
     /// Next byte of `chunk` to hand out.
     pos: usize,
-    /// Stream offset of the next byte to hand out.
-    served: u64,
-    /// Message boundaries of the bytes handed out so far.
-    framer: Framer,
-    /// Fds waiting for the message that starts at the given stream offset.
-    pending: Option<(u64, Vec<OwnedFd>)>,
+    /// Stream offset of the end of what was read from the socket.
+    read: u64,
+    /// Received fds no message has taken yet.
+    fds: Vec<OwnedFd>,
+    /// Stream offset of the end of the read that brought the last of `fds`.
+    fds_until: u64,
+    /// When `fds` stopped being empty: pending_fd_timeout runs from there.
+    fds_since: Option<Instant>,
+    /// Some bytes of a message were taken and not all of them.
+    partial: bool,
 }
 
-/// Follows message boundaries through a byte stream.
-#[derive(Debug, Clone, Copy, Default)]
-struct Framer {
-    header: [u8; 16],
-    header_len: usize,
-    /// Bytes of the current message after its primary header still to come.
-    remaining: u64,
-}
+/// The spec's longest message (2^27 bytes).
+const MAX_MESSAGE_LEN: u64 = 1 << 27;
 
-impl Framer {
-    /// Consume `b`; returns the offsets in `b` where messages start.
-    fn advance(&mut self, mut b: &[u8], mut on_start: impl FnMut(usize)) {
-        let mut at = 0;
-        while !b.is_empty() {
-            if self.remaining > 0 {
-                let take = (self.remaining.min(b.len() as u64)) as usize;
-                self.remaining -= take as u64;
-                b = &b[take..];
-                at += take;
-                continue;
-            }
-            if self.header_len == 0 {
-                on_start(at);
-            }
-            let take = (16 - self.header_len).min(b.len());
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&b[..take]);
-            self.header_len += take;
-            b = &b[take..];
-            at += take;
-            if self.header_len == 16 {
-                self.header_len = 0;
-                self.remaining = message_len(&self.header).map_or(0, |t| t as u64 - 16);
-            }
-        }
-    }
+/// A message buffer's first size when the message is longer, and its
+/// least growth step after that.
+const GROW_MIN: usize = 64 * 1024;
+
+fn invalid(why: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, why)
 }
 
 impl Reader {
-    pub fn new(stream: Arc<UnixStream>) -> Self {
+    /// `leftover`: the bytes read with the handshake, past BEGIN.
+    pub(crate) fn new(stream: Arc<UnixStream>, limits: ReadLimits, leftover: Vec<u8>) -> Self {
         Reader {
             stream,
-            chunk: Vec::new(),
+            limits,
+            read: leftover.len() as u64,
+            chunk: leftover,
             pos: 0,
-            served: 0,
-            framer: Framer::default(),
-            pending: None,
+            fds: Vec::new(),
+            fds_until: 0,
+            fds_since: None,
+            partial: false,
         }
     }
 
-    /// The stream offset of the message the fds of a read of `chunk` belong
-    /// to: the first message starting in it that declares fds, or whose
-    /// header is not all in the chunk.
     /// Whether everything handed out so far ends at a message boundary: an
     /// end of stream here is the peer closing, not a truncated message.
-    pub fn at_message_boundary(&self) -> bool {
-        self.framer.header_len == 0 && self.framer.remaining == 0
+    pub(crate) fn at_message_boundary(&self) -> bool {
+        !self.partial
     }
 
-    /// A message about to be handed out whose header has fields the bus
-    /// does not understand loses them, as dbus-daemon 1.14 filters them
-    /// (zbus's parser would refuse the message). Only a header wholly in
-    /// the chunk read ahead is looked at.
-    fn filter_header(&mut self) {
-        let Some((old, new)) = crate::wire::args::filter_header(&self.chunk[self.pos..]) else {
-            return;
+    /// The next message the bus should see. Messages of a type the
+    /// specification does not define are read and dropped, as it asks.
+    /// Errors are protocol errors or the end of the stream: the caller
+    /// ends the connection.
+    pub(crate) async fn receive(&mut self) -> std::io::Result<Message> {
+        loop {
+            let mut head = [0u8; 16];
+            self.fill_small(&mut head).await?;
+            let (header_end, total) = self.frame(&head)?;
+            let mut out = Vec::with_capacity(total.min(GROW_MIN));
+            out.extend_from_slice(&head);
+            let mut filled = out.len();
+            self.fill(&mut out, &mut filled, header_end).await?;
+            let mut total = total;
+            // Fields the bus does not understand go, as dbus-daemon 1.14
+            // filters them (zbus's parser would refuse the message). The
+            // whole header is in, wherever the reads fell.
+            if let Some((old, new)) = crate::wire::args::filter_header(&out) {
+                // Their values must still be well-formed.
+                if !crate::wire::header_well_formed(&out) {
+                    return Err(invalid("malformed header field".into()));
+                }
+                total = total - old + new.len();
+                out.clear();
+                out.extend_from_slice(&new);
+                filled = out.len();
+            }
+            self.fill(&mut out, &mut filled, total).await?;
+            self.partial = false;
+            let fds = self.take_fds(unix_fds(&out).unwrap_or(0))?;
+            if !matches!(head[1], 1..=4) && head[1] != 0 {
+                if !crate::wire::well_formed_unknown(&out) {
+                    return Err(invalid(format!("malformed message of type {}", head[1])));
+                }
+                tracing::debug!("ignored a message of unknown type {}", head[1]);
+                continue;
+            }
+            let endian = if head[0] == b'B' {
+                zbus::wire::Endian::Big
+            } else {
+                zbus::wire::Endian::Little
+            };
+            let ctxt = zbus::wire::serialized::Context::new(endian, 0);
+            let data = zbus::wire::serialized::Data::new_fds(out, ctxt, fds);
+            // SAFETY: `from_bytes` is unsafe only because the bytes may be
+            // badly encoded; it runs zbus's parser and whole-message checks
+            // on them, the same as zbus's own `receive_message`, and a bad
+            // encoding is an error here.
+            return unsafe { Message::from_bytes(data) }.map_err(|e| invalid(e.to_string()));
+        }
+    }
+
+    /// The header length (to the body's alignment) and the total length of
+    /// the message `head` starts, checked against the limits before
+    /// anything is allocated for it.
+    fn frame(&self, head: &[u8; 16]) -> std::io::Result<(usize, usize)> {
+        let big = match head[0] {
+            b'l' => false,
+            b'B' => true,
+            b => return Err(invalid(format!("bad byte order mark {b:#x}"))),
         };
-        let shrink = (old - new.len()) as u64;
-        self.chunk.splice(self.pos..self.pos + old, new);
-        // Fds waiting for a later message in this chunk: its start moved.
-        if let Some((at, _)) = &mut self.pending
-            && *at > self.served
-        {
-            *at -= shrink;
+        let u32_at = |at: usize| {
+            let x = [head[at], head[at + 1], head[at + 2], head[at + 3]];
+            u64::from(if big {
+                u32::from_be_bytes(x)
+            } else {
+                u32::from_le_bytes(x)
+            })
+        };
+        let header_end = (16 + u32_at(12)).next_multiple_of(8);
+        let total = header_end + u32_at(4);
+        let limit = self.limits.max_message_size.min(MAX_MESSAGE_LEN);
+        if total > limit {
+            return Err(invalid(format!(
+                "message of {total} bytes is longer than the limit of {limit}"
+            )));
         }
+        // Both fit: total <= 2^27.
+        Ok((header_end as usize, total as usize))
     }
 
-    fn owner_of_fds(&self, chunk: &[u8]) -> u64 {
-        let mut framer = self.framer;
-        let mut owner = None;
-        framer.advance(chunk, |rel| {
-            if owner.is_none() && declares_fds(&chunk[rel..]).unwrap_or(true) {
-                owner = Some(rel);
-            }
-        });
-        self.served + owner.unwrap_or(chunk.len()) as u64
-    }
-
-    /// Hand out `n` bytes that now sit in `buf`; returns the fds that go
-    /// with them.
-    fn served(&mut self, bytes: &[u8]) -> Vec<OwnedFd> {
-        let start = self.served;
-        self.served += bytes.len() as u64;
-        self.framer.advance(bytes, |_| {});
-        match &self.pending {
-            Some((at, _)) if *at >= start && *at < self.served => {
-                self.pending.take().map(|(_, f)| f).unwrap_or_default()
-            }
-            _ => Vec::new(),
+    /// Take the `n` fds the message just read declares; close those that no
+    /// message can still claim.
+    fn take_fds(&mut self, n: u32) -> std::io::Result<Vec<OwnedFd>> {
+        let n = n as usize;
+        if n > self.fds.len() {
+            return Err(invalid(if self.limits.fds {
+                format!("message declares {n} fds, {} came", self.fds.len())
+            } else {
+                format!("message declares {n} fds, and fd passing was not negotiated")
+            }));
         }
-    }
-}
-
-/// The total length of the message whose bytes start `b`, from its primary
-/// header and fields length.
-fn message_len(b: &[u8]) -> Option<usize> {
-    let h = b.get(..16)?;
-    let read = |at: usize| -> u32 {
-        let x = [h[at], h[at + 1], h[at + 2], h[at + 3]];
-        if h[0] == b'B' {
-            u32::from_be_bytes(x)
+        let taken = if n == self.fds.len() {
+            std::mem::take(&mut self.fds)
         } else {
-            u32::from_le_bytes(x)
+            self.fds.drain(..n).collect()
+        };
+        let at = self.read - (self.chunk.len() - self.pos) as u64;
+        if !self.fds.is_empty() && self.fds_until <= at {
+            tracing::debug!("closed {} fds no message declared", self.fds.len());
+            self.fds.clear();
         }
-    };
-    let fields = read(12) as usize;
-    let body = read(4) as usize;
-    let header = 16 + fields;
-    Some(header + (8 - header % 8) % 8 + body)
+        if self.fds.is_empty() {
+            self.fds_since = None;
+        }
+        Ok(taken)
+    }
+
+    /// Fill `dst` from the chunk (and the socket behind it).
+    async fn fill_small(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
+        let mut got = 0;
+        while got < dst.len() {
+            if self.pos >= self.chunk.len() {
+                self.read_chunk().await?;
+            }
+            self.partial = true;
+            let n = (dst.len() - got).min(self.chunk.len() - self.pos);
+            dst[got..got + n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+            got += n;
+            self.advance(n);
+        }
+        Ok(())
+    }
+
+    /// Fill `out` up to `want` bytes; `filled` of them are in, the rest of
+    /// `out.len()` is zeroed room (kept between reads, so that a peer
+    /// trickling bytes does not make the bus zero the same room again).
+    async fn fill(
+        &mut self,
+        out: &mut Vec<u8>,
+        filled: &mut usize,
+        want: usize,
+    ) -> std::io::Result<()> {
+        while *filled < want {
+            if self.pos < self.chunk.len() {
+                let n = (want - *filled).min(self.chunk.len() - self.pos);
+                if out.len() < *filled + n {
+                    out.resize(*filled + n, 0);
+                }
+                out[*filled..*filled + n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+                *filled += n;
+                self.advance(n);
+                continue;
+            }
+            if want - *filled < CHUNK {
+                self.read_chunk().await?;
+                continue;
+            }
+            // A big message: straight into place, its buffer growing by
+            // doubling as bytes arrive, never past its length.
+            if *filled == out.len() {
+                let step = (want - *filled).min((*filled).max(GROW_MIN));
+                out.reserve_exact(step);
+                out.resize(*filled + step, 0);
+            }
+            let n = self.recv(&mut out[*filled..]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            *filled += n;
+        }
+        out.truncate(*filled);
+        Ok(())
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos >= self.chunk.len() {
+            // Served: freed, so that an idle peer holds no buffer.
+            self.chunk = Vec::new();
+            self.pos = 0;
+        }
+    }
+
+    /// Read a chunk ahead; the socket's end is an error (UnexpectedEof).
+    async fn read_chunk(&mut self) -> std::io::Result<()> {
+        // Wait first, allocate after: an idle peer holds no buffer.
+        self.readable().await?;
+        let mut chunk = vec![0u8; CHUNK];
+        let n = self.recv(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        chunk.truncate(n);
+        self.chunk = chunk;
+        self.pos = 0;
+        Ok(())
+    }
+
+    /// The socket's readiness; while fds wait for the rest of their
+    /// message, no longer than pending_fd_timeout from their arrival (as
+    /// dbus-daemon's pending_unix_fds_timeout_cb disconnects).
+    async fn readable(&self) -> std::io::Result<()> {
+        let Some(since) = self.fds_since else {
+            return self.stream.readable().await;
+        };
+        let until = since + self.limits.pending_fd_timeout;
+        match tokio::time::timeout_at(until, self.stream.readable()).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "held fds for an incomplete message longer than pending_fd_timeout",
+            )),
+        }
+    }
+
+    /// One read into `buf`; received fds join the queue.
+    async fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let fd = self.stream.as_raw_fd();
+        let want_fds = self.limits.fds;
+        loop {
+            self.readable().await?;
+            let mut got = None;
+            let r = self.stream.try_io(Interest::READABLE, || {
+                let (n, fds) = recv_now(fd, buf, want_fds)?;
+                // A short read without fds emptied the socket: report it
+                // drained, so that the next read waits for the next edge
+                // instead of spending a recvmsg on EAGAIN (bytes that
+                // arrive later raise a new edge). One system call less per
+                // message. With fds it proves nothing: the kernel ends a
+                // read after the data that carried them. (Nothing else ends
+                // a unix stream read early but SO_PASSCRED, which busvisor
+                // does not set, and out-of-band data, which delays only the
+                // client that sends it.)
+                let drained = n > 0 && n < buf.len() && fds.is_empty();
+                got = Some((n, fds));
+                if drained {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match (r, got) {
+                (_, Some((n, fds))) => {
+                    self.read += n as u64;
+                    if !fds.is_empty() {
+                        if self.fds.is_empty() {
+                            self.fds_since = Some(Instant::now());
+                        }
+                        self.fds.extend(fds);
+                        self.fds_until = self.read;
+                    }
+                    return Ok(n);
+                }
+                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Err(e),
+                (Ok(()), None) => continue,
+            }
+        }
+    }
 }
 
-/// Whether the message starting `b` declares UNIX_FDS > 0; None when its
-/// header fields are not all in `b`.
-fn declares_fds(b: &[u8]) -> Option<bool> {
+/// The UNIX_FDS field of the message whose whole header starts `b`; None
+/// when the header fields cannot be walked.
+fn unix_fds(b: &[u8]) -> Option<u32> {
     let h = b.get(..16)?;
     let big = h[0] == b'B';
     let u32_at = |x: &[u8], at: usize| -> Option<u32> {
@@ -174,7 +361,7 @@ fn declares_fds(b: &[u8]) -> Option<bool> {
         })
     };
     let fields_len = u32_at(h, 12)? as usize;
-    let fields = b.get(16..16 + fields_len)?;
+    let fields = b.get(16..16usize.checked_add(fields_len)?)?;
     // Each field: 8-aligned (BYTE code, SIGNATURE of one type, value).
     let mut i = 0;
     while i < fields.len() {
@@ -191,7 +378,7 @@ fn declares_fds(b: &[u8]) -> Option<bool> {
                 v = v.next_multiple_of(4);
                 let n = u32_at(fields, v)?;
                 if code == 9 {
-                    return Some(n > 0);
+                    return Some(n);
                 }
                 v += 4;
             }
@@ -204,120 +391,79 @@ fn declares_fds(b: &[u8]) -> Option<bool> {
                 let len = *fields.get(v)? as usize;
                 v += 1 + len + 1;
             }
-            // A field of a type the specification does not define for
-            // headers: count the message as one that may carry fds.
+            // No header field has another type: zbus refuses the message.
             _ => return None,
         }
         i = v;
     }
-    Some(false)
+    Some(0)
 }
 
-/// Reads of this size or more go straight into the caller's buffer.
+/// Reads of this size or more go straight into the message's buffer.
 const CHUNK: usize = 4096;
-
-#[async_trait::async_trait]
-impl zbus::connection::socket::ReadHalf for Reader {
-    async fn recvmsg(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-        let fd = self.stream.as_raw_fd();
-        if self.pos >= self.chunk.len() {
-            if buf.len() >= CHUNK {
-                // A big body: straight into place.
-                let (n, mut fds) = self
-                    .stream
-                    .async_io(Interest::READABLE, || recv_now(fd, buf))
-                    .await?;
-                fds.extend(self.served(&buf[..n]));
-                return Ok((n, fds));
-            }
-            // Wait first, allocate after: an idle peer holds no buffer.
-            let (mut chunk, n, fds) = loop {
-                self.stream.readable().await?;
-                let mut chunk = vec![0u8; CHUNK];
-                let mut got = None;
-                let r = self.stream.try_io(Interest::READABLE, || {
-                    let (n, fds) = recv_now(fd, &mut chunk)?;
-                    // A short read without fds emptied the socket: report it
-                    // drained, so that the next read waits for the next edge
-                    // instead of spending a recvmsg on EAGAIN (bytes that
-                    // arrive later raise a new edge). One system call less
-                    // per message. With fds it proves nothing: the kernel
-                    // ends a read after the data that carried them. (Nothing
-                    // else ends a unix stream read early but SO_PASSCRED,
-                    // which busvisor does not set, and out-of-band data,
-                    // which delays only the client that sends it.)
-                    let drained = n > 0 && n < CHUNK && fds.is_empty();
-                    got = Some((n, fds));
-                    if drained {
-                        Err(std::io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(())
-                    }
-                });
-                match (r, got) {
-                    (_, Some((n, fds))) => break (chunk, n, fds),
-                    (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    (Err(e), None) => return Err(e),
-                    (Ok(()), None) => unreachable!("try_io returned Ok without reading"),
-                }
-            };
-            if n == 0 {
-                return Ok((0, fds));
-            }
-            chunk.truncate(n);
-            if !fds.is_empty() {
-                let owner = self.owner_of_fds(&chunk);
-                match &mut self.pending {
-                    Some((at, old)) if *at == owner => old.extend(fds),
-                    _ => self.pending = Some((owner, fds)),
-                }
-            }
-            self.chunk = chunk;
-            self.pos = 0;
-        }
-        if self.at_message_boundary() {
-            self.filter_header();
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        let chunk = std::mem::take(&mut self.chunk);
-        let fds = self.served(&chunk[self.pos - n..self.pos]);
-        if self.pos < chunk.len() {
-            self.chunk = chunk;
-        } else {
-            // Served: freed, so that an idle peer holds no buffer.
-            self.pos = 0;
-        }
-        Ok((n, fds))
-    }
-
-    fn can_pass_unix_fd(&self) -> bool {
-        true
-    }
-}
 
 /// The most fds one read may bring (the kernel's SCM_MAX_FD); the router
 /// enforces max_message_unix_fds.
 const MAX_FDS_PER_READ: usize = 253;
 
-fn recv_now(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(std::io::Error::from)?;
+/// Control buffer room for MAX_FDS_PER_READ fds: CMSG_SPACE(253 * 4) is
+/// 1032 bytes on Linux; in u64 words so that it is aligned for cmsghdr.
+const CMSG_WORDS: usize = (16 + MAX_FDS_PER_READ * 4).div_ceil(8) + 1;
+
+/// One `recvmsg`. With `want_fds` false no control buffer is given, so the
+/// kernel closes any fds sent (a client that did not negotiate them cannot
+/// make the bus hold them). libc rather than nix: nix reports a truncated
+/// control buffer as an error before handing out the fds that did arrive,
+/// which then stay open for good.
+fn recv_now(fd: RawFd, buf: &mut [u8], want_fds: bool) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    // On the stack: no allocation per read.
+    let mut space = [0u64; CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty value.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    if want_fds {
+        mh.msg_control = space.as_mut_ptr().cast();
+        mh.msg_controllen = std::mem::size_of_val(&space) as _;
+    }
+    // SAFETY: `mh` points at `iov` (over `buf`) and `space`, both alive
+    // and writable for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel has just installed `fd` in our table for
-                // this SCM_RIGHTS message; nothing else refers to it, so it
-                // is owned here (nix hands received fds out as raw numbers).
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: the kernel wrote well-formed cmsghdrs into `space`, within
+    // `msg_controllen`, which the CMSG_* macros walk; SCM_RIGHTS data is
+    // an array of ints, each an fd just installed in our table that
+    // nothing else refers to, so it is owned here.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                    let raw = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
             }
+            c = libc::CMSG_NXTHDR(&mh, c);
         }
     }
-    Ok((msg.bytes, fds))
+    if want_fds && mh.msg_flags & libc::MSG_CTRUNC != 0 {
+        // Some fds were lost on the way (the bus's fd limit, say): no
+        // message can be matched with its fds any more. dbus-daemon closes
+        // those that came and drops the connection
+        // (`_dbus_read_socket_with_unix_fds`).
+        drop(fds);
+        return Err(invalid("control data truncated (MSG_CTRUNC)".into()));
+    }
+    Ok((n as usize, fds))
 }
 
 /// Write `msgs` in order: as many messages per `sendmsg` as fit in 16
@@ -391,25 +537,9 @@ mod tests {
 
     #[test]
     fn finds_unix_fds_field() {
-        assert_eq!(declares_fds(call(false).data()), Some(false));
-        assert_eq!(declares_fds(call(true).data()), Some(true));
+        assert_eq!(unix_fds(call(false).data()), Some(0));
+        assert_eq!(unix_fds(call(true).data()), Some(1));
         let m = call(true);
-        assert_eq!(declares_fds(&m.data()[..20]), None);
-        assert_eq!(message_len(m.data()), Some(m.data().len()));
-    }
-
-    #[test]
-    fn framer_finds_message_starts_across_pieces() {
-        let (a, b) = (call(false), call(true));
-        let mut stream = a.data().to_vec();
-        stream.extend_from_slice(b.data());
-        let mut f = Framer::default();
-        let mut starts = Vec::new();
-        let mut base = 0;
-        for piece in stream.chunks(7) {
-            f.advance(piece, |rel| starts.push(base + rel));
-            base += piece.len();
-        }
-        assert_eq!(starts, vec![0, a.data().len()]);
+        assert_eq!(unix_fds(&m.data()[..20]), None);
     }
 }

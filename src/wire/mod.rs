@@ -163,6 +163,88 @@ pub(crate) fn owned<'a, T: Into<Variant<'a>>>(x: T) -> OwnedVariant {
     OwnedVariant::try_from(x.into()).expect("plain values always convert")
 }
 
+/// The header of the message `bytes` starts, decoded and checked as
+/// dbus-daemon's loader checks every header: protocol version 1, fields
+/// that decode whatever their code (unknown ones included), the known ones
+/// with their types, zero padding. Returns where the body starts and the
+/// body's signature. Costly (it decodes into values): only for the rare
+/// messages with unknown fields or of unknown type.
+fn checked_header(bytes: &[u8]) -> Option<(usize, String)> {
+    use zbus::wire::serialized::{Context, Data};
+    use zbus::wire::{Endian, Structure, Variant as Value};
+    let endian = match bytes.first() {
+        Some(b'l') => Endian::Little,
+        Some(b'B') => Endian::Big,
+        _ => return None,
+    };
+    if bytes.get(3) != Some(&1) {
+        return None;
+    }
+    let data = Data::new(bytes, Context::new(endian, 0));
+    let (header, header_len) = data
+        .deserialize_for_dynamic_signature::<_, Structure<'_>>("(yyyyuua(yv))")
+        .ok()?;
+    let Some(Value::Array(fields)) = header.fields().get(6) else {
+        return None;
+    };
+    let mut signature = String::new();
+    for f in fields.iter() {
+        let Value::Structure(f) = f else {
+            return None;
+        };
+        let [Value::U8(code), Value::Variant(v)] = f.fields() else {
+            return None;
+        };
+        match (code, &**v) {
+            (1, Value::ObjectPath(_))
+            | (2 | 3 | 4 | 6 | 7, Value::Str(_))
+            | (5 | 9, Value::U32(_)) => {}
+            (8, Value::Signature(s)) => signature = s.to_string(),
+            (0..=9, _) => return None,
+            // Unknown codes: any value that decodes.
+            _ => {}
+        }
+    }
+    let body_start = header_len.next_multiple_of(8);
+    if bytes.get(header_len..body_start)?.iter().any(|b| *b != 0) {
+        return None;
+    }
+    Some((body_start, signature))
+}
+
+/// Whether the header `bytes` starts is well-formed (see `checked_header`):
+/// checked before unknown fields are removed, as dbus-daemon checks them
+/// before it filters them.
+pub(crate) fn header_well_formed(bytes: &[u8]) -> bool {
+    checked_header(bytes).is_some()
+}
+
+/// Whether a message of a type the specification does not define (the bus
+/// ignores those) is still well-formed, as dbus-daemon's loader checks
+/// every message before its type matters: its header, and a body that
+/// decodes with its signature.
+pub(crate) fn well_formed_unknown(bytes: &[u8]) -> bool {
+    use zbus::wire::serialized::{Context, Data};
+    use zbus::wire::{Endian, Structure};
+    let Some((body_start, signature)) = checked_header(bytes) else {
+        return false;
+    };
+    let endian = if bytes[0] == b'B' {
+        Endian::Big
+    } else {
+        Endian::Little
+    };
+    let data = Data::new(bytes, Context::new(endian, 0));
+    let body = data.slice(body_start..);
+    if signature.is_empty() {
+        return body.is_empty();
+    }
+    matches!(
+        body.deserialize_for_dynamic_signature::<_, Structure<'_>>(format!("({signature})").as_str()),
+        Ok((_, n)) if n == body.len()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
