@@ -74,6 +74,9 @@ impl BusState {
         }
         peer.touch();
         let hdr = msg.header();
+        if is_local(&hdr) {
+            return Verdict::Disconnect("message on the reserved local path or interface");
+        }
         tracing::trace!(
             peer = %unique_name(from),
             kind = ?msg.message_type(),
@@ -580,6 +583,16 @@ impl BusState {
             self.send_to(peer, sig);
         }
     }
+}
+
+/// Whether a message uses the reserved local path or interface, which
+/// dbus-daemon's header validation refuses (and drops its sender): relayed,
+/// a `Disconnected` would close every libdbus client that gets it.
+fn is_local(hdr: &wire::Header<'_>) -> bool {
+    hdr.path().is_some_and(|p| p.as_str() == names::LOCAL_PATH)
+        || hdr
+            .interface()
+            .is_some_and(|i| i.as_str() == names::IFACE_LOCAL)
 }
 
 /// A signal of the driver's interface.

@@ -1,0 +1,93 @@
+//! What a hostile or careless client can do to the bus and its other
+//! clients: reserved local messages, calls to monitors, forged sender
+//! fields, many names, a huge activation environment. dbus-daemon's
+//! behaviour is the reference (BUSVISOR_TEST_REFERENCE=1).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use zbus::message::{Message, Type};
+
+const LOCAL_PATH: &str = "/org/freedesktop/DBus/Local";
+const LOCAL_IFACE: &str = "org.freedesktop.DBus.Local";
+
+/// A dbus-monitor watching everything, once it is a monitor.
+fn start_monitor(bus: &TestBus, out: &std::path::Path) -> ChildGuard {
+    let monitor = spawn_tool("dbus-monitor", &["--address", &bus.address], out);
+    assert!(
+        wait_until(OP_TIMEOUT, || std::fs::read_to_string(out)
+            .unwrap_or_default()
+            .contains("member=NameLost")),
+        "dbus-monitor did not become a monitor"
+    );
+    monitor
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A message on the reserved local path or interface is a protocol error:
+/// dbus-daemon's header validation refuses it (DBUS_INVALID_USES_LOCAL_*)
+/// and drops its sender. Relayed, `Disconnected` would make every libdbus
+/// client that gets it close its connection and exit.
+#[test]
+fn local_messages_disconnect_their_sender() {
+    let bus = start_bus(None);
+    let out = bus.dir.path().join("monitor.txt");
+    let mut monitor = start_monitor(&bus, &out);
+    let variants = [
+        // (path, interface, unicast to a listener rather than broadcast)
+        (LOCAL_PATH, LOCAL_IFACE, false),
+        (LOCAL_PATH, LOCAL_IFACE, true),
+        ("/x", LOCAL_IFACE, false),
+        (LOCAL_PATH, "org.example.I", false),
+        (LOCAL_PATH, LOCAL_IFACE, true),
+    ];
+    let mut listener = RawClient::connect_authenticated(&bus.socket);
+    let listener_name = listener.hello();
+    for (i, (path, iface, unicast)) in variants.into_iter().enumerate() {
+        let mut raw = RawClient::connect_authenticated(&bus.socket);
+        raw.hello();
+        let mut b = Message::signal(path, iface, "Disconnected");
+        if unicast {
+            b = b.destination(listener_name.as_str());
+        }
+        raw.send(&b.build(&()).unwrap()).unwrap();
+        assert!(
+            raw.closed_within(Duration::from_secs(5)),
+            "variant {i}: the sender of a local message stays connected"
+        );
+        // A normal signal after it reaches the monitor: it is still there.
+        let mut ok = RawClient::connect_authenticated(&bus.socket);
+        ok.hello();
+        let member = format!("StillHere{i}");
+        let sig = Message::signal("/p", "org.example.Alive", member.as_str())
+            .build(&())
+            .unwrap();
+        ok.send(&sig).unwrap();
+        assert!(
+            wait_until(OP_TIMEOUT, || read(&out).contains(&member)),
+            "variant {i}: dbus-monitor did not see a later signal:\n{}",
+            read(&out)
+        );
+        assert!(monitor.is_running(), "variant {i}: dbus-monitor exited");
+    }
+    assert!(
+        !read(&out).contains("member=Disconnected"),
+        "a monitor saw a local message:\n{}",
+        read(&out)
+    );
+    // The listener got nothing but its own NameAcquired.
+    listener
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    while let Some(m) = listener.recv() {
+        let member = m.header().member().map(|m| m.to_string());
+        assert_ne!(member.as_deref(), Some("Disconnected"), "relayed: {m:?}");
+    }
+    monitor.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = monitor.wait_timeout(Duration::from_secs(2));
+}
