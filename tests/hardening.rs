@@ -91,3 +91,64 @@ fn local_messages_disconnect_their_sender() {
     monitor.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = monitor.wait_timeout(Duration::from_secs(2));
 }
+
+/// A call to a monitor's unique name is answered at once: a monitor is not
+/// addressable (dbus-daemon drops its unique name from the registry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_monitor_is_answered_at_once() {
+    let bus = start_bus(None);
+    let mut mon = RawClient::connect_authenticated(&bus.socket);
+    let mon_name = mon.hello();
+    mon.send(
+        &Message::method_call(BUS_PATH, "BecomeMonitor")
+            .destination(BUS)
+            .interface("org.freedesktop.DBus.Monitoring")
+            .build(&(Vec::<&str>::new(), 0u32))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut caller = RawClient::connect_authenticated(&bus.socket);
+    caller.hello();
+    let expected = [
+        (
+            true,
+            "org.freedesktop.DBus.Error.ServiceUnknown",
+            format!("The name {mon_name} was not provided by any .service files"),
+        ),
+        (
+            false,
+            "org.freedesktop.DBus.Error.NameHasNoOwner",
+            format!("Name \"{mon_name}\" does not exist"),
+        ),
+    ];
+    for (auto_start, error, text) in expected {
+        let mut b = Message::method_call("/x", "Ping")
+            .destination(mon_name.as_str())
+            .interface("org.freedesktop.DBus.Peer");
+        if !auto_start {
+            b = b.with_flags(zbus::message::Flags::NO_AUTO_START);
+        }
+        let t = Instant::now();
+        caller.send(&b.build(&()).unwrap()).unwrap();
+        let answer =
+            std::iter::from_fn(|| caller.recv()).find(|m| m.message_type() != Type::Signal);
+        let answer = answer.expect("no answer");
+        eprintln!(
+            "measured: auto_start={auto_start}: answered in {:?}",
+            t.elapsed()
+        );
+        assert_eq!(answer.message_type(), Type::Error);
+        let name = answer.header().error_name().map(|e| e.to_string());
+        assert_eq!(name.as_deref(), Some(error), "auto_start={auto_start}");
+        assert_eq!(answer.body().deserialize::<String>().unwrap(), text);
+        assert!(t.elapsed() < Duration::from_secs(3), "answered late");
+    }
+    // The monitor got nothing but what it monitors: no call was delivered
+    // to it as a recipient (it sees each once, as a monitor).
+    mon.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let pings = std::iter::from_fn(|| mon.recv())
+        .filter(|m| m.header().member().is_some_and(|x| x.as_str() == "Ping"))
+        .count();
+    assert_eq!(pings, 2, "the monitor saw each call once");
+}
