@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -151,4 +152,44 @@ async fn a_call_to_a_monitor_is_answered_at_once() {
         .filter(|m| m.header().member().is_some_and(|x| x.as_str() == "Ping"))
         .count();
     assert_eq!(pings, 2, "the monitor saw each call once");
+}
+
+/// The bytes of a message whose sender field is `fake`, a name zbus would
+/// not put there: built with a unique name of the same length, then
+/// overwritten.
+fn with_raw_sender(b: zbus::message::Builder<'_>, fake: &str) -> Vec<u8> {
+    let stand_in = format!(":1.{}", "9".repeat(fake.len() - 3));
+    let m = b.sender(stand_in.as_str()).build(&()).unwrap();
+    let mut bytes = m.data().bytes().to_vec();
+    let at = bytes
+        .windows(stand_in.len())
+        .position(|w| w == stand_in.as_bytes())
+        .unwrap();
+    bytes[at..at + fake.len()].copy_from_slice(fake.as_bytes());
+    bytes
+}
+
+/// A well-known name in the sender field is overwritten with the sender's
+/// unique name, as every sender field is (dbus-daemon validates it as a bus
+/// name, then sets its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_well_known_sender_is_overwritten() {
+    let bus = start_bus(None);
+    let observer = connect(&bus.address).await;
+    let mut so = stream(&observer);
+    add_match(&observer, "type='signal',interface='org.example.Forged'").await;
+    let mut raw = RawClient::connect_authenticated(&bus.socket);
+    let me = raw.hello();
+    let b = Message::signal("/f", "org.example.Forged", "F");
+    raw.stream
+        .write_all(&with_raw_sender(b, "org.example.Fake"))
+        .unwrap();
+    let got = next_matching(&mut so, OP_TIMEOUT, |m| is_signal(m, "F")).await;
+    let got = got.expect("the signal was not relayed");
+    assert_eq!(sender(&got), me);
+    // Its sender is still connected: a call still gets an answer.
+    raw.send(&bus_method_msg("GetId", &())).unwrap();
+    let reply = std::iter::from_fn(|| raw.recv()).find(|m| m.message_type() != Type::Signal);
+    let reply = reply.expect("the sender was disconnected");
+    assert_eq!(reply.message_type(), Type::MethodReturn);
 }
