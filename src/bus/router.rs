@@ -578,6 +578,11 @@ impl BusState {
     }
 
     pub(super) fn name_signal(&mut self, member: &str, peer: PeerId, name: &str) {
+        // A leaving peer's NameLost signals reach only monitors: build them
+        // only for those (a peer may leave with 50k names).
+        if self.monitors.is_empty() && !self.peers.contains_key(&peer) {
+            return;
+        }
         let dest = unique_name(peer);
         if let Some(sig) = bus_signal(member, Some(&dest), &(name,)) {
             self.send_to(peer, sig);
