@@ -296,3 +296,46 @@ fn fifty_thousand_names_of_one_client_cost_the_others_nothing() {
     assert!(lookup < Duration::from_millis(200) && list_took < Duration::from_secs(1));
     assert!(gone < Duration::from_secs(3), "leaving took {gone:?}");
 }
+
+/// UpdateActivationEnvironment with 50k variables holds the bus no longer
+/// than it must: dbus-daemon takes ~0.13 s for 40k.
+#[test]
+fn a_huge_activation_environment_costs_the_others_little() {
+    let bus = start_bus(None);
+    let mut updater = RawClient::connect_authenticated(&bus.socket);
+    updater.hello();
+    let mut other = RawClient::connect_authenticated(&bus.socket);
+    other.hello();
+    let vars: std::collections::HashMap<String, String> = (0..MANY)
+        .map(|i| (format!("BUSVISOR_TEST_VAR_{i}"), format!("value {i}")))
+        .collect();
+    let update = bus_method_msg("UpdateActivationEnvironment", &(&vars,));
+    let mut c = RawClient::from_stream(updater.stream.try_clone().unwrap());
+    let t = Instant::now();
+    let answer = std::thread::spawn(move || {
+        let answer = std::iter::from_fn(|| c.recv()).find(|m| m.message_type() != Type::Signal);
+        (answer.map(|m| m.message_type()), t.elapsed())
+    });
+    updater.send(&update).unwrap();
+    let mut worst = Duration::ZERO;
+    while !answer.is_finished() {
+        let (_, took) = timed_call(&mut other, &ping());
+        worst = worst.max(took);
+    }
+    let (kind, took) = answer.join().unwrap();
+    assert_eq!(kind, Some(Type::MethodReturn));
+    // Again, every variable replaced.
+    let t = Instant::now();
+    let (again, again_took) = timed_call(&mut updater, &update);
+    assert_eq!(again.message_type(), Type::MethodReturn);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    eprintln!(
+        "measured: UpdateActivationEnvironment with {MANY} variables answered in {took:?} (again: {again_took:?}); another client's Ping waited at most {worst:?}"
+    );
+    // Generous for a debug build on a busy machine (it took over 30 s).
+    assert!(took < Duration::from_secs(5) && again_took < Duration::from_secs(5));
+    assert!(
+        worst < Duration::from_secs(5),
+        "another client waited {worst:?}"
+    );
+}

@@ -118,7 +118,9 @@ pub(crate) struct SupervisorState {
     services: BTreeMap<String, Service>,
     /// The connection of each running service, for idleness and name loss.
     peer_service: HashMap<PeerId, String>,
-    activation_env: Vec<(String, String)>,
+    /// UpdateActivationEnvironment's variables: a map, so that each update
+    /// is O(log n) (a service sees the last value given for each name).
+    activation_env: BTreeMap<String, String>,
     catalog: CatalogState,
     events: Announcer,
     cmd: SupervisorHandle,
@@ -141,7 +143,7 @@ impl SupervisorState {
         let st = SupervisorState {
             services: BTreeMap::new(),
             peer_service: HashMap::new(),
-            activation_env: Vec::new(),
+            activation_env: BTreeMap::new(),
             catalog: CatalogState::default(),
             events: Announcer::default(),
             cmd: SupervisorHandle { tx },
@@ -443,10 +445,7 @@ impl Activator for SupervisorState {
                 core.send_from_bus_to_name(SYSTEMD_NAME, call);
             }
         }
-        for (k, v) in vars {
-            self.activation_env.retain(|(key, _)| *key != k);
-            self.activation_env.push((k, v));
-        }
+        self.activation_env.extend(vars);
     }
 
     fn reload(&mut self, caller: Option<CallRef>) {
