@@ -339,3 +339,155 @@ fn a_huge_activation_environment_costs_the_others_little() {
         "another client waited {worst:?}"
     );
 }
+
+/// Run `program args` as nobody (uid and gid 65534, no other groups).
+fn as_nobody(program: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        program,
+    ])
+    .args(args)
+    .env_remove("DBUS_SESSION_BUS_ADDRESS")
+    .env("HOME", "/");
+    c
+}
+
+/// Whether `dbus-send` (as root, or as nobody) gets an answer from the bus.
+fn get_id(address: &str, nobody: bool) -> std::process::Output {
+    let bus = format!("--bus={address}");
+    let args = [
+        bus.as_str(),
+        "--print-reply",
+        "--dest=org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus.GetId",
+    ];
+    let mut c = if nobody {
+        as_nobody("dbus-send", &args)
+    } else {
+        let mut c = std::process::Command::new("dbus-send");
+        c.args(args);
+        c
+    };
+    let child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // dbus-send has a timeout of its own (25 s); ours is shorter.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(15));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(killer);
+    out
+}
+
+/// A session bus belongs to its user: root may not connect to it unless its
+/// configuration says so (dbus-daemon's default: only the bus's own uid,
+/// and no exception for root). The stock session configuration, a bus run
+/// by nobody, in a directory only nobody may enter.
+#[test]
+fn root_may_not_connect_to_another_users_session_bus() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to run a bus as nobody");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("busvisor-nobody")
+        .tempdir()
+        .unwrap();
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    nix::unistd::chown(dir.path(), nobody, Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let socket = dir.path().join("bus");
+    let program = if is_reference() {
+        "dbus-daemon"
+    } else {
+        busvisor_bin()
+    };
+    let log = dir.path().join("bus.log");
+    let bus_args = [
+        "--session".to_owned(),
+        "--nofork".to_owned(),
+        format!("--address=unix:path={}", socket.display()),
+        "--print-address".to_owned(),
+    ];
+    let bus_args: Vec<&str> = bus_args.iter().map(String::as_str).collect();
+    let mut bus = as_nobody(program, &bus_args);
+    let child = bus
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut bus = ChildGuard::new(child);
+    let stdout = bus.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let address = rx.recv_timeout(OP_TIMEOUT).unwrap_or_default();
+    let address = address.trim().to_owned();
+    assert!(
+        address.starts_with("unix:path="),
+        "no address from the bus run as nobody ({:?}); log:\n{}",
+        bus.wait_timeout(Duration::from_millis(500)),
+        read(&log)
+    );
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", bus.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned());
+    assert_eq!(uid.as_deref(), Some("65534"), "the bus runs as nobody");
+
+    let as_nobody = get_id(&address, true);
+    assert!(
+        as_nobody.status.success(),
+        "nobody was refused: {as_nobody:?}; log:\n{}",
+        read(&log)
+    );
+    let as_root = get_id(&address, false);
+    assert!(
+        !as_root.status.success(),
+        "root was let in: {as_root:?}; log:\n{}",
+        read(&log)
+    );
+    eprintln!(
+        "root was refused: {}",
+        String::from_utf8_lossy(&as_root.stderr).trim()
+    );
+    // By hand: SASL EXTERNAL as root is rejected, or (dbus-daemon) accepted
+    // and the connection closed at BEGIN, before its Hello gets an answer.
+    let mut raw = RawClient::connect(&socket);
+    raw.stream.write_all(b"\0AUTH EXTERNAL 30\r\n").unwrap();
+    let mut answer = [0u8; 64];
+    let n = std::io::Read::read(&mut raw.stream, &mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    if answer.starts_with("OK") {
+        let _ = raw.stream.write_all(b"BEGIN\r\n");
+        let _ = raw.send(&hello_msg());
+        let reply = std::iter::from_fn(|| raw.recv()).find(|m| m.message_type() != Type::Signal);
+        assert!(reply.is_none(), "root registered: {reply:?}");
+    }
+    eprintln!("root by hand: {answer:?}");
+    bus.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        bus.wait_timeout(OP_TIMEOUT).is_some(),
+        "the bus did not stop"
+    );
+}
