@@ -23,11 +23,12 @@ pub const SUPERVISOR: &str = names::SUPERVISOR_NAME;
 pub const SUPERVISOR_PATH: &str = names::SUPERVISOR_PATH;
 /// The interface of each service's object.
 pub const SERVICE_IFACE: &str = names::SERVICE_IFACE;
-/// The match rule for every lifecycle signal (and `LogLine`).
-fn events_match() -> String {
+/// The match rule for every lifecycle signal (and `LogLine`) from
+/// `owner`, the unique name owning the supervisor's name, plus `extra` keys.
+fn events_match(owner: &str, extra: &str) -> String {
     format!(
-        "type='signal',sender='{}',interface='{}'",
-        names::SUPERVISOR_NAME,
+        "type='signal',sender='{}',interface='{}'{extra}",
+        match_escape(owner),
         names::SUPERVISOR_IFACE
     )
 }
@@ -305,12 +306,27 @@ impl Client {
             .map_err(|e| Failure::msg(format!("unexpected reply to GetAll: {e}")))
     }
 
-    /// Receive every signal of the manager interface matching `rule`, from
-    /// before this returns on. The messages are drained from the connection
-    /// at once (so that they never hold up replies to method calls) and
-    /// queued, unbounded, in the returned channel; it closes with the
-    /// connection.
-    pub async fn subscribe(&self, rule: &str) -> Result<mpsc::UnboundedReceiver<Message>> {
+    /// Receive every signal of the manager interface from the owner of its
+    /// name, with the match keys `extra` (`,member='...'`), from before this
+    /// returns on. Only that owner is believed: a signal addressed to this
+    /// client by anyone else (no match rule is needed for that) is dropped.
+    /// The messages are drained from the connection at once (so that they
+    /// never hold up replies to method calls) and queued, unbounded, in the
+    /// returned channel; it closes with the connection.
+    pub async fn subscribe(&self, extra: &str) -> Result<mpsc::UnboundedReceiver<Message>> {
+        let owner: String = self
+            .conn
+            .call_method(
+                Some(DBUS),
+                DBUS_PATH,
+                Some(DBUS),
+                "GetNameOwner",
+                &(SUPERVISOR,),
+            )
+            .await
+            .and_then(|m| m.body().deserialize())
+            .map_err(|e| self.explain(e, "GetNameOwner", None))?;
+        let rule = events_match(&owner, extra);
         let mut stream = zbus::MessageStream::from(&self.conn);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -322,6 +338,7 @@ impl Client {
                 let h = m.header();
                 if h.interface().map(|i| i.as_str()) != Some(SUPERVISOR)
                     || h.path().map(|p| p.as_str()) != Some(SUPERVISOR_PATH)
+                    || h.sender().map(|s| s.as_str()) != Some(owner.as_str())
                 {
                     continue;
                 }
@@ -332,7 +349,13 @@ impl Client {
             }
         });
         self.conn
-            .call_method(Some(DBUS), DBUS_PATH, Some(DBUS), "AddMatch", &(rule,))
+            .call_method(
+                Some(DBUS),
+                DBUS_PATH,
+                Some(DBUS),
+                "AddMatch",
+                &(rule.as_str(),),
+            )
             .await
             .map_err(|e| Failure::msg(format!("cannot subscribe to the signals ({rule}): {e}")))?;
         Ok(rx)
@@ -693,12 +716,8 @@ async fn logs(c: &Client, a: &LogsArgs, out: &mut Output) -> Result<()> {
         // Resolve the id (LogLine carries it), subscribe, and only then
         // fetch the backlog: no line is lost between the two.
         id = c.service_entry(&a.name).await?.id;
-        let rule = format!(
-            "{},member='LogLine',arg0='{}'",
-            events_match(),
-            match_escape(&id)
-        );
-        follow = Some(c.subscribe(&rule).await?);
+        let keys = format!(",member='LogLine',arg0='{}'", match_escape(&id));
+        follow = Some(c.subscribe(&keys).await?);
     }
     let lines: Vec<String> = c
         .call_decode("GetLogs", &(a.name.as_str(), a.lines), Some(&a.name))
@@ -749,7 +768,7 @@ fn match_escape(s: &str) -> String {
 
 async fn events(c: &Client, a: &EventsArgs, out: &mut Output) -> Result<()> {
     // Subscribe before anything else: every event from here on is printed.
-    let mut rx = c.subscribe(&events_match()).await?;
+    let mut rx = c.subscribe("").await?;
     let only = match &a.service {
         Some(name) => Some(c.service_entry(name).await?.id),
         None => None,

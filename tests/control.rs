@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value as Json;
+use zbus::message::Message;
 
 /// Per CLI invocation.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -891,5 +892,83 @@ fn events_and_logs_end_when_the_bus_goes_away() {
             err.starts_with("busvisor: the bus at ") && err.contains("closed the connection"),
             "{what}: {err:?}"
         );
+    }
+}
+
+/// The unique name of the connection of process `pid`.
+async fn unique_name_of(conn: &zbus::Connection, pid: u32) -> Option<String> {
+    let names: Vec<String> = bus_ok(conn, "ListNames", &()).await;
+    for n in names.into_iter().filter(|n| n.starts_with(':')) {
+        let r = bus_call(conn, "GetConnectionUnixProcessID", &(n.as_str(),)).await;
+        if r.is_ok_and(|m| m.body().deserialize::<u32>().ok() == Some(pid)) {
+            return Some(n);
+        }
+    }
+    None
+}
+
+/// `busvisor events` and `logs -f` believe only the supervisor: a client
+/// that sends them lifecycle signals or log lines of its own, addressed to
+/// them or broadcast, is not shown.
+#[test]
+fn events_and_logs_ignore_forged_signals() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ef = dir.path().join("events.txt");
+    let lf = dir.path().join("logs.txt");
+    let mut events = env.spawn_cli(&["events", "--logs"], &ef);
+    env.sync_events(&[&ef]);
+    env.call_echo("Hello1");
+    let mut logs = env.spawn_cli(&["logs", "echo", "-f", "-n", "1"], &lf);
+    let read = |f: &Path| std::fs::read_to_string(f).unwrap_or_default();
+    assert!(wait_until(OP_TIMEOUT, || read(&lf).contains("call Hello1")));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let forger = connect(&env.bus.address).await;
+        let mut targets = vec![None];
+        for pid in [events.pid(), logs.pid()] {
+            let name = unique_name_of(&forger, pid).await;
+            targets.push(Some(name.expect("the CLI's connection")));
+        }
+        for dest in targets {
+            let sig = |member: &'static str| {
+                let b = Message::signal(
+                    "/org/busvisor/Supervisor1",
+                    "org.busvisor.Supervisor1",
+                    member,
+                );
+                match &dest {
+                    Some(d) => b.destination(d.clone()),
+                    None => b,
+                }
+            };
+            let failed = sig("Failed")
+                .build(&(999_999u64, "echo", "FORGED failure"))
+                .unwrap();
+            let line = sig("LogLine")
+                .build(&("echo", 1u32, "FORGED line"))
+                .unwrap();
+            within(forger.send(&failed)).await.unwrap();
+            within(forger.send(&line)).await.unwrap();
+        }
+        sync(&forger).await;
+    });
+    // What the supervisor says still shows, after the forgeries.
+    env.call_echo("Hello2");
+    env.cli_ok(&["start", "sentinel"]);
+    env.cli_ok(&["stop", "sentinel"]);
+    assert!(wait_until(OP_TIMEOUT, || read(&lf).contains("call Hello2")));
+    assert!(wait_until(OP_TIMEOUT, || read(&ef).contains("call Hello2")
+        && read(&ef).matches("stopped").count() >= 2));
+    for (what, f) in [("events", &ef), ("logs -f", &lf)] {
+        assert!(!read(f).contains("FORGED"), "{what} showed:\n{}", read(f));
+    }
+    for p in [&mut events, &mut logs] {
+        assert!(p.is_running());
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(p.wait_timeout(OP_TIMEOUT).is_some());
     }
 }

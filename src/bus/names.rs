@@ -5,7 +5,8 @@
 //! must announce them; the router turns them into NameOwnerChanged,
 //! NameLost and NameAcquired messages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
 
 use super::peer::PeerId;
 
@@ -49,8 +50,49 @@ struct Entry {
 #[derive(Default)]
 pub struct Names {
     queues: HashMap<String, VecDeque<Entry>>,
-    /// How many names each peer owns or waits for (for the per-connection limit).
-    per_peer: HashMap<PeerId, Vec<String>>,
+    /// The names each peer owns or waits for, each with the number of its
+    /// joining: a lookup, a change and a prefix search are O(log n) however
+    /// many names a peer holds, and a leaving peer's names go in
+    /// dbus-daemon's order (the last joined first).
+    per_peer: HashMap<PeerId, BTreeMap<String, u64>>,
+    joined: u64,
+}
+
+/// The well-known names one peer owns or is queued for.
+#[derive(Clone, Copy)]
+pub struct Owned<'a>(Option<&'a BTreeMap<String, u64>>);
+
+impl<'a> Owned<'a> {
+    /// In name order.
+    pub fn iter(self) -> impl Iterator<Item = &'a String> {
+        self.0.into_iter().flat_map(BTreeMap::keys)
+    }
+
+    /// O(log n).
+    pub fn contains(self, name: &str) -> bool {
+        self.0.is_some_and(|m| m.contains_key(name))
+    }
+
+    /// Whether one is `prefix` or below it (`prefix.` and more), as the
+    /// policy's prefix rules match: O(log n), plus the names that continue
+    /// `prefix` with a '-' (the only character of a bus name that sorts
+    /// before '.').
+    // For bus/policy.rs's `has_under`, which still scans `iter()`.
+    #[allow(dead_code)]
+    pub fn any_under(self, prefix: &str) -> bool {
+        let Some(m) = self.0 else {
+            return false;
+        };
+        let after = (Bound::Included(prefix), Bound::Unbounded);
+        m.range::<str, _>(after)
+            .map(|(n, _)| n.as_bytes())
+            .take_while(|n| n.starts_with(prefix.as_bytes()) && n.get(prefix.len()) <= Some(&b'.'))
+            .any(|n| matches!(n.get(prefix.len()), None | Some(b'.')))
+    }
+
+    pub fn len(self) -> usize {
+        self.0.map_or(0, BTreeMap::len)
+    }
 }
 
 impl Names {
@@ -79,25 +121,26 @@ impl Names {
     }
 
     /// The well-known names a peer owns or is queued for.
-    pub fn of(&self, peer: PeerId) -> &[String] {
-        self.per_peer.get(&peer).map_or(&[], Vec::as_slice)
+    pub fn of(&self, peer: PeerId) -> Owned<'_> {
+        Owned(self.per_peer.get(&peer))
     }
 
     /// Names a peer owns or is queued for.
     pub fn count_for(&self, peer: PeerId) -> usize {
-        self.per_peer.get(&peer).map_or(0, Vec::len)
+        self.of(peer).len()
     }
 
     fn link(&mut self, peer: PeerId, name: &str) {
         let v = self.per_peer.entry(peer).or_default();
-        if !v.iter().any(|n| n == name) {
-            v.push(name.to_owned());
+        if !v.contains_key(name) {
+            self.joined += 1;
+            v.insert(name.to_owned(), self.joined);
         }
     }
 
     fn unlink(&mut self, peer: PeerId, name: &str) {
         if let Some(v) = self.per_peer.get_mut(&peer) {
-            v.retain(|n| n != name);
+            v.remove(name);
             if v.is_empty() {
                 self.per_peer.remove(&peer);
             }
@@ -235,12 +278,16 @@ impl Names {
     /// Drop a peer from every name it owns or waits for (disconnect, or
     /// becoming a monitor).
     pub fn remove_peer(&mut self, peer: PeerId) -> Vec<NameChange> {
-        let names = self.per_peer.get(&peer).cloned().unwrap_or_default();
+        let Some(names) = self.per_peer.remove(&peer) else {
+            return Vec::new();
+        };
+        // dbus-daemon's order: the name joined last goes first.
+        let mut names: Vec<(u64, String)> = names.into_iter().map(|(n, j)| (j, n)).collect();
+        names.sort_unstable_by_key(|(j, _)| std::cmp::Reverse(*j));
         let mut changes = Vec::new();
-        for name in names {
+        for (_, name) in names {
             changes.extend(self.remove_from(&name, peer));
         }
-        self.per_peer.remove(&peer);
         changes
     }
 }
@@ -342,5 +389,43 @@ mod tests {
         assert_eq!(n.owner("a.b"), None);
         assert_eq!(n.owner("c.d"), Some(2));
         assert_eq!(n.count_for(1), 0);
+    }
+
+    #[test]
+    fn a_peers_names_are_looked_up_not_scanned() {
+        let mut n = Names::default();
+        for name in ["a.b", "a.b-c.d", "a.bc", "a.b.c.d", "x.y"] {
+            n.request(name, 1, 0);
+        }
+        let of = n.of(1);
+        assert_eq!(of.len(), 5);
+        assert!(of.contains("a.bc") && !of.contains("a"));
+        assert!(of.any_under("a.b") && of.any_under("a") && of.any_under("a.b.c"));
+        assert!(!of.any_under("a.b-c.d.e") && !of.any_under("a.bcd") && !of.any_under("z"));
+        assert!(of.any_under("a.b-c") && !n.of(2).any_under("a"));
+        n.release("a.b", 1);
+        n.release("a.b.c.d", 1);
+        assert!(!n.of(1).any_under("a.b"));
+        assert_eq!(
+            n.of(1).iter().collect::<Vec<_>>(),
+            ["a.b-c.d", "a.bc", "x.y"]
+        );
+    }
+
+    #[test]
+    fn a_leaving_peers_names_go_last_joined_first() {
+        let mut n = Names::default();
+        for name in ["c.c", "a.a", "b.b"] {
+            n.request(name, 1, 0);
+        }
+        let lost: Vec<String> = n
+            .remove_peer(1)
+            .into_iter()
+            .filter_map(|c| match c {
+                NameChange::Lost { name, .. } => Some(name),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lost, ["b.b", "a.a", "c.c"]);
     }
 }

@@ -79,6 +79,9 @@ impl BusState {
             msg.data().bytes().as_ptr() as usize,
         ));
         let hdr = msg.header();
+        if is_local(&hdr) {
+            return Verdict::Disconnect("message on the reserved local path or interface");
+        }
         tracing::trace!(
             peer = %unique_name(from),
             kind = ?msg.message_type(),
@@ -589,11 +592,26 @@ impl BusState {
     }
 
     pub(super) fn name_signal(&mut self, member: &str, peer: PeerId, name: &str) {
+        // A leaving peer's NameLost signals reach only monitors: build them
+        // only for those (a peer may leave with 50k names).
+        if self.monitors.is_empty() && !self.peers.contains_key(&peer) {
+            return;
+        }
         let dest = unique_name(peer);
         if let Some(sig) = bus_signal(member, Some(&dest), &(name,)) {
             self.send_to(peer, sig);
         }
     }
+}
+
+/// Whether a message uses the reserved local path or interface, which
+/// dbus-daemon's header validation refuses (and drops its sender): relayed,
+/// a `Disconnected` would close every libdbus client that gets it.
+fn is_local(hdr: &wire::Header<'_>) -> bool {
+    hdr.path().is_some_and(|p| p.as_str() == names::LOCAL_PATH)
+        || hdr
+            .interface()
+            .is_some_and(|i| i.as_str() == names::IFACE_LOCAL)
 }
 
 /// A signal of the driver's interface.

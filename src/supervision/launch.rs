@@ -5,7 +5,7 @@
 //! router's (a router taken over by a hostile peer could otherwise ask root
 //! to run anything as anyone).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 
 use super::procs;
@@ -33,7 +33,7 @@ pub(crate) struct Launch<'a> {
     /// The bus's address, for `DBUS_STARTER_ADDRESS`.
     pub(crate) address: &'a str,
     /// UpdateActivationEnvironment's variables (none on a system bus).
-    pub(crate) activation_env: &'a [(String, String)],
+    pub(crate) activation_env: &'a BTreeMap<String, String>,
     /// System bus: the service runs as its `User=`, in a clean environment.
     pub(crate) system: bool,
 }
@@ -165,7 +165,7 @@ mod tests {
             def,
             token: "org.example.S-1-1",
             address: "unix:path=/run/dbus/system_bus_socket",
-            activation_env: &[("FROM_UAE".into(), "1".into())],
+            activation_env: &BTreeMap::from([("FROM_UAE".into(), "1".into())]),
             system,
         }
         .request()

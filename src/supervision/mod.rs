@@ -122,7 +122,9 @@ pub(crate) struct SupervisorState {
     /// it: a service whose name another connection owns is not started
     /// again through the control API (it would wait for a name it cannot get).
     name_owners: HashMap<String, PeerId>,
-    activation_env: Vec<(String, String)>,
+    /// UpdateActivationEnvironment's variables: a map, so that each update
+    /// is O(log n) (a service sees the last value given for each name).
+    activation_env: BTreeMap<String, String>,
     catalog: CatalogState,
     events: Announcer,
     cmd: SupervisorHandle,
@@ -146,7 +148,7 @@ impl SupervisorState {
             services: BTreeMap::new(),
             peer_service: HashMap::new(),
             name_owners: HashMap::new(),
-            activation_env: Vec::new(),
+            activation_env: BTreeMap::new(),
             catalog: CatalogState::default(),
             events: Announcer::default(),
             cmd: SupervisorHandle { tx },
@@ -490,10 +492,7 @@ impl Activator for SupervisorState {
                 core.send_from_bus_to_name(SYSTEMD_NAME, call);
             }
         }
-        for (k, v) in vars {
-            self.activation_env.retain(|(key, _)| *key != k);
-            self.activation_env.push((k, v));
-        }
+        self.activation_env.extend(vars);
     }
 
     fn reload(&mut self, caller: Option<CallRef>) {

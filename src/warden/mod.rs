@@ -283,7 +283,7 @@ impl Warden {
             def,
             token,
             address: &self.setup.address,
-            activation_env: &[],
+            activation_env: &std::collections::BTreeMap::new(),
             system: true,
         };
         let req = match launch.request() {

@@ -217,11 +217,35 @@ fn read_header(msg: &Message) -> Option<(Reader<'_>, &[u8])> {
 /// 1.14 removes the others before relaying a message ("HeaderFiltering").
 const KNOWN_FIELDS: std::ops::RangeInclusive<u8> = 1..=9;
 
+const SENDER_FIELD: u8 = 7;
+
+/// Whether the header field whose value `r` is about to read is a SENDER
+/// holding a well-known name. dbus-daemon accepts any valid bus name there
+/// and sets its own; zbus's parser would refuse the message, so the field
+/// goes, and the reader stamps the unique name as for any other. An
+/// invalid name stays for the parser to refuse, as dbus-daemon does.
+fn well_known_sender(code: u8, sig: &[u8], r: &Reader<'_>) -> bool {
+    if code != SENDER_FIELD || sig != b"s" {
+        return false;
+    }
+    let mut peek = Reader { ..*r };
+    // A unique name (what clients that set a sender send) is decided by its
+    // first byte, without reading the rest.
+    let Some(first) = peek.u32().and_then(|_| peek.buf.get(peek.pos)) else {
+        return false;
+    };
+    *first != b':'
+        && (Reader { ..*r })
+            .string()
+            .is_some_and(|name| super::validate::well_known_name(name).is_ok())
+}
+
 /// When the message starting `bytes` has header fields the bus does not
-/// understand, its header without them: (the length of the header it
-/// replaces, padding included; the new header). None when there is nothing
-/// to remove, or `bytes` does not hold the whole header, or the header is
-/// malformed (which the parser then refuses as before).
+/// understand (or a SENDER holding a well-known name), its header without
+/// them: (the length of the header it replaces, padding included; the new
+/// header). None when there is nothing to remove, or `bytes` does not hold
+/// the whole header, or the header is malformed (which the parser then
+/// refuses as before).
 pub(crate) fn filter_header(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
     let big_endian = match bytes.first()? {
         b'l' => false,
@@ -251,10 +275,11 @@ pub(crate) fn filter_header(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
         r.pos = start;
         let code = r.byte()?;
         let sig = r.signature()?;
+        let forged = well_known_sender(code, sig, &r);
         if !r.skip(sig, 1)?.is_empty() {
             return None;
         }
-        if KNOWN_FIELDS.contains(&code) {
+        if KNOWN_FIELDS.contains(&code) && !forged {
             kept.push(start..r.pos);
         } else {
             dropped = true;
@@ -351,6 +376,33 @@ mod tests {
         let new_header = out.len();
         out.extend_from_slice(&bytes[header_end..]);
         (out, new_header)
+    }
+
+    #[test]
+    fn a_well_known_sender_is_filtered_out_and_a_unique_one_kept() {
+        let build = |sender: &str| {
+            Message::signal("/p", "org.example.I", "S")
+                .sender(sender)
+                .build(&())
+                .unwrap()
+        };
+        let unique = build(":1.23456789012345");
+        assert!(filter_header(unique.data().bytes()).is_none());
+        let mut forged = unique.data().bytes().to_vec();
+        let at = forged
+            .windows(17)
+            .position(|w| w == b":1.23456789012345")
+            .unwrap();
+        let without = Message::signal("/p", "org.example.I", "S")
+            .build(&())
+            .unwrap();
+        for (name, dropped) in [(b"org.example.Fake1", true), (b"org..example.Bad1", false)] {
+            forged[at..at + 17].copy_from_slice(name);
+            // The same fields but the sender's (bytes 8..12 are the serial).
+            let filtered = filter_header(&forged).map(|(_, h)| h[12..].to_vec());
+            let want = dropped.then(|| without.data().bytes()[12..].to_vec());
+            assert_eq!(filtered, want, "{}", String::from_utf8_lossy(name));
+        }
     }
 
     #[test]

@@ -10,6 +10,10 @@ pub const IFACE_INTROSPECT: &str = "org.freedesktop.DBus.Introspectable";
 pub const IFACE_PEER: &str = "org.freedesktop.DBus.Peer";
 pub const IFACE_MONITORING: &str = "org.freedesktop.DBus.Monitoring";
 pub const IFACE_STATS: &str = "org.freedesktop.DBus.Debug.Stats";
+/// Reserved for what a client library tells itself (its `Disconnected`):
+/// never on the wire.
+pub const LOCAL_PATH: &str = "/org/freedesktop/DBus/Local";
+pub const IFACE_LOCAL: &str = "org.freedesktop.DBus.Local";
 
 /// busvisor's control API: a name the bus itself owns.
 pub const SUPERVISOR_NAME: &str = "org.busvisor.Supervisor1";

@@ -609,6 +609,15 @@ impl RawClient {
         }
     }
 
+    /// A client over a stream already connected (say, a clone of another
+    /// client's, to read in another thread).
+    pub fn from_stream(stream: UnixStream) -> RawClient {
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn connect_authenticated(socket: &Path) -> RawClient {
         let mut c = RawClient::connect(socket);
         c.authenticate();

@@ -92,9 +92,7 @@ pub(super) fn request_name(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     cx.core.check_own(from, name)?;
     let max = cx.facts.limits.max_names_per_connection;
     // The unique name counts, as in dbus-daemon.
-    if cx.core.names.count_for(from) as u64 + 1 >= max
-        && !cx.core.names.queued(name).contains(&from)
-    {
+    if cx.core.names.count_for(from) as u64 + 1 >= max && !cx.core.names.of(from).contains(name) {
         return err(
             ErrorName::LimitsExceeded,
             format!(
