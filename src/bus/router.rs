@@ -82,18 +82,7 @@ impl BusState {
         if is_local(&hdr) {
             return Verdict::Disconnect("message on the reserved local path or interface");
         }
-        tracing::trace!(
-            peer = %unique_name(from),
-            kind = ?msg.message_type(),
-            serial = msg.primary_header().serial_num().get(),
-            reply_serial = ?hdr.reply_serial(),
-            dest = ?hdr.destination().map(|d| d.as_str()),
-            path = ?hdr.path().map(|p| p.as_str()),
-            iface = ?hdr.interface().map(|i| i.as_str()),
-            member = ?hdr.member().map(|m| m.as_str()),
-            signature = body_signature(&msg),
-            "message"
-        );
+        trace_message(from, &msg, &hdr);
         let dest = hdr.destination().map(|d| d.as_str());
         let to_bus = dest == Some(names::BUS_NAME);
         if !peer.hello && (!to_bus || !driver::is_hello(&msg)) {
@@ -632,4 +621,20 @@ fn charge_of<'a>(
         Some((to, at)) if *at == msg.data().bytes().as_ptr() as usize => Some(to),
         _ => None,
     }
+}
+
+/// One trace line per message routed (off unless tracing is at trace level).
+fn trace_message(from: PeerId, msg: &Message, hdr: &wire::Header<'_>) {
+    tracing::trace!(
+        peer = %unique_name(from),
+        kind = ?msg.message_type(),
+        serial = msg.primary_header().serial_num().get(),
+        reply_serial = ?hdr.reply_serial(),
+        dest = ?hdr.destination().map(|d| d.as_str()),
+        path = ?hdr.path().map(|p| p.as_str()),
+        iface = ?hdr.interface().map(|i| i.as_str()),
+        member = ?hdr.member().map(|m| m.as_str()),
+        signature = body_signature(msg),
+        "message"
+    );
 }
