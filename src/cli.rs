@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "busvisor",
     version,
-    about = "A D-Bus session bus that starts services on demand and supervises them",
+    about = "A D-Bus message bus (session or system) that starts services on demand and supervises them",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {

@@ -1,5 +1,5 @@
-//! busvisor: a D-Bus session bus that starts services on demand and
-//! supervises them. See docs/ARCHITECTURE.md for the map of modules.
+//! busvisor: a D-Bus message bus (session or system) that starts services
+//! on demand and supervises them. See docs/ARCHITECTURE.md for the map of modules.
 //!
 //! Two parts meet at one boundary: the message bus core (`bus`) and the
 //! service manager (`supervision`, with the definitions of `activation`).
