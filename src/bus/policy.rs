@@ -73,6 +73,12 @@ impl Names for PeerNames<'_> {
                 .iter()
                 .any(|n| has_prefix(n, prefix))
     }
+
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        // The unique name is left out: formatting it would allocate, and
+        // the policy tests rules naming one with `has`.
+        self.st.names.of(self.peer).iter().for_each(|n| f(n));
+    }
 }
 
 /// The facts of a message the checks read, from its header (which the

@@ -15,9 +15,13 @@
 //! In every check the last matching rule wins, and when nothing matches the
 //! answer is deny.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::{MessageRule, MessageType, Policy, Rule, RuleKind};
+
+mod index;
+use index::{Fold, MessageIndex, OwnIndex};
 
 /// What the checks need to know of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +55,10 @@ pub(crate) trait Names {
     /// Whether the connection owns or is queued for a name equal to
     /// `prefix` or below it on `.` boundaries ([`has_prefix`]).
     fn has_under(&self, prefix: &str) -> bool;
+    /// Calls `f` with each name the connection owns or is queued for, each
+    /// once (a name listed twice would count its rules twice). The unique
+    /// name may be left out: rules naming one are tested with `has`.
+    fn each_name(&self, f: &mut dyn FnMut(&str));
 }
 
 /// The receiver a send is checked against.
@@ -105,18 +113,37 @@ struct OwnCheck {
 }
 
 /// The rules that apply to one connection, by kind, each in the order of
-/// dbus-daemon's flat list after its optimizer. Cheap to clone (one `Arc`);
-/// equal policies compare and hash equal, so connections with the same
-/// (uid, groups, at_console) can share one.
+/// dbus-daemon's flat list after its optimizer, with their index. Cheap to
+/// clone (one `Arc`); equal policies compare and hash equal, so connections
+/// with the same (uid, groups, at_console) can share one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ClientPolicy(Arc<Lists>);
 
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 struct Lists {
     send: Vec<MessageCheck>,
     receive: Vec<MessageCheck>,
     own: Vec<OwnCheck>,
     allows_everything: bool,
+    /// Derived from the lists above (so left out of equality and hashing):
+    /// where a check looks.
+    send_index: MessageIndex,
+    receive_index: MessageIndex,
+    own_index: OwnIndex,
+}
+
+impl PartialEq for Lists {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.send, &self.receive, &self.own) == (&other.send, &other.receive, &other.own)
+    }
+}
+
+impl Eq for Lists {}
+
+impl Hash for Lists {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (&self.send, &self.receive, &self.own).hash(state);
+    }
 }
 
 impl Policy {
@@ -204,6 +231,9 @@ impl ClientPolicy {
             && allows_all(&receive, |c| c.allow, receive_matches_all)
             && allows_all(&own, |c| c.allow, |c| c.name.is_none());
         ClientPolicy(Arc::new(Lists {
+            send_index: MessageIndex::new(&send),
+            receive_index: MessageIndex::new(&receive),
+            own_index: OwnIndex::new(own.iter().map(|c| (c.name.as_deref(), c.prefix))),
             send,
             receive,
             own,
@@ -213,34 +243,35 @@ impl ClientPolicy {
 
     /// Whether the connection may own (RequestName) `name`.
     pub(crate) fn can_own(&self, name: &str) -> bool {
-        last_match(&self.0.own, false, |c: &OwnCheck| {
-            let hit = match (&c.name, c.prefix) {
+        let own = &self.0.own;
+        let last = self.0.own_index.last(name, |i| {
+            let c = &own[i as usize];
+            match (&c.name, c.prefix) {
                 (None, _) => true,
                 (Some(own), false) => own == name,
                 (Some(prefix), true) => has_prefix(name, prefix),
-            };
-            hit.then_some(c.allow)
-        })
-        .0
+            }
+        });
+        last.is_some_and(|i| own[i as usize].allow)
     }
 
     /// Whether the connection may send `msg` to `receiver`.
     pub(crate) fn can_send(&self, msg: &MessageFacts, receiver: Receiver) -> Decision {
-        let mut log = false;
-        let (allowed, matched_rules) = last_match(&self.0.send, false, |c: &MessageCheck| {
-            let hit = message_matches(c, msg)
-                && broadcast_matches(&c.rule, msg)
-                && destination_matches(&c.rule, msg, receiver);
-            hit.then(|| {
-                log = c.rule.log;
-                c.allow
-            })
-        });
-        Decision {
-            allowed,
-            matched_rules,
-            log,
-        }
+        let send = &self.0.send;
+        let fold = self.0.send_index.fold(
+            msg.interface,
+            |f| match receiver {
+                Receiver::Connection(names) => names.each_name(f),
+                Receiver::Driver | Receiver::Activation => msg.destination.into_iter().for_each(f),
+            },
+            |i, name_known| {
+                let c = &send[i as usize];
+                message_matches(c, msg)
+                    && broadcast_matches(&c.rule, msg)
+                    && (name_known || destination_matches(&c.rule, msg, receiver))
+            },
+        );
+        decide(send, fold)
     }
 
     /// Whether the connection may receive `msg` from `sender`. It is
@@ -252,16 +283,23 @@ impl ClientPolicy {
         sender: Sender,
         eavesdropping: bool,
     ) -> Decision {
-        let (allowed, matched_rules) = last_match(&self.0.receive, false, |c: &MessageCheck| {
-            let hit = eavesdrop_matches(c, eavesdropping)
-                && message_matches(c, msg)
-                && sender_matches(&c.rule, sender);
-            hit.then_some(c.allow)
-        });
+        let receive = &self.0.receive;
+        let fold = self.0.receive_index.fold(
+            msg.interface,
+            |f| match sender {
+                Sender::Connection(names) => names.each_name(f),
+                Sender::Driver(header) => header.into_iter().for_each(f),
+            },
+            |i, name_known| {
+                let c = &receive[i as usize];
+                eavesdrop_matches(c, eavesdropping)
+                    && message_matches(c, msg)
+                    && (name_known || sender_matches(&c.rule, sender))
+            },
+        );
         Decision {
-            allowed,
-            matched_rules,
             log: false,
+            ..decide(receive, fold)
         }
     }
 
@@ -277,6 +315,16 @@ impl ClientPolicy {
     /// Whether `self` and `other` are the same shared policy.
     pub(crate) fn ptr_eq(&self, other: &ClientPolicy) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// The decision of the last matching rule (deny when none matched).
+fn decide(rules: &[MessageCheck], fold: Fold) -> Decision {
+    let last = fold.last.map(|i| &rules[i as usize]);
+    Decision {
+        allowed: last.is_some_and(|c| c.allow),
+        matched_rules: fold.count,
+        log: last.is_some_and(|c| c.rule.log),
     }
 }
 
