@@ -7,6 +7,7 @@
 //! The common case costs one comparison: while no connected peer has a
 //! policy that refuses anything (the stock session.conf), no check runs.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use tracing::warn;
@@ -16,8 +17,8 @@ use super::peer::{PeerId, parse_unique_name, unique_name};
 use crate::policy::MessageType;
 use crate::policy::Policy;
 use crate::policy::check::{
-    ClientPolicy, Decision, MessageFacts, Names, Party, REJECTED_RECEIVE, REJECTED_SEND, Receiver,
-    Sender, WOULD_REJECT, complaint, has_prefix, own_denied,
+    ClientPolicy, Decision, MessageFacts, Names, Partial, Party, REJECTED_RECEIVE, REJECTED_SEND,
+    Receiver, Sender, WOULD_REJECT, complaint, has_prefix, own_denied,
 };
 use crate::wire::{BusError, ErrorName, Header, Message, Type};
 
@@ -29,6 +30,45 @@ pub(crate) struct Enforcer {
     shared: HashMap<(u32, Box<[u32]>), ClientPolicy>,
     /// Connections whose policy refuses something: while none, no check runs.
     restricted: usize,
+    /// What the checks of a broadcast's recipients share.
+    memo: RefCell<Memo>,
+}
+
+/// A broadcast is checked once per recipient: the sender's send rules that
+/// name no receiver answer the same for every recipient, and recipients
+/// that share a policy (the same uid and groups) get the same receive
+/// answer. Those answers are kept here from one recipient to the next.
+///
+/// They stay valid only while nothing else is asked of the policy: every
+/// other question (a unicast, a call to the bus, which is how a peer's names
+/// change, a new policy) forgets them, so a sender's names and policy
+/// cannot change under them.
+#[derive(Default)]
+struct Memo {
+    /// The broadcast and its sender. The message is held, so that no other
+    /// message can have its address while it is here (so never one with
+    /// fds).
+    msg: Option<(Message, Option<PeerId>)>,
+    /// The sender's policy and its send rules that name no receiver.
+    send: Option<(ClientPolicy, Partial)>,
+    /// The last recipient's policy and its receive answer.
+    receive: Option<(ClientPolicy, Decision)>,
+}
+
+impl Memo {
+    /// Forgets the answers unless they are for `msg` from `from`.
+    fn keep_for(&mut self, msg: &Message, from: Option<PeerId>) {
+        let same = self.msg.as_ref().is_some_and(|(m, f)| {
+            let (a, b) = (m.data(), msg.data());
+            *f == from && a.as_ptr() == b.as_ptr() && a.len() == b.len()
+        });
+        if !same {
+            *self = Memo {
+                msg: Some((msg.clone(), from)),
+                ..Memo::default()
+            };
+        }
+    }
 }
 
 impl Enforcer {
@@ -36,6 +76,14 @@ impl Enforcer {
         Enforcer {
             policy,
             ..Enforcer::default()
+        }
+    }
+
+    /// Forgets a broadcast's answers ([`Memo`]): something else is asked.
+    fn forget(&self) {
+        let mut memo = self.memo.borrow_mut();
+        if memo.msg.is_some() {
+            *memo = Memo::default();
         }
     }
 
@@ -103,6 +151,15 @@ fn facts<'h>(msg: &Message, hdr: &'h Header<'_>, requested_reply: bool) -> Messa
     }
 }
 
+/// The sender a receive is checked against: a connection by its names, the
+/// bus by the sender header.
+fn sender<'a>(names: Option<&'a PeerNames<'a>>, hdr: &'a Header<'_>) -> Sender<'a> {
+    match names {
+        Some(names) => Sender::Connection(names),
+        None => Sender::Driver(hdr.sender().map(|s| s.as_str())),
+    }
+}
+
 /// A refusal: the AccessDenied text, logged at warning level as dbus-daemon
 /// logs it at security level.
 fn refusal(text: String) -> BusError {
@@ -122,6 +179,7 @@ impl BusState {
             return;
         };
         let (uid, groups) = (p.creds.uid.unwrap_or(u32::MAX), p.groups.clone());
+        self.enforcer.forget();
         let policy = self.enforcer.client(uid, &groups);
         if !policy.allows_everything() {
             self.enforcer.restricted += 1;
@@ -133,6 +191,7 @@ impl BusState {
 
     /// A connection leaves: it no longer counts.
     pub(super) fn release_policy(&mut self, policy: Option<ClientPolicy>) {
+        self.enforcer.forget();
         if policy.is_some_and(|p| !p.allows_everything()) {
             self.enforcer.restricted -= 1;
         }
@@ -217,27 +276,72 @@ impl BusState {
         }
         let hdr = msg.header();
         let f = facts(msg, &hdr, requested_reply && !eavesdropping);
+        // A message with fds is not held: its fds would stay open in the bus.
+        if f.destination.is_some() || eavesdropping || requested_reply || f.n_fds > 0 {
+            self.enforcer.forget();
+            return self.check_one(from, to, &f, &hdr, eavesdropping);
+        }
+        // A broadcast: one recipient of many.
+        let mut memo = self.enforcer.memo.borrow_mut();
+        memo.keep_for(msg, from);
         let recipient = PeerNames { st: self, peer: to };
-        if let Some(p) = from.and_then(|from| self.policy_of(from)) {
-            let d = p.can_send(&f, Receiver::Connection(&recipient));
-            self.judge(d, REJECTED_SEND, &f, from, Some(to))?;
+        let receiver = Receiver::Connection(&recipient);
+        if let Some(from) = from {
+            if memo.send.is_none() {
+                memo.send = self
+                    .policy_of(from)
+                    .map(|p| (p.clone(), p.send_unnamed(&f)));
+            }
+            if let Some((p, unnamed)) = &memo.send {
+                let d = p.can_send_after(&f, receiver, *unnamed);
+                self.judge(d, REJECTED_SEND, &f, Some(from), Some(to))?;
+            }
         }
         let Some(p) = self.policy_of(to) else {
             return Ok(());
         };
-        let sender_names = from.map(|peer| PeerNames { st: self, peer });
-        let sender = match &sender_names {
-            Some(names) => Sender::Connection(names),
-            None => Sender::Driver(hdr.sender().map(|s| s.as_str())),
+        let d = match &memo.receive {
+            Some((q, d)) if q.ptr_eq(p) => *d,
+            _ => {
+                let names = from.map(|peer| PeerNames { st: self, peer });
+                let d = p.can_receive(&f, sender(names.as_ref(), &hdr), false);
+                memo.receive = Some((p.clone(), d));
+                d
+            }
         };
-        let d = p.can_receive(&f, sender, eavesdropping);
         self.judge(d, REJECTED_RECEIVE, &f, from, Some(to))
+    }
+
+    /// [`Self::check_delivery`] without the memo.
+    fn check_one(
+        &self,
+        from: Option<PeerId>,
+        to: PeerId,
+        f: &MessageFacts,
+        hdr: &Header<'_>,
+        eavesdropping: bool,
+    ) -> Result<(), BusError> {
+        let recipient = PeerNames { st: self, peer: to };
+        if let Some(p) = from.and_then(|from| self.policy_of(from)) {
+            let d = p.can_send(f, Receiver::Connection(&recipient));
+            self.judge(d, REJECTED_SEND, f, from, Some(to))?;
+        }
+        let Some(p) = self.policy_of(to) else {
+            return Ok(());
+        };
+        let names = from.map(|peer| PeerNames { st: self, peer });
+        let d = p.can_receive(f, sender(names.as_ref(), hdr), eavesdropping);
+        self.judge(d, REJECTED_RECEIVE, f, from, Some(to))
     }
 
     /// A message to the bus driver (or the bus's own control API): the
     /// sender's send policy, the destination compared as written.
     pub(super) fn check_to_bus(&self, from: PeerId, msg: &Message) -> Result<(), BusError> {
-        let Some(p) = self.policy_of(from).filter(|_| self.enforcing()) else {
+        if !self.enforcing() {
+            return Ok(());
+        }
+        self.enforcer.forget();
+        let Some(p) = self.policy_of(from) else {
             return Ok(());
         };
         let hdr = msg.header();
@@ -250,7 +354,11 @@ impl BusState {
     /// before the start, the destination compared as written (dbus-daemon
     /// 1.11.10, fd.o #98666).
     pub(super) fn check_activation(&self, from: PeerId, msg: &Message) -> Result<(), BusError> {
-        let Some(p) = self.policy_of(from).filter(|_| self.enforcing()) else {
+        if !self.enforcing() {
+            return Ok(());
+        }
+        self.enforcer.forget();
+        let Some(p) = self.policy_of(from) else {
             return Ok(());
         };
         let hdr = msg.header();
@@ -261,7 +369,11 @@ impl BusState {
 
     /// RequestName: the own rules.
     pub(super) fn check_own(&self, from: PeerId, name: &str) -> Result<(), BusError> {
-        match self.policy_of(from).filter(|_| self.enforcing()) {
+        if !self.enforcing() {
+            return Ok(());
+        }
+        self.enforcer.forget();
+        match self.policy_of(from) {
             Some(p) if !p.can_own(name) => Err(refusal(own_denied(&unique_name(from), name))),
             _ => Ok(()),
         }

@@ -85,6 +85,11 @@ pub(crate) enum Sender<'a> {
     Connection(&'a dyn Names),
 }
 
+/// The rules of a check that name no counterpart: which matched last, and
+/// how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Partial(Fold);
+
 /// The answer of a send or receive check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Decision {
@@ -257,18 +262,36 @@ impl ClientPolicy {
 
     /// Whether the connection may send `msg` to `receiver`.
     pub(crate) fn can_send(&self, msg: &MessageFacts, receiver: Receiver) -> Decision {
+        self.can_send_after(msg, receiver, self.send_unnamed(msg))
+    }
+
+    /// The part of a send check that no receiver changes: the rules that
+    /// name none. A broadcast is checked once per recipient; the bus keeps
+    /// this part for the next recipient ([`Self::can_send_after`]).
+    pub(crate) fn send_unnamed(&self, msg: &MessageFacts) -> Partial {
         let send = &self.0.send;
-        let fold = self.0.send_index.fold(
-            msg.interface,
+        let fold = (self.0.send_index).unnamed(msg.interface, |i| send_hit(&send[i as usize], msg));
+        Partial(fold)
+    }
+
+    /// [`Self::can_send`], given its `unnamed` part for the same message.
+    pub(crate) fn can_send_after(
+        &self,
+        msg: &MessageFacts,
+        receiver: Receiver,
+        unnamed: Partial,
+    ) -> Decision {
+        let send = &self.0.send;
+        let fold = self.0.send_index.named(
+            unnamed.0,
             |f| match receiver {
                 Receiver::Connection(names) => names.each_name(f),
                 Receiver::Driver | Receiver::Activation => msg.destination.into_iter().for_each(f),
             },
-            |i, name_known| {
+            |i| send_hit(&send[i as usize], msg),
+            |i| {
                 let c = &send[i as usize];
-                message_matches(c, msg)
-                    && broadcast_matches(&c.rule, msg)
-                    && (name_known || destination_matches(&c.rule, msg, receiver))
+                send_hit(c, msg) && destination_matches(&c.rule, msg, receiver)
             },
         );
         decide(send, fold)
@@ -283,18 +306,41 @@ impl ClientPolicy {
         sender: Sender,
         eavesdropping: bool,
     ) -> Decision {
+        let unnamed = self.receive_unnamed(msg, eavesdropping);
+        self.can_receive_after(msg, sender, eavesdropping, unnamed)
+    }
+
+    /// The part of a receive check that no sender changes: the rules that
+    /// name none. Recipients of a broadcast mostly share one policy; the
+    /// bus keeps this part for the next one ([`Self::can_receive_after`]).
+    pub(crate) fn receive_unnamed(&self, msg: &MessageFacts, eavesdropping: bool) -> Partial {
         let receive = &self.0.receive;
-        let fold = self.0.receive_index.fold(
-            msg.interface,
+        let fold = (self.0.receive_index).unnamed(msg.interface, |i| {
+            receive_hit(&receive[i as usize], msg, eavesdropping)
+        });
+        Partial(fold)
+    }
+
+    /// [`Self::can_receive`], given its `unnamed` part for the same message
+    /// and `eavesdropping`.
+    pub(crate) fn can_receive_after(
+        &self,
+        msg: &MessageFacts,
+        sender: Sender,
+        eavesdropping: bool,
+        unnamed: Partial,
+    ) -> Decision {
+        let receive = &self.0.receive;
+        let fold = self.0.receive_index.named(
+            unnamed.0,
             |f| match sender {
                 Sender::Connection(names) => names.each_name(f),
                 Sender::Driver(header) => header.into_iter().for_each(f),
             },
-            |i, name_known| {
+            |i| receive_hit(&receive[i as usize], msg, eavesdropping),
+            |i| {
                 let c = &receive[i as usize];
-                eavesdrop_matches(c, eavesdropping)
-                    && message_matches(c, msg)
-                    && (name_known || sender_matches(&c.rule, sender))
+                receive_hit(c, msg, eavesdropping) && sender_matches(&c.rule, sender)
             },
         );
         Decision {
@@ -311,11 +357,20 @@ impl ClientPolicy {
         self.0.allows_everything
     }
 
-    #[cfg(test)]
     /// Whether `self` and `other` are the same shared policy.
     pub(crate) fn ptr_eq(&self, other: &ClientPolicy) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+}
+
+/// A send rule's tests but the receiver's name.
+fn send_hit(c: &MessageCheck, msg: &MessageFacts) -> bool {
+    message_matches(c, msg) && broadcast_matches(&c.rule, msg)
+}
+
+/// A receive rule's tests but the sender's name.
+fn receive_hit(c: &MessageCheck, msg: &MessageFacts, eavesdropping: bool) -> bool {
+    eavesdrop_matches(c, eavesdropping) && message_matches(c, msg)
 }
 
 /// The decision of the last matching rule (deny when none matched).

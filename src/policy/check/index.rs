@@ -27,16 +27,18 @@ pub(super) struct MessageIndex {
     /// The deny rules of `by_interface`: a message without an interface
     /// matches deny rules that name one (allow rules, never).
     interface_denies: Box<[u32]>,
-    /// The rest, tested one by one: no name and no interface, a name
-    /// prefix, or a unique name (a connection's unique name is not among
-    /// the names [`super::Names::each_name`] must list, and rules naming
-    /// one are rare: names given by the bus cannot be known in advance).
+    /// Rules naming no name and no interface, tested one by one.
     rest: Box<[u32]>,
+    /// Rules naming a name prefix or a unique name, tested one by one: a
+    /// connection's unique name is not among the names
+    /// [`super::Names::each_name`] must list, and rules naming one are
+    /// rare (names the bus gives cannot be known in advance).
+    rest_named: Box<[u32]>,
 }
 
 /// The outcome of testing candidates: the highest matching position and
 /// how many matched.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Fold {
     pub(super) last: Option<u32>,
     pub(super) count: usize,
@@ -58,7 +60,7 @@ impl MessageIndex {
     pub(super) fn new(rules: &[MessageCheck]) -> Self {
         let mut by_name: HashMap<&str, Vec<u32>> = HashMap::new();
         let mut by_interface: HashMap<&str, Vec<u32>> = HashMap::new();
-        let (mut interface_denies, mut rest) = (Vec::new(), Vec::new());
+        let (mut interface_denies, mut rest, mut rest_named) = (Vec::new(), Vec::new(), Vec::new());
         for (i, c) in rules.iter().enumerate() {
             let i = u32::try_from(i).expect("fewer than 2^32 rules");
             let r = &c.rule;
@@ -72,7 +74,8 @@ impl MessageIndex {
                         interface_denies.push(i);
                     }
                 }
-                _ => rest.push(i),
+                (Some(_), _) => rest_named.push(i),
+                (None, None) => rest.push(i),
             }
         }
         let boxed = |m: HashMap<&str, Vec<u32>>| {
@@ -85,33 +88,46 @@ impl MessageIndex {
             by_interface: boxed(by_interface),
             interface_denies: interface_denies.into(),
             rest: rest.into(),
+            rest_named: rest_named.into(),
         }
     }
 
-    /// Tests every rule that could match a message with `interface`, whose
-    /// counterpart is known by the names `each_name` lists (each once).
-    /// `matches(i, name_known)` tests rule `i`; `name_known` says its name
-    /// is already known to match.
-    pub(super) fn fold(
+    /// Tests the rules that name no counterpart and could match a message
+    /// with `interface`: `hit(i)` tests rule `i`. Their answer is the same
+    /// for every recipient of a broadcast.
+    pub(super) fn unnamed(
         &self,
         interface: Option<&str>,
-        each_name: impl FnOnce(&mut dyn FnMut(&str)),
-        mut matches: impl FnMut(u32, bool) -> bool,
+        mut hit: impl FnMut(u32) -> bool,
     ) -> Fold {
         let mut fold = Fold::default();
-        if !self.by_name.is_empty() {
-            each_name(&mut |name| {
-                if let Some(bucket) = self.by_name.get(name) {
-                    fold.test(bucket, |i| matches(i, true));
-                }
-            });
-        }
         let by_interface = match interface {
             Some(interface) => self.by_interface.get(interface).map(AsRef::as_ref),
             None => Some(&*self.interface_denies),
         };
-        fold.test(by_interface.unwrap_or_default(), |i| matches(i, false));
-        fold.test(&self.rest, |i| matches(i, false));
+        fold.test(by_interface.unwrap_or_default(), &mut hit);
+        fold.test(&self.rest, hit);
+        fold
+    }
+
+    /// Adds to `fold` (the [`Self::unnamed`] part) the rules naming a
+    /// counterpart known by the names `each_name` lists (each once): `hit`
+    /// tests a rule of those names, `named_hit` a rule of `rest_named`.
+    pub(super) fn named(
+        &self,
+        mut fold: Fold,
+        each_name: impl FnOnce(&mut dyn FnMut(&str)),
+        mut hit: impl FnMut(u32) -> bool,
+        named_hit: impl FnMut(u32) -> bool,
+    ) -> Fold {
+        if !self.by_name.is_empty() {
+            each_name(&mut |name| {
+                if let Some(bucket) = self.by_name.get(name) {
+                    fold.test(bucket, &mut hit);
+                }
+            });
+        }
+        fold.test(&self.rest_named, named_hit);
         fold
     }
 }

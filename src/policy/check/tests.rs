@@ -969,20 +969,24 @@ fn index_equals_linear_scan() {
         for _ in 0..40 {
             let msg = random_message(&mut rng);
             let (a, b) = (random_peer(&mut rng), random_peer(&mut rng));
+            // The part no receiver changes, as the bus keeps it for the
+            // recipients of a broadcast.
+            let unnamed = p.send_unnamed(&msg);
             for receiver in [
                 Receiver::Connection(&a),
                 Receiver::Driver,
                 Receiver::Activation,
             ] {
-                let d = p.can_send(&msg, receiver);
+                let d = p.can_send_after(&msg, receiver, unnamed);
                 assert_eq!(d, linear::can_send(&p, &msg, receiver), "{p:?} {msg:?}");
                 allowed += usize::from(d.allowed);
                 checks += 1;
             }
             let driver = Sender::Driver(rng.maybe(NAMES));
-            for sender in [Sender::Connection(&b), driver] {
-                for eavesdropping in [false, true] {
-                    let d = p.can_receive(&msg, sender, eavesdropping);
+            for eavesdropping in [false, true] {
+                let unnamed = p.receive_unnamed(&msg, eavesdropping);
+                for sender in [Sender::Connection(&b), driver] {
+                    let d = p.can_receive_after(&msg, sender, eavesdropping, unnamed);
                     let linear = linear::can_receive(&p, &msg, sender, eavesdropping);
                     assert_eq!(d, linear, "{p:?} {msg:?}");
                     allowed += usize::from(d.allowed);
