@@ -21,7 +21,9 @@ use std::sync::Arc;
 use super::{MessageRule, MessageType, Policy, Rule, RuleKind};
 
 mod index;
+mod sure;
 use index::{Fold, MessageIndex, OwnIndex};
+use sure::{Dir, Sure};
 
 /// What the checks need to know of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +137,8 @@ struct Lists {
     send_index: MessageIndex,
     receive_index: MessageIndex,
     own_index: OwnIndex,
+    sure_send: Sure,
+    sure_receive: Sure,
 }
 
 impl PartialEq for Lists {
@@ -239,6 +243,8 @@ impl ClientPolicy {
             send_index: MessageIndex::new(&send),
             receive_index: MessageIndex::new(&receive),
             own_index: OwnIndex::new(own.iter().map(|c| (c.name.as_deref(), c.prefix))),
+            sure_send: Sure::new(&send, Dir::Send),
+            sure_receive: Sure::new(&receive, Dir::Receive),
             send,
             receive,
             own,
@@ -272,6 +278,20 @@ impl ClientPolicy {
         let send = &self.0.send;
         let fold = (self.0.send_index).unnamed(msg.interface, |i| send_hit(&send[i as usize], msg));
         Partial(fold)
+    }
+
+    /// Whether the rules that name a receiver can matter when sending to
+    /// the connection known by `names`; when not, [`Self::send_decision`]
+    /// of the unnamed part is the answer, and the message need not be read
+    /// again.
+    pub(crate) fn send_names_matter(&self, names: &dyn Names) -> bool {
+        self.0.send_index.names_matter(|f| names.each_name(f))
+    }
+
+    /// The answer of a send check from its unnamed part alone (when the
+    /// receiver's names do not matter).
+    pub(crate) fn send_decision(&self, unnamed: Partial) -> Decision {
+        decide(&self.0.send, unnamed.0)
     }
 
     /// [`Self::can_send`], given its `unnamed` part for the same message.
@@ -347,6 +367,31 @@ impl ClientPolicy {
             log: false,
             ..decide(receive, fold)
         }
+    }
+
+    /// True when every message of type `t`, with a reply serial or not,
+    /// requested or not, may be sent to anyone, whatever its other fields,
+    /// and no rule would log it: the check can be skipped, and the
+    /// message's header need not be read. Never true for a call or signal
+    /// with a reply serial.
+    pub(crate) fn surely_sends(
+        &self,
+        t: MessageType,
+        has_reply_serial: bool,
+        requested: bool,
+    ) -> bool {
+        self.0.sure_send.allows(t, has_reply_serial, requested)
+    }
+
+    /// As [`Self::surely_sends`], for receiving from anyone, when not
+    /// eavesdropping.
+    pub(crate) fn surely_receives(
+        &self,
+        t: MessageType,
+        has_reply_serial: bool,
+        requested: bool,
+    ) -> bool {
+        self.0.sure_receive.allows(t, has_reply_serial, requested)
     }
 
     /// True when this policy provably allows every send, every receive

@@ -130,6 +130,17 @@ impl MessageIndex {
         fold.test(&self.rest_named, named_hit);
         fold
     }
+
+    /// Whether [`Self::named`] can add anything for a counterpart known by
+    /// the names `each_name` lists: some rule names one of them, or a
+    /// prefix or a unique name.
+    pub(super) fn names_matter(&self, each_name: impl FnOnce(&mut dyn FnMut(&str))) -> bool {
+        let mut any = !self.rest_named.is_empty();
+        if !any && !self.by_name.is_empty() {
+            each_name(&mut |name| any |= self.by_name.contains_key(name));
+        }
+        any
+    }
 }
 
 /// The `own` rules of a client policy: the last `own` of each name, and the

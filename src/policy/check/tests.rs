@@ -956,7 +956,7 @@ fn random_peer(rng: &mut Rng) -> Peer<'static> {
 #[test]
 fn index_equals_linear_scan() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (mut checks, mut allowed) = (0usize, 0usize);
+    let (mut checks, mut allowed, mut sure) = (0usize, 0usize, 0usize);
     for _ in 0..3_000 {
         let mut list = |n: usize| (0..rng.below(n)).map(|_| random_rule(&mut rng)).collect();
         let policy = Policy {
@@ -972,6 +972,10 @@ fn index_equals_linear_scan() {
             // The part no receiver changes, as the bus keeps it for the
             // recipients of a broadcast.
             let unnamed = p.send_unnamed(&msg);
+            if !p.send_names_matter(&a) {
+                let d = linear::can_send(&p, &msg, Receiver::Connection(&a));
+                assert_eq!(p.send_decision(unnamed), d, "{p:?} {msg:?}");
+            }
             for receiver in [
                 Receiver::Connection(&a),
                 Receiver::Driver,
@@ -979,6 +983,10 @@ fn index_equals_linear_scan() {
             ] {
                 let d = p.can_send_after(&msg, receiver, unnamed);
                 assert_eq!(d, linear::can_send(&p, &msg, receiver), "{p:?} {msg:?}");
+                if p.surely_sends(msg.message_type, msg.has_reply_serial, msg.requested_reply) {
+                    assert!(d.allowed && !d.log, "{p:?} {msg:?}");
+                    sure += 1;
+                }
                 allowed += usize::from(d.allowed);
                 checks += 1;
             }
@@ -989,6 +997,11 @@ fn index_equals_linear_scan() {
                     let d = p.can_receive_after(&msg, sender, eavesdropping, unnamed);
                     let linear = linear::can_receive(&p, &msg, sender, eavesdropping);
                     assert_eq!(d, linear, "{p:?} {msg:?}");
+                    let (t, serial) = (msg.message_type, msg.has_reply_serial);
+                    if !eavesdropping && p.surely_receives(t, serial, msg.requested_reply) {
+                        assert!(d.allowed, "{p:?} {msg:?}");
+                        sure += 1;
+                    }
                     allowed += usize::from(d.allowed);
                     checks += 1;
                 }
@@ -997,11 +1010,13 @@ fn index_equals_linear_scan() {
             assert_eq!(p.can_own(name), linear::can_own(&p, name), "{p:?} {name}");
         }
     }
-    // The cases are not all one answer.
+    // The cases are not all one answer, and answers known in advance were
+    // put to the test.
     assert!(
         allowed > checks / 10 && allowed < checks * 9 / 10,
         "{allowed} of {checks}"
     );
+    assert!(sure > checks / 50, "{sure} of {checks}");
 }
 
 /// Root's share of `tests/fixtures/policy-large` (system.conf, its system.d
@@ -1079,6 +1094,23 @@ fn large_fixture_policy() {
     assert!(root.can_own("org.freedesktop.NetworkManager"));
     assert!(!user.can_own("org.freedesktop.NetworkManager"));
 
+    // Known without reading the message: replies, and receiving calls and
+    // replies; not calls, nor signals (a service's file denies some).
+    use MessageType::*;
+    assert!(root.surely_sends(MethodReturn, true, true) && root.surely_sends(Error, true, true));
+    assert!(
+        !root.surely_sends(MethodReturn, true, false)
+            && !root.surely_sends(MethodCall, false, false)
+    );
+    assert!(
+        root.surely_receives(MethodCall, false, false)
+            && root.surely_receives(MethodReturn, true, true)
+    );
+    assert!(
+        !root.surely_receives(Signal, false, false)
+            && !root.surely_receives(MethodCall, true, false)
+    );
+
     let nm = Peer {
         unique: ":1.8",
         names: vec!["org.freedesktop.NetworkManager"],
@@ -1116,16 +1148,16 @@ fn large_fixture_policy() {
                 unique: ":1.5",
                 names: owned,
             };
+            let (t, serial, requested) = (m.message_type, m.has_reply_serial, m.requested_reply);
             for receiver in [Receiver::Connection(&peer), Receiver::Driver] {
-                assert_eq!(
-                    p.can_send(&m, receiver),
-                    linear::can_send(p, &m, receiver),
-                    "{m:?}"
-                );
+                let d = p.can_send(&m, receiver);
+                assert_eq!(d, linear::can_send(p, &m, receiver), "{m:?}");
+                assert!(!p.surely_sends(t, serial, requested) || (d.allowed && !d.log));
             }
             for sender in [Sender::Connection(&peer), Sender::Driver(m.destination)] {
                 let d = p.can_receive(&m, sender, false);
                 assert_eq!(d, linear::can_receive(p, &m, sender, false), "{m:?}");
+                assert!(!p.surely_receives(t, serial, requested) || d.allowed);
             }
             let name = rng.pick(&names);
             assert_eq!(p.can_own(name), linear::can_own(p, name), "{name}");
