@@ -31,7 +31,18 @@
 # build before a change: the main table and the activation section then also
 # start it, as a third bus named busvisor-before, and run every row against
 # it in the same interleaved rounds; each busvisor gets its ratio to
-# dbus-daemon. Unset: only the two buses above).
+# dbus-daemon. Unset: only the two buses above), POLICY (the cost of
+# policy: `large` for tests/fixtures/policy-large/bus.conf, a
+# system.conf-shaped configuration of about 540 rules, or the path of any
+# configuration file that lets the bench's clients do their work; the main
+# table then also runs busvisor, the baseline and dbus-daemon with that
+# file, as busvisor-large, busvisor-before-large and dbus-daemon-large (or
+# -policy for another file), in the same interleaved rounds, and ends with
+# scripts/policy-table.py's table: each bus's CPU per message with the
+# policy against without, and busvisor-large against dbus-daemon-large.
+# Unset: the stock session configuration only).
+#
+#   scripts/bench.sh --main     the main table only, no activation section
 set -euo pipefail
 
 if [ -n "${BASELINE:-}" ]; then
@@ -46,9 +57,11 @@ DBUS_DAEMON=${DBUS_DAEMON:-dbus-daemon}
 BENCH_ARGS=()
 ACT_ARGS=()
 ONLY=
+NO_ACT=
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) BENCH_ARGS+=(--quick); ACT_ARGS+=(--quick) ;;
+        --main) NO_ACT=1 ;;
         --only) ONLY=$2; BENCH_ARGS+=(--only "$2"); shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
@@ -70,6 +83,19 @@ RUN_MAIN=1
 RUN_ACT=1
 [ "$ONLY" = activation ] && RUN_MAIN=
 [ -n "$ONLY" ] && case activation in *"$ONLY"*) ;; *) RUN_ACT= ;; esac
+[ -n "$NO_ACT" ] && RUN_ACT=
+# POLICY: the configuration of the -large (-policy) buses.
+POLICY_CONF=
+POLICY_TAG=
+case "${POLICY:-}" in
+    "") ;;
+    large) POLICY_CONF=$ROOT/tests/fixtures/policy-large/bus.conf; POLICY_TAG=large ;;
+    *) POLICY_CONF=$POLICY; POLICY_TAG=policy ;;
+esac
+if [ -n "$POLICY_CONF" ]; then
+    [ -f "$POLICY_CONF" ] || { echo "bench.sh: POLICY=$POLICY: no file $POLICY_CONF" >&2; exit 2; }
+    POLICY_CONF=$(cd "$(dirname "$POLICY_CONF")" && pwd)/$(basename "$POLICY_CONF")
+fi
 ARTIFACTS=$(cargo bench --bench bus --bench activation --no-run --message-format=json 2>/dev/null)
 bench_exe() {
     grep '"kind":\["bench"\]' <<<"$ARTIFACTS" | grep "\"name\":\"$1\"" \
@@ -154,28 +180,49 @@ start_baseline() {
 echo "== $(nproc) CPUs, load average $(cut -d" " -f1-3 /proc/loadavg), RLIMIT_NOFILE $(ulimit -n), CLK_TCK $(getconf CLK_TCK)" >&2
 status=0
 
+# Starts a bus of the main table: NAME DIR COMMAND ARGS..., with
+# --nofork --print-address added, stdout to DIR/NAME.address and stderr to
+# DIR/NAME.log; adds it to BUS_ARGS and MAIN_BUSES (NAME PID LOG triples).
+MAIN_BUSES=()
+start_bus() {
+    local name=$1 dir=$2 pid addr
+    shift 2
+    ${BUSVISOR_LOG:+env RUST_LOG=$BUSVISOR_LOG} "$@" --nofork --print-address \
+        >"$dir/$name.address" 2>"$dir/$name.log" &
+    pid=$!
+    PIDS+=("$pid")
+    addr=$(read_address "$dir/$name.address" "$pid") || { cat "$dir/$name.log" >&2; exit 1; }
+    echo "== $name pid $pid  $addr  ($*)" >&2
+    BUS_ARGS+=(--bus "$name,$pid,$addr")
+    MAIN_BUSES+=("$name" "$pid" "$dir/$name.log")
+}
+
 if [ -n "$RUN_MAIN" ]; then
-    ${BUSVISOR_LOG:+env RUST_LOG=$BUSVISOR_LOG} "$BUSVISOR" --nofork --address="unix:path=$D1/bus" --print-address \
-        >"$D1/address" 2>"$D1/log" &
-    BV_PID=$!
-    PIDS+=("$BV_PID")
-    "$DBUS_DAEMON" --session --nofork --address="unix:path=$D2/bus2" --print-address \
-        >"$D2/address" 2>"$D2/log" &
-    DD_PID=$!
-    PIDS+=("$DD_PID")
-    BV_ADDR=$(read_address "$D1/address" "$BV_PID") || { cat "$D1/log" >&2; exit 1; }
-    DD_ADDR=$(read_address "$D2/address" "$DD_PID") || { cat "$D2/log" >&2; exit 1; }
+    echo "== $("$DBUS_DAEMON" --version | head -n1)" >&2
+    BUS_ARGS=()
+    # dbus-daemon with session.conf last: the reference of the ratios.
+    start_bus busvisor "$D1" "$BUSVISOR" --address="unix:path=$D1/bus"
+    [ -n "$POLICY_CONF" ] && start_bus "busvisor-$POLICY_TAG" "$D1" "$BUSVISOR" \
+        --config-file="$POLICY_CONF" --address="unix:path=$D1/bus-$POLICY_TAG"
+    if [ -n "${BASELINE:-}" ]; then
+        start_bus busvisor-before "$D5" "$BASELINE" --address="unix:path=$D5/bus"
+        [ -n "$POLICY_CONF" ] && start_bus "busvisor-before-$POLICY_TAG" "$D5" "$BASELINE" \
+            --config-file="$POLICY_CONF" --address="unix:path=$D5/bus-$POLICY_TAG"
+    fi
+    [ -n "$POLICY_CONF" ] && start_bus "dbus-daemon-$POLICY_TAG" "$D2" "$DBUS_DAEMON" \
+        --config-file="$POLICY_CONF" --address="unix:path=$D2/bus-$POLICY_TAG"
+    start_bus dbus-daemon "$D2" "$DBUS_DAEMON" --session --address="unix:path=$D2/bus2"
 
-    echo "== busvisor   pid $BV_PID  $BV_ADDR" >&2
-    echo "== dbus-daemon pid $DD_PID  $DD_ADDR ($("$DBUS_DAEMON" --version | head -n1))" >&2
-    BUS_ARGS=(--bus "busvisor,$BV_PID,$BV_ADDR")
-    start_baseline main --address="unix:path=$D5/bus"
+    if [ -n "$POLICY_CONF" ]; then
+        "$BENCH_EXE" "${BENCH_ARGS[@]}" "${BUS_ARGS[@]}" | tee "$D1/table" || status=$?
+        python3 "$ROOT/scripts/policy-table.py" --tag "$POLICY_TAG" "$D1/table" || status=$?
+    else
+        "$BENCH_EXE" "${BENCH_ARGS[@]}" "${BUS_ARGS[@]}" || status=$?
+    fi
 
-    "$BENCH_EXE" "${BENCH_ARGS[@]}" "${BUS_ARGS[@]}" \
-        --bus "dbus-daemon,$DD_PID,$DD_ADDR" || status=$?
-
-    check_buses busvisor "$D1/log" "$BV_PID" "$DD_PID"
-    [ -n "${BASELINE:-}" ] && check_buses busvisor-before "$D5/main.log" "$BL_PID"
+    for ((i = 0; i < ${#MAIN_BUSES[@]}; i += 3)); do
+        check_buses "${MAIN_BUSES[i]}" "${MAIN_BUSES[i + 2]}" "${MAIN_BUSES[i + 1]}"
+    done
     stop_buses "${PIDS[@]}"
 fi
 

@@ -15,9 +15,15 @@
 //! In every check the last matching rule wins, and when nothing matches the
 //! answer is deny.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::{MessageRule, MessageType, Policy, Rule, RuleKind};
+
+mod index;
+mod sure;
+use index::{Fold, MessageIndex, OwnIndex};
+use sure::{Dir, Sure};
 
 /// What the checks need to know of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +57,10 @@ pub(crate) trait Names {
     /// Whether the connection owns or is queued for a name equal to
     /// `prefix` or below it on `.` boundaries ([`has_prefix`]).
     fn has_under(&self, prefix: &str) -> bool;
+    /// Calls `f` with each name the connection owns or is queued for, each
+    /// once (a name listed twice would count its rules twice). The unique
+    /// name may be left out: rules naming one are tested with `has`.
+    fn each_name(&self, f: &mut dyn FnMut(&str));
 }
 
 /// The receiver a send is checked against.
@@ -76,6 +86,11 @@ pub(crate) enum Sender<'a> {
     /// A connection, by the names it owns or is queued for.
     Connection(&'a dyn Names),
 }
+
+/// The rules of a check that name no counterpart: which matched last, and
+/// how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Partial(Fold);
 
 /// The answer of a send or receive check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,18 +120,39 @@ struct OwnCheck {
 }
 
 /// The rules that apply to one connection, by kind, each in the order of
-/// dbus-daemon's flat list after its optimizer. Cheap to clone (one `Arc`);
-/// equal policies compare and hash equal, so connections with the same
-/// (uid, groups, at_console) can share one.
+/// dbus-daemon's flat list after its optimizer, with their index. Cheap to
+/// clone (one `Arc`); equal policies compare and hash equal, so connections
+/// with the same (uid, groups, at_console) can share one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ClientPolicy(Arc<Lists>);
 
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 struct Lists {
     send: Vec<MessageCheck>,
     receive: Vec<MessageCheck>,
     own: Vec<OwnCheck>,
     allows_everything: bool,
+    /// Derived from the lists above (so left out of equality and hashing):
+    /// where a check looks.
+    send_index: MessageIndex,
+    receive_index: MessageIndex,
+    own_index: OwnIndex,
+    sure_send: Sure,
+    sure_receive: Sure,
+}
+
+impl PartialEq for Lists {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.send, &self.receive, &self.own) == (&other.send, &other.receive, &other.own)
+    }
+}
+
+impl Eq for Lists {}
+
+impl Hash for Lists {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (&self.send, &self.receive, &self.own).hash(state);
+    }
 }
 
 impl Policy {
@@ -204,6 +240,11 @@ impl ClientPolicy {
             && allows_all(&receive, |c| c.allow, receive_matches_all)
             && allows_all(&own, |c| c.allow, |c| c.name.is_none());
         ClientPolicy(Arc::new(Lists {
+            send_index: MessageIndex::new(&send),
+            receive_index: MessageIndex::new(&receive),
+            own_index: OwnIndex::new(own.iter().map(|c| (c.name.as_deref(), c.prefix))),
+            sure_send: Sure::new(&send, Dir::Send),
+            sure_receive: Sure::new(&receive, Dir::Receive),
             send,
             receive,
             own,
@@ -213,34 +254,67 @@ impl ClientPolicy {
 
     /// Whether the connection may own (RequestName) `name`.
     pub(crate) fn can_own(&self, name: &str) -> bool {
-        last_match(&self.0.own, false, |c: &OwnCheck| {
-            let hit = match (&c.name, c.prefix) {
+        let own = &self.0.own;
+        let last = self.0.own_index.last(name, |i| {
+            let c = &own[i as usize];
+            match (&c.name, c.prefix) {
                 (None, _) => true,
                 (Some(own), false) => own == name,
                 (Some(prefix), true) => has_prefix(name, prefix),
-            };
-            hit.then_some(c.allow)
-        })
-        .0
+            }
+        });
+        last.is_some_and(|i| own[i as usize].allow)
     }
 
     /// Whether the connection may send `msg` to `receiver`.
     pub(crate) fn can_send(&self, msg: &MessageFacts, receiver: Receiver) -> Decision {
-        let mut log = false;
-        let (allowed, matched_rules) = last_match(&self.0.send, false, |c: &MessageCheck| {
-            let hit = message_matches(c, msg)
-                && broadcast_matches(&c.rule, msg)
-                && destination_matches(&c.rule, msg, receiver);
-            hit.then(|| {
-                log = c.rule.log;
-                c.allow
-            })
-        });
-        Decision {
-            allowed,
-            matched_rules,
-            log,
-        }
+        self.can_send_after(msg, receiver, self.send_unnamed(msg))
+    }
+
+    /// The part of a send check that no receiver changes: the rules that
+    /// name none. A broadcast is checked once per recipient; the bus keeps
+    /// this part for the next recipient ([`Self::can_send_after`]).
+    pub(crate) fn send_unnamed(&self, msg: &MessageFacts) -> Partial {
+        let send = &self.0.send;
+        let fold = (self.0.send_index).unnamed(msg.interface, |i| send_hit(&send[i as usize], msg));
+        Partial(fold)
+    }
+
+    /// Whether the rules that name a receiver can matter when sending to
+    /// the connection known by `names`; when not, [`Self::send_decision`]
+    /// of the unnamed part is the answer, and the message need not be read
+    /// again.
+    pub(crate) fn send_names_matter(&self, names: &dyn Names) -> bool {
+        self.0.send_index.names_matter(|f| names.each_name(f))
+    }
+
+    /// The answer of a send check from its unnamed part alone (when the
+    /// receiver's names do not matter).
+    pub(crate) fn send_decision(&self, unnamed: Partial) -> Decision {
+        decide(&self.0.send, unnamed.0)
+    }
+
+    /// [`Self::can_send`], given its `unnamed` part for the same message.
+    pub(crate) fn can_send_after(
+        &self,
+        msg: &MessageFacts,
+        receiver: Receiver,
+        unnamed: Partial,
+    ) -> Decision {
+        let send = &self.0.send;
+        let fold = self.0.send_index.named(
+            unnamed.0,
+            |f| match receiver {
+                Receiver::Connection(names) => names.each_name(f),
+                Receiver::Driver | Receiver::Activation => msg.destination.into_iter().for_each(f),
+            },
+            |i| send_hit(&send[i as usize], msg),
+            |i| {
+                let c = &send[i as usize];
+                send_hit(c, msg) && destination_matches(&c.rule, msg, receiver)
+            },
+        );
+        decide(send, fold)
     }
 
     /// Whether the connection may receive `msg` from `sender`. It is
@@ -252,17 +326,72 @@ impl ClientPolicy {
         sender: Sender,
         eavesdropping: bool,
     ) -> Decision {
-        let (allowed, matched_rules) = last_match(&self.0.receive, false, |c: &MessageCheck| {
-            let hit = eavesdrop_matches(c, eavesdropping)
-                && message_matches(c, msg)
-                && sender_matches(&c.rule, sender);
-            hit.then_some(c.allow)
+        let unnamed = self.receive_unnamed(msg, eavesdropping);
+        self.can_receive_after(msg, sender, eavesdropping, unnamed)
+    }
+
+    /// The part of a receive check that no sender changes: the rules that
+    /// name none. Recipients of a broadcast mostly share one policy; the
+    /// bus keeps this part for the next one ([`Self::can_receive_after`]).
+    pub(crate) fn receive_unnamed(&self, msg: &MessageFacts, eavesdropping: bool) -> Partial {
+        let receive = &self.0.receive;
+        let fold = (self.0.receive_index).unnamed(msg.interface, |i| {
+            receive_hit(&receive[i as usize], msg, eavesdropping)
         });
+        Partial(fold)
+    }
+
+    /// [`Self::can_receive`], given its `unnamed` part for the same message
+    /// and `eavesdropping`.
+    pub(crate) fn can_receive_after(
+        &self,
+        msg: &MessageFacts,
+        sender: Sender,
+        eavesdropping: bool,
+        unnamed: Partial,
+    ) -> Decision {
+        let receive = &self.0.receive;
+        let fold = self.0.receive_index.named(
+            unnamed.0,
+            |f| match sender {
+                Sender::Connection(names) => names.each_name(f),
+                Sender::Driver(header) => header.into_iter().for_each(f),
+            },
+            |i| receive_hit(&receive[i as usize], msg, eavesdropping),
+            |i| {
+                let c = &receive[i as usize];
+                receive_hit(c, msg, eavesdropping) && sender_matches(&c.rule, sender)
+            },
+        );
         Decision {
-            allowed,
-            matched_rules,
             log: false,
+            ..decide(receive, fold)
         }
+    }
+
+    /// True when every message of type `t`, with a reply serial or not,
+    /// requested or not, may be sent to anyone, whatever its other fields,
+    /// and no rule would log it: the check can be skipped, and the
+    /// message's header need not be read. Never true for a call or signal
+    /// with a reply serial.
+    pub(crate) fn surely_sends(
+        &self,
+        t: MessageType,
+        has_reply_serial: bool,
+        requested: bool,
+    ) -> bool {
+        self.0.sure_send.allows(t, has_reply_serial, requested)
+    }
+
+    /// As [`Self::surely_sends`], for receiving from anyone, when not
+    /// eavesdropping.
+    pub(crate) fn surely_receives(
+        &self,
+        t: MessageType,
+        has_reply_serial: bool,
+        requested: bool,
+    ) -> bool {
+        self.0.sure_receive.allows(t, has_reply_serial, requested)
     }
 
     /// True when this policy provably allows every send, every receive
@@ -273,10 +402,29 @@ impl ClientPolicy {
         self.0.allows_everything
     }
 
-    #[cfg(test)]
     /// Whether `self` and `other` are the same shared policy.
     pub(crate) fn ptr_eq(&self, other: &ClientPolicy) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// A send rule's tests but the receiver's name.
+fn send_hit(c: &MessageCheck, msg: &MessageFacts) -> bool {
+    message_matches(c, msg) && broadcast_matches(&c.rule, msg)
+}
+
+/// A receive rule's tests but the sender's name.
+fn receive_hit(c: &MessageCheck, msg: &MessageFacts, eavesdropping: bool) -> bool {
+    eavesdrop_matches(c, eavesdropping) && message_matches(c, msg)
+}
+
+/// The decision of the last matching rule (deny when none matched).
+fn decide(rules: &[MessageCheck], fold: Fold) -> Decision {
+    let last = fold.last.map(|i| &rules[i as usize]);
+    Decision {
+        allowed: last.is_some_and(|c| c.allow),
+        matched_rules: fold.count,
+        log: last.is_some_and(|c| c.rule.log),
     }
 }
 

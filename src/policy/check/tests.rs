@@ -141,6 +141,9 @@ impl Names for Conn {
             .chain(self.queued)
             .any(|n| has_prefix(n, prefix))
     }
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.owned.iter().chain(self.queued).for_each(|n| f(n));
+    }
 }
 
 const RECEIVER: Conn = Conn {
@@ -751,5 +754,499 @@ fn bench_can_send() {
     time("can_receive, system-like", &|| {
         user.can_receive(black_box(&call), Sender::Connection(&receiver), false)
             .allowed
+    });
+}
+
+// ------------------------------------------------ the index against a scan
+
+/// The checks as dbus-daemon writes them, kept as the reference: every rule
+/// of the list in order, the last match deciding.
+mod linear {
+    use super::super::*;
+
+    pub(super) fn can_send(p: &ClientPolicy, msg: &MessageFacts, receiver: Receiver) -> Decision {
+        let hits = p.0.send.iter().filter(|c| {
+            message_matches(c, msg)
+                && broadcast_matches(&c.rule, msg)
+                && destination_matches(&c.rule, msg, receiver)
+        });
+        fold(hits)
+    }
+
+    pub(super) fn can_receive(
+        p: &ClientPolicy,
+        msg: &MessageFacts,
+        sender: Sender,
+        eavesdropping: bool,
+    ) -> Decision {
+        let hits = p.0.receive.iter().filter(|c| {
+            eavesdrop_matches(c, eavesdropping)
+                && message_matches(c, msg)
+                && sender_matches(&c.rule, sender)
+        });
+        Decision {
+            log: false,
+            ..fold(hits)
+        }
+    }
+
+    pub(super) fn can_own(p: &ClientPolicy, name: &str) -> bool {
+        let hits = p.0.own.iter().filter(|c| match (&c.name, c.prefix) {
+            (None, _) => true,
+            (Some(own), false) => own == name,
+            (Some(prefix), true) => has_prefix(name, prefix),
+        });
+        hits.fold(false, |_, c| c.allow)
+    }
+
+    fn fold<'a>(hits: impl Iterator<Item = &'a MessageCheck>) -> Decision {
+        hits.fold(
+            Decision {
+                allowed: false,
+                matched_rules: 0,
+                log: false,
+            },
+            |d, c| Decision {
+                allowed: c.allow,
+                matched_rules: d.matched_rules + 1,
+                log: c.rule.log,
+            },
+        )
+    }
+}
+
+/// xorshift64*: reproducible random cases without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// True one time in `n`.
+    fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len())]
+    }
+    /// `None` ("any") half the time, else one of `from`.
+    fn maybe<T: Copy>(&mut self, from: &[T]) -> Option<T> {
+        (!self.one_in(2)).then(|| self.pick(from))
+    }
+}
+
+/// Few values, so that rules and messages meet often: names under one
+/// another, a unique name, the driver's name.
+const NAMES: &[&str] = &[
+    "a",
+    "a.b",
+    "a.b.c",
+    "a.bc",
+    "q.x",
+    "org.freedesktop.DBus",
+    ":1.5",
+    ":1.9",
+];
+const INTERFACES: &[&str] = &["i", "j", "org.freedesktop.DBus"];
+const MEMBERS: &[&str] = &["M", "N"];
+const PATHS: &[&str] = &["/a", "/b"];
+const ERRORS: &[&str] = &["E", "F"];
+const TYPES: &[MessageType] = &[
+    MessageType::MethodCall,
+    MessageType::MethodReturn,
+    MessageType::Signal,
+    MessageType::Error,
+];
+
+fn random_rule(rng: &mut Rng) -> Rule {
+    let allow = rng.one_in(2);
+    let own = |s: &str| Some(s.to_owned());
+    let kind = match rng.below(8) {
+        0 => RuleKind::Own {
+            name: rng.maybe(NAMES).and_then(own),
+            prefix: rng.one_in(3),
+        },
+        k => {
+            let send = k <= 4;
+            let mut m = MessageRule {
+                message_type: rng.maybe(TYPES),
+                path: rng.maybe(PATHS).filter(|_| rng.one_in(2)).and_then(own),
+                interface: rng.maybe(INTERFACES).and_then(own),
+                member: rng.maybe(MEMBERS).filter(|_| rng.one_in(2)).and_then(own),
+                error: rng.maybe(ERRORS).filter(|_| rng.one_in(3)).and_then(own),
+                name: rng.maybe(NAMES).and_then(own),
+                requested_reply: if rng.one_in(4) { !allow } else { allow },
+                eavesdrop: rng.one_in(4),
+                ..MessageRule::default()
+            };
+            if rng.one_in(6) {
+                (m.min_fds, m.max_fds) = (rng.below(2) as u32, 1 + rng.below(2) as u32);
+            }
+            if send {
+                m.name_is_prefix = m.name.is_some() && rng.one_in(4);
+                m.broadcast = rng.maybe(&[true, false]).filter(|_| rng.one_in(2));
+                m.log = rng.one_in(8);
+                RuleKind::Send(m)
+            } else {
+                RuleKind::Receive(m)
+            }
+        }
+    };
+    Rule { allow, kind }
+}
+
+fn random_message(rng: &mut Rng) -> MessageFacts<'static> {
+    let message_type = rng.pick(TYPES);
+    let reply =
+        matches!(message_type, MessageType::MethodReturn | MessageType::Error) || rng.one_in(8);
+    MessageFacts {
+        message_type,
+        path: rng.maybe(PATHS),
+        interface: rng.maybe(INTERFACES),
+        member: rng.maybe(MEMBERS),
+        error_name: rng.maybe(ERRORS),
+        destination: rng.maybe(NAMES),
+        n_fds: rng.below(3) as u32,
+        has_reply_serial: reply,
+        requested_reply: reply && rng.one_in(2),
+    }
+}
+
+/// A connection as the bus shows one: `has` knows its unique name,
+/// `each_name` lists only its well-known names.
+struct Peer<'a> {
+    unique: &'a str,
+    names: Vec<&'a str>,
+}
+
+impl Names for Peer<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.unique == name || self.names.contains(&name)
+    }
+    fn has_under(&self, prefix: &str) -> bool {
+        has_prefix(self.unique, prefix) || self.names.iter().any(|n| has_prefix(n, prefix))
+    }
+    fn each_name(&self, f: &mut dyn FnMut(&str)) {
+        self.names.iter().for_each(|n| f(n));
+    }
+}
+
+fn random_peer(rng: &mut Rng) -> Peer<'static> {
+    let mut names: Vec<&str> = NAMES
+        .iter()
+        .copied()
+        .filter(|n| !n.starts_with(':'))
+        .collect();
+    names.retain(|_| rng.one_in(3));
+    Peer {
+        unique: rng.pick(&[":1.5", ":1.9"]),
+        names,
+    }
+}
+
+/// The indexed checks give the scan's answers, matched-rule counts and
+/// `log` included, over random policies (through the contexts and the
+/// optimizer), messages, receivers and senders.
+#[test]
+fn index_equals_linear_scan() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut checks, mut allowed, mut sure) = (0usize, 0usize, 0usize);
+    for _ in 0..3_000 {
+        let mut list = |n: usize| (0..rng.below(n)).map(|_| random_rule(&mut rng)).collect();
+        let policy = Policy {
+            default: list(60),
+            mandatory: list(6),
+            by_user: [(1000, list(20))].into(),
+            ..Policy::default()
+        };
+        let p = policy.client(1000, &[], false);
+        for _ in 0..40 {
+            let msg = random_message(&mut rng);
+            let (a, b) = (random_peer(&mut rng), random_peer(&mut rng));
+            // The part no receiver changes, as the bus keeps it for the
+            // recipients of a broadcast.
+            let unnamed = p.send_unnamed(&msg);
+            if !p.send_names_matter(&a) {
+                let d = linear::can_send(&p, &msg, Receiver::Connection(&a));
+                assert_eq!(p.send_decision(unnamed), d, "{p:?} {msg:?}");
+            }
+            for receiver in [
+                Receiver::Connection(&a),
+                Receiver::Driver,
+                Receiver::Activation,
+            ] {
+                let d = p.can_send_after(&msg, receiver, unnamed);
+                assert_eq!(d, linear::can_send(&p, &msg, receiver), "{p:?} {msg:?}");
+                if p.surely_sends(msg.message_type, msg.has_reply_serial, msg.requested_reply) {
+                    assert!(d.allowed && !d.log, "{p:?} {msg:?}");
+                    sure += 1;
+                }
+                allowed += usize::from(d.allowed);
+                checks += 1;
+            }
+            let driver = Sender::Driver(rng.maybe(NAMES));
+            for eavesdropping in [false, true] {
+                let unnamed = p.receive_unnamed(&msg, eavesdropping);
+                for sender in [Sender::Connection(&b), driver] {
+                    let d = p.can_receive_after(&msg, sender, eavesdropping, unnamed);
+                    let linear = linear::can_receive(&p, &msg, sender, eavesdropping);
+                    assert_eq!(d, linear, "{p:?} {msg:?}");
+                    let (t, serial) = (msg.message_type, msg.has_reply_serial);
+                    if !eavesdropping && p.surely_receives(t, serial, msg.requested_reply) {
+                        assert!(d.allowed, "{p:?} {msg:?}");
+                        sure += 1;
+                    }
+                    allowed += usize::from(d.allowed);
+                    checks += 1;
+                }
+            }
+            let name = rng.pick(NAMES);
+            assert_eq!(p.can_own(name), linear::can_own(&p, name), "{p:?} {name}");
+        }
+    }
+    // The cases are not all one answer, and answers known in advance were
+    // put to the test.
+    assert!(
+        allowed > checks / 10 && allowed < checks * 9 / 10,
+        "{allowed} of {checks}"
+    );
+    assert!(sure > checks / 50, "{sure} of {checks}");
+}
+
+/// Root's share of `tests/fixtures/policy-large` (system.conf, its system.d
+/// files and the benches' holes), the policy `scripts/bench.sh` measures
+/// with `POLICY=large`.
+fn large_fixture() -> Policy {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/policy-large/bus.conf");
+    crate::config::xml::load_xml(&path)
+        .expect("the large policy fixture loads")
+        .policy_rules
+}
+
+/// Every name, interface and member the rules of `p` mention, with a few
+/// they do not.
+fn vocabulary(p: &ClientPolicy) -> [Vec<&str>; 3] {
+    let (mut names, mut interfaces, mut members) = (
+        vec![":1.5", "com.other"],
+        vec!["com.other.I"],
+        vec!["Other"],
+    );
+    for c in p.0.send.iter().chain(&p.0.receive) {
+        names.extend(c.rule.name.as_deref());
+        interfaces.extend(c.rule.interface.as_deref());
+        members.extend(c.rule.member.as_deref());
+    }
+    for v in [&mut names, &mut interfaces, &mut members] {
+        v.sort_unstable();
+        v.dedup();
+    }
+    [names, interfaces, members]
+}
+
+/// The index on a real policy: the benches' messages pass, the stock holes
+/// and denials hold, and random messages built from the policy's own
+/// names, interfaces and members get the scan's answers.
+#[test]
+fn large_fixture_policy() {
+    let policy = large_fixture();
+    let root = policy.client(0, &[0], false);
+    let user = policy.client(1000, &[1000], false);
+    let size = |p: &ClientPolicy| p.0.send.len() + p.0.receive.len() + p.0.own.len();
+    assert!((400..600).contains(&size(&root)), "{}", size(&root));
+    assert!(!root.allows_everything());
+
+    let unique = Peer {
+        unique: ":1.7",
+        names: vec![],
+    };
+    let ping = msg(
+        "method_call path=/org/example/Bench interface=org.example.Bench member=Ping destination=:1.7",
+    );
+    assert!(root.can_send(&ping, Receiver::Connection(&unique)).allowed);
+    assert!(
+        root.can_receive(&ping, Sender::Connection(&unique), false)
+            .allowed
+    );
+    let reply = msg("method_return destination=:1.7 requested");
+    assert!(root.can_send(&reply, Receiver::Connection(&unique)).allowed);
+    let unrequested = msg("method_return destination=:1.7 reply");
+    assert!(
+        !root
+            .can_send(&unrequested, Receiver::Connection(&unique))
+            .allowed
+    );
+    let get_name_owner = msg(
+        "method_call path=/org/freedesktop/DBus interface=org.freedesktop.DBus member=GetNameOwner destination=org.freedesktop.DBus",
+    );
+    assert!(root.can_send(&get_name_owner, Receiver::Driver).allowed);
+    let uae = msg(
+        "method_call interface=org.freedesktop.DBus member=UpdateActivationEnvironment destination=org.freedesktop.DBus",
+    );
+    assert!(!user.can_send(&uae, Receiver::Driver).allowed);
+    assert!(root.can_own("com.example.Echo") && !root.can_own("com.other"));
+    assert!(root.can_own("org.freedesktop.NetworkManager"));
+    assert!(!user.can_own("org.freedesktop.NetworkManager"));
+
+    // Known without reading the message: replies, and receiving calls and
+    // replies; not calls, nor signals (a service's file denies some).
+    use MessageType::*;
+    assert!(root.surely_sends(MethodReturn, true, true) && root.surely_sends(Error, true, true));
+    assert!(
+        !root.surely_sends(MethodReturn, true, false)
+            && !root.surely_sends(MethodCall, false, false)
+    );
+    assert!(
+        root.surely_receives(MethodCall, false, false)
+            && root.surely_receives(MethodReturn, true, true)
+    );
+    assert!(
+        !root.surely_receives(Signal, false, false)
+            && !root.surely_receives(MethodCall, true, false)
+    );
+
+    let nm = Peer {
+        unique: ":1.8",
+        names: vec!["org.freedesktop.NetworkManager"],
+    };
+    let set_logging = msg("method_call interface=org.freedesktop.NetworkManager member=SetLogging");
+    assert!(
+        !user
+            .can_send(&set_logging, Receiver::Connection(&nm))
+            .allowed
+    );
+    assert!(
+        root.can_send(&set_logging, Receiver::Connection(&nm))
+            .allowed
+    );
+    let get_devices = msg("method_call interface=org.freedesktop.NetworkManager member=GetDevices");
+    assert!(
+        user.can_send(&get_devices, Receiver::Connection(&nm))
+            .allowed
+    );
+
+    let [names, interfaces, members] = vocabulary(&root);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for p in [&root, &user] {
+        for _ in 0..5_000 {
+            let mut m: MessageFacts<'_> = random_message(&mut rng);
+            (m.interface, m.member) = (rng.maybe(&interfaces), rng.maybe(&members));
+            m.destination = rng.maybe(&names);
+            let mut owned: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| !n.starts_with(':'))
+                .collect();
+            owned.retain(|_| rng.one_in(40));
+            let peer = Peer {
+                unique: ":1.5",
+                names: owned,
+            };
+            let (t, serial, requested) = (m.message_type, m.has_reply_serial, m.requested_reply);
+            for receiver in [Receiver::Connection(&peer), Receiver::Driver] {
+                let d = p.can_send(&m, receiver);
+                assert_eq!(d, linear::can_send(p, &m, receiver), "{m:?}");
+                assert!(!p.surely_sends(t, serial, requested) || (d.allowed && !d.log));
+            }
+            for sender in [Sender::Connection(&peer), Sender::Driver(m.destination)] {
+                let d = p.can_receive(&m, sender, false);
+                assert_eq!(d, linear::can_receive(p, &m, sender, false), "{m:?}");
+                assert!(!p.surely_receives(t, serial, requested) || d.allowed);
+            }
+            let name = rng.pick(&names);
+            assert_eq!(p.can_own(name), linear::can_own(p, name), "{name}");
+        }
+    }
+}
+
+/// What the bench's messages cost against root's share of the large
+/// fixture, indexed and scanned:
+/// `cargo test --release --lib policy::check::tests::bench_large -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a test"]
+fn bench_large_fixture() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    let root = large_fixture().client(0, &[0], false);
+    println!(
+        "root's share: {} send, {} receive, {} own rules",
+        root.0.send.len(),
+        root.0.receive.len(),
+        root.0.own.len()
+    );
+    let unique = Peer {
+        unique: ":1.7",
+        names: vec![],
+    };
+    let nm = Peer {
+        unique: ":1.8",
+        names: vec!["org.freedesktop.NetworkManager"],
+    };
+    let cases = [
+        (
+            "bench Ping to a unique name",
+            msg(
+                "method_call path=/org/example/Bench interface=org.example.Bench member=Ping destination=:1.7",
+            ),
+            &unique,
+        ),
+        (
+            "requested reply",
+            msg("method_return destination=:1.7 requested"),
+            &unique,
+        ),
+        (
+            "broadcast signal",
+            msg("signal path=/org/example/Bench interface=org.example.Bench member=Tick"),
+            &unique,
+        ),
+        (
+            "call to NetworkManager",
+            msg(
+                "method_call path=/org/freedesktop/NetworkManager interface=org.freedesktop.NetworkManager member=GetDevices destination=org.freedesktop.NetworkManager",
+            ),
+            &nm,
+        ),
+    ];
+    let time = |label: &str, f: &dyn Fn() -> bool| {
+        const N: u32 = 200_000;
+        let start = Instant::now();
+        for _ in 0..N {
+            black_box(f());
+        }
+        println!(
+            "{label}: {:.1} ns per check",
+            start.elapsed().as_nanos() as f64 / f64::from(N)
+        );
+    };
+    for (label, m, peer) in &cases {
+        let (to, from) = (Receiver::Connection(*peer), Sender::Connection(*peer));
+        time(&format!("can_send, {label}"), &|| {
+            root.can_send(black_box(m), to).allowed
+        });
+        time("  linear scan", &|| {
+            linear::can_send(&root, black_box(m), to).allowed
+        });
+        time(&format!("can_receive, {label}"), &|| {
+            root.can_receive(black_box(m), from, false).allowed
+        });
+        time("  linear scan", &|| {
+            linear::can_receive(&root, black_box(m), from, false).allowed
+        });
+    }
+    let driver = msg(
+        "method_call path=/org/freedesktop/DBus interface=org.freedesktop.DBus member=GetNameOwner destination=org.freedesktop.DBus",
+    );
+    time("can_send, GetNameOwner to the driver", &|| {
+        root.can_send(black_box(&driver), Receiver::Driver).allowed
+    });
+    time("  linear scan", &|| {
+        linear::can_send(&root, black_box(&driver), Receiver::Driver).allowed
     });
 }
