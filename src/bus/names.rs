@@ -77,8 +77,6 @@ impl<'a> Owned<'a> {
     /// policy's prefix rules match: O(log n), plus the names that continue
     /// `prefix` with a '-' (the only character of a bus name that sorts
     /// before '.').
-    // For bus/policy.rs's `has_under`, which still scans `iter()`.
-    #[allow(dead_code)]
     pub fn any_under(self, prefix: &str) -> bool {
         let Some(m) = self.0 else {
             return false;

@@ -122,19 +122,14 @@ struct PeerNames<'a> {
 impl Names for PeerNames<'_> {
     fn has(&self, name: &str) -> bool {
         parse_unique_name(name) == Some(self.peer)
-            || self.st.names.of(self.peer).iter().any(|n| n == name)
+            || self.st.names.of(self.peer).contains(name)
     }
 
     fn has_under(&self, prefix: &str) -> bool {
         // Only a prefix starting with ':' can hold a unique name: build it
         // then alone.
         (prefix.starts_with(':') && has_prefix(&unique_name(self.peer), prefix))
-            || self
-                .st
-                .names
-                .of(self.peer)
-                .iter()
-                .any(|n| has_prefix(n, prefix))
+            || self.st.names.of(self.peer).any_under(prefix)
     }
 
     fn each_name(&self, f: &mut dyn FnMut(&str)) {
