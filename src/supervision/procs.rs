@@ -108,6 +108,10 @@ pub(crate) fn prune_cgroups(all: bool) {
     let Some(root) = cgroups() else {
         return;
     };
+    // Not while a spawn is between its cgroup's mkdir and its exec.
+    let _spawning = super::spawner::SPAWN_LOCK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Ok(dir) = std::fs::read_dir(&root.dir) {
         for e in dir.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {

@@ -318,6 +318,10 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     if let Some(dir) = &req.cwd {
         cmd.current_dir(dir);
     }
+    // Held from the cgroup's creation until the child is in it (spawn
+    // returns after the exec): pruning empty cgroups takes it too, so it
+    // cannot remove a cgroup between its mkdir and its first process.
+    let guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let setup = ChildSetup::new(req);
     // SAFETY: the closure runs in the forked child before exec; `run` calls
     // only async-signal-safe syscalls on data made before the fork, and
@@ -325,7 +329,6 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     unsafe {
         cmd.pre_exec(move || setup.run());
     }
-    let guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let child = cmd.spawn();
     drop(guard);
     let mut child = child?;
