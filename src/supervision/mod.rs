@@ -12,6 +12,7 @@ pub(crate) mod host;
 pub(crate) mod launch;
 pub(crate) mod lifecycle;
 mod machine;
+mod output;
 pub mod procs;
 pub(crate) mod reaper;
 pub(crate) mod service;
