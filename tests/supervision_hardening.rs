@@ -641,3 +641,147 @@ async fn a_chatty_service_neither_slows_the_bus_nor_fills_its_memory() {
     assert!(kept.iter().any(|l| l.contains("lines of output dropped")));
     drop(deaf);
 }
+
+/// A service whose helpers run with an empty environment (`env -i`):
+/// one whose parent exits at once (re-parented to busvisor), one that
+/// stays the service's child, one that ignores SIGTERM, and, with
+/// `escapes`, one that also leaves the session (only a cgroup holds it).
+/// Each helper appends its pid to `pids`.
+fn write_helpers(dir: &Path, pids: &Path, escapes: bool) {
+    let f = pids.display();
+    let helper = |pre: &str| format!("env -i sh -c '{pre}echo $$ >> {f}; exec sleep 300'");
+    let mut sh = format!(
+        "({} &); {} & ({} &); ",
+        helper(""),
+        helper(""),
+        helper("trap \"\" TERM; ")
+    );
+    if escapes {
+        sh += &format!("(setsid {} &); ", helper(""));
+    }
+    sh += &format!("exec python3 {FIXTURES}/testsvc.py org.busvisor.Helpers");
+    write_def(
+        dir,
+        "helpers",
+        "org.busvisor.Helpers",
+        &["sh", "-c", &sh],
+        "stop_timeout = \"1s\"",
+    );
+}
+
+/// Helpers that drop the invocation's token end with their service: Stop
+/// ends them and each restart leaves none of the previous run's behind.
+async fn helpers_without_token_end_with_their_service(cgroups: bool) {
+    let env: &[(&str, &str)] = if cgroups {
+        &[]
+    } else {
+        &[("BUSVISOR_NO_CGROUPS", "1")]
+    };
+    let pids_file = std::sync::OnceLock::new();
+    let b = Bus::with_env(
+        |d| {
+            let f = d.parent().unwrap().join("helper-pids");
+            write_helpers(d, &f, cgroups);
+            pids_file.set(f).unwrap();
+        },
+        env,
+    );
+    let pids_file = pids_file.get().unwrap();
+    let read = || -> Vec<u32> {
+        std::fs::read_to_string(pids_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let per_run = if cgroups { 4 } else { 3 };
+    let conn = connect(b.addr()).await;
+    let mut guard = PidGuard::default();
+    for run in 0..3 {
+        if run == 0 {
+            call_pid(&conn, "org.busvisor.Helpers").await;
+        } else {
+            sup_call(&conn, "Restart", &("helpers",))
+                .await
+                .expect("Restart");
+        }
+        assert!(wait_until(OP_TIMEOUT, || read().len() >= per_run * (run + 1)));
+        let all = read();
+        guard.pids = all.clone();
+        let (old, new) = all.split_at(per_run * run);
+        let leaked = || {
+            old.iter()
+                .copied()
+                .filter(|p| !pid_gone(*p))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            wait_until(OP_TIMEOUT, || leaked().is_empty()),
+            "run {run}: the previous runs' helpers {:?} are still there",
+            leaked()
+        );
+        assert!(new.iter().all(|p| pid_alive(*p)), "run {run}: {new:?}");
+        let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", new[0])).unwrap();
+        let in_cgroup = cg.contains(&format!("busvisor-{}/", b.bus.pid()));
+        assert_eq!(in_cgroup, cgroups, "{cg}");
+    }
+    let t = Instant::now();
+    sup_call(&conn, "Stop", &("helpers",)).await.expect("Stop");
+    let all = read();
+    let left = || {
+        all.iter()
+            .copied()
+            .filter(|p| !pid_gone(*p))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(OP_TIMEOUT, || left().is_empty()),
+        "helpers {:?} outlived Stop",
+        left()
+    );
+    eprintln!(
+        "measured (cgroups: {cgroups}): {} helpers over 3 runs, none left {:?} after Stop",
+        all.len(),
+        t.elapsed()
+    );
+    assert_eq!(state(&conn, "helpers").await, "inactive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helpers_without_token_end_with_their_service_in_a_cgroup() {
+    helpers_without_token_end_with_their_service(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helpers_without_token_end_with_their_service_without_cgroups() {
+    helpers_without_token_end_with_their_service(false).await;
+}
+
+/// A service whose launched process exits 0 and leaves a process with an
+/// empty environment (no token) to take its name: without cgroups, the
+/// session busvisor made for it still says whose it is. It is the
+/// service's main process, and Stop ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_drops_its_environment_is_still_the_service() {
+    let python = which("python3");
+    let sh = format!(
+        "env -i PYTHONDONTWRITEBYTECODE=1 DBUS_STARTER_ADDRESS=\"$DBUS_STARTER_ADDRESS\" {python} \
+         {FIXTURES}/testsvc.py org.busvisor.Bare & exit 0"
+    );
+    let b = Bus::with_env(
+        |d| write_def(d, "bare", "org.busvisor.Bare", &["sh", "-c", &sh], ""),
+        &[("BUSVISOR_NO_CGROUPS", "1")],
+    );
+    let conn = connect(b.addr()).await;
+    let pid = call_pid(&conn, "org.busvisor.Bare").await;
+    let _guard = PidGuard { pids: vec![pid] };
+    assert_eq!(state(&conn, "bare").await, "running");
+    let main: u32 = prop(&conn, "bare", "MainPID").await.try_into().unwrap();
+    assert_eq!(main, pid);
+    sup_call(&conn, "Stop", &("bare",)).await.expect("Stop");
+    assert!(
+        wait_until(OP_TIMEOUT, || pid_gone(pid)),
+        "{pid} outlived Stop"
+    );
+    assert_eq!(state(&conn, "bare").await, "inactive");
+}

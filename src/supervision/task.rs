@@ -43,6 +43,7 @@ pub(super) fn start(
         commands: HashMap::new(),
         shutdown_waiters: Vec::new(),
         scan: procs::Scan::new(),
+        tree: procs::Tree::default(),
     };
     tokio::spawn(task.run(rx));
     Ok(handle)
@@ -57,6 +58,8 @@ struct Task {
     /// Service processes by token, scanned just before the command that
     /// needs them (see `command`).
     scan: procs::Scan,
+    /// What the scans learnt of the process tree (without cgroups).
+    tree: procs::Tree,
 }
 
 impl Task {
@@ -74,9 +77,15 @@ impl Task {
         if self.needs_scan(&cmd) {
             // The scan reads every process's environment: on the blocking
             // pool, so that neither the runtime nor the core lock waits.
-            self.scan = tokio::task::spawn_blocking(procs::services)
-                .await
-                .unwrap_or_default();
+            // The tree's memory goes with it and comes back.
+            let mut tree = std::mem::take(&mut self.tree);
+            tree.known = self.bus.lock().sup.known_processes();
+            (self.scan, self.tree) = tokio::task::spawn_blocking(move || {
+                let scan = procs::services(&mut tree);
+                (scan, tree)
+            })
+            .await
+            .unwrap_or_default();
         }
         match cmd {
             Cmd::Spawn(id) => self.spawn(&id).await,
@@ -328,6 +337,19 @@ impl SupervisorState {
         self.catalog.dirs = dirs;
         self.catalog.config_file = config_file;
         self.install(scanned, core);
+    }
+
+    /// Each running invocation's processes as held now, by token: where
+    /// the next scan starts from.
+    pub(super) fn known_processes(&self) -> HashMap<String, Vec<i32>> {
+        self.services
+            .values()
+            .filter(|s| !s.token.is_empty())
+            .map(|s| {
+                let pids = s.pids.iter().chain(s.launched_pid).collect();
+                (s.token.clone(), pids)
+            })
+            .collect()
     }
 
     /// The service a process belongs to, as far as busvisor knows.
