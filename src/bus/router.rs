@@ -11,6 +11,7 @@ use super::{Activator, Facts, Requester, Verdict, driver};
 use crate::bus::matching::{MessageInfo, Owners, body_signature};
 use crate::wire::{self, BusError, ErrorName, Flags, Message, Type, names};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::BusState;
 
@@ -283,6 +284,17 @@ impl BusState {
 
     /// Deliver to every connection with a matching rule.
     pub(super) fn broadcast(&mut self, msg: &Message, sender: Option<PeerId>) {
+        self.broadcast_capped(msg, sender, None);
+    }
+
+    /// `broadcast`; with `cap`, recipients with that many bytes queued are
+    /// skipped and no sender waits for any (see `emit_lossy`).
+    pub(super) fn broadcast_capped(
+        &mut self,
+        msg: &Message,
+        sender: Option<PeerId>,
+        cap: Option<usize>,
+    ) {
         let info = MessageInfo::new(msg);
         let view = NameView {
             st: self,
@@ -301,11 +313,17 @@ impl BusState {
                     return;
                 }
                 if let Some(p) = self.peers.get(&k) {
+                    if cap.is_some_and(|c| p.outbox.queued_bytes() >= c) {
+                        p.outbox.dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     match p
                         .outbox
                         .push_counted(msg.clone(), charge_of(&self.charge, msg))
                     {
-                        Ok(true) if pressure.is_none() => pressure = Some(p.outbox.clone()),
+                        Ok(true) if pressure.is_none() && cap.is_none() => {
+                            pressure = Some(p.outbox.clone())
+                        }
                         Ok(_) => {}
                         Err(e) => debug!(peer = %unique_name(k), "broadcast not queued: {e:?}"),
                     }

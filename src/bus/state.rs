@@ -246,6 +246,14 @@ impl BusState {
         self.broadcast(sig, None);
     }
 
+    /// `emit_event` for a signal that may be lost (a service's output): a
+    /// recipient whose queue holds `cap` bytes or more does not get it (it
+    /// is counted as dropped), and nobody is asked to wait for it.
+    pub(crate) fn emit_lossy(&mut self, sig: &Message, cap: usize) {
+        self.capture_own(sig);
+        self.broadcast_capped(sig, None, Some(cap));
+    }
+
     /// Whether any rule or monitor could take a signal: when not, skip
     /// building it.
     pub(crate) fn wants_signals(&self) -> bool {

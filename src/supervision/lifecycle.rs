@@ -257,6 +257,11 @@ where
     wire::signal(SUPERVISOR_PATH, SUPERVISOR_IFACE, member, None, body)
 }
 
+/// What a subscriber may have queued before it gets no more `LogLine`s:
+/// output is not worth the memory of a peer that does not read (a bus's
+/// `max_outgoing_bytes` is 1 GB on a session bus).
+const LOG_QUEUE_CAP: usize = 1024 * 1024;
+
 /// Lines of a service's output, for `busvisor logs -f` (no serial: not a
 /// transition).
 pub(crate) fn log_lines(core: &mut BusState, id: &str, pid: i32, lines: &[String]) {
@@ -265,7 +270,7 @@ pub(crate) fn log_lines(core: &mut BusState, id: &str, pid: i32, lines: &[String
     }
     for line in lines {
         if let Some(sig) = signal("LogLine", &(id, pid as u32, line)) {
-            core.emit_event(&sig);
+            core.emit_lossy(&sig, LOG_QUEUE_CAP);
         }
     }
 }

@@ -26,6 +26,14 @@ fn signal_all(killer: &super::host::Killer, pids: &procs::ProcSet, sig: Signal) 
     }
 }
 
+/// SIGKILL every process of a service: its whole cgroup at once where it
+/// has one we may write to, else each process it is known to have.
+fn kill_all(killer: &super::host::Killer, svc: &super::service::Service) {
+    if !procs::kill_cgroup(&svc.token) {
+        signal_all(killer, &svc.pids, Signal::SIGKILL);
+    }
+}
+
 impl SupervisorState {
     /// Apply a command that needs nothing awaited.
     pub(super) fn apply(&mut self, cmd: Cmd, core: &mut BusState, scan: &procs::Scan) {
@@ -300,7 +308,7 @@ impl SupervisorState {
         }
         let svc = &self.services[id];
         warn!(service = id, pids = ?svc.pids, "did not stop in time; sending SIGKILL");
-        signal_all(&self.killer, &svc.pids, Signal::SIGKILL);
+        kill_all(&self.killer, svc);
         // Descendants re-parented by the kills are found by the next scan.
         let cmd = Cmd::StopTimeout(id.to_owned(), inv);
         self.cmd.after(Duration::from_millis(100), cmd);
@@ -440,7 +448,7 @@ impl SupervisorState {
         );
         warn!(service = id, "{text}");
         // dbus-daemon kills the process it spawned; busvisor kills the tree.
-        signal_all(&self.killer, &svc.pids, Signal::SIGKILL);
+        kill_all(&self.killer, svc);
         self.start_failed(id, &BusError::new(ErrorName::TimedOut, text), core, scan);
     }
 

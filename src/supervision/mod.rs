@@ -12,6 +12,7 @@ pub(crate) mod host;
 pub(crate) mod launch;
 pub(crate) mod lifecycle;
 mod machine;
+mod output;
 pub mod procs;
 pub(crate) mod reaper;
 pub(crate) mod service;
@@ -238,10 +239,13 @@ impl SupervisorState {
         ) {
             return;
         }
-        // The one file read under the lock: the owner's environment, to
-        // tell the service's own connection from a squatter.
+        // The one file read under the lock: the owner's environment (or
+        // cgroup), to tell the service's own connection from a squatter;
+        // without cgroups, then its session (see `procs::Tree`).
         let inside = owner_pid.is_some_and(|pid| {
-            svc.pids.contains(&pid) || procs::token_of(pid).as_deref() == Some(svc.token.as_str())
+            svc.pids.contains(&pid)
+                || procs::token_of(pid).as_deref() == Some(svc.token.as_str())
+                || in_session_of(pid, svc)
         });
         if !inside && !svc.via_systemd {
             warn!(
@@ -508,6 +512,19 @@ impl Activator for SupervisorState {
 
 /// Start the supervisor's task, the subreaper, the spawner thread and the
 /// reaper, for the bus whose supervisor state came with `rx`.
+/// Without cgroups: whether `pid` is in the session or process group of
+/// the service's launched process (busvisor made that session for it).
+fn in_session_of(pid: i32, svc: &Service) -> bool {
+    if procs::cgroups().is_some() {
+        return false;
+    }
+    let Some(st) = procs::stat_full(pid) else {
+        return false;
+    };
+    let mut leaders = svc.launched_pid.into_iter().chain(svc.pids.iter());
+    leaders.any(|l| l > 1 && (l == st.sid || l == st.pgid))
+}
+
 pub(crate) fn start(
     bus: Arc<SupervisedBus>,
     rx: mpsc::UnboundedReceiver<Cmd>,

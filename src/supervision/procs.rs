@@ -12,7 +12,9 @@
 //! in its environment at spawn. Forked children inherit it, so scanning
 //! /proc for the token finds the whole tree too; but reading another
 //! process's environ needs its uid (or CAP_SYS_PTRACE) and a dumpable
-//! process, which a session bus has and a system bus does not.
+//! process, which a session bus has and a system bus does not. A process
+//! can also drop the token (`env -i`), so the scan adds what the process
+//! tree shows (see [`Tree`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -59,6 +61,13 @@ fn cgroup_root_of(owner: u32) -> Option<CgroupRoot> {
     })
 }
 
+/// `BUSVISOR_NO_CGROUPS=1` in busvisor's environment at start: no
+/// cgroups even where they could be made. For tests of the token-and-tree
+/// mode on a machine that has cgroups; not meant for use.
+fn cgroups_disabled() -> bool {
+    std::env::var_os("BUSVISOR_NO_CGROUPS").is_some_and(|v| v == "1")
+}
+
 /// The services' cgroup root, once set up (see [`setup_cgroups`] and
 /// [`use_cgroups`]).
 static CGROUPS: OnceLock<Option<CgroupRoot>> = OnceLock::new();
@@ -69,6 +78,9 @@ static CGROUPS: OnceLock<Option<CgroupRoot>> = OnceLock::new();
 pub(crate) fn setup_cgroups() -> Option<&'static CgroupRoot> {
     CGROUPS
         .get_or_init(|| {
+            if cgroups_disabled() {
+                return None;
+            }
             let root = cgroup_root_of(std::process::id())?;
             match std::fs::create_dir(&root.dir) {
                 Ok(()) => Some(root),
@@ -86,7 +98,10 @@ pub(crate) fn setup_cgroups() -> Option<&'static CgroupRoot> {
 /// cgroups it made, if it made them.
 pub(crate) fn use_cgroups(owner: u32) -> Option<&'static CgroupRoot> {
     CGROUPS
-        .get_or_init(|| cgroup_root_of(owner).filter(|r| r.dir.is_dir()))
+        .get_or_init(|| {
+            let root = cgroup_root_of(owner).filter(|r| r.dir.is_dir());
+            root.filter(|_| !cgroups_disabled())
+        })
         .as_ref()
 }
 
@@ -99,6 +114,17 @@ pub(crate) fn cgroups() -> Option<&'static CgroupRoot> {
 /// `Service::new_invocation`).
 pub(crate) fn service_cgroup(token: &str) -> Option<PathBuf> {
     Some(cgroups()?.dir.join(token))
+}
+
+/// Kill every process of an invocation's cgroup at once (cgroup.kill,
+/// Linux 5.14): exact, whatever its processes did meanwhile. False where
+/// there is no such cgroup or it cannot be written (an older kernel; a
+/// router, whose services' cgroups are root's): then signal them one by one.
+pub(crate) fn kill_cgroup(token: &str) -> bool {
+    let Some(dir) = service_cgroup(token) else {
+        return false;
+    };
+    std::fs::write(dir.join("cgroup.kill"), b"1").is_ok()
 }
 
 /// Remove the cgroups of invocations that have no process left (the kernel
@@ -208,16 +234,20 @@ pub type Pidfd = Option<Arc<OwnedFd>>;
 pub type Scan = HashMap<String, BTreeMap<i32, Pidfd>>;
 
 /// Every service process, by its invocation's token: from the cgroups where
-/// services run in cgroups, else from their environments.
-pub fn services() -> Scan {
+/// services run in cgroups, else from their environments and the process
+/// tree (see [`Tree`]).
+pub(crate) fn services(tree: &mut Tree) -> Scan {
     let root = cgroups();
-    let found = match root {
-        Some(root) => cgroup_scan(root),
-        None => scan(TOKEN_VAR),
+    let (found, by_tree) = match root {
+        Some(root) => (cgroup_scan(root), HashMap::new()),
+        None => tree.scan(),
     };
-    let token_of = |pid| match root {
-        Some(root) => cgroup_token_of(pid, root),
-        None => env_var_of(pid, TOKEN_VAR),
+    // Checked again with the pidfd held: a pid reused since the first look
+    // does not pass for the service's process.
+    let still = |pid: i32, token: &str| match (root, by_tree.get(&pid)) {
+        (Some(root), _) => cgroup_token_of(pid, root).as_deref() == Some(token),
+        (None, Some(start)) => stat_full(pid).is_some_and(|s| s.start == *start),
+        (None, None) => env_var_of(pid, TOKEN_VAR).as_deref() == Some(token),
     };
     let mut out = Scan::new();
     for (token, pids) in found {
@@ -229,9 +259,7 @@ pub fn services() -> Scan {
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return None,
                     Err(_) => None,
                 };
-                // Checked again with the pidfd held: a pid reused since the
-                // first look does not pass for the service's process.
-                (token_of(pid).as_deref() == Some(token.as_str())).then_some((pid, fd))
+                still(pid, &token).then_some((pid, fd))
             })
             .collect();
         if !held.is_empty() {
@@ -239,6 +267,155 @@ pub fn services() -> Scan {
         }
     }
     out
+}
+
+/// A process as its /proc/PID/stat shows it (readable by anyone).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stat {
+    pub(crate) ppid: i32,
+    pub(crate) pgid: i32,
+    pub(crate) sid: i32,
+    /// Clock ticks from boot to its start: with the pid, names one process.
+    pub(crate) start: u64,
+    pub(crate) zombie: bool,
+}
+
+/// A process's /proc/PID/stat (fields counted after the last ')', since
+/// the command name may hold anything).
+pub(crate) fn stat_full(pid: i32) -> Option<Stat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut f = rest.split_whitespace();
+    let zombie = f.next()? == "Z";
+    let ppid = f.next()?.parse().ok()?;
+    let pgid = f.next()?.parse().ok()?;
+    let sid = f.next()?.parse().ok()?;
+    // starttime is field 22; the state was field 3.
+    let start = f.nth(22 - 7)?.parse().ok()?;
+    Some(Stat {
+        ppid,
+        pgid,
+        sid,
+        start,
+        zombie,
+    })
+}
+
+/// The pids in /proc.
+fn proc_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+}
+
+/// Attribution without cgroups. The token in a process's environment is
+/// the first clue, but a process may drop it (`env -i`, an exec with an
+/// empty environment). So the scan also attributes, from /proc/PID/stat:
+/// a process the supervisor already holds for a service; one attributed by
+/// an earlier scan (remembered by pid and start time, so a reused pid is
+/// not taken for it), which keeps a helper attributed after its parent
+/// exits and it is re-parented to busvisor; one in the session or process
+/// group of a service process (busvisor starts each service in a session
+/// of its own, and the kernel does not reuse a pid while it names a
+/// session or group); and any descendant of those.
+#[derive(Default)]
+pub(crate) struct Tree {
+    /// Each service's processes as the supervisor holds them, set before
+    /// each scan.
+    pub(crate) known: HashMap<String, Vec<i32>>,
+    remembered: HashMap<(i32, u64), String>,
+}
+
+impl Tree {
+    /// Live processes by token, and those attributed other than by their
+    /// environment, with their start times (to check them again).
+    fn scan(&mut self) -> (ByToken, HashMap<i32, u64>) {
+        let mut stats = HashMap::new();
+        let mut owner: HashMap<i32, String> = HashMap::new();
+        for pid in proc_pids() {
+            let Some(st) = stat_full(pid).filter(|s| !s.zombie) else {
+                continue;
+            };
+            if let Some(token) = env_var_of(pid, TOKEN_VAR) {
+                owner.insert(pid, token);
+            }
+            stats.insert(pid, st);
+        }
+        let mut by_tree = HashMap::new();
+        let mut claim = |pid: i32, token: &String, owner: &mut HashMap<i32, String>| {
+            if let (Some(st), false) = (stats.get(&pid), owner.contains_key(&pid)) {
+                owner.insert(pid, token.clone());
+                by_tree.insert(pid, st.start);
+            }
+        };
+        for (token, pids) in &self.known {
+            for pid in pids {
+                claim(*pid, token, &mut owner);
+            }
+        }
+        for ((pid, start), token) in &self.remembered {
+            if stats.get(pid).is_some_and(|s| s.start == *start) {
+                claim(*pid, token, &mut owner);
+            }
+        }
+        // A known pid names its service's session even once it has exited
+        // (the launched process leads it: busvisor called setsid for it).
+        let mut groups: HashMap<i32, String> = HashMap::new();
+        for (token, pids) in &self.known {
+            groups.extend(pids.iter().map(|p| (*p, token.clone())));
+        }
+        groups.extend(
+            owner
+                .iter()
+                .filter_map(|(pid, t)| stats.get(pid).map(|s| (s, t)))
+                .flat_map(|(s, t)| [(s.sid, t.clone()), (s.pgid, t.clone())]),
+        );
+        for (pid, st) in &stats {
+            let group = |id: i32| groups.get(&id).filter(|_| id > 1);
+            if let Some(token) = group(st.sid).or_else(|| group(st.pgid)) {
+                claim(*pid, token, &mut owner);
+            }
+        }
+        for pid in stats.keys() {
+            if let Some(token) = ancestor_token(*pid, &stats, &owner) {
+                claim(*pid, &token, &mut owner);
+            }
+        }
+        self.remembered = owner
+            .iter()
+            .filter_map(|(pid, t)| stats.get(pid).map(|s| ((*pid, s.start), t.clone())))
+            .collect();
+        let mut found = ByToken::new();
+        for (pid, token) in owner {
+            found.entry(token).or_default().insert(pid);
+        }
+        (found, by_tree)
+    }
+}
+
+/// The token of the nearest attributed ancestor of `pid`, if any.
+fn ancestor_token(
+    pid: i32,
+    stats: &HashMap<i32, Stat>,
+    owner: &HashMap<i32, String>,
+) -> Option<String> {
+    if owner.contains_key(&pid) {
+        return None;
+    }
+    let mut at = pid;
+    // Bounded: a pid loop cannot happen, but /proc changes under the scan.
+    for _ in 0..64 {
+        at = stats.get(&at)?.ppid;
+        if at <= 1 {
+            return None;
+        }
+        if let Some(t) = owner.get(&at) {
+            return Some(t.clone());
+        }
+    }
+    None
 }
 
 /// Every live (non-zombie) process whose environment has `var`, grouped by
@@ -395,6 +572,15 @@ mod tests {
         assert_eq!(status.signal(), Some(9));
         set.retain_live();
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn full_stat_has_groups_and_start_time() {
+        let me = std::process::id() as i32;
+        let st = stat_full(me).unwrap();
+        assert_eq!(st.sid, nix::unistd::getsid(None).unwrap().as_raw());
+        assert_eq!(st.pgid, nix::unistd::getpgrp().as_raw());
+        assert!(st.start > 0 && !st.zombie);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub(crate) const PROVIDED_ELSEWHERE: &str = "is already provided by";
 /// Lines of output kept per service.
 pub(crate) const LOG_LINES: usize = 1000;
 
-/// Bytes of output kept per service (lines are up to `task::MAX_LINE`).
+/// Bytes of output kept per service (lines are up to `output::MAX_LINE`).
 pub(crate) const LOG_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::host::{Host, HostSpec};
 use super::reaper::ExitKind;
 use super::service::{Service, ServiceState};
-use super::{Cmd, SupervisedBus, SupervisorHandle, SupervisorState, procs};
+use super::{Cmd, SupervisedBus, SupervisorHandle, SupervisorState, output, procs};
 use crate::activation::catalog;
 use crate::bus::{BusState, Requester, Shared};
 use crate::wire::{self, BusError, ErrorName, names};
@@ -44,6 +43,7 @@ pub(super) fn start(
         commands: HashMap::new(),
         shutdown_waiters: Vec::new(),
         scan: procs::Scan::new(),
+        tree: procs::Tree::default(),
     };
     tokio::spawn(task.run(rx));
     Ok(handle)
@@ -58,6 +58,8 @@ struct Task {
     /// Service processes by token, scanned just before the command that
     /// needs them (see `command`).
     scan: procs::Scan,
+    /// What the scans learnt of the process tree (without cgroups).
+    tree: procs::Tree,
 }
 
 impl Task {
@@ -75,9 +77,15 @@ impl Task {
         if self.needs_scan(&cmd) {
             // The scan reads every process's environment: on the blocking
             // pool, so that neither the runtime nor the core lock waits.
-            self.scan = tokio::task::spawn_blocking(procs::services)
-                .await
-                .unwrap_or_default();
+            // The tree's memory goes with it and comes back.
+            let mut tree = std::mem::take(&mut self.tree);
+            tree.known = self.bus.lock().sup.known_processes();
+            (self.scan, self.tree) = tokio::task::spawn_blocking(move || {
+                let scan = procs::services(&mut tree);
+                (scan, tree)
+            })
+            .await
+            .unwrap_or_default();
         }
         match cmd {
             Cmd::Spawn(id) => self.spawn(&id).await,
@@ -179,8 +187,9 @@ impl Task {
                     return;
                 }
                 drop(g);
+                let budget = output::Budget::shared();
                 for fd in [spawned.stdout, spawned.stderr].into_iter().flatten() {
-                    capture_output(self.bus.clone(), id.to_owned(), pid, fd);
+                    output::capture(self.bus.clone(), id.to_owned(), pid, fd, &budget);
                 }
             }
         }
@@ -330,6 +339,19 @@ impl SupervisorState {
         self.install(scanned, core);
     }
 
+    /// Each running invocation's processes as held now, by token: where
+    /// the next scan starts from.
+    pub(super) fn known_processes(&self) -> HashMap<String, Vec<i32>> {
+        self.services
+            .values()
+            .filter(|s| !s.token.is_empty())
+            .map(|s| {
+                let pids = s.pids.iter().chain(s.launched_pid).collect();
+                (s.token.clone(), pids)
+            })
+            .collect()
+    }
+
     /// The service a process belongs to, as far as busvisor knows.
     pub(super) fn service_of(&self, pid: i32) -> Option<String> {
         self.services
@@ -380,164 +402,5 @@ fn install_policy(
             warn!("configuration reload failed, the old policy stays: {e}");
             Err(BusError::failed(e.to_string()))
         }
-    }
-}
-
-/// The longest piece of output kept as one line: a longer line (or output
-/// without a newline) is split, so that what is buffered stays bounded.
-pub(crate) const MAX_LINE: usize = 8192;
-
-/// Ends every piece of a split line but the last.
-pub(crate) const SPLIT_MARK: &str = "\u{2026}";
-
-/// Output is bytes: lines as read, each shown lossily (invalid UTF-8
-/// becomes U+FFFD), and a line longer than [`MAX_LINE`] split into marked
-/// pieces, cut on a character boundary where the bytes allow.
-#[derive(Default)]
-pub(crate) struct LineSplitter {
-    partial: Vec<u8>,
-}
-
-impl LineSplitter {
-    /// Add `bytes`; the complete lines (and pieces) go to `out`.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<String>) {
-        while !bytes.is_empty() {
-            let room = MAX_LINE - self.partial.len();
-            let window = &bytes[..bytes.len().min(room)];
-            if let Some(nl) = window.iter().position(|b| *b == b'\n') {
-                self.partial.extend_from_slice(&window[..nl]);
-                out.push(self.take(false));
-                bytes = &bytes[nl + 1..];
-                continue;
-            }
-            self.partial.extend_from_slice(window);
-            bytes = &bytes[window.len()..];
-            if self.partial.len() >= MAX_LINE {
-                out.push(self.take(true));
-            }
-        }
-    }
-
-    /// At the end of the output: what is left without a newline.
-    pub(crate) fn finish(&mut self) -> Option<String> {
-        (!self.partial.is_empty()).then(|| self.take(false))
-    }
-
-    fn take(&mut self, split: bool) -> String {
-        let cut = if split {
-            char_boundary(&self.partial)
-        } else {
-            self.partial.len()
-        };
-        let rest = self.partial.split_off(cut);
-        let mut line = String::from_utf8_lossy(&self.partial).into_owned();
-        self.partial = rest;
-        if split {
-            line.push_str(SPLIT_MARK);
-        } else if line.ends_with('\r') {
-            line.pop();
-        }
-        line
-    }
-}
-
-/// Where to cut `bytes` so that a UTF-8 character at its end is not cut in
-/// two (the character then starts the next piece).
-fn char_boundary(bytes: &[u8]) -> usize {
-    let len = bytes.len();
-    for back in 1..=len.min(3) {
-        let b = bytes[len - back];
-        if b & 0xC0 == 0x80 {
-            continue; // a continuation byte
-        }
-        let need = match b {
-            0xC0..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF7 => 4,
-            _ => 1,
-        };
-        return if need > back { len - back } else { len };
-    }
-    len
-}
-
-/// Read a service's output into the log, its buffer and LogLine signals,
-/// taking the core lock once per read, not once per line. It reads until
-/// the pipe's end whatever the bytes are: a service whose output is not
-/// read would die of SIGPIPE or block.
-fn capture_output(bus: Arc<SupervisedBus>, id: String, pid: i32, fd: std::os::fd::OwnedFd) {
-    tokio::spawn(async move {
-        let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-            return;
-        };
-        let mut chunk = vec![0u8; 8192];
-        let mut lines = LineSplitter::default();
-        loop {
-            let mut burst = Vec::new();
-            let end = match rx.read(&mut chunk).await {
-                Ok(0) => true,
-                Ok(n) => {
-                    lines.feed(&chunk[..n], &mut burst);
-                    false
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!(service = %id, pid, "cannot read its output: {e}");
-                    true
-                }
-            };
-            if end {
-                burst.extend(lines.finish());
-            }
-            if !burst.is_empty() {
-                for text in &burst {
-                    info!(service = %id, pid, "{text}");
-                }
-                let mut g = bus.lock();
-                let Shared { core, sup } = &mut *g;
-                sup.output(&id, pid, burst, core);
-            }
-            if end {
-                return;
-            }
-        }
-    });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn split(chunks: &[&[u8]]) -> Vec<String> {
-        let mut s = LineSplitter::default();
-        let mut out = Vec::new();
-        for c in chunks {
-            s.feed(c, &mut out);
-        }
-        out.extend(s.finish());
-        out
-    }
-
-    #[test]
-    fn lines_are_bytes_shown_lossily() {
-        assert_eq!(
-            split(&[b"a\xffb\r\nsec", b"ond\n\nlast"]),
-            ["a\u{fffd}b", "second", "", "last"]
-        );
-    }
-
-    #[test]
-    fn long_lines_are_split_and_marked_on_character_boundaries() {
-        let long = vec![b'x'; MAX_LINE * 2 + 10];
-        let out = split(&[&long, b"\n"]);
-        assert_eq!(out.len(), 3);
-        assert!(out[0].ends_with(SPLIT_MARK) && out[1].ends_with(SPLIT_MARK));
-        assert_eq!(out[2].len(), 10);
-        // A 3-byte character across the limit goes whole to the next piece.
-        let mut text = vec![b'y'; MAX_LINE - 1];
-        text.extend_from_slice("\u{20ac}z".as_bytes());
-        let out = split(&[&text]);
-        assert_eq!(out[0], format!("{}{SPLIT_MARK}", "y".repeat(MAX_LINE - 1)));
-        assert_eq!(out[1], "\u{20ac}z");
     }
 }
