@@ -155,6 +155,16 @@ fn children(ppid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The router: the warden's child running busvisor.
+fn router_of(warden: u32) -> u32 {
+    let routers: Vec<u32> = children(warden)
+        .into_iter()
+        .filter(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
+        .collect();
+    assert_eq!(routers.len(), 1, "one router under the warden");
+    routers[0]
+}
+
 fn uid_of(name: &str) -> u32 {
     nix::unistd::User::from_name(name)
         .unwrap()
@@ -164,9 +174,22 @@ fn uid_of(name: &str) -> u32 {
 }
 
 /// Call the test service as `nobody`; the reply's last line's value.
+/// Call the test service as `nobody`; the reply's last value.
 fn call_as_nobody(bus: &TestBus, member: &str, args: &[&str]) -> String {
-    let address = format!("--bus={}", bus.address);
     let method = format!("org.busvisor.Test.{member}");
+    send_as_nobody(
+        bus,
+        "org.busvisor.Test",
+        "/org/busvisor/Test",
+        &method,
+        args,
+    )
+}
+
+/// `dbus-send --print-reply` as `nobody`; the reply's last value.
+fn send_as_nobody(bus: &TestBus, dest: &str, path: &str, method: &str, args: &[&str]) -> String {
+    let address = format!("--bus={}", bus.address);
+    let dest = format!("--dest={dest}");
     let mut argv = vec![
         "--reuid=nobody",
         "--regid=nogroup",
@@ -174,15 +197,15 @@ fn call_as_nobody(bus: &TestBus, member: &str, args: &[&str]) -> String {
         "dbus-send",
         &address,
         "--print-reply",
-        "--dest=org.busvisor.Test",
-        "/org/busvisor/Test",
-        &method,
+        &dest,
+        path,
+        method,
     ];
     argv.extend_from_slice(args);
     let out = run_tool("setpriv", &argv, common::OP_TIMEOUT);
     assert!(
         out.success(),
-        "{member} as nobody failed: {}\nbus log:\n{}",
+        "{method} as nobody failed: {}\nbus log:\n{}",
         out.stderr,
         bus.log()
     );
@@ -220,12 +243,8 @@ fn the_router_runs_as_user_and_services_as_theirs_under_the_warden() {
     assert_eq!(proc_info(warden).unwrap().0, 0);
     let pidfile = std::fs::read_to_string(fx.path("pidfile")).unwrap();
     assert_eq!(pidfile.trim(), warden.to_string());
-    let routers: Vec<u32> = children(warden)
-        .into_iter()
-        .filter(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
-        .collect();
-    assert_eq!(routers.len(), 1, "one router under the warden");
-    assert_eq!(proc_info(routers[0]).unwrap().0, uid_of("messagebus"));
+    let router = router_of(warden);
+    assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
 
     // Activated by an unprivileged caller: runs as nobody, as the warden's
     // child, with only the launch helper's variables and busvisor's token.
@@ -285,7 +304,7 @@ fn the_router_runs_as_user_and_services_as_theirs_under_the_warden() {
     bus.proc.signal(Signal::SIGTERM);
     let st = bus.proc.wait_timeout(Duration::from_secs(15));
     assert_eq!(st.and_then(|s| s.code()), Some(0), "log:\n{}", bus.log());
-    assert!(!alive(third) && !alive(routers[0]));
+    assert!(!alive(third) && !alive(router));
     assert!(!fx.path("pidfile").exists(), "the pidfile is removed");
     assert!(!bus.socket.exists(), "the socket file is removed");
     let cgroups = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -314,10 +333,7 @@ fn a_router_that_dies_takes_its_services_with_it() {
     let mut bus = start_system_bus(&fx);
     let warden = bus.pid();
     let pid: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
-    let router = children(warden)
-        .into_iter()
-        .find(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
-        .unwrap();
+    let router = router_of(warden);
     // The router is the part exposed to clients: if it is killed, the
     // warden ends the services and exits, leaving nothing behind.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(router as i32), Signal::SIGKILL).unwrap();
@@ -428,10 +444,7 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
     let mut bus = NamespacedBus::start(&["--system", "--nosyslog"]);
     let warden = bus.proc.pid();
     // The process that handles messages runs as messagebus.
-    let router = children(warden)
-        .into_iter()
-        .find(|&p| proc_info(p).is_some_and(|(_, _, n)| n == "busvisor"))
-        .expect("the router");
+    let router = router_of(warden);
     assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
     let enumerate = bus.run(
         true,
@@ -576,29 +589,6 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
     assert!(!alive(again), "polkitd ends with the bus");
 }
 
-fn dbus_send_as_nobody(bus: &TestBus, dest: &str, path: &str, method: &str) -> String {
-    let address = format!("--bus={}", bus.address);
-    let dest = format!("--dest={dest}");
-    let argv = [
-        "--reuid=nobody",
-        "--regid=nogroup",
-        "--clear-groups",
-        "dbus-send",
-        &address,
-        "--print-reply",
-        &dest,
-        path,
-        method,
-    ];
-    let out = run_tool("setpriv", &argv, common::OP_TIMEOUT);
-    assert!(out.success(), "{method}: {}\n{}", out.stderr, bus.log());
-    out.stdout
-        .split_whitespace()
-        .last()
-        .unwrap_or("")
-        .to_owned()
-}
-
 /// A classic double-forking daemon started as nobody: its launcher exits 0,
 /// the daemon is re-parented to the warden, busvisor knows it as the
 /// service's main process (through its cgroup: the router cannot read a
@@ -617,10 +607,10 @@ fn a_double_forking_daemon_of_another_user_stays_supervised() {
         "org.busvisor.Example.Daemon",
         "/org/busvisor/Example/Daemon",
     );
-    let pid: u32 = dbus_send_as_nobody(&bus, dest, path, &format!("{dest}.Pid"))
+    let pid: u32 = send_as_nobody(&bus, dest, path, &format!("{dest}.Pid"), &[])
         .parse()
         .unwrap();
-    let ppid: u32 = dbus_send_as_nobody(&bus, dest, path, &format!("{dest}.Ppid"))
+    let ppid: u32 = send_as_nobody(&bus, dest, path, &format!("{dest}.Ppid"), &[])
         .parse()
         .unwrap();
     assert_eq!(ppid, warden, "re-parented to the warden, not to init");

@@ -121,8 +121,7 @@ struct PeerNames<'a> {
 
 impl Names for PeerNames<'_> {
     fn has(&self, name: &str) -> bool {
-        parse_unique_name(name) == Some(self.peer)
-            || self.st.names.of(self.peer).contains(name)
+        parse_unique_name(name) == Some(self.peer) || self.st.names.of(self.peer).contains(name)
     }
 
     fn has_under(&self, prefix: &str) -> bool {

@@ -65,117 +65,87 @@ pub const STANDARD_XML: &str = r#"  <interface name="org.freedesktop.DBus.Proper
   </interface>
 "#;
 
-/// D-Bus error names, by the kinds the bus and the supervisor answer with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorName {
-    ServiceUnknown,
-    NameHasNoOwner,
-    NoReply,
-    LimitsExceeded,
-    InvalidArgs,
-    UnknownMethod,
-    UnknownInterface,
-    UnknownProperty,
-    PropertyReadOnly,
-    AccessDenied,
-    MatchRuleInvalid,
-    MatchRuleNotFound,
-    NotSupported,
-    Failed,
-    TimedOut,
-    UnixProcessIdUnknown,
-    AdtAuditDataUnknown,
-    SELinuxSecurityContextUnknown,
-    SpawnExecFailed,
-    SpawnChildExited,
-    SpawnChildSignaled,
+/// The error names: one row each, so that the enum, its text and the list
+/// [`ErrorName::parse`] searches cannot disagree.
+macro_rules! error_names {
+    ($( $(#[$doc:meta])* $variant:ident => $text:literal, )*) => {
+        /// D-Bus error names, by the kinds the bus and the supervisor answer with.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorName {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl ErrorName {
+            /// Every error name, to look one up by its text.
+            const ALL: &[ErrorName] = &[$(ErrorName::$variant,)*];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $( ErrorName::$variant => $text, )*
+                }
+            }
+        }
+    };
+}
+
+error_names! {
+    ServiceUnknown => "org.freedesktop.DBus.Error.ServiceUnknown",
+    NameHasNoOwner => "org.freedesktop.DBus.Error.NameHasNoOwner",
+    NoReply => "org.freedesktop.DBus.Error.NoReply",
+    LimitsExceeded => "org.freedesktop.DBus.Error.LimitsExceeded",
+    InvalidArgs => "org.freedesktop.DBus.Error.InvalidArgs",
+    UnknownMethod => "org.freedesktop.DBus.Error.UnknownMethod",
+    UnknownInterface => "org.freedesktop.DBus.Error.UnknownInterface",
+    UnknownProperty => "org.freedesktop.DBus.Error.UnknownProperty",
+    PropertyReadOnly => "org.freedesktop.DBus.Error.PropertyReadOnly",
+    AccessDenied => "org.freedesktop.DBus.Error.AccessDenied",
+    MatchRuleInvalid => "org.freedesktop.DBus.Error.MatchRuleInvalid",
+    MatchRuleNotFound => "org.freedesktop.DBus.Error.MatchRuleNotFound",
+    NotSupported => "org.freedesktop.DBus.Error.NotSupported",
+    Failed => "org.freedesktop.DBus.Error.Failed",
+    TimedOut => "org.freedesktop.DBus.Error.TimedOut",
+    UnixProcessIdUnknown => "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
+    AdtAuditDataUnknown => "org.freedesktop.DBus.Error.AdtAuditDataUnknown",
+    SELinuxSecurityContextUnknown => "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown",
+    SpawnExecFailed => "org.freedesktop.DBus.Error.Spawn.ExecFailed",
+    SpawnChildExited => "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    SpawnChildSignaled => "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
     /// The system bus's activation errors, as dbus-daemon reports its
     /// launch helper's exit codes (bus/activation.c).
-    SpawnFileInvalid,
-    SpawnServiceNotFound,
-    SpawnFailedToSetup,
-    SpawnConfigInvalid,
-    SpawnServiceNotValid,
-    SpawnPermissionsInvalid,
-    NoMemory,
+    SpawnFileInvalid => "org.freedesktop.DBus.Error.Spawn.FileInvalid",
+    SpawnServiceNotFound => "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+    SpawnFailedToSetup => "org.freedesktop.DBus.Error.Spawn.FailedToSetup",
+    SpawnConfigInvalid => "org.freedesktop.DBus.Error.Spawn.ConfigInvalid",
+    SpawnServiceNotValid => "org.freedesktop.DBus.Error.Spawn.ServiceNotValid",
+    SpawnPermissionsInvalid => "org.freedesktop.DBus.Error.Spawn.PermissionsInvalid",
+    NoMemory => "org.freedesktop.DBus.Error.NoMemory",
     /// busvisor's control API: no service by that id or name.
-    NoSuchService,
+    NoSuchService => "org.busvisor.Supervisor1.Error.NoSuchService",
     /// busvisor's control API: Start or Restart did not reach `running`.
-    StartFailed,
+    StartFailed => "org.busvisor.Supervisor1.Error.StartFailed",
 }
 
 impl ErrorName {
-    /// Every error name, to look one up by its text (see [`Self::parse`]).
-    const ALL: &[ErrorName] = {
-        use ErrorName::*;
-        &[
-            ServiceUnknown,
-            NameHasNoOwner,
-            NoReply,
-            LimitsExceeded,
-            InvalidArgs,
-            UnknownMethod,
-            UnknownInterface,
-            UnknownProperty,
-            PropertyReadOnly,
-            AccessDenied,
-            MatchRuleInvalid,
-            MatchRuleNotFound,
-            NotSupported,
-            Failed,
-            TimedOut,
-            UnixProcessIdUnknown,
-            AdtAuditDataUnknown,
-            SELinuxSecurityContextUnknown,
-            SpawnExecFailed,
-            SpawnChildExited,
-            SpawnChildSignaled,
-            NoSuchService,
-            StartFailed,
-        ]
-    };
-
     /// The error name whose text is `s` (errors that crossed a process
-    /// boundary as text).
+    /// boundary as text, from the warden).
     pub fn parse(s: &str) -> Option<ErrorName> {
         Self::ALL.iter().copied().find(|e| e.as_str() == s)
     }
+}
 
-    pub const fn as_str(self) -> &'static str {
-        use ErrorName::*;
-        match self {
-            ServiceUnknown => "org.freedesktop.DBus.Error.ServiceUnknown",
-            NameHasNoOwner => "org.freedesktop.DBus.Error.NameHasNoOwner",
-            NoReply => "org.freedesktop.DBus.Error.NoReply",
-            LimitsExceeded => "org.freedesktop.DBus.Error.LimitsExceeded",
-            InvalidArgs => "org.freedesktop.DBus.Error.InvalidArgs",
-            UnknownMethod => "org.freedesktop.DBus.Error.UnknownMethod",
-            UnknownInterface => "org.freedesktop.DBus.Error.UnknownInterface",
-            UnknownProperty => "org.freedesktop.DBus.Error.UnknownProperty",
-            PropertyReadOnly => "org.freedesktop.DBus.Error.PropertyReadOnly",
-            AccessDenied => "org.freedesktop.DBus.Error.AccessDenied",
-            MatchRuleInvalid => "org.freedesktop.DBus.Error.MatchRuleInvalid",
-            MatchRuleNotFound => "org.freedesktop.DBus.Error.MatchRuleNotFound",
-            NotSupported => "org.freedesktop.DBus.Error.NotSupported",
-            Failed => "org.freedesktop.DBus.Error.Failed",
-            TimedOut => "org.freedesktop.DBus.Error.TimedOut",
-            UnixProcessIdUnknown => "org.freedesktop.DBus.Error.UnixProcessIdUnknown",
-            AdtAuditDataUnknown => "org.freedesktop.DBus.Error.AdtAuditDataUnknown",
-            SELinuxSecurityContextUnknown => {
-                "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown"
-            }
-            SpawnExecFailed => "org.freedesktop.DBus.Error.Spawn.ExecFailed",
-            SpawnChildExited => "org.freedesktop.DBus.Error.Spawn.ChildExited",
-            SpawnChildSignaled => "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
-            SpawnFileInvalid => "org.freedesktop.DBus.Error.Spawn.FileInvalid",
-            SpawnServiceNotFound => "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
-            SpawnFailedToSetup => "org.freedesktop.DBus.Error.Spawn.FailedToSetup",
-            SpawnConfigInvalid => "org.freedesktop.DBus.Error.Spawn.ConfigInvalid",
-            SpawnServiceNotValid => "org.freedesktop.DBus.Error.Spawn.ServiceNotValid",
-            SpawnPermissionsInvalid => "org.freedesktop.DBus.Error.Spawn.PermissionsInvalid",
-            NoMemory => "org.freedesktop.DBus.Error.NoMemory",
-            NoSuchService => "org.busvisor.Supervisor1.Error.NoSuchService",
-            StartFailed => "org.busvisor.Supervisor1.Error.StartFailed",
+#[cfg(test)]
+mod tests {
+    use super::ErrorName;
+
+    #[test]
+    fn every_error_name_is_found_by_its_text() {
+        for e in ErrorName::ALL {
+            assert_eq!(ErrorName::parse(e.as_str()), Some(*e));
         }
+        assert_eq!(
+            ErrorName::parse("org.freedesktop.DBus.Error.Spawn.FileInvalid"),
+            Some(ErrorName::SpawnFileInvalid)
+        );
+        assert_eq!(ErrorName::parse("org.example.Nope"), None);
     }
 }
