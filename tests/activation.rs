@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::{FIXTURES, write_def, write_testsvc};
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +21,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use zbus::message::Message;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
 const ERR: &str = "org.freedesktop.DBus.Error.";
 
@@ -95,26 +96,6 @@ impl Drop for ActBus {
 
 fn fixture(name: &str) -> String {
     format!("{FIXTURES}/{name}")
-}
-
-/// TOML string/array literal (Rust's Debug quoting suits plain paths and words).
-fn toml_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-/// Write `<dir>/<id>.toml` for bus name `name`, running `exec`, plus `extra` lines.
-fn write_def(dir: &Path, id: &str, name: &str, exec: &[&str], extra: &str) {
-    let text = format!("name = {name:?}\nexec = {}\n{extra}\n", toml_list(exec));
-    std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
-}
-
-/// A testsvc.py definition: `python3 testsvc.py NAME OPTS...`.
-fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &str) {
-    let script = fixture("testsvc.py");
-    let mut exec = vec!["python3", script.as_str(), name];
-    exec.extend_from_slice(opts);
-    write_def(dir, id, name, &exec, extra);
 }
 
 async fn env_of(conn: &zbus::Connection, dest: &str, var: &str) -> String {

@@ -10,12 +10,13 @@
 
 mod common;
 
+use common::{FIXTURES, write_def, write_testsvc};
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 const SUP: &str = "org.busvisor.Supervisor1";
 const SUP_PATH: &str = "/org/busvisor/Supervisor1";
 
@@ -67,24 +68,6 @@ impl Drop for Bus {
     fn drop(&mut self) {
         kill_bus_and_services(&mut self.bus);
     }
-}
-
-fn toml_list(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-fn write_def(dir: &Path, id: &str, name: &str, exec: &[&str], extra: &str) {
-    let text = format!("name = {name:?}\nexec = {}\n{extra}\n", toml_list(exec));
-    std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
-}
-
-/// `python3 testsvc.py NAME OPTS...`
-fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &str) {
-    let script = format!("{FIXTURES}/testsvc.py");
-    let mut exec = vec!["python3", script.as_str(), name];
-    exec.extend_from_slice(opts);
-    write_def(dir, id, name, &exec, extra);
 }
 
 /// A call to the manager object.

@@ -883,3 +883,26 @@ pub fn kill_marked(mark: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Where the test services live.
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// A TOML array of strings (Rust's Debug quoting suits plain paths and words).
+pub fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// Write `<dir>/<id>.toml` for bus name `name`, running `exec`, plus `extra` lines.
+pub fn write_def(dir: &Path, id: &str, name: &str, exec: &[&str], extra: &str) {
+    let text = format!("name = {name:?}\nexec = {}\n{extra}\n", toml_list(exec));
+    std::fs::write(dir.join(format!("{id}.toml")), text).unwrap();
+}
+
+/// A testsvc.py definition: `python3 testsvc.py NAME OPTS...`.
+pub fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &str) {
+    let script = format!("{FIXTURES}/testsvc.py");
+    let mut exec = vec!["python3", script.as_str(), name];
+    exec.extend_from_slice(opts);
+    write_def(dir, id, name, &exec, extra);
+}
