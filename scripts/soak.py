@@ -551,7 +551,8 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--busvisor")
     ap.add_argument("--warmup", type=float, help="default: min(60, duration/5)")
-    ap.add_argument("--sample", type=float, default=5)
+    ap.add_argument("--sample", type=float, default=4,
+                    help="seconds between samples (not a multiple of the storm period, so that samples fall in storms too)")
     ap.add_argument("--call-rate", type=float, default=10, help="calls/s per caller")
     ap.add_argument("--signal-rate", type=float, default=10, help="signals/s per sender")
     ap.add_argument("--storm-period", type=float, default=5)
@@ -719,6 +720,8 @@ def main():
     time.sleep(0.5)
     table = proc_table()
     left = sorted(p for p, stt in seen_procs if table.get(p, (None, None))[1] == stt)
+    # Every service start recorded its pid; none may be left (its command
+    # line names the temporary directory, which rules out a reused pid).
     for p in table:
         if p == os.getpid():
             continue
