@@ -658,7 +658,7 @@ async fn helpers_without_token_end_with_their_service(cgroups: bool) {
     let env: &[(&str, &str)] = if cgroups {
         &[]
     } else {
-        &[("BUSVISOR_NO_CGROUPS", "1")]
+        &[("BUSVISOR_CGROUPS", "0")]
     };
     let pids_file = std::sync::OnceLock::new();
     let b = Bus::with_env(
@@ -753,7 +753,7 @@ async fn a_daemon_that_drops_its_environment_is_still_the_service() {
     );
     let b = Bus::with_env(
         |d| write_def(d, "bare", "org.busvisor.Bare", &["sh", "-c", &sh], ""),
-        &[("BUSVISOR_NO_CGROUPS", "1")],
+        &[("BUSVISOR_CGROUPS", "0")],
     );
     let conn = connect(b.addr()).await;
     let pid = call_pid(&conn, "org.busvisor.Bare").await;

@@ -61,11 +61,14 @@ fn cgroup_root_of(owner: u32) -> Option<CgroupRoot> {
     })
 }
 
-/// `BUSVISOR_NO_CGROUPS=1` in busvisor's environment at start: no
-/// cgroups even where they could be made. For tests of the token-and-tree
-/// mode on a machine that has cgroups; not meant for use.
-fn cgroups_disabled() -> bool {
-    std::env::var_os("BUSVISOR_NO_CGROUPS").is_some_and(|v| v == "1")
+/// Whether services get cgroups: wherever they can be made, on every bus
+/// (exact attribution; on a system bus the only way to know services that
+/// run as other users). Moving a process into a cgroup costs about 10 ms
+/// (the kernel waits for an RCU grace period), which a cold activation
+/// pays. `BUSVISOR_CGROUPS=0` in busvisor's environment at start selects
+/// the token and the tree anyway (the tests use both modes).
+fn want_cgroups() -> bool {
+    std::env::var("BUSVISOR_CGROUPS").as_deref() != Ok("0")
 }
 
 /// The services' cgroup root, once set up (see [`setup_cgroups`] and
@@ -78,7 +81,7 @@ static CGROUPS: OnceLock<Option<CgroupRoot>> = OnceLock::new();
 pub(crate) fn setup_cgroups() -> Option<&'static CgroupRoot> {
     CGROUPS
         .get_or_init(|| {
-            if cgroups_disabled() {
+            if !want_cgroups() {
                 return None;
             }
             let root = cgroup_root_of(std::process::id())?;
@@ -98,10 +101,7 @@ pub(crate) fn setup_cgroups() -> Option<&'static CgroupRoot> {
 /// cgroups it made, if it made them.
 pub(crate) fn use_cgroups(owner: u32) -> Option<&'static CgroupRoot> {
     CGROUPS
-        .get_or_init(|| {
-            let root = cgroup_root_of(owner).filter(|r| r.dir.is_dir());
-            root.filter(|_| !cgroups_disabled())
-        })
+        .get_or_init(|| cgroup_root_of(owner).filter(|r| r.dir.is_dir()))
         .as_ref()
 }
 
