@@ -81,7 +81,7 @@ impl Host {
                         "cannot become a child subreaper (prctl PR_SET_CHILD_SUBREAPER, Linux 3.4+): {e}"
                     ))
                 })?;
-                super::procs::setup_cgroups();
+                super::procs::setup_cgroups(false);
                 let spawner = Spawner::start()?;
                 tokio::spawn(reaper::run(exits));
                 Ok(Host::Local(spawner))

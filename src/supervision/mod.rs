@@ -521,7 +521,11 @@ fn in_session_of(pid: i32, svc: &Service) -> bool {
     let Some(st) = procs::stat_full(pid) else {
         return false;
     };
-    let mut leaders = svc.launched_pid.into_iter().chain(svc.pids.iter());
+    let mut leaders = svc
+        .launched_pid
+        .into_iter()
+        .chain(svc.session)
+        .chain(svc.pids.iter());
     leaders.any(|l| l > 1 && (l == st.sid || l == st.pgid))
 }
 

@@ -78,23 +78,64 @@ static CGROUPS: OnceLock<Option<CgroupRoot>> = OnceLock::new();
 /// As the process that spawns services: make the directory for their
 /// cgroups. None (and the environment token alone) where cgroup v2 is not
 /// mounted or the bus's cgroup is not writable.
-pub(crate) fn setup_cgroups() -> Option<&'static CgroupRoot> {
+///
+/// The directory itself is made by the first spawn (`spawner`), or at once
+/// when `now` (the warden, whose router looks for it): a bus that never
+/// starts a service, or is killed before it does, leaves nothing behind.
+/// Directories of buses that were killed are removed here.
+pub(crate) fn setup_cgroups(now: bool) -> Option<&'static CgroupRoot> {
     CGROUPS
         .get_or_init(|| {
             if !want_cgroups() {
                 return None;
             }
             let root = cgroup_root_of(std::process::id())?;
-            match std::fs::create_dir(&root.dir) {
-                Ok(()) => Some(root),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(root),
-                Err(e) => {
-                    tracing::debug!("no cgroups for services ({}): {e}", root.dir.display());
-                    None
-                }
+            if let Some(parent) = root.dir.parent() {
+                remove_dead_buses(parent);
             }
+            // Whether cgroups can be made here: by making the directory.
+            let made = match std::fs::create_dir(&root.dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = made {
+                tracing::debug!("no cgroups for services ({}): {e}", root.dir.display());
+                return None;
+            }
+            if !now {
+                let _ = std::fs::remove_dir(&root.dir);
+            }
+            Some(root)
         })
         .as_ref()
+}
+
+/// Remove the (empty) cgroup directories of buses no longer running: a bus
+/// killed with SIGKILL cannot remove its own.
+fn remove_dead_buses(parent: &std::path::Path) {
+    let Ok(dir) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("busvisor-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(services) = std::fs::read_dir(e.path()) {
+            for s in services.flatten().filter(|s| s.path().is_dir()) {
+                let _ = std::fs::remove_dir(s.path());
+            }
+        }
+        let _ = std::fs::remove_dir(e.path());
+    }
 }
 
 /// As a bus whose services another process (`owner`) spawns: use the

@@ -89,6 +89,11 @@ pub(crate) struct Service {
     pub(crate) invocation: u64,
     pub(crate) token: String,
     pub(crate) launched_pid: Option<i32>,
+    /// The session of the current invocation (busvisor starts each in a
+    /// session of its own, led by the launched process). Kept after that
+    /// process is gone: a daemon it left behind, without the token, is
+    /// still known by it (the kernel reuses no pid that names a session).
+    pub(crate) session: Option<i32>,
     pub(crate) main_pid: Option<i32>,
     pub(crate) pids: super::procs::ProcSet,
     pub(crate) peer: Option<PeerId>,
@@ -133,6 +138,7 @@ impl Service {
             invocation: 0,
             token: String::new(),
             launched_pid: None,
+            session: None,
             main_pid: None,
             pids: super::procs::ProcSet::default(),
             peer: None,
@@ -244,6 +250,7 @@ impl Service {
     /// The process is spawned (still activating, until the name is taken).
     pub(crate) fn spawned(&mut self, pid: i32) {
         self.launched_pid = Some(pid);
+        self.session = Some(pid);
         self.pids.insert(pid);
         self.started_at = Some(SystemTime::now());
         self.set_state(ServiceState::Activating, format!("started pid {pid}"));

@@ -177,9 +177,8 @@ pub fn resolve_program(program: &str, req: &SpawnRequest) -> std::io::Result<Pat
 /// child writes itself into. None if the cgroup cannot be made (the
 /// environment token still finds the service).
 fn join_cgroup_path(dir: &Path) -> Option<std::ffi::CString> {
-    if let Err(e) = std::fs::create_dir(dir)
-        && e.kind() != std::io::ErrorKind::AlreadyExists
-    {
+    // The bus's own cgroup directory too, made by the first spawn.
+    if let Err(e) = std::fs::create_dir_all(dir) {
         tracing::warn!("cannot create the cgroup {}: {e}", dir.display());
         return None;
     }

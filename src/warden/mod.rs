@@ -85,7 +85,7 @@ pub(crate) enum SplitError {
 pub(crate) fn split(user: &Credentials, setup: Setup) -> Result<Role, SplitError> {
     reaper::become_subreaper().map_err(SplitError::Subreaper)?;
     // Made while root, named by the warden's pid: the router finds them.
-    procs::setup_cgroups();
+    procs::setup_cgroups(true);
     let (warden_end, router_end) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
