@@ -49,14 +49,7 @@ impl ActBus {
     }
 
     fn with(defs: impl FnOnce(&Path), config: Option<&str>, env: &[(&str, &str)]) -> ActBus {
-        let tmp = tempfile::Builder::new()
-            .prefix("busvisor-act")
-            .tempdir()
-            .expect("tempdir");
-        let dir = tmp.path().join("services");
-        std::fs::create_dir(&dir).unwrap();
-        defs(&dir);
-        let bus = start_bus_with_env(config, &["--services-dir", dir.to_str().unwrap()], env);
+        let (bus, dir, tmp) = common::start_bus_with_services("busvisor-act", defs, config, env);
         ActBus {
             bus,
             dir,

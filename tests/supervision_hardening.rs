@@ -33,14 +33,7 @@ impl Bus {
     }
 
     fn with_env(defs: impl FnOnce(&Path), env: &[(&str, &str)]) -> Bus {
-        let tmp = tempfile::Builder::new()
-            .prefix("busvisor-hard")
-            .tempdir()
-            .expect("tempdir");
-        let dir = tmp.path().join("services");
-        std::fs::create_dir(&dir).unwrap();
-        defs(&dir);
-        let bus = start_bus_with_env(None, &["--services-dir", dir.to_str().unwrap()], env);
+        let (bus, dir, tmp) = common::start_bus_with_services("busvisor-hard", defs, None, env);
         Bus {
             bus,
             dir,

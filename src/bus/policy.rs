@@ -462,23 +462,24 @@ impl BusState {
     /// A message to the bus driver (or the bus's own control API): the
     /// sender's send policy, the destination compared as written.
     pub(super) fn check_to_bus(&self, from: PeerId, msg: &Message) -> Result<(), BusError> {
-        if !self.enforcing() {
-            return Ok(());
-        }
-        self.enforcer.forget();
-        let Some(p) = self.policy_of(from) else {
-            return Ok(());
-        };
-        let hdr = msg.header();
-        let f = facts(msg, &hdr, false);
-        let d = p.can_send(&f, Receiver::Driver);
-        self.judge(d, REJECTED_SEND, &f, Some(from), None)
+        self.check_send_as_written(from, msg, Receiver::Driver)
     }
 
     /// A message that would start a service: the sender's send policy,
     /// before the start, the destination compared as written (dbus-daemon
     /// 1.11.10, fd.o #98666).
     pub(super) fn check_activation(&self, from: PeerId, msg: &Message) -> Result<(), BusError> {
+        self.check_send_as_written(from, msg, Receiver::Activation)
+    }
+
+    /// The sender's send policy toward a receiver that has no names of its
+    /// own to compare (the driver, a service not yet started).
+    fn check_send_as_written(
+        &self,
+        from: PeerId,
+        msg: &Message,
+        to: Receiver<'_>,
+    ) -> Result<(), BusError> {
         if !self.enforcing() {
             return Ok(());
         }
@@ -488,7 +489,7 @@ impl BusState {
         };
         let hdr = msg.header();
         let f = facts(msg, &hdr, false);
-        let d = p.can_send(&f, Receiver::Activation);
+        let d = p.can_send(&f, to);
         self.judge(d, REJECTED_SEND, &f, Some(from), None)
     }
 

@@ -906,3 +906,23 @@ pub fn write_testsvc(dir: &Path, id: &str, name: &str, opts: &[&str], extra: &st
     exec.extend_from_slice(opts);
     write_def(dir, id, name, &exec, extra);
 }
+
+/// A bus with a fresh `--services-dir` filled by `defs`: the bus, that
+/// directory, and the temporary directory holding it (kept alive by the
+/// caller).
+pub fn start_bus_with_services(
+    prefix: &str,
+    defs: impl FnOnce(&Path),
+    config: Option<&str>,
+    env: &[(&str, &str)],
+) -> (TestBus, PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    let dir = tmp.path().join("services");
+    std::fs::create_dir(&dir).unwrap();
+    defs(&dir);
+    let bus = start_bus_with_env(config, &["--services-dir", dir.to_str().unwrap()], env);
+    (bus, dir, tmp)
+}
