@@ -272,7 +272,7 @@ impl Warden {
                 format!("invalid invocation token {token:?}"),
             );
         }
-        let (catalog, _) = catalog::scan(&self.setup.dirs);
+        let catalog = catalog::scan(&self.setup.dirs).catalog;
         let Some(def) = catalog.get(id) else {
             return failed(
                 "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
