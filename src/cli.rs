@@ -143,7 +143,12 @@ pub struct ShowArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
     /// Only these properties (repeatable, or comma-separated).
-    #[arg(short = 'p', long = "property", value_name = "PROP", value_delimiter = ',')]
+    #[arg(
+        short = 'p',
+        long = "property",
+        value_name = "PROP",
+        value_delimiter = ','
+    )]
     pub property: Vec<String>,
     /// Print the values only, without `KEY=`.
     #[arg(long)]
@@ -182,7 +187,12 @@ pub struct KillArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
     /// The signal: a name (TERM, SIGTERM) or a number.
-    #[arg(short = 's', long = "signal", value_name = "SIG", default_value = "SIGTERM")]
+    #[arg(
+        short = 's',
+        long = "signal",
+        value_name = "SIG",
+        default_value = "SIGTERM"
+    )]
     pub signal: String,
     /// Only the main process (the one owning the bus name).
     #[arg(long)]
@@ -242,7 +252,12 @@ pub struct LogsArgs {
     #[arg(short = 'S', long, value_name = "TIME", allow_hyphen_values = true)]
     pub since: Option<String>,
     /// Output format.
-    #[arg(short = 'o', long = "output", value_name = "FORMAT", default_value = "short")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FORMAT",
+        default_value = "short"
+    )]
     pub output: LogFormat,
 }
 
@@ -271,6 +286,35 @@ pub struct CheckArgs {
     /// Machine-readable JSON output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The daemon's flags that clap cannot check alone (`daemon` and `run`
+/// call this before starting): every `--services-dir` must be a directory
+/// (a typo would otherwise leave the bus without its services, silently),
+/// and `--log-level` a level (`error`, `warn`, `info`, `debug`, `trace`,
+/// `off`) or a filter with targets (`busvisor=debug,zbus=warn`).
+pub fn check_daemon_flags(
+    services_dirs: &[PathBuf],
+    log_level: Option<&str>,
+) -> Result<(), String> {
+    for d in services_dirs {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("--services-dir {}: not a directory", d.display())),
+            Err(e) => return Err(format!("--services-dir {}: {e}", d.display())),
+        }
+    }
+    if let Some(level) = log_level {
+        const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+        let known = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level));
+        let filter = level.contains('=') || level.contains(',');
+        if !known && !(filter && tracing_subscriber::EnvFilter::try_new(level).is_ok()) {
+            return Err(format!(
+                "--log-level {level:?}: not a level (error, warn, info, debug, trace, off) nor a filter such as busvisor=debug"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -642,6 +686,22 @@ mod tests {
         // Not a control command: left alone.
         let c = parse(&["busvisor", "run", "--", "busvisor", "--address=x", "list"]);
         assert!(matches!(c.command, Some(Command::Run(_))));
+    }
+
+    #[test]
+    fn daemon_flags_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = [dir.path().to_owned()];
+        assert!(check_daemon_flags(&ok, Some("debug")).is_ok());
+        assert!(check_daemon_flags(&ok, Some("busvisor=trace,zbus=warn")).is_ok());
+        assert!(check_daemon_flags(&[], None).is_ok());
+        let e = check_daemon_flags(&[dir.path().join("nope")], None).unwrap_err();
+        assert!(
+            e.starts_with("--services-dir ") && e.contains("No such file"),
+            "{e}"
+        );
+        let e = check_daemon_flags(&ok, Some("verbose")).unwrap_err();
+        assert!(e.contains("\"verbose\": not a level"), "{e}");
     }
 
     #[test]

@@ -293,9 +293,8 @@ impl Client {
 
     /// Every service's properties, by D-Bus property name, sorted by id.
     pub async fn all_services(&self) -> Result<Vec<Props>> {
-        let all: HashMap<String, HashMap<String, OwnedVariant>> = self
-            .call_decode("ListServiceProperties", &(), None)
-            .await?;
+        let all: HashMap<String, HashMap<String, OwnedVariant>> =
+            self.call_decode("ListServiceProperties", &(), None).await?;
         let mut v: Vec<Props> = all.values().map(props_to_json).collect();
         v.sort_by(|a, b| id_of(a).cmp(id_of(b)));
         Ok(v)
@@ -464,7 +463,6 @@ pub fn variant_to_json(v: &Variant<'_>) -> Json {
         Variant::Fd(_) => Json::Null,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

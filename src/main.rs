@@ -90,6 +90,10 @@ fn fork_main() -> ExitCode {
 }
 
 fn daemon_main(a: DaemonArgs) -> ExitCode {
+    if let Err(e) = busvisor::cli::check_daemon_flags(&a.services_dir, a.log_level.as_deref()) {
+        eprintln!("busvisor: {e}");
+        return ExitCode::from(2);
+    }
     // As dbus-daemon: --fork, or the configuration's <fork/>, unless
     // --nofork.
     if !a.nofork
@@ -113,6 +117,10 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
 }
 
 fn run_main(a: RunArgs) -> ExitCode {
+    if let Err(e) = busvisor::cli::check_daemon_flags(&a.services_dir, a.log_level.as_deref()) {
+        eprintln!("busvisor run: {e}");
+        return ExitCode::from(2);
+    }
     init_logging(Some(a.log_level.as_deref().unwrap_or("warn")));
     let rt = match daemon::runtime() {
         Ok(rt) => rt,

@@ -140,10 +140,7 @@ pub(crate) fn check(paths: &[PathBuf], system: bool) -> CheckReport {
             }
             report.defs.push(d.clone());
         }
-        if only.is_some_and(|f| {
-            f.extension()
-                .is_none_or(|e| e != "toml" && e != "service")
-        }) {
+        if only.is_some_and(|f| f.extension().is_none_or(|e| e != "toml" && e != "service")) {
             report.problems.push(format!(
                 "{}: not a definition file (*.toml or *.service)",
                 path.display()

@@ -8,8 +8,8 @@ use serde_json::{Value as Json, json};
 
 use super::events::{Event, Widths};
 use super::text::{
-    Output, command_line, cut, format_day_time, format_duration, format_time, now_us,
-    parse_since, relative_time, rfc3339, table,
+    Output, command_line, cut, format_day_time, format_duration, format_time, now_us, parse_since,
+    relative_time, rfc3339, table,
 };
 use super::{
     Client, EXIT_NO_SUCH_SERVICE, EXIT_NOT_RUNNING, Failure, Props, Result, id_of, json,
@@ -106,8 +106,8 @@ fn listed(p: &Props, a: &ListArgs) -> bool {
     }
     if !a.patterns.is_empty() {
         let names = p.get("Names").and_then(Json::as_array);
-        let mut all = std::iter::once(id_of(p))
-            .chain(names.into_iter().flatten().filter_map(Json::as_str));
+        let mut all =
+            std::iter::once(id_of(p)).chain(names.into_iter().flatten().filter_map(Json::as_str));
         return all.any(|n| a.patterns.iter().any(|pat| glob(pat, n)));
     }
     a.all || !a.state.is_empty() || str_of(p, "Source") == "busvisor" || state != "inactive"
@@ -359,7 +359,11 @@ fn status_text(p: &Props, logs: &[Entry], out: &Output, full: bool) -> Vec<Strin
         "enabled"
     };
     let file = str_of(p, "DefinitionFile");
-    field(&mut lines, "Loaded", format!("{file} ({source}; {enabled})"));
+    field(
+        &mut lines,
+        "Loaded",
+        format!("{file} ({source}; {enabled})"),
+    );
     let since = u64_of(p, "StateChangeTime");
     field(
         &mut lines,
@@ -383,7 +387,11 @@ fn status_text(p: &Props, logs: &[Entry], out: &Output, full: bool) -> Vec<Strin
         field(&mut lines, "Processes", procs.len().to_string());
         let width = out.width.filter(|_| !full);
         for (i, (pid, cmd)) in procs.iter().enumerate() {
-            let branch = if i + 1 == procs.len() { "└─" } else { "├─" };
+            let branch = if i + 1 == procs.len() {
+                "└─"
+            } else {
+                "├─"
+            };
             let cmd = cmd.as_deref().unwrap_or("(gone)");
             let line = format!("{:14}{branch}{pid} {cmd}", "");
             lines.push(match width {
@@ -565,7 +573,12 @@ async fn control(a: &ControlArgs, action: Action, out: &mut Output) -> Result<()
         let p = c.service(name).await?;
         if !a.client.json {
             let state = str_of(&p, "State");
-            let mut line = format!("{} {}: {}", action.done(), id_of(&p), out.paint(state, state));
+            let mut line = format!(
+                "{} {}: {}",
+                action.done(),
+                id_of(&p),
+                out.paint(state, state)
+            );
             let main = u64_of(&p, "MainPID");
             if main != 0 {
                 let _ = write!(line, ", main pid {main}");
@@ -656,14 +669,16 @@ async fn enable(a: &EnableArgs, enable: bool, out: &mut Output) -> Result<()> {
             let how = match (persistent, enable) {
                 (true, true) => format!("(removed {})", marker.display()),
                 (true, false) => format!("(made {})", marker.display()),
-                (false, _) => format!(
-                    "until the bus stops (cannot write beside {file}: see the bus's log)"
-                ),
+                (false, _) => {
+                    format!("until the bus stops (cannot write beside {file}: see the bus's log)")
+                }
             };
             out.line(&format!("{verb} {id} {how}"))?;
         }
-        done.push(json!({ "id": id, "enabled": enable, "persistent": persistent,
-                          "marker": marker.display().to_string() }));
+        done.push(
+            json!({ "id": id, "enabled": enable, "persistent": persistent,
+                          "marker": marker.display().to_string() }),
+        );
     }
     if a.client.json {
         return out.json_pretty(&json::document(json!({ "services": done })));
@@ -721,7 +736,10 @@ async fn reload(c: &Client, a: &ClientArgs, out: &mut Output) -> Result<()> {
                           "services": services });
         out.json_pretty(&json::document(doc))?;
     } else {
-        out.line(&format!("reloaded: {defined} defined, {} skipped", bad.len()))?;
+        out.line(&format!(
+            "reloaded: {defined} defined, {} skipped",
+            bad.len()
+        ))?;
         for p in &bad {
             out.line(&format!("skipped {}: {}", id_of(p), str_of(p, "Reason")))?;
         }
@@ -829,9 +847,8 @@ async fn logs(c: &Client, a: &LogsArgs, out: &mut Output) -> Result<()> {
         if m.header().member().map(|m| m.as_str()) != Some("LogLine") {
             continue;
         }
-        let Ok((sid, pid, line, stream, time_us)) = m
-            .body()
-            .deserialize::<(String, u32, String, String, u64)>()
+        let Ok((sid, pid, line, stream, time_us)) =
+            m.body().deserialize::<(String, u32, String, String, u64)>()
         else {
             continue;
         };

@@ -261,7 +261,6 @@ pub fn kebab(s: &str) -> String {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -370,11 +370,7 @@ mod tests {
         ];
         let t = table(&rows, None, 0, |_, _, s| s.to_owned());
         assert_eq!(t, vec!["A    bb  c", "aaa  b"]);
-        let rows = vec![vec![
-            "id".to_owned(),
-            "x".repeat(30),
-            "y".repeat(40),
-        ]];
+        let rows = vec![vec!["id".to_owned(), "x".repeat(30), "y".repeat(40)]];
         let t = table(&rows, Some(40), 1, |_, _, s| s.to_owned());
         assert!(t[0].chars().count() <= 40, "{t:?}");
         assert!(t[0].ends_with('…'), "{t:?}");

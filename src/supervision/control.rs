@@ -115,8 +115,20 @@ const METHODS: &[Method] = &[
     m(On::Service, SERVICE_IFACE, "Stop", "", stop_this),
     m(On::Service, SERVICE_IFACE, "Restart", "", restart_this),
     m(On::Service, SERVICE_IFACE, "GetLogs", "u", logs_this),
-    m(On::Service, SERVICE_IFACE, "GetLogEntries", "ut", log_entries_this),
-    m(On::Service, SERVICE_IFACE, "ResetFailed", "", reset_failed_this),
+    m(
+        On::Service,
+        SERVICE_IFACE,
+        "GetLogEntries",
+        "ut",
+        log_entries_this,
+    ),
+    m(
+        On::Service,
+        SERVICE_IFACE,
+        "ResetFailed",
+        "",
+        reset_failed_this,
+    ),
     m(On::Service, SERVICE_IFACE, "Kill", "si", kill_this),
     m(On::Service, SERVICE_IFACE, "Enable", "", enable_this),
     m(On::Service, SERVICE_IFACE, "Disable", "", disable_this),
@@ -327,7 +339,10 @@ fn log_entries_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 fn log_entries_this(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
     let body = msg.body();
     let (n, since): (u32, u64) = wire::args(&body)?;
-    ok(msg, &(log_entries(&cx.sup.services[&cx.service], n, since),))
+    ok(
+        msg,
+        &(log_entries(&cx.sup.services[&cx.service], n, since),),
+    )
 }
 
 /// Every service's properties, by id, in one call (`busvisor list`).
@@ -465,7 +480,11 @@ fn prop_read(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 /// The answer to Get or GetAll (`msg`) of `svc`'s properties.
 pub(super) fn properties_reply(svc: &Service, msg: &Message) -> Answer {
     let body = msg.body();
-    if msg.header().member().is_some_and(|m| m.as_str() == "GetAll") {
+    if msg
+        .header()
+        .member()
+        .is_some_and(|m| m.as_str() == "GetAll")
+    {
         let i: &str = wire::args(&body)?;
         let all: HashMap<&str, OwnedVariant> = if i == SERVICE_IFACE || i.is_empty() {
             properties(svc).into_iter().collect()
