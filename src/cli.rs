@@ -308,7 +308,8 @@ pub fn check_daemon_flags(
         const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
         let known = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level));
         let filter = level.contains('=') || level.contains(',');
-        if !known && !(filter && tracing_subscriber::EnvFilter::try_new(level).is_ok()) {
+        let valid_filter = filter && tracing_subscriber::EnvFilter::try_new(level).is_ok();
+        if !(known || valid_filter) {
             return Err(format!(
                 "--log-level {level:?}: not a level (error, warn, info, debug, trace, off) nor a filter such as busvisor=debug"
             ));

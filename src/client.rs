@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value as Json};
 use tokio::sync::mpsc;
 use zbus::message::{Message, Type as MessageType};
-use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{Connection, OwnedObjectPath, OwnedVariant, Structure, Variant};
 
 use crate::cli::{ClientArgs, ClientCommand};
 pub use text::Output;

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
+use super::{Message, Structure};
 use serde_json::{Map, Value as Json, json};
-use zbus::Structure;
-use zbus::message::Message;
 
 use super::text::{Output, format_duration, format_time, rfc3339, signal_name};
 use super::{json, json_plain, variant_to_json};
@@ -275,7 +274,7 @@ mod tests {
     #[test]
     fn event_lines_are_aligned() {
         let out = Output::plain();
-        let mut w = Widths { serial: 4, id: 4 };
+        let mut w = Widths { serial: 3, id: 4 };
         let e = Event {
             serial: Some(42),
             id: "org.busvisor.Example.Echo".into(),

@@ -533,13 +533,6 @@ fn introspect(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 /// The manager's interface, with its arguments and signals.
 const MANAGER_XML: &str = include_str!("manager.xml");
 
-fn method_xml(xml: &mut String, on: On, iface: &str) {
-    xml.push_str(&format!("  <interface name=\"{iface}\">\n"));
-    for r in METHODS.iter().filter(|r| r.on == on && r.iface == iface) {
-        xml.push_str(&format!("    <method name=\"{}\"/>\n", r.member));
-    }
-}
-
 fn introspect_xml(sup: &SupervisorState, path: &str) -> String {
     let mut xml = format!("{INTROSPECT_HEADER}<node>\n");
     let service_dir = SERVICE_PATH_PREFIX.trim_end_matches('/');
@@ -575,14 +568,13 @@ fn introspect_xml(sup: &SupervisorState, path: &str) -> String {
     xml
 }
 
+/// A service object's methods, with their arguments.
+const SERVICE_XML: &str = include_str!("service.xml");
+
 /// A service object's interface: its methods, and its properties from the
 /// one property schema (`lifecycle::properties`).
 fn service_xml(xml: &mut String, svc: &Service) {
-    method_xml(xml, On::Service, SERVICE_IFACE);
-    // GetLogs has arguments: replace its bare line.
-    let bare = "    <method name=\"GetLogs\"/>\n";
-    let full = "    <method name=\"GetLogs\">\n      <arg name=\"lines\" type=\"u\" direction=\"in\"/>\n      <arg name=\"output\" type=\"as\" direction=\"out\"/>\n    </method>\n";
-    *xml = xml.replace(bare, full);
+    xml.push_str(SERVICE_XML);
     for (name, value) in properties(svc) {
         xml.push_str(&format!(
             "    <property name=\"{name}\" type=\"{}\" access=\"read\"/>\n",
@@ -590,4 +582,42 @@ fn service_xml(xml: &mut String, svc: &Service) {
         ));
     }
     xml.push_str("  </interface>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every method of the table is in the introspection data, with the
+    /// signature the table answers.
+    #[test]
+    fn introspection_lists_every_method() {
+        for r in METHODS
+            .iter()
+            .filter(|r| r.iface != IFACE_PROPS && r.on != On::Any)
+        {
+            let xml = if r.on == On::Manager {
+                MANAGER_XML
+            } else {
+                SERVICE_XML
+            };
+            let start = xml
+                .find(&format!("<method name=\"{}\"", r.member))
+                .unwrap_or_else(|| panic!("{} missing", r.member));
+            let tag_end = start + xml[start..].find('>').unwrap();
+            let sig: String = if xml[..=tag_end].ends_with("/>") {
+                // No arguments.
+                String::new()
+            } else {
+                let end = start + xml[start..].find("</method>").unwrap();
+                xml[start..end]
+                    .split("<arg ")
+                    .skip(1)
+                    .filter(|a| a.contains("direction=\"in\""))
+                    .filter_map(|a| a.split("type=\"").nth(1)?.split('"').next())
+                    .collect()
+            };
+            assert_eq!(sig, r.sig, "{}", r.member);
+        }
+    }
 }
