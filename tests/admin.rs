@@ -588,3 +588,65 @@ fn json_errors_and_a_bus_without_the_api() {
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The services of docs/SERVICES.md's "Write your own service", as they
+/// ship in examples/services: the Gio greeter, the same daemon
+/// double-forking, and the zbus greeter of examples/zbus_greeter.rs (when
+/// `cargo test` built the examples, as the whole suite does).
+#[test]
+fn the_walkthrough_services_work() {
+    if skip() {
+        return;
+    }
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let rust = std::env::current_exe()
+        .ok()
+        .and_then(|t| Some(t.parent()?.parent()?.join("examples/zbus_greeter")))
+        .filter(|p| p.exists());
+    let a = Admin::new(|d| {
+        for f in ["greeter.py", "greeter.toml", "forking-greeter.toml"] {
+            std::fs::copy(format!("{examples}/services/{f}"), d.join(f)).unwrap();
+        }
+        if let Some(bin) = &rust {
+            let exec = bin.to_str().unwrap();
+            write_def(d, "rust-greeter", "org.example.RustGreeter", &[exec], "");
+        }
+    });
+    let call = |name: &str, member: &str, args: &[&str]| {
+        let addr = format!("--address={}", a.bus.address);
+        let mut v = vec![
+            &addr[..],
+            "call",
+            name,
+            "/org/example/Greeter",
+            "org.example.Greeter",
+            member,
+        ];
+        v.extend_from_slice(args);
+        run_tool("busctl", &v, CLI_TIMEOUT)
+    };
+    // Activated by the first call, which it answers.
+    let out = call("org.example.Greeter", "Hello", &["s", "world"]);
+    assert_eq!(out.stdout, "s \"Hello, world!\"\n", "{out:?}");
+    assert!(wait_until(CLI_TIMEOUT, || a
+        .ok(&["logs", "greeter", "-o", "cat"])
+        .contains("greeting world for :1.")));
+    // The double-forking one: its daemon is busvisor's child, supervised.
+    let out = call("org.example.ForkingGreeter", "Ppid", &[]);
+    assert_eq!(out.stdout, format!("u {}\n", a.bus.pid()), "{out:?}");
+    let pid = call("org.example.ForkingGreeter", "Pid", &[]).stdout;
+    let main = a.json(&["show", "forking-greeter", "-p", "MainPID"], 0)["main_pid"].clone();
+    assert_eq!(pid, format!("u {main}\n"));
+    a.ok(&["stop", "forking-greeter"]);
+    assert!(pid_gone(main.as_u64().unwrap() as u32));
+    match rust {
+        Some(_) => {
+            let out = call("org.example.RustGreeter", "Hello", &["s", "crab"]);
+            assert_eq!(out.stdout, "s \"Hello, crab!\"\n", "{out:?}");
+            assert!(wait_until(CLI_TIMEOUT, || a
+                .ok(&["logs", "rust-greeter", "-o", "cat"])
+                .contains("greeting crab")));
+        }
+        None => eprintln!("examples/zbus_greeter not built (cargo test --examples builds it)"),
+    }
+}

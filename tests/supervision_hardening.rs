@@ -362,9 +362,11 @@ async fn a_bare_exec_is_not_looked_up_in_the_activation_path() {
     assert!(
         out.stdout
             .lines()
-            .any(|l| l.starts_with("ExecPath:") && l.ends_with(&want)),
+            .any(|l| l.trim_start().starts_with("Program:") && l.ends_with(&want)),
         "{out:?}"
     );
+    let out = b.cli(&["show", "pathsvc", "-p", "ExecPath", "--value"]);
+    assert_eq!(out.stdout.trim(), want, "{out:?}");
 }
 
 // ---------------------------------------------------------------- owned names
