@@ -39,10 +39,7 @@ impl Admin {
     }
 
     fn cli(&self, args: &[&str]) -> ToolOutput {
-        let addr = format!("--address={}", self.bus.address);
-        let mut v = args.to_vec();
-        v.push(&addr);
-        run_tool(busvisor_bin(), &v, CLI_TIMEOUT)
+        busvisor_at(&self.bus.address, args)
     }
 
     #[track_caller]
@@ -79,6 +76,15 @@ impl Drop for Admin {
 
 fn testsvc(dir: &Path, id: &str, opts: &[&str], extra: &str) {
     write_testsvc(dir, id, &format!("org.busvisor.Admin.{id}"), opts, extra);
+}
+
+/// Where testsvc.py's `--grandchild` writes its helper's pid: the
+/// directory holding it, the file, and the file as an argument.
+fn grandchild_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let gc = tmp.path().join("grandchild");
+    let arg = gc.to_str().unwrap().to_owned();
+    (tmp, gc, arg)
 }
 
 #[test]
@@ -242,9 +248,7 @@ fn status_shows_every_process_the_last_lines_and_lasting_causes() {
     if skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let gc = tmp.path().join("grandchild");
-    let gcs = gc.to_str().unwrap().to_owned();
+    let (_tmp, gc, gcs) = grandchild_file();
     let a = Admin::new(|d| {
         testsvc(d, "tree", &["--grandchild", &gcs, "--say", "hello"], "");
         testsvc(
@@ -419,9 +423,7 @@ fn verbs_kill_disable_enable_cat_and_no_block() {
     if skip() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let gc = tmp.path().join("grandchild");
-    let gcs = gc.to_str().unwrap().to_owned();
+    let (_tmp, gc, gcs) = grandchild_file();
     let a = Admin::new(|d| testsvc(d, "k", &["--grandchild", &gcs], "restart = \"no\"\n"));
     // cat: the file, headed by its name.
     let out = a.ok(&["cat", "k"]);

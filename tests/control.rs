@@ -183,10 +183,7 @@ impl Env {
 
     /// Run `busvisor ARGS --address=BUS`.
     fn cli(&self, args: &[&str]) -> ToolOutput {
-        let addr = format!("--address={}", self.bus.address);
-        let mut v = args.to_vec();
-        v.push(&addr);
-        run_tool(busvisor_bin(), &v, CLI_TIMEOUT)
+        busvisor_at(&self.bus.address, args)
     }
 
     #[track_caller]

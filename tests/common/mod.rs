@@ -884,6 +884,14 @@ pub fn kill_marked(mark: &str) {
     }
 }
 
+/// Run `busvisor ARGS --address=ADDRESS` (a control command) to completion.
+pub fn busvisor_at(address: &str, args: &[&str]) -> ToolOutput {
+    let addr = format!("--address={address}");
+    let mut v = args.to_vec();
+    v.push(&addr);
+    run_tool(busvisor_bin(), &v, Duration::from_secs(30))
+}
+
 /// Where the test services live.
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
