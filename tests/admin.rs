@@ -639,8 +639,36 @@ fn the_walkthrough_services_work() {
     let pid = call("org.example.ForkingGreeter", "Pid", &[]).stdout;
     let main = a.json(&["show", "forking-greeter", "-p", "MainPID"], 0)["main_pid"].clone();
     assert_eq!(pid, format!("u {main}\n"));
+    // A crash is not hidden by the next launcher's exit 0 (it daemonized).
+    let main = main.as_u64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(main as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let props = [
+        "MainPID",
+        "State",
+        "LastExitPID",
+        "LastExitSignal",
+        "LastFailure",
+    ];
+    let show = || a.json(&["show", "forking-greeter", "-p", &props.join(",")], 0);
+    assert!(wait_until(CLI_TIMEOUT, || {
+        let j = show();
+        j["state"] == "running" && j["main_pid"] != main
+    }));
+    let j = show();
+    assert_eq!(
+        (j["last_exit_pid"].as_u64(), j["last_exit_signal"].as_u64()),
+        (Some(main), Some(9)),
+        "{j}"
+    );
+    let failure = format!("main process {main} killed by signal 9 (SIGKILL)");
+    assert_eq!(j["last_failure"], failure.as_str(), "{j}");
+    let second = j["main_pid"].as_u64().unwrap();
     a.ok(&["stop", "forking-greeter"]);
-    assert!(pid_gone(main.as_u64().unwrap() as u32));
+    assert!(pid_gone(second as u32));
     match rust {
         Some(_) => {
             let out = call("org.example.RustGreeter", "Hello", &["s", "crab"]);

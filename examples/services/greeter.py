@@ -51,7 +51,7 @@ def on_bus(conn, name):
 
 def double_fork():
     if os.fork() > 0:
-        sys.exit(0)  # busvisor sees exit 0 and waits for the name
+        os._exit(0)  # busvisor sees exit 0 and waits for the name
     os.setsid()
     if os.fork() > 0:
         os._exit(0)

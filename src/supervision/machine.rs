@@ -182,9 +182,14 @@ impl SupervisorState {
         let (failure, meaning) = attribute_exit(&facts, &svc.def.names[0]);
         info!(service = %id, pid, "process {kind}");
         let owned = facts.is_launched || facts.is_main;
-        // A launcher that exits 0 having forked its daemon is no main
-        // process ending: it must not hide the exit of the one before.
-        if owned && meaning != ExitMeaning::DaemonForked {
+        // The last exit is the main process's, or the launcher's when it
+        // fails a start. A launcher that exits 0 before the name is taken
+        // has forked its daemon (or the recheck will say it failed), and one
+        // killed by a stop is a leftover: neither hides the exit before.
+        let failed_start = facts.state == ServiceState::Activating
+            && facts.is_launched
+            && !matches!(kind, ExitKind::Code(0));
+        if facts.is_main || failed_start {
             svc.last_exit = Some(LastExit {
                 pid,
                 kind,
