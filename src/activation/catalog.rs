@@ -320,6 +320,73 @@ mod tests {
     }
 
     #[test]
+    fn each_problem_is_logged_once() {
+        let mut c = CatalogState::default();
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let first = w(&["a: bad", "b: bad"]);
+        assert_eq!(c.new_warnings(&first).len(), 2);
+        assert!(
+            c.new_warnings(&first).is_empty(),
+            "a rescan says nothing new"
+        );
+        let next = w(&["b: bad", "c: bad"]);
+        assert_eq!(c.new_warnings(&next), [&next[1]]);
+        // Fixed, then broken again: said again.
+        assert_eq!(c.new_warnings(&w(&["c: bad"])).len(), 0);
+        assert_eq!(c.new_warnings(&first).len(), 2);
+    }
+
+    #[test]
+    fn disabled_by_marker_or_until_the_bus_stops() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("echo.toml");
+        std::fs::write(&file, "name = \"org.x.Echo\"\nexec = [\"/bin/true\"]\n").unwrap();
+        assert_eq!(disabled_marker(&file), d.path().join("echo.toml.disabled"));
+        let dirs = Dirs {
+            toml: vec![d.path().to_owned()],
+            ..Dirs::default()
+        };
+        assert!(scan(&dirs).disabled.is_empty());
+        set_disabled_marker(&file, true).unwrap();
+        let scanned = scan(&dirs);
+        assert!(scanned.disabled.contains("echo"));
+        let mut c = CatalogState::default();
+        c.install(scanned.catalog, scanned.disabled);
+        assert!(!c.is_enabled("echo"));
+        // Enabled over a marker it could not remove: until the bus stops.
+        c.enabled.insert("echo".into());
+        assert!(c.is_enabled("echo"));
+        set_disabled_marker(&file, false).unwrap();
+        set_disabled_marker(&file, false).unwrap();
+        assert!(!disabled_marker(&file).exists());
+        c.disabled.insert("other".into());
+        assert!(!c.is_enabled("other"));
+    }
+
+    #[test]
+    fn check_reports_each_file_and_directory() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("ok.toml"),
+            "name = \"org.x.A\"\nexec = [\"/bin/true\"]\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("bad.toml"), "name = \"org.x.B\"\n").unwrap();
+        let r = check(&[d.path().to_owned()], false);
+        assert_eq!(r.defs.len(), 1);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(
+            r.problems[0].contains("bad.toml:1:1: missing field `exec`"),
+            "{:?}",
+            r.problems
+        );
+        let r = check(&[d.path().join("ok.toml")], false);
+        assert_eq!((r.defs.len(), r.problems.len()), (1, 0), "{:?}", r.problems);
+        let r = check(&[d.path().join("nope.toml")], false);
+        assert!(r.problems[0].ends_with("no such file or directory"));
+    }
+
+    #[test]
     fn changed_dirs_are_seen() {
         let d = tempfile::tempdir().unwrap();
         let dirs = Dirs {

@@ -1520,6 +1520,21 @@ idle_timeout = "1.5s"
     }
 
     #[test]
+    fn log_lines_sets_the_buffer_within_bounds() {
+        assert_eq!(
+            toml_ok("name = \"a.b\"\nexec = [\"/x\"]\n").log_lines,
+            DEFAULT_LOG_LINES
+        );
+        let def = toml_ok("name = \"a.b\"\nexec = [\"/x\"]\nlog_lines = 50\n");
+        assert_eq!(def.log_lines, 50);
+        let e = toml_err("name = \"a.b\"\nexec = [\"/x\"]\nlog_lines = 0\n");
+        assert!(
+            e.contains(":3:1: ") && e.contains("between 1 and 100000"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn toml_syntax_error_has_position() {
         let e = toml_err("name = \"a.b\"\nexec = [\"/bin/x\"\n");
         assert!(e.starts_with("services.d/echo.toml:"), "{e}");

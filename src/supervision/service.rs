@@ -724,6 +724,46 @@ mod tests {
         assert_eq!(decide_restart(&no, true, None, 0, 50).next, Next::Failed);
     }
 
+    fn service() -> Service {
+        let def = ServiceDef::with_defaults(
+            "x".into(),
+            vec!["org.x.Y".into()],
+            Ok(vec!["/bin/true".into()]),
+            "/x.toml".into(),
+            crate::activation::definition::Source::Toml,
+        );
+        Service::new(Arc::new(def))
+    }
+
+    #[test]
+    fn a_broken_definition_shows_once_the_service_is_idle() {
+        let mut s = service();
+        s.activation_requested(None);
+        s.definition_broken(Some("/x.toml:1:1: bad".into()));
+        assert_eq!(s.state(), ServiceState::Activating, "a start goes on");
+        s.stopping(StopReason::Requested);
+        s.settle(ServiceState::Inactive, "stopped");
+        assert_eq!(s.state(), ServiceState::BadDefinition);
+        assert_eq!(s.reason(), "/x.toml:1:1: bad");
+        s.definition_broken(None);
+        assert_eq!(s.state(), ServiceState::Inactive);
+    }
+
+    #[test]
+    fn a_failure_stays_until_reset() {
+        let mut s = service();
+        s.activation_requested(None);
+        s.record_failure("timed out");
+        s.start_failed("timed out");
+        s.stopping(StopReason::Failed);
+        s.failed_start_cleaned();
+        assert_eq!((s.state(), s.reason()), (ServiceState::Failed, "timed out"));
+        assert!(s.reset_failed());
+        assert_eq!(s.state(), ServiceState::Inactive);
+        assert!(s.last_failure.is_none());
+        assert!(!s.reset_failed(), "not failed any more");
+    }
+
     fn exit(state: ServiceState, kind: ExitKind) -> ExitFacts {
         ExitFacts {
             state,
