@@ -511,17 +511,17 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         &[
             common::busvisor_bin(),
             "--system",
-            "status",
+            "show",
             "org.freedesktop.PolicyKit1",
         ],
     );
     status.assert_ok();
     assert!(
-        status.stdout.contains("State:           running")
+        status.stdout.lines().any(|l| l == "State=running")
             && status
                 .stdout
                 .lines()
-                .any(|l| l.starts_with("PIDs:") && l.contains(&pid.to_string())),
+                .any(|l| l.starts_with("PIDs=") && l.contains(&pid.to_string())),
         "{}",
         status.stdout
     );
@@ -615,13 +615,10 @@ fn a_double_forking_daemon_of_another_user_stays_supervised() {
         .unwrap();
     assert_eq!(ppid, warden, "re-parented to the warden, not to init");
     assert_eq!(proc_info(pid).unwrap().0, uid_of("nobody"));
-    let status = busvisor_cli(&bus, &["status", dest]);
+    let status = busvisor_cli(&bus, &["show", dest]);
     status.assert_ok();
     assert!(
-        status
-            .stdout
-            .lines()
-            .any(|l| l.starts_with("MainPID:") && l.ends_with(&pid.to_string())),
+        status.stdout.lines().any(|l| l == format!("MainPID={pid}")),
         "{}",
         status.stdout
     );
@@ -675,11 +672,11 @@ fn a_crashed_service_of_another_user_is_restarted() {
     );
     // Restarted by its policy, not by a call (none is made meanwhile).
     let main_pid = || {
-        let out = busvisor_cli(&bus, &["status", "crashy"]);
-        let running = out.stdout.lines().any(|l| l == "State:           running");
+        let out = busvisor_cli(&bus, &["show", "crashy", "-p", "State,MainPID"]);
+        let running = out.stdout.lines().any(|l| l == "State=running");
         out.stdout
             .lines()
-            .find_map(|l| l.strip_prefix("MainPID:"))
+            .find_map(|l| l.strip_prefix("MainPID="))
             .and_then(|v| v.trim().parse::<u32>().ok())
             .filter(|_| running)
     };
