@@ -42,6 +42,14 @@ impl Admin {
         busvisor_at(&self.bus.address, args)
     }
 
+    /// `busctl --address=BUS ARGS`.
+    fn busctl(&self, args: &[&str]) -> ToolOutput {
+        let addr = format!("--address={}", self.bus.address);
+        let mut v = vec![addr.as_str()];
+        v.extend_from_slice(args);
+        run_tool("busctl", &v, CLI_TIMEOUT)
+    }
+
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
@@ -275,18 +283,13 @@ fn status_shows_every_process_the_last_lines_and_lasting_causes() {
         .map(|p| p.as_u64().unwrap())
         .collect();
     assert!(pids.contains(&main) && pids.contains(&helper), "{s}");
-    let busctl = run_tool(
-        "busctl",
-        &[
-            &format!("--address={}", a.bus.address),
-            "get-property",
-            "org.busvisor.Supervisor1",
-            "/org/busvisor/Supervisor1/service/tree",
-            "org.busvisor.Service1",
-            "PIDs",
-        ],
-        CLI_TIMEOUT,
-    );
+    let busctl = a.busctl(&[
+        "get-property",
+        "org.busvisor.Supervisor1",
+        "/org/busvisor/Supervisor1/service/tree",
+        "org.busvisor.Service1",
+        "PIDs",
+    ]);
     assert!(busctl.stdout.contains(&helper.to_string()), "{busctl:?}");
     let procs = s["processes"].as_array().unwrap();
     assert!(
@@ -463,18 +466,13 @@ fn verbs_kill_disable_enable_cat_and_no_block() {
     assert!(marker.exists());
     assert_eq!(a.state("k"), "inactive");
     assert!(pid_gone(helper as u32) || wait_until(CLI_TIMEOUT, || pid_gone(helper as u32)));
-    let call = run_tool(
-        "busctl",
-        &[
-            &format!("--address={}", a.bus.address),
-            "call",
-            "org.busvisor.Admin.k",
-            "/org/busvisor/Test",
-            "org.busvisor.Test",
-            "Pid",
-        ],
-        CLI_TIMEOUT,
-    );
+    let call = a.busctl(&[
+        "call",
+        "org.busvisor.Admin.k",
+        "/org/busvisor/Test",
+        "org.busvisor.Test",
+        "Pid",
+    ]);
     assert!(
         !call.success() && call.stderr.contains("disabled"),
         "{call:?}"
@@ -615,9 +613,7 @@ fn the_walkthrough_services_work() {
         }
     });
     let call = |name: &str, member: &str, args: &[&str]| {
-        let addr = format!("--address={}", a.bus.address);
         let mut v = vec![
-            &addr[..],
             "call",
             name,
             "/org/example/Greeter",
@@ -625,7 +621,7 @@ fn the_walkthrough_services_work() {
             member,
         ];
         v.extend_from_slice(args);
-        run_tool("busctl", &v, CLI_TIMEOUT)
+        a.busctl(&v)
     };
     // Activated by the first call, which it answers.
     let out = call("org.example.Greeter", "Hello", &["s", "world"]);
