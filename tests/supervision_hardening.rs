@@ -452,11 +452,14 @@ minibus.serve(sys.argv[1], obj)
 
 /// A process of ours with pid `pid`, made by asking the kernel for it
 /// (root: /proc/sys/kernel/ns_last_pid); None if others keep taking it.
+/// It leads a session of its own (setsid(1) execs sleep in place): were
+/// busvisor to take the reused pid for its service's, the harm stays in
+/// that session, not the test runner's.
 fn sleep_with_pid(pid: u32) -> Option<ChildGuard> {
     for _ in 0..50 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
-        let c = std::process::Command::new("sleep")
-            .arg("60")
+        let c = std::process::Command::new("setsid")
+            .args(["sleep", "60"])
             .stdin(std::process::Stdio::null())
             .spawn()
             .ok()?;
@@ -470,14 +473,29 @@ fn sleep_with_pid(pid: u32) -> Option<ChildGuard> {
 
 /// A pid that left a service without busvisor reaping it, then reused by an
 /// unrelated process, is not signalled by Stop (busvisor holds its service
-/// processes by pidfd), and the Stop completes.
+/// processes by pidfd), nor is that process's session, and the Stop
+/// completes: with cgroups, and with the token and the tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_never_signals_a_reused_pid() {
+    stop_never_signals_a_reused_pid_in(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_never_signals_a_reused_pid_without_cgroups() {
+    stop_never_signals_a_reused_pid_in(false).await;
+}
+
+async fn stop_never_signals_a_reused_pid_in(cgroups: bool) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to choose the next pid");
         return;
     }
-    let b = Bus::new(|_| {});
+    let env: &[(&str, &str)] = if cgroups {
+        &[]
+    } else {
+        &[("BUSVISOR_CGROUPS", "0")]
+    };
+    let b = Bus::with_env(|_| {}, env);
     let script = b.file("reaping.py");
     std::fs::write(&script, REAPING_PARENT_PY).unwrap();
     let child_file = b.file("child");

@@ -361,12 +361,27 @@ fn proc_pids() -> impl Iterator<Item = i32> {
 /// group of a service process (busvisor starts each service in a session
 /// of its own, and the kernel does not reuse a pid while it names a
 /// session or group); and any descendant of those.
+///
+/// A pid is taken for a service's only while it is known to be that
+/// service's process: a pid whose process has gone may already be another
+/// program's, and its session (a terminal's, say) is not the service's.
 #[derive(Default)]
 pub(crate) struct Tree {
     /// Each service's processes as the supervisor holds them, set before
     /// each scan.
-    pub(crate) known: HashMap<String, Vec<i32>>,
+    pub(crate) known: HashMap<String, Known>,
     remembered: HashMap<(i32, u64), String>,
+}
+
+/// What the supervisor holds of one invocation, for a scan.
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    /// Its processes whose pidfds said, just before the scan, that they
+    /// still exist.
+    pub(crate) live: Vec<i32>,
+    /// The session busvisor made for it (led by the launched process, which
+    /// may have exited since).
+    pub(crate) session: Option<i32>,
 }
 
 impl Tree {
@@ -391,8 +406,8 @@ impl Tree {
                 by_tree.insert(pid, st.start);
             }
         };
-        for (token, pids) in &self.known {
-            for pid in pids {
+        for (token, known) in &self.known {
+            for pid in &known.live {
                 claim(*pid, token, &mut owner);
             }
         }
@@ -401,11 +416,16 @@ impl Tree {
                 claim(*pid, token, &mut owner);
             }
         }
-        // A known pid names its service's session even once it has exited
-        // (the launched process leads it: busvisor called setsid for it).
+        // The session busvisor made names the service even once its leader
+        // has exited, as long as the pid is not some other process's now:
+        // while the session has members the kernel reuses no pid for it.
         let mut groups: HashMap<i32, String> = HashMap::new();
-        for (token, pids) in &self.known {
-            groups.extend(pids.iter().map(|p| (*p, token.clone())));
+        for (token, known) in &self.known {
+            if let Some(sid) = known.session
+                && (!stats.contains_key(&sid) || owner.get(&sid) == Some(token))
+            {
+                groups.insert(sid, token.clone());
+            }
         }
         groups.extend(
             owner
@@ -543,14 +563,29 @@ impl ProcSet {
     /// someone else (its own parent) goes, even if its pid is reused,
     /// because its pidfd says so.
     pub(crate) fn retain_live(&mut self) {
-        self.0.retain(|pid, fd| match fd {
-            Some(fd) => match pidfd_send_signal(fd, None) {
-                Ok(()) => true,
-                // Alive, and another user's (a router's root service).
-                Err(e) => e.raw_os_error() != Some(libc::ESRCH),
-            },
-            None => stat_of(*pid).is_some(),
-        });
+        self.0.retain(|pid, fd| exists(*pid, fd.as_deref()));
+    }
+
+    /// The pids whose processes still exist (zombies included): the only
+    /// ones that may stand for the service in a scan.
+    pub(crate) fn live(&self) -> impl Iterator<Item = i32> + '_ {
+        self.0
+            .iter()
+            .filter(|(pid, fd)| exists(**pid, fd.as_deref()))
+            .map(|(pid, _)| *pid)
+    }
+}
+
+/// Whether the process held by `fd` (or, on kernels without pidfds, some
+/// process with its pid) still exists.
+fn exists(pid: i32, fd: Option<&OwnedFd>) -> bool {
+    match fd {
+        Some(fd) => match pidfd_send_signal(fd, None) {
+            Ok(()) => true,
+            // Alive, and another user's (a router's root service).
+            Err(e) => e.raw_os_error() != Some(libc::ESRCH),
+        },
+        None => stat_of(pid).is_some(),
     }
 }
 
