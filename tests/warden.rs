@@ -238,11 +238,13 @@ fn the_router_runs_as_user_and_services_as_theirs_under_the_warden() {
     let mut bus = start_system_bus(&fx);
     let warden = bus.pid();
 
-    // The warden is root and the bus's main process; the router is its child,
-    // as messagebus.
+    // The warden is root, the keeper's child (the keeper is the bus's main
+    // process, in the pidfile); the router is the warden's child, as
+    // messagebus.
     assert_eq!(proc_info(warden).unwrap().0, 0);
+    assert_eq!(proc_info(warden).unwrap().1, bus.keeper_pid());
     let pidfile = std::fs::read_to_string(fx.path("pidfile")).unwrap();
-    assert_eq!(pidfile.trim(), warden.to_string());
+    assert_eq!(pidfile.trim(), bus.keeper_pid().to_string());
     let router = router_of(warden);
     assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
 
@@ -442,7 +444,7 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         return;
     }
     let mut bus = NamespacedBus::start(&["--system", "--nosyslog"]);
-    let warden = bus.proc.pid();
+    let warden = children(bus.proc.pid())[0];
     // The process that handles messages runs as messagebus.
     let router = router_of(warden);
     assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
