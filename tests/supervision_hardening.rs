@@ -70,10 +70,23 @@ impl Bus {
         args: &[&str],
         extra: &str,
     ) -> zbus::Connection {
+        self.python_service_with("python3", id, source, args, extra)
+            .await
+    }
+
+    /// The same with the given python interpreter.
+    async fn python_service_with(
+        &self,
+        python: &str,
+        id: &str,
+        source: &str,
+        args: &[&str],
+        extra: &str,
+    ) -> zbus::Connection {
         let script = self.file(&format!("{id}.py"));
         std::fs::write(&script, source).unwrap();
         let services = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
-        let mut argv = vec!["python3", script.to_str().unwrap()];
+        let mut argv = vec![python, script.to_str().unwrap()];
         argv.extend_from_slice(args);
         argv.push(services);
         // Named org.busvisor.<Id>: the name the script takes.
@@ -864,14 +877,17 @@ fn app_pids(dir: &Path) -> Vec<u32> {
 /// them) outlive the service when it crashes and when it is stopped; the
 /// daemon the service double-forked does not.
 async fn apps_a_service_launches_are_the_users(cgroups: bool) {
-    if std::process::Command::new("python3")
-        .args(["-c", "from gi.repository import Gio"])
-        .status()
-        .map_or(true, |s| !s.success())
-    {
+    // Debian's python3 has python3-gi; one earlier in PATH may not.
+    let Some(python) = ["python3", "/usr/bin/python3"].into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "from gi.repository import Gio"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }) else {
         eprintln!("skipped: needs python3-gi");
         return;
-    }
+    };
     let b = Bus::in_mode(cgroups, |_| {});
     let apps = b.file("apps");
     std::fs::create_dir(&apps).unwrap();
@@ -889,11 +905,14 @@ async fn apps_a_service_launches_are_the_users(cgroups: bool) {
     .unwrap();
     let daemon_file = b.file("daemon");
     let conn = b
-        .python_service(
+        .python_service_with(
+            python,
             "portal",
             LAUNCHER_PY,
             &[desktop.to_str().unwrap(), daemon_file.to_str().unwrap()],
-            "stop_timeout = \"2s\"",
+            // Started again by the next call, not at once: the next run's
+            // daemon is then known to be the one after the crash.
+            "stop_timeout = \"2s\"\nrestart = \"no\"",
         )
         .await;
     let mut guard = PidGuard::default();
