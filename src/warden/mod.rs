@@ -9,7 +9,8 @@
 //! - it starts a service by its definition's id, reading the root-owned
 //!   definition itself and deriving the command line, user and environment
 //!   from it (the router never sends those);
-//! - it signals processes, only its own descendants other than the router;
+//! - it signals processes, only its own descendants other than the router,
+//!   and kills an invocation's cgroup (`cgroup.kill`) by its token;
 //! - it reaps every process (it is the child subreaper, so services and
 //!   what they double-fork stay in its tree) and reports the exits.
 //!
@@ -242,6 +243,14 @@ impl Warden {
                 self.send(&reply.0, &fds);
             }
             Ok(Request::Kill { pid, signal }) => self.kill(pid, signal),
+            Ok(Request::KillCgroup { token }) if valid_token(&token) => {
+                if !procs::kill_cgroup(&token) {
+                    warn!("warden: cannot kill the cgroup of {token}");
+                }
+            }
+            Ok(Request::KillCgroup { token }) => {
+                warn!("warden: refusing to kill the cgroup of {token:?}")
+            }
             Err(e) => warn!("warden: {e}"),
         }
         true
