@@ -263,6 +263,21 @@ pub fn prepare(opts: &Options) -> Result<Prepared, DaemonError> {
 }
 
 impl Prepared {
+    /// What the keeper closes at once and removes after the bus.
+    fn leftovers(&self, opts: &Options) -> crate::keeper::Leftovers {
+        use std::os::fd::AsRawFd;
+        crate::keeper::Leftovers {
+            pidfile: self.pidfile.clone(),
+            sockets: self.guards.iter().filter_map(|g| g.0.clone()).collect(),
+            close: self
+                .bound
+                .iter()
+                .map(|b| b.listener.as_raw_fd())
+                .chain(output_fds(opts))
+                .collect(),
+        }
+    }
+
     /// The user the bus drops to: the configuration's `<user>`, when started
     /// as root and that user is not root.
     fn privilege_drop(&self) -> Result<Option<Credentials>, DaemonError> {
@@ -327,6 +342,8 @@ async fn start_prepared(
     );
     bus.facts.systemd_activation = opts.systemd_activation;
     bus.facts.system_bus = cfg.is_system();
+    // As dbus-daemon: the bus's pid is the one it publishes (the keeper's).
+    bus.facts.pid = main_pid;
     let bus = Arc::new(bus);
     let gate = Arc::new(Gate::new());
     let mut listeners = Vec::new();
@@ -406,6 +423,17 @@ impl Running {
         {
             warn!("services did not stop within {bound:?}");
         }
+        // Whatever services left below the bus (a helper that left its
+        // session, without cgroups) goes too: the keeper does the same
+        // after the bus, but may itself have been killed.
+        let strays = tokio::task::spawn_blocking(|| {
+            crate::supervision::procs::end_descendants(std::time::Duration::from_secs(2), || {})
+        })
+        .await
+        .unwrap_or(0);
+        if strays > 0 {
+            warn!("ended {strays} processes the services left");
+        }
         self.bus.cut_all();
         // Give readers a moment to notice, so disconnects are logged cleanly.
         for _ in 0..50 {
@@ -441,6 +469,10 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// or SIGINT. Returns the exit code.
 pub fn serve(opts: Options) -> Result<u8, DaemonError> {
     let prepared = prepare(&opts)?;
+    // From here on this process is the keeper, and the bus its child.
+    let forked = std::env::var_os(FORKED_ENV).is_some();
+    crate::keeper::keep(prepared.leftovers(&opts), forked)
+        .map_err(|e| DaemonError::Io(std::io::Error::other(e)))?;
     let host = match prepared.privilege_drop()? {
         None => HostSpec::Local,
         Some(user) => {
@@ -473,15 +505,22 @@ pub fn serve(opts: Options) -> Result<u8, DaemonError> {
     Ok(0)
 }
 
+/// The descriptors (other than stdout) the bus reports its address and
+/// pid on.
+fn output_fds(opts: &Options) -> impl Iterator<Item = i32> + '_ {
+    [&opts.print_address, &opts.print_pid]
+        .into_iter()
+        .flatten()
+        .filter_map(|out| match out {
+            Output::Fd(fd) => fd.parse::<i32>().ok().filter(|n| *n > 2),
+            Output::Stdout => None,
+        })
+}
+
 /// In the warden: close the descriptors the router reports on.
 fn release_outputs(opts: &Options) {
-    for out in [&opts.print_address, &opts.print_pid].into_iter().flatten() {
-        if let Output::Fd(fd) = out
-            && let Ok(n) = fd.parse::<i32>()
-            && n > 2
-        {
-            let _ = nix::unistd::close(n);
-        }
+    for n in output_fds(opts) {
+        let _ = nix::unistd::close(n);
     }
     if std::env::var_os(FORKED_ENV).is_some()
         && let Ok(devnull) = std::fs::File::open("/dev/null")

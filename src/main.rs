@@ -122,6 +122,11 @@ fn run_main(a: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(Some(a.log_level.as_deref().unwrap_or("warn")));
+    // This process stays above the bus and CMD (see busvisor::keeper).
+    if let Err(e) = busvisor::keeper::keep(Default::default(), false) {
+        eprintln!("busvisor run: {e}");
+        return ExitCode::FAILURE;
+    }
     let rt = match daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {

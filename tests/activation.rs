@@ -1700,7 +1700,8 @@ async fn a_call_during_a_requested_stop_starts_a_new_instance() {
                 g.to_str().unwrap(),
                 "--grandchild-ignores-term",
             ],
-            "stop_timeout = \"1500ms\"\n",
+            // Long enough that a loaded machine still looks within it.
+            "stop_timeout = \"4s\"\n",
         )
     });
     let conn = connect(b.addr()).await;

@@ -28,9 +28,10 @@ fn signal_all(killer: &super::host::Killer, pids: &procs::ProcSet, sig: Signal) 
 }
 
 /// SIGKILL every process of a service: its whole cgroup at once where it
-/// has one we may write to, else each process it is known to have.
+/// has one (written here or by the warden), and each process it is known
+/// to have unless the cgroup is known killed.
 fn kill_all(killer: &super::host::Killer, svc: &super::service::Service) {
-    if !procs::kill_cgroup(&svc.token) {
+    if !killer.kill_cgroup(&svc.token) {
         signal_all(killer, &svc.pids, Signal::SIGKILL);
     }
 }

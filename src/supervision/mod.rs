@@ -549,11 +549,13 @@ fn in_session_of(pid: i32, svc: &Service) -> bool {
     let Some(st) = procs::stat_full(pid) else {
         return false;
     };
-    let mut leaders = svc
-        .launched_pid
-        .into_iter()
-        .chain(svc.session)
-        .chain(svc.pids.iter());
+    // Only processes that are still the service's stand for it: a pid that
+    // has gone may be another program's now (see procs::Tree). The session
+    // busvisor made counts while its pid is no other process's.
+    let session = svc
+        .session
+        .filter(|s| svc.pids.live().any(|p| p == *s) || procs::stat_of(*s).is_none());
+    let mut leaders = svc.pids.live().chain(session);
     leaders.any(|l| l > 1 && (l == st.sid || l == st.pgid))
 }
 

@@ -410,13 +410,16 @@ impl SupervisorState {
 
     /// Each running invocation's processes as held now, by token: where
     /// the next scan starts from.
-    pub(super) fn known_processes(&self) -> HashMap<String, Vec<i32>> {
+    pub(super) fn known_processes(&self) -> HashMap<String, procs::Known> {
         self.services
             .values()
             .filter(|s| !s.token.is_empty())
             .map(|s| {
-                let pids = s.pids.iter().chain(s.launched_pid).collect();
-                (s.token.clone(), pids)
+                let known = procs::Known {
+                    live: s.pids.live().collect(),
+                    session: s.session,
+                };
+                (s.token.clone(), known)
             })
             .collect()
     }
