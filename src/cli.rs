@@ -28,6 +28,9 @@ pub enum Command {
     /// Start a private bus, run CMD on it, exit with CMD's status
     /// (like dbus-run-session).
     Run(RunArgs),
+    /// Start a session bus in the background and print its address
+    /// (like dbus-launch).
+    Launch(crate::launch::LaunchArgs),
     /// Control commands: talk to a running busvisor over D-Bus.
     #[command(flatten)]
     Client(ClientCommand),
@@ -77,7 +80,8 @@ pub enum ClientCommand {
 /// Options common to every control command.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ClientArgs {
-    /// Address of the bus (default: $DBUS_SESSION_BUS_ADDRESS).
+    /// Address of the bus (default: $DBUS_SESSION_BUS_ADDRESS, else the
+    /// user bus at $XDG_RUNTIME_DIR/bus).
     #[arg(long, value_name = "ADDRESS")]
     pub address: Option<String>,
     /// The system bus: $DBUS_SYSTEM_BUS_ADDRESS, else
@@ -377,6 +381,28 @@ pub struct DaemonArgs {
 }
 
 impl DaemonArgs {
+    /// Whether these flags ask for a bus without the `daemon` subcommand:
+    /// one of dbus-daemon's own flags (or busvisor's `--config`) is given.
+    /// `--address`, `--services-dir` and `--log-level` alone do not: the
+    /// first is also the control commands' flag, and a typo must not start
+    /// a bus.
+    pub fn starts_a_bus(&self) -> bool {
+        self.session
+            || self.system
+            || self.config_file.is_some()
+            || self.config.is_some()
+            || self.print_address.is_some()
+            || self.print_pid.is_some()
+            || self.nofork
+            || self.fork
+            || self.nopidfile
+            || self.systemd_activation
+            || self.syslog
+            || self.nosyslog
+            || self.syslog_only
+            || self.introspect
+    }
+
     /// The XML configuration file to load: `--config-file`, or for
     /// `--system` the distribution's system.conf (None: the built-in one,
     /// or no XML file at all).
@@ -720,10 +746,34 @@ mod tests {
                 .command
                 .is_none()
         );
+        let alone = parse(&["busvisor", "--address", "unix:path=/x"]);
+        assert!(alone.command.is_none());
+        // ... but only a dbus-daemon flag starts a bus (see main).
+        assert!(!alone.daemon.starts_a_bus());
+        assert!(!parse(&["busvisor"]).daemon.starts_a_bus());
         assert!(
-            parse(&["busvisor", "--address", "unix:path=/x"])
-                .command
-                .is_none()
+            !parse(&["busvisor", "--services-dir=/d", "--log-level=debug"])
+                .daemon
+                .starts_a_bus()
         );
+        for flag in [
+            "--session",
+            "--system",
+            "--config-file=/x.conf",
+            "--config=/x.toml",
+            "--print-address",
+            "--print-pid=5",
+            "--nofork",
+            "--fork",
+            "--nopidfile",
+            "--systemd-activation",
+            "--syslog",
+            "--nosyslog",
+            "--syslog-only",
+            "--introspect",
+        ] {
+            let c = parse(&["busvisor", flag, "--address=unix:path=/x"]);
+            assert!(c.command.is_none() && c.daemon.starts_a_bus(), "{flag}");
+        }
     }
 }

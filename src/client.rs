@@ -162,7 +162,9 @@ pub fn main(cmd: ClientCommand) -> ExitCode {
 const SYSTEM_BUS_DEFAULT: &str = "unix:path=/run/dbus/system_bus_socket";
 
 /// The bus address: `--address`; with `--system`, `$DBUS_SYSTEM_BUS_ADDRESS`
-/// or the system bus's default; else `$DBUS_SESSION_BUS_ADDRESS`.
+/// or the system bus's default; else `$DBUS_SESSION_BUS_ADDRESS`, else
+/// the user's bus at `$XDG_RUNTIME_DIR/bus` (as sd-bus and GLib find it,
+/// and where `busvisor daemon` listens by default).
 pub fn bus_address(args: &ClientArgs) -> Result<String> {
     if args.system && args.address.is_none() {
         return Ok(std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
@@ -178,9 +180,28 @@ pub fn bus_address(args: &ClientArgs) -> Result<String> {
     }
     match std::env::var("DBUS_SESSION_BUS_ADDRESS") {
         Ok(a) if !a.is_empty() => Ok(a),
-        _ => Err(Failure::msg(
-            "no bus address: pass --address ADDRESS or set DBUS_SESSION_BUS_ADDRESS",
-        )),
+        _ => user_bus_address(std::env::var_os("XDG_RUNTIME_DIR")),
+    }
+}
+
+/// `unix:path=$XDG_RUNTIME_DIR/bus` if a socket is there.
+fn user_bus_address(runtime_dir: Option<std::ffi::OsString>) -> Result<String> {
+    use std::os::unix::fs::FileTypeExt;
+    const HOW: &str = "pass --address ADDRESS, or set DBUS_SESSION_BUS_ADDRESS";
+    let Some(dir) = runtime_dir.filter(|d| !d.is_empty()) else {
+        return Err(Failure::msg(format!(
+            "no bus address: DBUS_SESSION_BUS_ADDRESS and XDG_RUNTIME_DIR are not set ({HOW})"
+        )));
+    };
+    let path = std::path::Path::new(&dir).join("bus");
+    match std::fs::metadata(&path) {
+        Ok(m) if m.file_type().is_socket() => {
+            Ok(crate::config::address::client_address_for_path(&path))
+        }
+        _ => Err(Failure::msg(format!(
+            "no bus address: DBUS_SESSION_BUS_ADDRESS is not set and no user bus listens at {} ({HOW})",
+            path.display()
+        ))),
     }
 }
 
@@ -491,5 +512,27 @@ mod tests {
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| SYSTEM_BUS_DEFAULT.into());
         assert_eq!(bus_address(&a).unwrap(), want);
+    }
+
+    #[test]
+    fn the_user_bus_is_the_fallback() {
+        let text = |r: Result<String>| match r {
+            Err(Failure::Msg(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let e = text(user_bus_address(None));
+        assert!(e.contains("XDG_RUNTIME_DIR"), "{e}");
+        let e = text(user_bus_address(Some(dir.path().into())));
+        assert!(e.contains(&format!("{}/bus", dir.path().display())), "{e}");
+        // A file that is not a socket is no bus either.
+        std::fs::write(dir.path().join("bus"), "").unwrap();
+        assert!(user_bus_address(Some(dir.path().into())).is_err());
+        std::fs::remove_file(dir.path().join("bus")).unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(dir.path().join("bus")).unwrap();
+        assert_eq!(
+            user_bus_address(Some(dir.path().into())).unwrap(),
+            format!("unix:path={}/bus", dir.path().display())
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::activation::catalog::{self, Dirs};
 use crate::activation::definition::ServiceDirSpec;
@@ -113,6 +113,9 @@ pub struct Options {
     /// `--syslog`, `--nosyslog`, `--syslog-only`; `None`: the
     /// configuration's `<syslog/>` decides.
     pub syslog: Option<crate::logging::SyslogFlag>,
+    /// Started by `busvisor launch`: leave the launcher's terminal once
+    /// ready, and end with the session as this says.
+    pub launched: Option<crate::launch::Lifetime>,
 }
 
 /// `$XDG_RUNTIME_DIR/bus` when that directory exists, else a private socket.
@@ -535,6 +538,12 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let running = start_prepared(&opts, prepared, host).await?;
+    let session = match opts.launched {
+        Some(lifetime) => {
+            crate::launch::SessionEnd::open(lifetime).map_err(std::io::Error::other)?
+        }
+        None => crate::launch::SessionEnd::Never,
+    };
     let address = format!("{}\n", running.address);
     let pid = format!("{}\n", running.main_pid);
     match (&opts.print_address, &opts.print_pid) {
@@ -554,8 +563,14 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
         let devnull = std::fs::File::open("/dev/null")?;
         nix::unistd::dup2_stdout(&devnull).map_err(std::io::Error::from)?;
     }
+    if opts.launched.is_some() {
+        crate::launch::detach();
+    }
+    let ended = session.ended();
+    tokio::pin!(ended);
     loop {
         tokio::select! {
+            _ = &mut ended => break,
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
@@ -568,14 +583,23 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
     Ok(())
 }
 
-/// `busvisor run -- CMD`: a private bus for one command, as dbus-run-session.
-/// Returns the exit code to leave with: CMD's status, or 128 + signal.
-pub async fn run_command(
-    opts: Options,
-    command: Vec<std::ffi::OsString>,
-) -> Result<u8, DaemonError> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+/// `busvisor run -- CMD`: block the signals forwarded to the command
+/// before any thread starts (see `forwarding`), then run it on a runtime.
+pub fn run(opts: Options, command: Vec<std::ffi::OsString>) -> Result<u8, DaemonError> {
+    crate::forwarding::block().map_err(std::io::Error::from)?;
+    let rt = runtime()?;
+    rt.block_on(run_command(opts, command))
+}
+
+/// A private bus for one command, as dbus-run-session: the command gets
+/// busvisor's stdin, stdout, stderr, descriptors and process group (so
+/// that a terminal's job control treats both as one job), and every signal
+/// of `forwarding::FORWARDED`; orphans that end up here are reaped with
+/// the services (busvisor is their subreaper, or PID 1). Returns the exit
+/// code to leave with: CMD's status, or 128 + signal.
+async fn run_command(opts: Options, command: Vec<std::ffi::OsString>) -> Result<u8, DaemonError> {
+    use crate::forwarding::{self, Signals};
+    let signals = Signals::new()?;
     let running = start(&opts).await?;
     let argv: Vec<String> = command
         .iter()
@@ -586,8 +610,15 @@ pub async fn run_command(
         "DBUS_SESSION_BUS_ADDRESS".into(),
         running.address.clone().into(),
     );
-    env.remove(std::ffi::OsStr::new("DBUS_STARTER_ADDRESS"));
-    env.remove(std::ffi::OsStr::new("DBUS_STARTER_BUS_TYPE"));
+    // As dbus-run-session: nothing that names another bus.
+    for var in [
+        "DBUS_SESSION_BUS_PID",
+        "DBUS_SESSION_BUS_WINDOWID",
+        "DBUS_STARTER_ADDRESS",
+        "DBUS_STARTER_BUS_TYPE",
+    ] {
+        env.remove(std::ffi::OsStr::new(var));
+    }
     let req = SpawnRequest {
         search_path: None,
         argv: argv.clone(),
@@ -610,12 +641,28 @@ pub async fn run_command(
             )));
         }
     };
+    let leader = forwarding::session_leader();
+    let mut signals = Some(signals);
     tokio::pin!(exit);
     let kind = loop {
+        let next = async {
+            match &mut signals {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = &mut exit => break r.unwrap_or(ExitKind::Code(1)),
-            _ = term.recv() => forward(pid as u32, nix::sys::signal::Signal::SIGTERM),
-            _ = int.recv() => forward(pid as u32, nix::sys::signal::Signal::SIGINT),
+            got = next => match got {
+                Some(r) if forwarding::reached_command(&r, forwarding::in_my_group(pid), leader) => {
+                    debug!(signal = %r.signal, "not forwarded: the command got it from the terminal too");
+                }
+                Some(r) => {
+                    debug!(signal = %r.signal, from = r.sender, "forwarded to the command");
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), r.signal);
+                }
+                None => signals = None,
+            },
         }
     };
     running.shutdown().await;
@@ -623,8 +670,4 @@ pub async fn run_command(
         ExitKind::Code(c) => c as u8,
         ExitKind::Signal(s) => 128u8.wrapping_add(s as u8),
     })
-}
-
-fn forward(pid: u32, sig: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }

@@ -35,6 +35,7 @@ fn daemon_options(a: &DaemonArgs) -> Options {
         nopidfile: a.nopidfile,
         system: a.system,
         syslog: a.syslog_flag(),
+        launched: None,
     }
 }
 
@@ -127,26 +128,58 @@ fn run_main(a: RunArgs) -> ExitCode {
         eprintln!("busvisor run: {e}");
         return ExitCode::FAILURE;
     }
-    let rt = match daemon::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("busvisor run: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let opts = Options {
         config_file: a.config_file.clone(),
         toml_config: a.config.clone(),
         services_dirs: absolute(&a.services_dir),
         ..Default::default()
     };
-    match rt.block_on(daemon::run_command(opts, a.command)) {
+    match daemon::run(opts, a.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("busvisor run: {e}");
             ExitCode::from(127)
         }
     }
+}
+
+/// Whether busvisor was started under dbus-daemon's name (a symlink, or
+/// installed in its place): then it is the daemon whatever the flags.
+fn invoked_as_dbus_daemon() -> bool {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "dbus-daemon"))
+}
+
+/// No subcommand and no flag that asks for a bus: a usage error, never a
+/// bus started by accident (exit code 2).
+fn no_command(a: &DaemonArgs) -> ! {
+    use clap::CommandFactory;
+    let given: Vec<&str> = [
+        (a.address.is_some(), "--address"),
+        (!a.services_dir.is_empty(), "--services-dir"),
+        (a.log_level.is_some(), "--log-level"),
+    ]
+    .into_iter()
+    .filter_map(|(on, flag)| on.then_some(flag))
+    .collect();
+    let what = if given.is_empty() {
+        "no command given".to_owned()
+    } else {
+        format!("{} alone starts no bus", given.join(" and "))
+    };
+    Cli::command()
+        .error(
+            clap::error::ErrorKind::MissingSubcommand,
+            format!(
+                "{what}: `busvisor daemon` serves a bus (so do dbus-daemon's flags: \
+                 --session, --system, --config-file, --nofork, --print-address, ...), \
+                 `busvisor run -- CMD` runs CMD on a bus of its own, and `busvisor list`, \
+                 `status`, ... control a running one (`--address=A list`)"
+            ),
+        )
+        .exit()
 }
 
 fn main() -> ExitCode {
@@ -157,7 +190,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Daemon(a)) => daemon_main(a),
         Some(Command::Run(a)) => run_main(a),
+        Some(Command::Launch(a)) => busvisor::launch::main(a),
         Some(Command::Client(c)) => busvisor::client::main(c),
-        None => daemon_main(cli.daemon),
+        None if cli.daemon.starts_a_bus() || invoked_as_dbus_daemon() => daemon_main(cli.daemon),
+        None => no_command(&cli.daemon),
     }
 }

@@ -32,7 +32,11 @@ pub struct SpawnRequest {
     pub search_path: Option<OsString>,
     pub env: HashMap<OsString, OsString>,
     pub cwd: Option<PathBuf>,
-    /// Capture stdout/stderr (services); inherit them otherwise (`run`'s command).
+    /// A service's stdio: stdin from /dev/null, stdout and stderr
+    /// captured, no other descriptor. Otherwise (`run`'s command) stdin,
+    /// stdout, stderr and every descriptor busvisor inherited are passed
+    /// through, as dbus-run-session passes them: a pipe or a terminal on
+    /// stdin reaches the command.
     pub capture: bool,
     /// Put the process in a session of its own (services).
     pub new_session: bool,
@@ -202,6 +206,8 @@ struct ChildSetup {
     cgroup_procs: Option<std::ffi::CString>,
     reset_oom: bool,
     new_session: bool,
+    /// Keep what busvisor inherited open (`run`'s command).
+    inherit_fds: bool,
     nofile: Option<(u64, u64)>,
     user: Option<Credentials>,
 }
@@ -212,6 +218,7 @@ impl ChildSetup {
             cgroup_procs: req.cgroup.as_deref().and_then(join_cgroup_path),
             reset_oom: req.reset_oom,
             new_session: req.new_session,
+            inherit_fds: !req.capture,
             nofile: INITIAL_NOFILE.get().copied(),
             user: req.user.clone(),
         }
@@ -221,7 +228,9 @@ impl ChildSetup {
     /// open, write, close, setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
     /// setresuid, prctl).
     fn run(&self) -> std::io::Result<()> {
-        cloexec_above_stdio();
+        if !self.inherit_fds {
+            cloexec_above_stdio();
+        }
         if let Some(procs) = &self.cgroup_procs {
             // Into the invocation's cgroup first, while still privileged.
             write_file(procs, b"0");
@@ -306,13 +315,11 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     };
     let resolved = resolve_program(program, req)?;
     let mut cmd = Command::new(&resolved);
-    cmd.arg0(program)
-        .args(args)
-        .env_clear()
-        .envs(&req.env)
-        .stdin(Stdio::null());
+    cmd.arg0(program).args(args).env_clear().envs(&req.env);
     if req.capture {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
     }
     if let Some(dir) = &req.cwd {
         cmd.current_dir(dir);
