@@ -113,8 +113,7 @@ pub struct Options {
     /// `--syslog`, `--nosyslog`, `--syslog-only`; `None`: the
     /// configuration's `<syslog/>` decides.
     pub syslog: Option<crate::logging::SyslogFlag>,
-    /// Started by `busvisor launch`: leave the launcher's terminal once
-    /// ready, and end with the session as this says.
+    /// Started by `busvisor launch`: end with the session as this says.
     pub launched: Option<crate::launch::Lifetime>,
 }
 
@@ -562,9 +561,6 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
         // Started by --fork: closing stdout tells the parent we are ready.
         let devnull = std::fs::File::open("/dev/null")?;
         nix::unistd::dup2_stdout(&devnull).map_err(std::io::Error::from)?;
-    }
-    if opts.launched.is_some() {
-        crate::launch::detach();
     }
     let ended = session.ended();
     tokio::pin!(ended);

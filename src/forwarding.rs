@@ -1,5 +1,6 @@
 //! The signals `busvisor run` passes on to its command, as tini does:
-//! SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2.
+//! SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 (the keeper, above
+//! the bus, passes the same on to the bus by the same rule).
 //!
 //! They are blocked in every thread and read from a signalfd, which says
 //! how each was sent. That matters because the command shares busvisor's

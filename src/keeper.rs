@@ -60,19 +60,13 @@ pub enum KeeperError {
     Fork(nix::Error),
 }
 
-/// The signals the keeper passes on to the bus.
-const PASSED_ON: [Signal; 6] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
-
 fn signals() -> SigSet {
     let mut set = SigSet::empty();
-    for s in PASSED_ON.into_iter().chain([Signal::SIGCHLD]) {
+    // The signals the keeper passes on to the bus: those `run` passes on.
+    for s in crate::forwarding::FORWARDED
+        .into_iter()
+        .chain([Signal::SIGCHLD])
+    {
         set.add(s);
     }
     set
@@ -113,6 +107,7 @@ pub fn keep(leftovers: Leftovers, stdout_to_null: bool) -> Result<(), KeeperErro
             let code = Keeper {
                 bus: child,
                 leftovers,
+                session_leader: crate::forwarding::session_leader(),
             }
             .run();
             std::process::exit(code);
@@ -123,6 +118,7 @@ pub fn keep(leftovers: Leftovers, stdout_to_null: bool) -> Result<(), KeeperErro
 struct Keeper {
     bus: Pid,
     leftovers: Leftovers,
+    session_leader: bool,
 }
 
 impl Keeper {
@@ -170,16 +166,25 @@ impl Keeper {
     }
 
     /// A signal a process sent the keeper goes to the bus. One the kernel
-    /// sent (a terminal's ^C, a hangup) went to the whole process group,
-    /// the bus included: passing it on would deliver it twice.
+    /// sent to the whole process group (a terminal's ^C) reached the bus
+    /// too: passing it on would deliver it twice. A hangup's SIGHUP to the
+    /// session leader reached the keeper alone (see `forwarding`).
     fn pass_on(&self, signo: i32, code: i32) {
-        let Ok(sig) = Signal::try_from(signo) else {
+        let Ok(signal) = Signal::try_from(signo) else {
             return;
         };
-        if sig == Signal::SIGCHLD || code == libc::SI_KERNEL {
+        let got = crate::forwarding::Received {
+            signal,
+            code,
+            sender: 0,
+        };
+        let same_group = crate::forwarding::in_my_group(self.bus.as_raw());
+        if signal == Signal::SIGCHLD
+            || crate::forwarding::reached_command(&got, same_group, self.session_leader)
+        {
             return;
         }
-        let _ = nix::sys::signal::kill(self.bus, sig);
+        let _ = nix::sys::signal::kill(self.bus, signal);
     }
 
     /// Reap whatever has exited; the bus's status once it has.

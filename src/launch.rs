@@ -14,8 +14,7 @@
 //! hangup.
 
 use std::ffi::OsString;
-use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -199,14 +198,15 @@ fn variables(bus: &Launched, syntax: Syntax) -> Vec<u8> {
 fn start_bus(a: &LaunchArgs) -> Result<Launched, String> {
     use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
-    let (rd, wr) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot make a pipe: {e}"))?;
-    // The bus writes on `wr` (dbus-daemon's --print-address=FD protocol).
-    fcntl(&wr, FcntlArg::F_SETFD(FdFlag::empty()))
+    let pipe =
+        || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot make a pipe: {e}"));
+    let (report_rd, report_wr) = pipe()?;
+    // The bus writes on it (dbus-daemon's --print-address=FD protocol).
+    fcntl(&report_wr, FcntlArg::F_SETFD(FdFlag::empty()))
         .map_err(|e| format!("cannot pass a pipe on: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("launch")
-        .arg(format!("--bus-fd={}", wr.as_raw_fd()));
+        .arg(format!("--bus-fd={}", report_wr.as_raw_fd()));
     if a.exit_with_x11 {
         cmd.arg("--exit-with-x11");
     } else if a.exit_with_session {
@@ -222,34 +222,96 @@ fn start_bus(a: &LaunchArgs) -> Result<Launched, String> {
     if let Some(l) = &a.log_level {
         cmd.arg("--log-level").arg(l);
     }
-    // Its stderr stays the launcher's until it is ready, for its errors;
-    // stdin, only if it may watch the terminal there.
+    // What the bus says before it is ready (its errors) is passed on from
+    // a pipe, and after that goes nowhere (it logs to the system log):
+    // nothing of the bus holds the launcher's stderr, which may be the
+    // pipe of an `eval $(...)` or a terminal that closes. With
+    // $DBUS_DEBUG_OUTPUT set, as dbus-daemon, it keeps the launcher's.
+    let debug = std::env::var_os("DBUS_DEBUG_OUTPUT").is_some_and(|v| !v.is_empty());
+    let (err_rd, err_wr) = pipe()?;
     cmd.stdin(if a.lifetime() == Lifetime::Session {
+        // The terminal it may watch.
         Stdio::inherit()
     } else {
         Stdio::null()
     })
     .stdout(Stdio::null())
+    .stderr(if debug {
+        Stdio::inherit()
+    } else {
+        Stdio::from(err_wr)
+    })
     .current_dir("/");
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the bus: {e}"))?;
-    drop(wr);
-    let mut text = String::new();
-    let read = std::fs::File::from(rd).read_to_string(&mut text);
-    match (read, parse_report(&text)) {
-        (Ok(_), Some(bus)) => Ok(bus),
-        (read, _) => {
-            // It printed why on stderr; wait for it, it is ending.
-            let status = child
-                .wait()
-                .map_or_else(|e| e.to_string(), |s| s.to_string());
-            Err(match read {
-                Err(e) => format!("cannot read the bus's address: {e} (the bus {status})"),
-                Ok(_) => format!("the bus did not start ({status})"),
-            })
+    let spawned = cmd.spawn();
+    // Our copies of the write ends: each pipe ends when the bus lets go.
+    drop(cmd);
+    drop(report_wr);
+    let mut child = spawned.map_err(|e| format!("cannot start the bus: {e}"))?;
+    let read = read_report(report_rd, err_rd);
+    if let Ok(text) = &read
+        && let Some(bus) = parse_report(text)
+    {
+        return Ok(bus);
+    }
+    // It said why on stderr; wait for it, it is ending.
+    let status = child
+        .wait()
+        .map_or_else(|e| e.to_string(), |s| s.to_string());
+    Err(match read {
+        Err(e) => format!("cannot read the bus's address: {e} (the bus {status})"),
+        Ok(_) => format!("the bus did not start ({status})"),
+    })
+}
+
+/// Read the bus's report to its end, passing on what it writes to stderr
+/// meanwhile (and what it wrote before the end).
+fn read_report(report: OwnedFd, err: OwnedFd) -> std::io::Result<String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::Write;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut err_open = true;
+    let pass_on = |n: usize, buf: &[u8]| {
+        let _ = std::io::stderr().write_all(&buf[..n]);
+    };
+    loop {
+        let mut fds = vec![PollFd::new(report.as_fd(), PollFlags::POLLIN)];
+        if err_open {
+            fds.push(PollFd::new(err.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let report_ready = fds[0].any().unwrap_or(true);
+        let err_ready = err_open && fds[1].any().unwrap_or(true);
+        drop(fds);
+        if err_ready {
+            match nix::unistd::read(&err, &mut buf) {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => pass_on(n, &buf),
+            }
+        }
+        if report_ready {
+            match nix::unistd::read(&report, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
+    // What it wrote before reporting is all there.
+    if err_open {
+        let _ = nix::fcntl::fcntl(
+            &err,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        while let Ok(n @ 1..) = nix::unistd::read(&err, &mut buf) {
+            pass_on(n, &buf);
+        }
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {
@@ -288,23 +350,6 @@ fn serve(a: &LaunchArgs, fd: i32) -> ExitCode {
             eprintln!("busvisor launch: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// In the launched bus, once it has reported: leave the launcher's
-/// terminal (stderr to /dev/null unless $DBUS_DEBUG_OUTPUT is set, as
-/// dbus-daemon does; the log goes to the system log).
-pub(crate) fn detach() {
-    let Ok(devnull) = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    else {
-        return;
-    };
-    let _ = nix::unistd::dup2_stdout(&devnull);
-    if std::env::var_os("DBUS_DEBUG_OUTPUT").is_none_or(|v| v.is_empty()) {
-        let _ = nix::unistd::dup2_stderr(&devnull);
     }
 }
 
