@@ -196,14 +196,13 @@ fn variables(bus: &Launched, syntax: Syntax) -> Vec<u8> {
 /// Start busvisor as the bus, in the background; its address and pid once
 /// it listens.
 fn start_bus(a: &LaunchArgs) -> Result<Launched, String> {
-    use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    use nix::fcntl::OFlag;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let pipe =
         || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot make a pipe: {e}"));
+    // The bus writes on the report pipe (dbus-daemon's --print-address=FD
+    // protocol); it is kept open across the exec below.
     let (report_rd, report_wr) = pipe()?;
-    // The bus writes on it (dbus-daemon's --print-address=FD protocol).
-    fcntl(&report_wr, FcntlArg::F_SETFD(FdFlag::empty()))
-        .map_err(|e| format!("cannot pass a pipe on: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("launch")
         .arg(format!("--bus-fd={}", report_wr.as_raw_fd()));
@@ -242,6 +241,21 @@ fn start_bus(a: &LaunchArgs) -> Result<Launched, String> {
         Stdio::from(err_wr)
     })
     .current_dir("/");
+    let keep = report_wr.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only async-signal-safe syscalls on integers (close_range or fcntl),
+    // allocating nothing. As dbus-launch: the bus, a daemon, inherits none
+    // of the caller's descriptors (a harness's pipe would never reach EOF)
+    // but the one it reports on.
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::supervision::spawner::cloexec_above_stdio();
+            if libc::fcntl(keep, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let spawned = cmd.spawn();
     // Our copies of the write ends: each pipe ends when the bus lets go.
     drop(cmd);

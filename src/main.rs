@@ -173,10 +173,9 @@ fn no_command(a: &DaemonArgs) -> ! {
         .error(
             clap::error::ErrorKind::MissingSubcommand,
             format!(
-                "{what}: `busvisor daemon` serves a bus (so do dbus-daemon's flags: \
-                 --session, --system, --config-file, --nofork, --print-address, ...), \
-                 `busvisor run -- CMD` runs CMD on a bus of its own, and `busvisor list`, \
-                 `status`, ... control a running one (`--address=A list`)"
+                "{what}: a bus starts only with `busvisor daemon`, `run -- CMD`, `launch`, \
+                 or dbus-daemon's flags (--session, --system, --config-file, --nofork, \
+                 --print-address, ...); `busvisor list`, `status`, ... control a running one"
             ),
         )
         .exit()

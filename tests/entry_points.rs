@@ -127,6 +127,8 @@ fn in_pty(argv: &[&str], env: &[(&str, &str)], steps: &[Step], hangup: bool) -> 
     let steps: Vec<serde_json::Value> = steps
         .iter()
         .map(|s| match s {
+            // Nothing to wait for: a moment for the input to be taken.
+            Step::Type(input, "") => serde_json::json!([input, "", 0.3]),
             Step::Type(input, expect) => serde_json::json!([input, expect, 10.0]),
             Step::Signal(n, expect) => serde_json::json!([n, expect, 10.0]),
             Step::Pause(secs) => serde_json::json!(["", "", secs]),
@@ -193,10 +195,11 @@ fn plain(tty: &str) -> String {
     out
 }
 
-/// The value after `key=` on the first line that has it.
+/// The value after `key=` on the last line that has it (a terminal echoes
+/// the command line first).
 fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     let tag = format!("{key}=");
-    text.lines().find_map(|l| {
+    text.lines().rev().find_map(|l| {
         let at = l.find(&tag)?;
         l[at + tag.len()..].split_whitespace().next()
     })
@@ -256,15 +259,21 @@ fn run_gives_a_shell_the_terminal_and_job_control() {
             &[
                 Pause(0.5),
                 Type(
-                    "echo \"pgid=$(ps -o pgid= -p $$|tr -d ' ') fg=$(ps -o tpgid= -p $$|tr -d ' ') in=$(tty)\"\n",
+                    // Fields 5 and 8 of /proc/PID/stat: the process group
+                    // and the terminal's foreground group.
+                    "set -- $(cat /proc/$$/stat); echo \"pgid=$5 fg=$8 in=$(tty)\"\n",
                     "in=/dev/",
                 ),
-                Type("sleep 30\n", ""),
-                Pause(0.5),
+                Type("echo \"go-$((2+2))\"; sleep 30\n", "go-4"),
+                Pause(0.3),
                 Type("\x1a", "Stopped"),
-                Type("kill -9 %1; echo \"killed-$((1+1))\"\n", "killed-2"),
-                Type("trap 'echo \"trapped-$((2+1))\"' INT; sleep 30\n", ""),
                 Pause(0.5),
+                Type("kill -9 %1; echo \"killed-$((1+1))\"\n", "killed-2"),
+                Type(
+                    "trap 'echo \"trapped-$((2+1))\"' INT; echo \"armed-$((3+4))\"; sleep 30\n",
+                    "armed-7",
+                ),
+                Pause(0.3),
                 Type("\x03", "trapped-3"),
                 Type("exit 5\n", ""),
             ],
@@ -276,6 +285,39 @@ fn run_gives_a_shell_the_terminal_and_job_control() {
         let pgid = field(&run.out, "pgid").expect("pgid");
         assert_eq!(Some(pgid), field(&run.out, "fg"), "{who}: {run:?}");
         assert!(run.out.contains("in=/dev/pts/"), "{who}: {run:?}");
+    }
+}
+
+/// A run is one job for the shell it was typed into: Ctrl-Z suspends it
+/// (busvisor, its bus and CMD), `fg` resumes it, and CMD reads the
+/// terminal; as with dbus-run-session.
+#[test]
+fn run_is_one_job_for_the_shell_that_started_it() {
+    use Step::*;
+    let cmd = ["--", "sh", "-c", "'echo \"in-$((1+1))\"; exec cat'"];
+    for wrapper in [busvisor_run(&cmd), dbus_run_session(&cmd)] {
+        let line = format!("{}\n", wrapper.join(" "));
+        let run = in_pty(
+            &["sh", "-i"],
+            &[],
+            &[
+                Pause(0.5),
+                Type(&line, "in-2"),
+                Type("\x1a", "Stopped"),
+                // The shell takes back the terminal (and drops what was
+                // typed meanwhile) before its prompt.
+                Pause(0.5),
+                Type("fg\n", "exec cat"),
+                Type("typed\n", "typed\r\ntyped"),
+                Type("\x04", ""),
+                Pause(0.5),
+                Type("echo \"status-$((0+$?))\"\n", "status-0"),
+                Type("exit\n", ""),
+            ],
+            false,
+        );
+        assert_eq!(run.failed, None, "{}: {run:?}", wrapper[0]);
+        assert_eq!(run.status, Some(0), "{}: {run:?}", wrapper[0]);
     }
 }
 
@@ -528,6 +570,23 @@ fn a_typo_starts_no_bus() {
     }
 }
 
+/// busctl gets an answer from the bus at `address`.
+fn assert_bus_answers(address: &str) {
+    run_tool(
+        "busctl",
+        &[
+            &format!("--address={address}"),
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "GetId",
+        ],
+        OP_TIMEOUT,
+    )
+    .assert_ok();
+}
+
 /// Started as `dbus-daemon` (a symlink), busvisor is the daemon whatever
 /// the flags: `--address` alone serves there.
 #[test]
@@ -546,19 +605,7 @@ fn under_the_name_dbus_daemon_it_is_the_daemon() {
             .unwrap(),
     );
     assert!(wait_until(Duration::from_secs(10), || sock.exists()));
-    run_tool(
-        "busctl",
-        &[
-            &format!("--address=unix:path={}", sock.display()),
-            "call",
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "GetId",
-        ],
-        OP_TIMEOUT,
-    )
-    .assert_ok();
+    assert_bus_answers(&format!("unix:path={}", sock.display()));
     assert!(bus.is_running());
 }
 
@@ -703,13 +750,34 @@ fn launch_exit_with_session_ends_with_the_terminal() {
     }
 }
 
+/// The descriptors of `pid` and of its children, as the files they open.
+fn open_files(pid: u32) -> Vec<PathBuf> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let pids =
+        std::iter::once(pid).chain(children.split_whitespace().filter_map(|p| p.parse().ok()));
+    pids.flat_map(|p: u32| {
+        std::fs::read_dir(format!("/proc/{p}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect::<Vec<_>>()
+    })
+    .collect()
+}
+
 /// Without `--exit-with-session` the bus outlives the shell that launched
-/// it (and the launch does not hold the shell's output open), until it is
-/// stopped by its pid.
+/// it (and holds neither the shell's output nor any descriptor it had
+/// opened, as dbus-launch's), until it is stopped by its pid.
 #[test]
 fn launch_daemonizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = dir.path().join("held-by-the-shell");
+    std::fs::write(&held, "").unwrap();
     let script = format!(
-        "eval \"$({} launch --sh-syntax)\"; {USE_THE_BUS}",
+        "exec 7<'{}'; eval \"$({} launch --sh-syntax)\"; {USE_THE_BUS}",
+        held.display(),
         busvisor_bin()
     );
     let out = run_tool("sh", &["-c", &script], Duration::from_secs(20));
@@ -718,6 +786,14 @@ fn launch_daemonizes() {
     let _cleanup = Launched(vec![pid]);
     assert!(out.stdout.contains("busctl=42"), "{out:?}");
     assert!(pid_alive(pid), "{out:?}");
+    let files = open_files(pid);
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().contains("signalfd")),
+        "{files:?}"
+    );
+    assert!(!files.contains(&held), "{files:?}");
     // Its own process group, in /, not the launcher's child any more.
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
     assert_eq!(cwd, PathBuf::from("/"));
@@ -804,19 +880,7 @@ fn launch_binary_syntax() {
     assert_eq!(bytes.len(), nul + 1 + 4 + 8, "{bytes:?}");
     assert_eq!(&bytes[nul + 5..], &[0u8; 8]);
     assert!(pid_alive(pid as u32));
-    run_tool(
-        "busctl",
-        &[
-            &format!("--address={address}"),
-            "call",
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "GetId",
-        ],
-        OP_TIMEOUT,
-    )
-    .assert_ok();
+    assert_bus_answers(&address);
 }
 
 /// `busvisor launch PROG ARGS`, as an Xsession's `dbus-launch

@@ -279,8 +279,8 @@ impl ChildSetup {
 /// gets only its stdio and not what busvisor inherited (a harness's pipe
 /// would never reach EOF while a service lives). std passes the stdio as
 /// 0, 1 and 2, and its exec-error pipe is close-on-exec already.
-/// Async-signal-safe: raw syscalls only.
-fn cloexec_above_stdio() {
+/// Async-signal-safe: raw syscalls only (also what `launch` gives the bus).
+pub(crate) fn cloexec_above_stdio() {
     // SAFETY: close_range(2) takes three integers and touches no memory
     // of this process; nix has no wrapper.
     let r = unsafe {
