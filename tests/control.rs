@@ -879,17 +879,19 @@ fn errors_name_the_cause_and_exit_non_zero() {
             .contains("broken service failing")
     );
 
-    // No address at all.
+    // No address at all, and no user bus to fall back on.
     let out = Command::new(busvisor_bin())
         .arg("list")
         .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .env_remove("XDG_RUNTIME_DIR")
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
-        "busvisor: no bus address: pass --address ADDRESS or set DBUS_SESSION_BUS_ADDRESS"
+        "busvisor: no bus address: DBUS_SESSION_BUS_ADDRESS and XDG_RUNTIME_DIR are not set \
+         (pass --address ADDRESS, or set DBUS_SESSION_BUS_ADDRESS)"
     );
     // Nobody listening.
     let out = run_tool(

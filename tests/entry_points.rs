@@ -29,6 +29,11 @@ import json, os, pty, select, signal, sys, time
 steps = json.loads(sys.argv[1]); end = sys.argv[2]; argv = sys.argv[3:]
 pid, fd = pty.fork()
 if pid == 0:
+    # As a terminal starts a program, whatever this harness ignores (nohup,
+    # python's own SIGPIPE): ignored signals stay ignored across exec.
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGPIPE,
+                signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_DFL)
     os.execvp(argv[0], argv)
 out = b""
 def pump(needle, seconds):
