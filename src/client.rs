@@ -517,7 +517,7 @@ mod tests {
     #[test]
     fn the_user_bus_is_the_fallback() {
         let text = |r: Result<String>| match r {
-            Err(Failure::Msg(m)) => m,
+            Err(Failure::Msg(m, _)) => m,
             other => panic!("{other:?}"),
         };
         let dir = tempfile::tempdir().unwrap();
