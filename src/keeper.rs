@@ -6,8 +6,9 @@
 //! a system bus, the warden above the router). The parent, the keeper, is a
 //! child subreaper that only waits, on one thread:
 //! - SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 that a process
-//!   sends it are passed on to the bus (a terminal's signals reach the bus
-//!   directly, as the rest of its process group);
+//!   sends it are passed on to the bus (a terminal's signals to the
+//!   foreground group reach the bus directly; a hangup's SIGHUP, which
+//!   only the session leader gets, is passed on: see `forwarding`);
 //! - when the bus ends, however it ends, whatever it started and left is
 //!   below the keeper: the services, what they double-forked and what
 //!   those re-parented to the bus, since the keeper is the nearest
