@@ -407,7 +407,9 @@ fn run_forwards_a_hangup_it_alone_got() {
 // ------------------------------------------------------------ run: init
 
 /// `unshare --pid --fork --mount-proc` (as root; `-r` maps root in a user
-/// namespace otherwise): busvisor is PID 1 of a new PID namespace.
+/// namespace otherwise): busvisor is PID 1 of a new PID namespace. With
+/// `--kill-child`, a test that kills unshare (its guard) ends the whole
+/// namespace.
 fn as_pid1(args: &[&str]) -> Command {
     let mut cmd = Command::new("unshare");
     if !nix::unistd::geteuid().is_root() {
@@ -416,6 +418,7 @@ fn as_pid1(args: &[&str]) -> Command {
     cmd.args([
         "--pid",
         "--fork",
+        "--kill-child",
         "--mount-proc",
         busvisor_bin(),
         "run",
