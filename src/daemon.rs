@@ -434,7 +434,7 @@ impl Running {
         .await
         .unwrap_or(0);
         if strays > 0 {
-            warn!("ended {strays} processes the services left");
+            warn!("ended {strays} processes left below the bus");
         }
         self.bus.cut_all();
         // Give readers a moment to notice, so disconnects are logged cleanly.

@@ -376,10 +376,12 @@ fn logs_carry_time_pid_and_stream() {
     // short: date, time, zone, id[pid], stream, line, in columns.
     let out = a.ok(&["logs", "talk"]);
     let lines: Vec<&str> = out.lines().collect();
-    for (l, (stream, text)) in lines
-        .iter()
-        .zip([("stdout", "hi"), ("stderr", "hi (stderr)")])
-    {
+    // Two pipes: which line busvisor read first is not fixed.
+    for (stream, text) in [("stdout", "hi"), ("stderr", "hi (stderr)")] {
+        let l = lines
+            .iter()
+            .find(|l| l.split_whitespace().nth(4) == Some(stream))
+            .unwrap_or_else(|| panic!("no {stream} line in {out}"));
         let w: Vec<&str> = l.split_whitespace().collect();
         assert_eq!(w[0].len(), 10, "{l}");
         assert_eq!(w[3], format!("talk[{pid}]"), "{l}");
