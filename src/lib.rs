@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub(crate) mod config;
 pub mod daemon;
+pub mod generate;
 pub mod keeper;
 pub mod logging;
 pub(crate) mod policy;

@@ -150,6 +150,7 @@ fn main() -> ExitCode {
         Some(Command::Daemon(a)) => daemon_main(a),
         Some(Command::Run(a)) => run_main(a),
         Some(Command::Client(c)) => busvisor::client::main(c),
+        Some(Command::Generate(g)) => busvisor::generate::main(g),
         None => daemon_main(cli.daemon),
     }
 }
