@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -85,6 +86,8 @@ fn build_package() -> Result<Package, String> {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
+        // Its own process group, so that a timeout ends cargo too.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run scripts/build-deb: {e}"))?;
     let mut child = ChildGuard::new(child);
@@ -94,6 +97,8 @@ fn build_package() -> Result<Package, String> {
         Some(s) if s.success() => {}
         Some(s) => return Err(format!("scripts/build-deb failed ({s}):\n{log}")),
         None => {
+            let group = nix::unistd::Pid::from_raw(child.pid() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             return Err(format!(
                 "scripts/build-deb took over {BUILD_TIMEOUT:?}:\n{log}"
             ));
@@ -285,6 +290,32 @@ fn package_holds_the_files_and_fields_it_should() {
         !sections.assert_ok().stdout.contains(".debug_info"),
         "the packaged binary still has debug info"
     );
+}
+
+/// The contrib/ files as packaged: every script parses with the system's
+/// sh, and the Xsession.d snippet, sourced as Xsession does (`set -e`),
+/// leaves a session bus that is already set alone.
+#[test]
+fn packaged_contrib_scripts_parse_and_the_xsession_snippet_defers() {
+    let contrib = package().root.join(DOC).join("examples/contrib");
+    let files = files_under(&contrib);
+    assert!(files.len() >= 3, "{files:?}");
+    for (rel, _) in &files {
+        let out = tool("sh", &["-n", &s(&contrib.join(rel))], &[]);
+        assert!(out.success(), "sh -n {}: {}", rel.display(), out.stderr);
+    }
+    let snippet = contrib.join("xsession/74busvisor_launch");
+    let out = tool(
+        "sh",
+        &[
+            "-e",
+            "-c",
+            ". \"$0\"; echo \"$DBUS_SESSION_BUS_ADDRESS\"",
+            &s(&snippet),
+        ],
+        &[("DBUS_SESSION_BUS_ADDRESS", "unix:path=/run/user/1/bus")],
+    );
+    assert_eq!(out.assert_ok().stdout, "unix:path=/run/user/1/bus\n");
 }
 
 /// `dbus-run-session --dbus-daemon=<root>/usr/bin/busvisor`: the packaged
