@@ -34,6 +34,9 @@ pub enum Command {
     /// Control commands: talk to a running busvisor over D-Bus.
     #[command(flatten)]
     Client(ClientCommand),
+    /// Man pages, completions (hidden; see docs/PACKAGING.md).
+    #[command(flatten)]
+    Generate(crate::generate::GenerateCommand),
 }
 
 /// The control commands (`busvisor list`, `status`, ...): clients of the

@@ -13,6 +13,7 @@ pub mod client;
 pub(crate) mod config;
 pub mod daemon;
 pub(crate) mod forwarding;
+pub mod generate;
 pub mod keeper;
 pub mod launch;
 pub mod logging;

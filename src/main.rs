@@ -191,6 +191,7 @@ fn main() -> ExitCode {
         Some(Command::Run(a)) => run_main(a),
         Some(Command::Launch(a)) => busvisor::launch::main(a),
         Some(Command::Client(c)) => busvisor::client::main(c),
+        Some(Command::Generate(g)) => busvisor::generate::main(g),
         None if cli.daemon.starts_a_bus() || invoked_as_dbus_daemon() => daemon_main(cli.daemon),
         None => no_command(&cli.daemon),
     }
