@@ -163,6 +163,18 @@ pub(super) fn call(
             && (r.on == On::Any || r.on == on)
     });
     let Some(row) = row else {
+        // A method that exists, called with other arguments: InvalidArgs,
+        // as the driver, dbus-daemon, GDBus and sd-bus answer.
+        if let Some(r) = METHODS.iter().find(|r| {
+            r.member == member
+                && iface.is_none_or(|i| i == r.iface)
+                && (r.on == On::Any || r.on == on)
+        }) {
+            return Err(BusError::invalid_args(format!(
+                "Call to {member} has wrong args ({sig}, expected {})",
+                r.sig
+            )));
+        }
         if on == On::Any
             && !METHODS
                 .iter()
