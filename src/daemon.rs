@@ -35,6 +35,9 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
+/// dbus-daemon's switch to keep logging to stderr after `--fork`.
+pub const DEBUG_OUTPUT_ENV: &str = "DBUS_DEBUG_OUTPUT";
+
 /// Set in the environment of the background copy that `--fork` starts.
 pub const FORKED_ENV: &str = "BUSVISOR_FORKED";
 
@@ -559,8 +562,14 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
     }
     if std::env::var_os(FORKED_ENV).is_some() {
         // Started by --fork: closing stdout tells the parent we are ready.
+        // The log leaves the caller's terminal too, as dbus-daemon's does
+        // unless DBUS_DEBUG_OUTPUT is set (the system log, if configured,
+        // still has it).
         let devnull = std::fs::File::open("/dev/null")?;
         nix::unistd::dup2_stdout(&devnull).map_err(std::io::Error::from)?;
+        if std::env::var_os(DEBUG_OUTPUT_ENV).is_none() {
+            nix::unistd::dup2_stderr(&devnull).map_err(std::io::Error::from)?;
+        }
     }
     let ended = session.ended();
     tokio::pin!(ended);

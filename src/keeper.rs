@@ -75,10 +75,12 @@ fn signals() -> SigSet {
 
 /// Fork into the keeper and the bus. Returns in the bus (the child), with
 /// the signal mask it had; the keeper never returns: it exits with the
-/// bus's status. `stdout_to_null` makes the keeper let go of its stdout
+/// bus's status. `forked` (started by `--fork`) makes the keeper let go of
+/// its stdout (`--fork`'s parent waits for it to close) and, as dbus-daemon
+/// does unless `DBUS_DEBUG_OUTPUT` is set, of its stderr:
 /// (`--fork`'s parent waits for it to close). Call before any other thread
 /// exists.
-pub fn keep(leftovers: Leftovers, stdout_to_null: bool) -> Result<(), KeeperError> {
+pub fn keep(leftovers: Leftovers, forked: bool) -> Result<(), KeeperError> {
     reaper::become_subreaper().map_err(KeeperError::Subreaper)?;
     let mut old = SigSet::empty();
     // Blocked before the fork, so that none is lost in between; the bus
@@ -102,8 +104,11 @@ pub fn keep(leftovers: Leftovers, stdout_to_null: bool) -> Result<(), KeeperErro
             for fd in &leftovers.close {
                 let _ = nix::unistd::close(*fd);
             }
-            if stdout_to_null && let Ok(null) = std::fs::File::open("/dev/null") {
+            if forked && let Ok(null) = std::fs::File::open("/dev/null") {
                 let _ = nix::unistd::dup2_stdout(&null);
+                if std::env::var_os(crate::daemon::DEBUG_OUTPUT_ENV).is_none() {
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
             }
             let code = Keeper {
                 bus: child,

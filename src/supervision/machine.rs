@@ -504,6 +504,8 @@ impl SupervisorState {
                 svc.cancel_restart("stopped");
                 core.fail_pending(&names, &stopped);
                 core.complete(&call, Ok(()));
+                // An events follower waits for the restart otherwise.
+                self.event(core, id, Event::Stopped);
             }
             ServiceState::Stopping => svc.waiting_stop.push(call),
             _ => {
