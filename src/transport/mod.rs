@@ -248,6 +248,7 @@ async fn connection<S: Activator + Send + 'static>(
     let Some(peer) = register(&bus, &link, creds, negotiated.fds) else {
         return;
     };
+    link.reader.stamp(&peer.name);
     read_loop(&bus, &mut link, &peer, hello).await;
     teardown(&bus, peer, &link.cutter).await;
 }
@@ -480,6 +481,8 @@ fn register<S: Activator>(
 async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registered, hello: Message) {
     let me = &peer.name;
     let mut msg = hello;
+    // The Hello came before the peer had a name; the reader stamps the rest.
+    let mut stamped = false;
     // A pipelining peer's messages are all in its socket and the chunk
     // read ahead: reading them never waits, so without a bound one peer
     // could keep the worker for its whole backlog. Each turn is TURN
@@ -493,10 +496,11 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
             turn = 0;
             tokio::task::yield_now().await;
         }
-        let Some(stamped) = admit(msg, me) else {
+        let Some(admitted) = admit(msg, me, stamped) else {
             return;
         };
-        match bus.handle(peer.id, stamped) {
+        stamped = true;
+        match bus.handle(peer.id, admitted) {
             Verdict::Continue => {}
             Verdict::Disconnect(why) => return info!(peer = %me, "disconnecting: {why}"),
             // Backpressure: read no more from this peer until a recipient that
@@ -525,15 +529,15 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
 }
 
 /// The message as the bus may route it: its body valid and its sender
-/// stamped. None (logged) on a protocol error.
-fn admit(msg: Message, me: &OwnedUniqueName) -> Option<Message> {
+/// stamped (`stamped`: the reader did). None (logged) on a protocol error.
+fn admit(msg: Message, me: &OwnedUniqueName, stamped: bool) -> Option<Message> {
     // A body that does not match its signature is a protocol error.
     if let Err(e) = msg.body().validate() {
         info!(peer = %me, "invalid message body: {e}");
         return None;
     }
     // Stamp the sender: peers may not speak for anyone else.
-    if msg.header().sender().is_some_and(|s| *s == **me) {
+    if stamped || msg.header().sender().is_some_and(|s| *s == **me) {
         return Some(msg);
     }
     match msg.with_sender(me) {
