@@ -26,8 +26,7 @@ use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::bus::{
-    Activator, Bus, Credentials, Cutter, Facts, Identity, Incoming, Outbox, PeerId, Verdict,
-    unique_name,
+    Activator, Bus, Credentials, Cutter, Facts, Identity, Outbox, PeerId, Verdict, unique_name,
 };
 use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
@@ -405,8 +404,8 @@ struct Registered {
     id: PeerId,
     name: OwnedUniqueName,
     writer: JoinHandle<()>,
-    /// Its messages queued for others (max_incoming_bytes).
-    incoming: Arc<Incoming>,
+    /// Its queue (and its messages queued for others: max_incoming_bytes).
+    outbox: Arc<Outbox>,
 }
 
 /// What the bus keeps of who the peer is, read here, off the bus lock: its
@@ -423,14 +422,23 @@ fn identity(facts: &Facts, cutter: &Cutter, creds: Credentials) -> Identity {
     };
     groups.sort_unstable();
     groups.dedup();
-    let cmdline = creds
-        .pid
-        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok());
+    let cmdline = creds.pid.and_then(cmdline_head);
     Identity {
         loginfo: Identity::loginfo(&creds, cmdline.as_deref()).into(),
         groups: groups.into(),
         creds,
     }
+}
+
+/// The start of a process's command line, as much as the log shows of it:
+/// one read (`std::fs::read` would stat the file and read it in growing
+/// steps, seven system calls instead of three).
+fn cmdline_head(pid: u32) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut head = [0u8; 64];
+    let n = f.read(&mut head).ok()?;
+    Some(head[..n].to_vec())
 }
 
 /// Join the bus with the Hello: the peer gets its unique name and an
@@ -467,12 +475,11 @@ fn register<S: Activator>(
         outbox.clone(),
         link.cutter.clone(),
     ));
-    let incoming = outbox.incoming.clone();
     Some(Registered {
         id,
         name,
         writer,
-        incoming,
+        outbox,
     })
 }
 
@@ -510,8 +517,8 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
         }
         // max_incoming_bytes: while this peer's messages queued for others
         // pass it, read no more of them (dbus-daemon's live messages).
-        if peer.incoming.over() {
-            peer.incoming.wait_within().await;
+        if peer.outbox.incoming.over() {
+            peer.outbox.incoming.wait_within().await;
         }
         msg = match link.receive().await {
             Ok(m) => m,
@@ -554,6 +561,13 @@ fn admit(msg: Message, me: &OwnedUniqueName, stamped: bool) -> Option<Message> {
 /// connection task.
 async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter) {
     bus.remove_peer(peer.id);
+    // Its outbox is closed: a writer with nothing queued or being written
+    // ends by itself as soon as it runs, so no timer is armed for it
+    // (arming one wakes the runtime's driver: a system call and a turn of
+    // its loop per connection).
+    if peer.outbox.queued_bytes() == 0 {
+        return;
+    }
     if tokio::time::timeout(Duration::from_millis(200), peer.writer)
         .await
         .is_err()
