@@ -230,7 +230,16 @@ async fn connection<S: Activator + Send + 'static>(
     // there. The guard gives the slot back however this task ends.
     let incomplete = Incomplete::hold(gate);
     let deadline = Deadline::start(&bus.facts);
-    let Some(negotiated) = authenticate(&stream, &bus.facts.guid, uid, creds.pid, deadline).await
+    // The handshake's futures are boxed: the task keeps, for as long as it
+    // lives, room for its largest state, and an idle peer is past these.
+    let Some(negotiated) = Box::pin(authenticate(
+        &stream,
+        &bus.facts.guid,
+        uid,
+        creds.pid,
+        deadline,
+    ))
+    .await
     else {
         return;
     };
@@ -240,7 +249,7 @@ async fn connection<S: Activator + Send + 'static>(
         fds: negotiated.fds,
     };
     let mut link = Link::new(stream, limits, negotiated.leftover);
-    let Some(hello) = await_hello(&mut link, creds.pid, deadline).await else {
+    let Some(hello) = Box::pin(await_hello(&mut link, creds.pid, deadline)).await else {
         return;
     };
     drop(incomplete);
@@ -568,9 +577,12 @@ async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter)
     if peer.outbox.queued_bytes() == 0 {
         return;
     }
-    if tokio::time::timeout(Duration::from_millis(200), peer.writer)
-        .await
-        .is_err()
+    if Box::pin(tokio::time::timeout(
+        Duration::from_millis(200),
+        peer.writer,
+    ))
+    .await
+    .is_err()
     {
         cutter.cut();
     }

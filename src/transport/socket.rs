@@ -401,7 +401,9 @@ impl Reader {
             return self.stream.readable().await;
         };
         let until = since + self.limits.pending_fd_timeout;
-        match tokio::time::timeout_at(until, self.stream.readable()).await {
+        // Boxed: a timer is large, and rarely armed (an idle peer's task
+        // keeps room for its largest state).
+        match Box::pin(tokio::time::timeout_at(until, self.stream.readable())).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -479,7 +481,6 @@ fn recv_now(
 /// buffers, a message with fds always first in its call (fds travel with the
 /// first byte). Partial writes continue where they stopped.
 pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result<()> {
-    const PER_CALL: usize = 16;
     let fd = stream.as_raw_fd();
     let mut i = 0;
     while i < msgs.len() {
@@ -493,25 +494,15 @@ pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result
         let total: usize = msgs[i..end].iter().map(|m| m.data().len()).sum();
         let mut fds_sent = raw_fds.is_empty();
         while offset < total {
-            // On the stack: no allocation per write.
-            let mut buffers = [IoSlice::new(&[]); PER_CALL];
-            let mut used = 0;
-            let mut skip = offset;
-            for m in &msgs[i..end] {
-                let bytes: &[u8] = m.data();
-                if skip >= bytes.len() {
-                    skip -= bytes.len();
-                    continue;
-                }
-                buffers[used] = IoSlice::new(&bytes[skip..]);
-                used += 1;
-                skip = 0;
-            }
-            let slices = &buffers[..used];
             let rights = [ControlMessage::ScmRights(&raw_fds)];
             let cmsgs: &[ControlMessage<'_>] = if fds_sent { &[] } else { &rights };
+            let batch = &msgs[i..end];
             let n = stream
                 .async_io(Interest::WRITABLE, || {
+                    // Built on the stack of each attempt, not kept in the
+                    // writer's future (which an idle peer's task holds).
+                    let mut buffers = [IoSlice::new(&[]); PER_CALL];
+                    let slices = unwritten(batch, offset, &mut buffers);
                     sendmsg::<UnixAddr>(fd, slices, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
                         .map_err(std::io::Error::from)
                 })
@@ -525,6 +516,30 @@ pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result
         i = end;
     }
     Ok(())
+}
+
+/// The most messages one `sendmsg` carries.
+const PER_CALL: usize = 16;
+
+/// The bytes of `msgs` past the first `offset`, in `buffers`.
+fn unwritten<'a, 'b>(
+    msgs: &'a [Message],
+    offset: usize,
+    buffers: &'b mut [IoSlice<'a>; PER_CALL],
+) -> &'b [IoSlice<'a>] {
+    let mut used = 0;
+    let mut skip = offset;
+    for m in msgs {
+        let bytes: &[u8] = m.data();
+        if skip >= bytes.len() {
+            skip -= bytes.len();
+            continue;
+        }
+        buffers[used] = IoSlice::new(&bytes[skip..]);
+        used += 1;
+        skip = 0;
+    }
+    &buffers[..used]
 }
 
 #[cfg(test)]
