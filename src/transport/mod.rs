@@ -478,6 +478,7 @@ fn register<S: Activator>(
         }
     };
     info!(peer = %name, pid = ?creds.pid, "connected");
+    trim::joined();
     let writer = tokio::spawn(write_loop(
         id,
         link.stream.clone(),
@@ -570,6 +571,7 @@ fn admit(msg: Message, me: &OwnedUniqueName, stamped: bool) -> Option<Message> {
 /// connection task.
 async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter) {
     bus.remove_peer(peer.id);
+    trim::left();
     // Its outbox is closed: a writer with nothing queued or being written
     // ends by itself as soon as it runs, so no timer is armed for it
     // (arming one wakes the runtime's driver: a system call and a turn of
@@ -586,6 +588,51 @@ async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter)
     {
         cutter.cut();
     }
+}
+
+/// Memory given back after a mass disconnect. glibc keeps what is freed
+/// for reuse, and the connections of many peers leave it spread over the
+/// heap; once the bus has `DROP` fewer registered peers than at its peak
+/// since the last trim, `malloc_trim` runs a second later (one at a time,
+/// so a storm of disconnects costs one trim), returning the free pages.
+mod trim {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+    static ARMED: AtomicBool = AtomicBool::new(false);
+
+    /// How many peers must have left since the peak.
+    const DROP: usize = 256;
+
+    pub(super) fn joined() {
+        let live = LIVE.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
+
+    pub(super) fn left() {
+        let live = LIVE.fetch_sub(1, Ordering::Relaxed) - 1;
+        if PEAK.load(Ordering::Relaxed) < live + DROP || ARMED.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+            ARMED.store(false, Ordering::Relaxed);
+            release();
+        });
+    }
+
+    #[cfg(target_env = "gnu")]
+    fn release() {
+        // SAFETY: malloc_trim only walks glibc's own heap under its locks
+        // and gives free pages back; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    #[cfg(not(target_env = "gnu"))]
+    fn release() {}
 }
 
 async fn write_loop(id: PeerId, stream: Arc<UnixStream>, outbox: Arc<Outbox>, cutter: Arc<Cutter>) {
