@@ -134,6 +134,10 @@ impl BusState {
             self.matches.remove_all(id);
         } else {
             let peer = self.peers.remove(&id).expect("looked up above");
+            // Room left by a crowd that came and went is given back.
+            if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
+                self.peers.shrink_to_fit();
+            }
             peer.outbox.close();
             if peer.hello {
                 self.uncount_completed(peer.creds.uid);

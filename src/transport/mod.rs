@@ -593,8 +593,9 @@ async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter)
 /// Memory given back after a mass disconnect. glibc keeps what is freed
 /// for reuse, and the connections of many peers leave it spread over the
 /// heap; once the bus has `DROP` fewer registered peers than at its peak
-/// since the last trim, `malloc_trim` runs a second later (one at a time,
-/// so a storm of disconnects costs one trim), returning the free pages.
+/// since the last trim, `malloc_trim` runs when they stop leaving (no
+/// fewer peers than 200 ms before; one trim at a time, so a storm of
+/// disconnects costs one), returning the free pages.
 mod trim {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
@@ -617,7 +618,14 @@ mod trim {
             return;
         }
         tokio::spawn(async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Once they stop leaving.
+            loop {
+                let before = LIVE.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if LIVE.load(Ordering::Relaxed) >= before {
+                    break;
+                }
+            }
             PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
             ARMED.store(false, Ordering::Relaxed);
             release();
