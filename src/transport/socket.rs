@@ -330,7 +330,7 @@ impl Reader {
                 v: &mut self.buf,
                 n: ahead,
             };
-            let mut first = direct.as_mut().map(|(v, n)| Room { v: &mut **v, n: *n });
+            let mut first = direct.as_mut().map(|(v, n)| Room { v, n: *n });
             let mut got = None;
             let r = self.stream.try_io(Interest::READABLE, || {
                 let mut iov = [room.iovec(), room.iovec()];
