@@ -24,7 +24,6 @@ machine's load, unlike CPU time: the tool to compare two builds with.
 
 import argparse
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -32,16 +31,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BB_PATH = os.environ.get("BUSBENCH", os.path.join(ROOT, "..", "shared", "bench", "busbench.py"))
-
-
-def load_busbench():
-    if not os.path.exists(BB_PATH):
-        sys.exit("callgrind.py: busbench.py not found (set BUSBENCH=path)")
-    spec = importlib.util.spec_from_file_location("busbench", BB_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import busbench_module  # noqa: E402
 
 
 def rss_kib(pid, field="VmRSS:"):
@@ -63,7 +54,7 @@ def main():
     ap.add_argument("--native", action="store_true",
                     help="no callgrind: the bus's CPU time (schedstat, ns) and its system calls (perf stat)")
     a = ap.parse_args()
-    bb = load_busbench()
+    bb = busbench_module.load()
     if a.native:
         NATIVE["on"] = True
 

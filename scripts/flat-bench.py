@@ -21,24 +21,15 @@ Options other than these are busbench.py's (--runs, --out, --md, ...).
 """
 
 import glob
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BB_PATH = os.environ.get("BUSBENCH", os.path.join(ROOT, "..", "shared", "bench", "busbench.py"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import busbench_module  # noqa: E402
 
 
-def load_busbench():
-    if not os.path.exists(BB_PATH):
-        sys.exit("flat-bench.py: busbench.py not found (set BUSBENCH=path)")
-    spec = importlib.util.spec_from_file_location("busbench", BB_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bb = load_busbench()
+bb = busbench_module.load()
 
 
 def schedstat_cpu(pids):
@@ -115,6 +106,8 @@ for name in ("flat0", "flat10k", "rules100k"):
 
 def main():
     argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
     if not any(a.startswith("--scenarios") for a in argv):
         argv += ["--scenarios", "flat0,flat10k,rules100k"]
     if not any(a.startswith("--fanout-deliveries") for a in argv):
@@ -128,7 +121,7 @@ def main():
     if out is None:
         out = "/tmp/flat-bench-%d.jsonl" % os.getpid()
         argv += ["--out", out]
-    sys.argv = [BB_PATH] + argv
+    sys.argv = [busbench_module.PATH] + argv
     bb.main()
     # Each bus against itself: the loaded rows over flat0.
     import json
