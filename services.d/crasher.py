@@ -23,4 +23,5 @@ def Pid():
     return os.getpid()
 
 
+print(f"crasher: starting, pid {os.getpid()}", flush=True)
 minibus.serve("org.busvisor.Example.Crasher", obj)

@@ -28,44 +28,70 @@ pub enum Command {
     /// Start a private bus, run CMD on it, exit with CMD's status
     /// (like dbus-run-session).
     Run(RunArgs),
+    /// Start a session bus in the background and print its address
+    /// (like dbus-launch).
+    Launch(crate::launch::LaunchArgs),
     /// Control commands: talk to a running busvisor over D-Bus.
     #[command(flatten)]
     Client(ClientCommand),
+    /// Man pages, completions (hidden; see docs/PACKAGING.md).
+    #[command(flatten)]
+    Generate(crate::generate::GenerateCommand),
 }
 
 /// The control commands (`busvisor list`, `status`, ...): clients of the
-/// `org.busvisor.Supervisor1` API of a running busvisor (docs/CLI.md).
+/// `org.busvisor.Supervisor1` API of a running busvisor (docs/CLI.md);
+/// `check` reads definition files without a bus.
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// List every known service: id, state, main pid, bus names, reason.
-    List(ClientArgs),
-    /// Show every property of one service.
-    Status(ServiceArgs),
-    /// Start a service; returns once it has taken its bus name.
-    Start(ServiceArgs),
-    /// Stop every process of a service; returns once none is left.
-    Stop(ServiceArgs),
-    /// Stop, then start a service; returns once it is running again.
-    Restart(ServiceArgs),
+    /// List services: id, state, main pid, bus names, reason.
+    List(ListArgs),
+    /// Show the state of services: summary, processes, last log lines.
+    Status(StatusArgs),
+    /// Show a service's properties as KEY=VALUE lines.
+    Show(ShowArgs),
+    /// Print a service's definition file.
+    Cat(ServiceArgs),
+    /// Start services; returns once each has taken its bus name.
+    Start(ControlArgs),
+    /// Stop every process of services; returns once none is left.
+    Stop(ControlArgs),
+    /// Stop, then start services; returns once they run again.
+    Restart(ControlArgs),
+    /// Exit 0 when every service named is running (prints each state).
+    IsActive(StateArgs),
+    /// Exit 0 when a service named has failed (prints each state).
+    IsFailed(StateArgs),
+    /// Send a signal to a service's processes, or to its main process.
+    Kill(KillArgs),
+    /// Let messages activate services again.
+    Enable(EnableArgs),
+    /// Stop messages from activating services (their files stay).
+    Disable(EnableArgs),
+    /// Forget the failure of services (all failed ones without NAME).
+    ResetFailed(ResetFailedArgs),
     /// Print what a service wrote to stdout and stderr.
     Logs(LogsArgs),
     /// Follow lifecycle events live, one line per event.
     Events(EventsArgs),
     /// Re-read every service definition.
     Reload(ClientArgs),
+    /// Check definition files without a bus.
+    Check(CheckArgs),
 }
 
 /// Options common to every control command.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ClientArgs {
-    /// Address of the bus (default: $DBUS_SESSION_BUS_ADDRESS).
+    /// Address of the bus (default: $DBUS_SESSION_BUS_ADDRESS, else the
+    /// user bus at $XDG_RUNTIME_DIR/bus).
     #[arg(long, value_name = "ADDRESS")]
     pub address: Option<String>,
     /// The system bus: $DBUS_SYSTEM_BUS_ADDRESS, else
     /// unix:path=/run/dbus/system_bus_socket.
     #[arg(long, conflicts_with = "address")]
     pub system: bool,
-    /// Machine-readable JSON output.
+    /// Machine-readable JSON output (errors too).
     #[arg(long)]
     pub json: bool,
 }
@@ -79,6 +105,142 @@ pub struct ServiceArgs {
     pub name: String,
 }
 
+#[derive(Debug, Args, Clone, Default)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only services whose id or a bus name matches one of these glob
+    /// patterns (`*`, `?`, `[...]`).
+    #[arg(value_name = "PATTERN")]
+    pub patterns: Vec<String>,
+    /// Only services in these states (comma-separated: running,failed,...).
+    #[arg(long, value_name = "STATE", value_delimiter = ',')]
+    pub state: Vec<String>,
+    /// Every service, also the standard D-Bus services that are inactive.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Do not shorten columns to the terminal's width.
+    #[arg(short = 'l', long)]
+    pub full: bool,
+    /// No header and no closing count line.
+    #[arg(long)]
+    pub no_legend: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service ids or bus names.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+    /// How many of the last log lines to show.
+    #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 10)]
+    pub lines: u32,
+    /// Do not shorten lines to the terminal's width.
+    #[arg(short = 'l', long)]
+    pub full: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service id, or any bus name the service provides.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Only these properties (repeatable, or comma-separated).
+    #[arg(
+        short = 'p',
+        long = "property",
+        value_name = "PROP",
+        value_delimiter = ','
+    )]
+    pub property: Vec<String>,
+    /// Print the values only, without `KEY=`.
+    #[arg(long)]
+    pub value: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service ids or bus names.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+    /// Do not wait for the operation to complete.
+    #[arg(long)]
+    pub no_block: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct StateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service ids or bus names.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+    /// Print nothing: the exit status says it.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct KillArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service id, or any bus name the service provides.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The signal: a name (TERM, SIGTERM) or a number.
+    #[arg(
+        short = 's',
+        long = "signal",
+        value_name = "SIG",
+        default_value = "SIGTERM"
+    )]
+    pub signal: String,
+    /// Only the main process (the one owning the bus name).
+    #[arg(long)]
+    pub main: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EnableArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service ids or bus names.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+    /// Also start (enable) or stop (disable) them.
+    #[arg(long)]
+    pub now: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ResetFailedArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Service ids or bus names (none: every failed service).
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// How `logs` prints a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Local time with date and time zone, service[pid], stream, line.
+    #[default]
+    Short,
+    /// The same with the time in RFC 3339.
+    ShortIso,
+    /// One JSON object per line (as --json).
+    Json,
+    /// The line only.
+    Cat,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct LogsArgs {
     #[command(flatten)]
@@ -86,12 +248,24 @@ pub struct LogsArgs {
     /// Service id, or any bus name the service provides.
     #[arg(value_name = "NAME")]
     pub name: String,
-    /// Print the last N lines (0: every line kept, at most 1000).
+    /// Print the last N lines (0: every line kept).
     #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 0)]
     pub lines: u32,
     /// Keep printing new lines as the service writes them.
     #[arg(short = 'f', long)]
     pub follow: bool,
+    /// Only lines from this time on: `2025-01-31 12:00`, `12:00`, RFC 3339,
+    /// `today`, `yesterday`, or a duration ago (`10min`, `-1h`, `5s ago`).
+    #[arg(short = 'S', long, value_name = "TIME", allow_hyphen_values = true)]
+    pub since: Option<String>,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FORMAT",
+        default_value = "short"
+    )]
+    pub output: LogFormat,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -104,6 +278,51 @@ pub struct EventsArgs {
     /// Only events of this service (id or bus name).
     #[arg(long, value_name = "NAME")]
     pub service: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CheckArgs {
+    /// Definition files or directories (default: busvisor's own
+    /// `services.d` in the current directory, if any, and the session's
+    /// standard service directories).
+    #[arg(value_name = "FILE|DIR")]
+    pub paths: Vec<PathBuf>,
+    /// Check by the system bus's rules (root's files, `User=` required).
+    #[arg(long)]
+    pub system: bool,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The daemon's flags that clap cannot check alone (`daemon` and `run`
+/// call this before starting): every `--services-dir` must be a directory
+/// (a typo would otherwise leave the bus without its services, silently),
+/// and `--log-level` a level (`error`, `warn`, `info`, `debug`, `trace`,
+/// `off`) or a filter with targets (`busvisor=debug,zbus=warn`).
+pub fn check_daemon_flags(
+    services_dirs: &[PathBuf],
+    log_level: Option<&str>,
+) -> Result<(), String> {
+    for d in services_dirs {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("--services-dir {}: not a directory", d.display())),
+            Err(e) => return Err(format!("--services-dir {}: {e}", d.display())),
+        }
+    }
+    if let Some(level) = log_level {
+        const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+        let known = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level));
+        let filter = level.contains('=') || level.contains(',');
+        let valid_filter = filter && tracing_subscriber::EnvFilter::try_new(level).is_ok();
+        if !(known || valid_filter) {
+            return Err(format!(
+                "--log-level {level:?}: not a level (error, warn, info, debug, trace, off) nor a filter such as busvisor=debug"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -165,6 +384,28 @@ pub struct DaemonArgs {
 }
 
 impl DaemonArgs {
+    /// Whether these flags ask for a bus without the `daemon` subcommand:
+    /// one of dbus-daemon's own flags (or busvisor's `--config`) is given.
+    /// `--address`, `--services-dir` and `--log-level` alone do not: the
+    /// first is also the control commands' flag, and a typo must not start
+    /// a bus.
+    pub fn starts_a_bus(&self) -> bool {
+        self.session
+            || self.system
+            || self.config_file.is_some()
+            || self.config.is_some()
+            || self.print_address.is_some()
+            || self.print_pid.is_some()
+            || self.nofork
+            || self.fork
+            || self.nopidfile
+            || self.systemd_activation
+            || self.syslog
+            || self.nosyslog
+            || self.syslog_only
+            || self.introspect
+    }
+
     /// The XML configuration file to load: `--config-file`, or for
     /// `--system` the distribution's system.conf (None: the built-in one,
     /// or no XML file at all).
@@ -252,7 +493,23 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 
 /// The control commands' names (see [`ClientCommand`]).
 pub const CLIENT_COMMANDS: &[&str] = &[
-    "list", "status", "start", "stop", "restart", "logs", "events", "reload",
+    "list",
+    "status",
+    "show",
+    "cat",
+    "start",
+    "stop",
+    "restart",
+    "is-active",
+    "is-failed",
+    "kill",
+    "enable",
+    "disable",
+    "reset-failed",
+    "logs",
+    "events",
+    "reload",
+    "check",
 ];
 
 /// `busvisor --address=A list` means `busvisor list --address=A`: move
@@ -296,7 +553,7 @@ mod tests {
         let Some(Command::Client(ClientCommand::Status(a))) = c.command else {
             panic!("{c:?}");
         };
-        assert!(a.client.system && a.name == "org.x");
+        assert!(a.client.system && a.names == ["org.x"]);
         assert!(parse(&["busvisor", "--system", "--nofork"]).daemon.system);
     }
 
@@ -389,14 +646,14 @@ mod tests {
     fn control_commands() {
         match client(&["busvisor", "list", "--json", "--address", "unix:path=/x"]) {
             ClientCommand::List(a) => {
-                assert!(a.json);
-                assert_eq!(a.address.as_deref(), Some("unix:path=/x"));
+                assert!(a.client.json);
+                assert_eq!(a.client.address.as_deref(), Some("unix:path=/x"));
             }
             other => panic!("unexpected {other:?}"),
         }
         match client(&["busvisor", "status", "org.x.Y"]) {
             ClientCommand::Status(a) => {
-                assert_eq!(a.name, "org.x.Y");
+                assert_eq!(a.names, ["org.x.Y"]);
                 assert!(!a.client.json);
                 assert!(a.client.address.is_none());
             }
@@ -404,9 +661,9 @@ mod tests {
         }
         for (cmd, want) in [("start", 0), ("stop", 1), ("restart", 2)] {
             let got = match client(&["busvisor", cmd, "svc"]) {
-                ClientCommand::Start(a) if a.name == "svc" => 0,
-                ClientCommand::Stop(a) if a.name == "svc" => 1,
-                ClientCommand::Restart(a) if a.name == "svc" => 2,
+                ClientCommand::Start(a) if a.names == ["svc"] => 0,
+                ClientCommand::Stop(a) if a.names == ["svc"] => 1,
+                ClientCommand::Restart(a) if a.names == ["svc"] => 2,
                 other => panic!("unexpected {other:?}"),
             };
             assert_eq!(got, want);
@@ -446,17 +703,35 @@ mod tests {
             ClientCommand::Status(a) => {
                 assert_eq!(a.client.address.as_deref(), Some("unix:path=/x"));
                 assert!(a.client.json);
-                assert_eq!(a.name, "svc");
+                assert_eq!(a.names, ["svc"]);
             }
             other => panic!("unexpected {other:?}"),
         }
         match client(&["busvisor", "--address", "unix:path=/y", "list"]) {
-            ClientCommand::List(a) => assert_eq!(a.address.as_deref(), Some("unix:path=/y")),
+            ClientCommand::List(a) => {
+                assert_eq!(a.client.address.as_deref(), Some("unix:path=/y"))
+            }
             other => panic!("unexpected {other:?}"),
         }
         // Not a control command: left alone.
         let c = parse(&["busvisor", "run", "--", "busvisor", "--address=x", "list"]);
         assert!(matches!(c.command, Some(Command::Run(_))));
+    }
+
+    #[test]
+    fn daemon_flags_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = [dir.path().to_owned()];
+        assert!(check_daemon_flags(&ok, Some("debug")).is_ok());
+        assert!(check_daemon_flags(&ok, Some("busvisor=trace,zbus=warn")).is_ok());
+        assert!(check_daemon_flags(&[], None).is_ok());
+        let e = check_daemon_flags(&[dir.path().join("nope")], None).unwrap_err();
+        assert!(
+            e.starts_with("--services-dir ") && e.contains("No such file"),
+            "{e}"
+        );
+        let e = check_daemon_flags(&ok, Some("verbose")).unwrap_err();
+        assert!(e.contains("\"verbose\": not a level"), "{e}");
     }
 
     #[test]
@@ -474,10 +749,34 @@ mod tests {
                 .command
                 .is_none()
         );
+        let alone = parse(&["busvisor", "--address", "unix:path=/x"]);
+        assert!(alone.command.is_none());
+        // ... but only a dbus-daemon flag starts a bus (see main).
+        assert!(!alone.daemon.starts_a_bus());
+        assert!(!parse(&["busvisor"]).daemon.starts_a_bus());
         assert!(
-            parse(&["busvisor", "--address", "unix:path=/x"])
-                .command
-                .is_none()
+            !parse(&["busvisor", "--services-dir=/d", "--log-level=debug"])
+                .daemon
+                .starts_a_bus()
         );
+        for flag in [
+            "--session",
+            "--system",
+            "--config-file=/x.conf",
+            "--config=/x.toml",
+            "--print-address",
+            "--print-pid=5",
+            "--nofork",
+            "--fork",
+            "--nopidfile",
+            "--systemd-activation",
+            "--syslog",
+            "--nosyslog",
+            "--syslog-only",
+            "--introspect",
+        ] {
+            let c = parse(&["busvisor", flag, "--address=unix:path=/x"]);
+            assert!(c.command.is_none() && c.daemon.starts_a_bus(), "{flag}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::activation::catalog::{self, Dirs};
 use crate::activation::definition::ServiceDirSpec;
@@ -34,6 +34,9 @@ pub enum DaemonError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
+
+/// dbus-daemon's switch to keep logging to stderr after `--fork`.
+pub const DEBUG_OUTPUT_ENV: &str = "DBUS_DEBUG_OUTPUT";
 
 /// Set in the environment of the background copy that `--fork` starts.
 pub const FORKED_ENV: &str = "BUSVISOR_FORKED";
@@ -113,6 +116,8 @@ pub struct Options {
     /// `--syslog`, `--nosyslog`, `--syslog-only`; `None`: the
     /// configuration's `<syslog/>` decides.
     pub syslog: Option<crate::logging::SyslogFlag>,
+    /// Started by `busvisor launch`: end with the session as this says.
+    pub launched: Option<crate::launch::Lifetime>,
 }
 
 /// `$XDG_RUNTIME_DIR/bus` when that directory exists, else a private socket.
@@ -263,6 +268,21 @@ pub fn prepare(opts: &Options) -> Result<Prepared, DaemonError> {
 }
 
 impl Prepared {
+    /// What the keeper closes at once and removes after the bus.
+    fn leftovers(&self, opts: &Options) -> crate::keeper::Leftovers {
+        use std::os::fd::AsRawFd;
+        crate::keeper::Leftovers {
+            pidfile: self.pidfile.clone(),
+            sockets: self.guards.iter().filter_map(|g| g.0.clone()).collect(),
+            close: self
+                .bound
+                .iter()
+                .map(|b| b.listener.as_raw_fd())
+                .chain(output_fds(opts))
+                .collect(),
+        }
+    }
+
     /// The user the bus drops to: the configuration's `<user>`, when started
     /// as root and that user is not root.
     fn privilege_drop(&self) -> Result<Option<Credentials>, DaemonError> {
@@ -327,6 +347,8 @@ async fn start_prepared(
     );
     bus.facts.systemd_activation = opts.systemd_activation;
     bus.facts.system_bus = cfg.is_system();
+    // As dbus-daemon: the bus's pid is the one it publishes (the keeper's).
+    bus.facts.pid = main_pid;
     let bus = Arc::new(bus);
     let gate = Arc::new(Gate::new());
     let mut listeners = Vec::new();
@@ -406,6 +428,17 @@ impl Running {
         {
             warn!("services did not stop within {bound:?}");
         }
+        // Whatever services left below the bus (a helper that left its
+        // session, without cgroups) goes too: the keeper does the same
+        // after the bus, but may itself have been killed.
+        let strays = tokio::task::spawn_blocking(|| {
+            crate::supervision::procs::end_descendants(std::time::Duration::from_secs(2), || {})
+        })
+        .await
+        .unwrap_or(0);
+        if strays > 0 {
+            warn!("ended {strays} processes left below the bus");
+        }
         self.bus.cut_all();
         // Give readers a moment to notice, so disconnects are logged cleanly.
         for _ in 0..50 {
@@ -441,6 +474,10 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// or SIGINT. Returns the exit code.
 pub fn serve(opts: Options) -> Result<u8, DaemonError> {
     let prepared = prepare(&opts)?;
+    // From here on this process is the keeper, and the bus its child.
+    let forked = std::env::var_os(FORKED_ENV).is_some();
+    crate::keeper::keep(prepared.leftovers(&opts), forked)
+        .map_err(|e| DaemonError::Io(std::io::Error::other(e)))?;
     let host = match prepared.privilege_drop()? {
         None => HostSpec::Local,
         Some(user) => {
@@ -473,15 +510,22 @@ pub fn serve(opts: Options) -> Result<u8, DaemonError> {
     Ok(0)
 }
 
+/// The descriptors (other than stdout) the bus reports its address and
+/// pid on.
+fn output_fds(opts: &Options) -> impl Iterator<Item = i32> + '_ {
+    [&opts.print_address, &opts.print_pid]
+        .into_iter()
+        .flatten()
+        .filter_map(|out| match out {
+            Output::Fd(fd) => fd.parse::<i32>().ok().filter(|n| *n > 2),
+            Output::Stdout => None,
+        })
+}
+
 /// In the warden: close the descriptors the router reports on.
 fn release_outputs(opts: &Options) {
-    for out in [&opts.print_address, &opts.print_pid].into_iter().flatten() {
-        if let Output::Fd(fd) = out
-            && let Ok(n) = fd.parse::<i32>()
-            && n > 2
-        {
-            let _ = nix::unistd::close(n);
-        }
+    for n in output_fds(opts) {
+        let _ = nix::unistd::close(n);
     }
     if std::env::var_os(FORKED_ENV).is_some()
         && let Ok(devnull) = std::fs::File::open("/dev/null")
@@ -496,6 +540,12 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let running = start_prepared(&opts, prepared, host).await?;
+    let session = match opts.launched {
+        Some(lifetime) => {
+            crate::launch::SessionEnd::open(lifetime).map_err(std::io::Error::other)?
+        }
+        None => crate::launch::SessionEnd::Never,
+    };
     let address = format!("{}\n", running.address);
     let pid = format!("{}\n", running.main_pid);
     match (&opts.print_address, &opts.print_pid) {
@@ -512,11 +562,20 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
     }
     if std::env::var_os(FORKED_ENV).is_some() {
         // Started by --fork: closing stdout tells the parent we are ready.
+        // The log leaves the caller's terminal too, as dbus-daemon's does
+        // unless DBUS_DEBUG_OUTPUT is set (the system log, if configured,
+        // still has it).
         let devnull = std::fs::File::open("/dev/null")?;
         nix::unistd::dup2_stdout(&devnull).map_err(std::io::Error::from)?;
+        if std::env::var_os(DEBUG_OUTPUT_ENV).is_none() {
+            nix::unistd::dup2_stderr(&devnull).map_err(std::io::Error::from)?;
+        }
     }
+    let ended = session.ended();
+    tokio::pin!(ended);
     loop {
         tokio::select! {
+            _ = &mut ended => break,
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
@@ -529,14 +588,23 @@ async fn run_daemon(opts: Options, prepared: Prepared, host: HostSpec) -> Result
     Ok(())
 }
 
-/// `busvisor run -- CMD`: a private bus for one command, as dbus-run-session.
-/// Returns the exit code to leave with: CMD's status, or 128 + signal.
-pub async fn run_command(
-    opts: Options,
-    command: Vec<std::ffi::OsString>,
-) -> Result<u8, DaemonError> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+/// `busvisor run -- CMD`: block the signals forwarded to the command
+/// before any thread starts (see `forwarding`), then run it on a runtime.
+pub fn run(opts: Options, command: Vec<std::ffi::OsString>) -> Result<u8, DaemonError> {
+    crate::forwarding::block().map_err(std::io::Error::from)?;
+    let rt = runtime()?;
+    rt.block_on(run_command(opts, command))
+}
+
+/// A private bus for one command, as dbus-run-session: the command gets
+/// busvisor's stdin, stdout, stderr, descriptors and process group (so
+/// that a terminal's job control treats both as one job), and every signal
+/// of `forwarding::FORWARDED`; orphans that end up here are reaped with
+/// the services (busvisor is their subreaper, or PID 1). Returns the exit
+/// code to leave with: CMD's status, or 128 + signal.
+async fn run_command(opts: Options, command: Vec<std::ffi::OsString>) -> Result<u8, DaemonError> {
+    use crate::forwarding::{self, Signals};
+    let signals = Signals::new()?;
     let running = start(&opts).await?;
     let argv: Vec<String> = command
         .iter()
@@ -547,8 +615,15 @@ pub async fn run_command(
         "DBUS_SESSION_BUS_ADDRESS".into(),
         running.address.clone().into(),
     );
-    env.remove(std::ffi::OsStr::new("DBUS_STARTER_ADDRESS"));
-    env.remove(std::ffi::OsStr::new("DBUS_STARTER_BUS_TYPE"));
+    // As dbus-run-session: nothing that names another bus.
+    for var in [
+        "DBUS_SESSION_BUS_PID",
+        "DBUS_SESSION_BUS_WINDOWID",
+        "DBUS_STARTER_ADDRESS",
+        "DBUS_STARTER_BUS_TYPE",
+    ] {
+        env.remove(std::ffi::OsStr::new(var));
+    }
     let req = SpawnRequest {
         search_path: None,
         argv: argv.clone(),
@@ -571,12 +646,28 @@ pub async fn run_command(
             )));
         }
     };
+    let leader = forwarding::session_leader();
+    let mut signals = Some(signals);
     tokio::pin!(exit);
     let kind = loop {
+        let next = async {
+            match &mut signals {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = &mut exit => break r.unwrap_or(ExitKind::Code(1)),
-            _ = term.recv() => forward(pid as u32, nix::sys::signal::Signal::SIGTERM),
-            _ = int.recv() => forward(pid as u32, nix::sys::signal::Signal::SIGINT),
+            got = next => match got {
+                Some(r) if forwarding::reached_command(&r, forwarding::in_my_group(pid), leader) => {
+                    debug!(signal = %r.signal, "not forwarded: the command got it from the terminal too");
+                }
+                Some(r) => {
+                    debug!(signal = %r.signal, from = r.sender, "forwarded to the command");
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), r.signal);
+                }
+                None => signals = None,
+            },
         }
     };
     running.shutdown().await;
@@ -584,8 +675,4 @@ pub async fn run_command(
         ExitKind::Code(c) => c as u8,
         ExitKind::Signal(s) => 128u8.wrapping_add(s as u8),
     })
-}
-
-fn forward(pid: u32, sig: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }

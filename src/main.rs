@@ -35,6 +35,7 @@ fn daemon_options(a: &DaemonArgs) -> Options {
         nopidfile: a.nopidfile,
         system: a.system,
         syslog: a.syslog_flag(),
+        launched: None,
     }
 }
 
@@ -90,6 +91,10 @@ fn fork_main() -> ExitCode {
 }
 
 fn daemon_main(a: DaemonArgs) -> ExitCode {
+    if let Err(e) = busvisor::cli::check_daemon_flags(&a.services_dir, a.log_level.as_deref()) {
+        eprintln!("busvisor: {e}");
+        return ExitCode::from(2);
+    }
     // As dbus-daemon: --fork, or the configuration's <fork/>, unless
     // --nofork.
     if !a.nofork
@@ -113,27 +118,67 @@ fn daemon_main(a: DaemonArgs) -> ExitCode {
 }
 
 fn run_main(a: RunArgs) -> ExitCode {
+    if let Err(e) = busvisor::cli::check_daemon_flags(&a.services_dir, a.log_level.as_deref()) {
+        eprintln!("busvisor run: {e}");
+        return ExitCode::from(2);
+    }
     init_logging(Some(a.log_level.as_deref().unwrap_or("warn")));
-    let rt = match daemon::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("busvisor run: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // This process stays above the bus and CMD (see busvisor::keeper).
+    if let Err(e) = busvisor::keeper::keep(Default::default(), false) {
+        eprintln!("busvisor run: {e}");
+        return ExitCode::FAILURE;
+    }
     let opts = Options {
         config_file: a.config_file.clone(),
         toml_config: a.config.clone(),
         services_dirs: absolute(&a.services_dir),
         ..Default::default()
     };
-    match rt.block_on(daemon::run_command(opts, a.command)) {
+    match daemon::run(opts, a.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("busvisor run: {e}");
             ExitCode::from(127)
         }
     }
+}
+
+/// Whether busvisor was started under dbus-daemon's name (a symlink, or
+/// installed in its place): then it is the daemon whatever the flags.
+fn invoked_as_dbus_daemon() -> bool {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "dbus-daemon"))
+}
+
+/// No subcommand and no flag that asks for a bus: a usage error, never a
+/// bus started by accident (exit code 2).
+fn no_command(a: &DaemonArgs) -> ! {
+    use clap::CommandFactory;
+    let given: Vec<&str> = [
+        (a.address.is_some(), "--address"),
+        (!a.services_dir.is_empty(), "--services-dir"),
+        (a.log_level.is_some(), "--log-level"),
+    ]
+    .into_iter()
+    .filter_map(|(on, flag)| on.then_some(flag))
+    .collect();
+    let what = if given.is_empty() {
+        "no command given".to_owned()
+    } else {
+        format!("{} alone starts no bus", given.join(" and "))
+    };
+    Cli::command()
+        .error(
+            clap::error::ErrorKind::MissingSubcommand,
+            format!(
+                "{what}: a bus starts only with `busvisor daemon`, `run -- CMD`, `launch`, \
+                 or dbus-daemon's flags (--session, --system, --config-file, --nofork, \
+                 --print-address, ...); `busvisor list`, `status`, ... control a running one"
+            ),
+        )
+        .exit()
 }
 
 fn main() -> ExitCode {
@@ -144,7 +189,10 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Daemon(a)) => daemon_main(a),
         Some(Command::Run(a)) => run_main(a),
+        Some(Command::Launch(a)) => busvisor::launch::main(a),
         Some(Command::Client(c)) => busvisor::client::main(c),
-        None => daemon_main(cli.daemon),
+        Some(Command::Generate(g)) => busvisor::generate::main(g),
+        None if cli.daemon.starts_a_bus() || invoked_as_dbus_daemon() => daemon_main(cli.daemon),
+        None => no_command(&cli.daemon),
     }
 }

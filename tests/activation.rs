@@ -1314,14 +1314,21 @@ async fn sighup_reloads_the_definitions() {
     if is_reference() {
         return; // busvisor-only: its services come from busvisor's --services-dir
     }
+    // A <servicedir> that is missing at start is not watched (a missing
+    // --services-dir is an error): only SIGHUP reads what comes into it.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("later");
-    let bus = start_bus_with_env(None, &["--services-dir", dir.to_str().unwrap()], &[]);
+    let extra = format!("<servicedir>{}</servicedir>", dir.display());
+    let bus = start_bus_with_env(Some(&config_with(ALLOW_ALL_RULES, &extra)), &[], &[]);
     let c = connect(&bus.address).await;
     add_match(&c, "type='signal',member='ActivatableServicesChanged'").await;
     let mut s = stream(&c);
     std::fs::create_dir(&dir).unwrap();
-    write_testsvc(&dir, "late", "org.busvisor.Late", &[], "");
+    std::fs::write(
+        dir.join("org.busvisor.Late.service"),
+        "[D-BUS Service]\nName=org.busvisor.Late\nExec=/bin/true\n",
+    )
+    .unwrap();
     let names = bus_ok::<_, Vec<String>>(&c, "ListActivatableNames", &()).await;
     assert!(
         !names.contains(&"org.busvisor.Late".to_owned()),
@@ -1693,7 +1700,8 @@ async fn a_call_during_a_requested_stop_starts_a_new_instance() {
                 g.to_str().unwrap(),
                 "--grandchild-ignores-term",
             ],
-            "stop_timeout = \"1500ms\"\n",
+            // Long enough that a loaded machine still looks within it.
+            "stop_timeout = \"4s\"\n",
         )
     });
     let conn = connect(b.addr()).await;

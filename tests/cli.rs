@@ -346,3 +346,55 @@ fn the_fd_limit_is_raised_for_the_bus_only() {
     );
     assert_ne!(nums[0], "512", "{line}");
 }
+
+/// `--fork`: once the bus is ready, neither it nor its keeper keeps the
+/// caller's stdout or stderr (a `$(...)` or a pipe reaches its end while
+/// the bus runs), as dbus-daemon; with DBUS_DEBUG_OUTPUT set, the log
+/// still goes to that stderr.
+#[test]
+fn fork_lets_go_of_the_callers_output_unless_debug_output_is_asked() {
+    for debug in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("bus");
+        let mut cmd = std::process::Command::new(busvisor_bin());
+        cmd.args(["--session", "--fork", "--nopidfile", "--print-pid"])
+            .arg(format!("--address=unix:path={}", sock.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .env_remove("DBUS_DEBUG_OUTPUT");
+        if debug {
+            cmd.env("DBUS_DEBUG_OUTPUT", "1");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+        let pid: i32 = stdout.trim().parse().expect("a pid");
+        assert!(child.wait().unwrap().success());
+        // The bus runs; whether stderr reaches its end says who holds it.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut { stderr }, &mut s);
+            let _ = tx.send(s);
+        });
+        let ended = rx.recv_timeout(Duration::from_secs(3));
+        assert!(sock.exists(), "the bus is not running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        assert!(wait_until(OP_TIMEOUT, || pid_gone(pid as u32)));
+        assert_eq!(
+            ended.is_ok(),
+            !debug,
+            "debug {debug}: stderr {}",
+            if ended.is_ok() {
+                "was let go"
+            } else {
+                "was kept"
+            }
+        );
+    }
+}

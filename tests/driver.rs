@@ -669,10 +669,10 @@ async fn connection_credentials() {
         bus_ok::<_, u32>(&b, "GetConnectionUnixProcessID", &(name,)).await,
         pid
     );
-    // The bus's own credentials.
+    // The bus's own credentials: the pid it publishes (busvisor's keeper).
     assert_eq!(
         bus_ok::<_, u32>(&b, "GetConnectionUnixProcessID", &(BUS,)).await,
-        bus.pid()
+        bus.keeper_pid()
     );
     assert_eq!(
         bus_ok::<_, u32>(&b, "GetConnectionUnixUser", &(BUS,)).await,

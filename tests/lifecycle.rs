@@ -374,6 +374,35 @@ async fn a_failed_run_without_restart_is_announced_as_failed() {
     bus.assert_alive();
 }
 
+/// A stop while a restart waits out its delay is announced (Stopped), so
+/// that an events follower does not wait for a restart that will not come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_restart_delay_is_announced() {
+    if is_reference() {
+        return; // busvisor-only: lifecycle events are busvisor's own API
+    }
+    let (_tmp, mut bus, mut s) = testsvc_bus(
+        "org.busvisor.Again",
+        "restart = \"always\"\nrestart_delay = \"30s\"\n",
+        "type='signal',sender='org.busvisor.Supervisor1'",
+    )
+    .await;
+    let client = connect(&bus.address).await;
+    let mut pids = PidGuard::default();
+    pids.add(call_pid(&client, "org.busvisor.Again").await);
+    exit_service(&client, "org.busvisor.Again", 3).await;
+    let (mut events, mut states) = (Vec::new(), Vec::new());
+    collect_until(&mut s, &mut events, &mut states, |e| {
+        e.member == "Restarting"
+    })
+    .await;
+    sup_call::<_, ()>(&client, "Stop", &("svc",)).await;
+    events.clear();
+    collect_until(&mut s, &mut events, &mut states, |e| e.member == "Stopped").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    bus.assert_alive();
+}
+
 /// The backoff as announced by Restarting's delay: it doubles per
 /// consecutive failure, and a run longer than the start-limit interval (and
 /// the delay cap) starts it over.

@@ -32,6 +32,17 @@ impl Bus {
         Self::with_env(defs, &[])
     }
 
+    /// With `cgroups`, services get cgroups wherever busvisor can make
+    /// them (as root); without, the token and the tree.
+    fn in_mode(cgroups: bool, defs: impl FnOnce(&Path)) -> Bus {
+        let env: &[(&str, &str)] = if cgroups {
+            &[]
+        } else {
+            &[("BUSVISOR_CGROUPS", "0")]
+        };
+        Self::with_env(defs, env)
+    }
+
     fn with_env(defs: impl FnOnce(&Path), env: &[(&str, &str)]) -> Bus {
         let (bus, dir, tmp) = common::start_bus_with_services("busvisor-hard", defs, None, env);
         Bus {
@@ -49,6 +60,48 @@ impl Bus {
         self._tmp.path().join(name)
     }
 
+    /// Define service `id` as python3 running `source` (written beside the
+    /// bus) with `args` and then services.d (for minibus), load it, and
+    /// connect.
+    async fn python_service(
+        &self,
+        id: &str,
+        source: &str,
+        args: &[&str],
+        extra: &str,
+    ) -> zbus::Connection {
+        self.python_service_with("python3", id, source, args, extra)
+            .await
+    }
+
+    /// The same with the given python interpreter.
+    async fn python_service_with(
+        &self,
+        python: &str,
+        id: &str,
+        source: &str,
+        args: &[&str],
+        extra: &str,
+    ) -> zbus::Connection {
+        let script = self.file(&format!("{id}.py"));
+        std::fs::write(&script, source).unwrap();
+        let services = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
+        let mut argv = vec![python, script.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        argv.push(services);
+        // Named org.busvisor.<Id>: the name the script takes.
+        write_def(
+            &self.dir,
+            id,
+            &format!("org.busvisor.{}", capitalized(id)),
+            &argv,
+            extra,
+        );
+        let conn = connect(self.addr()).await;
+        bus_call(&conn, "ReloadConfig", &()).await.unwrap();
+        conn
+    }
+
     /// Run the CLI against this bus.
     fn cli(&self, args: &[&str]) -> ToolOutput {
         let mut all = vec!["--address", self.addr()];
@@ -61,6 +114,13 @@ impl Drop for Bus {
     fn drop(&mut self) {
         kill_bus_and_services(&mut self.bus);
     }
+}
+
+fn capitalized(id: &str) -> String {
+    let mut c = id.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 /// A call to the manager object.
@@ -362,9 +422,11 @@ async fn a_bare_exec_is_not_looked_up_in_the_activation_path() {
     assert!(
         out.stdout
             .lines()
-            .any(|l| l.starts_with("ExecPath:") && l.ends_with(&want)),
+            .any(|l| l.trim_start().starts_with("Program:") && l.ends_with(&want)),
         "{out:?}"
     );
+    let out = b.cli(&["show", "pathsvc", "-p", "ExecPath", "--value"]);
+    assert_eq!(out.stdout.trim(), want, "{out:?}");
 }
 
 // ---------------------------------------------------------------- owned names
@@ -452,11 +514,14 @@ minibus.serve(sys.argv[1], obj)
 
 /// A process of ours with pid `pid`, made by asking the kernel for it
 /// (root: /proc/sys/kernel/ns_last_pid); None if others keep taking it.
+/// It leads a session of its own (setsid(1) execs sleep in place): were
+/// busvisor to take the reused pid for its service's, the harm stays in
+/// that session, not the test runner's.
 fn sleep_with_pid(pid: u32) -> Option<ChildGuard> {
     for _ in 0..50 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
-        let c = std::process::Command::new("sleep")
-            .arg("60")
+        let c = std::process::Command::new("setsid")
+            .args(["sleep", "60"])
             .stdin(std::process::Stdio::null())
             .spawn()
             .ok()?;
@@ -470,33 +535,33 @@ fn sleep_with_pid(pid: u32) -> Option<ChildGuard> {
 
 /// A pid that left a service without busvisor reaping it, then reused by an
 /// unrelated process, is not signalled by Stop (busvisor holds its service
-/// processes by pidfd), and the Stop completes.
+/// processes by pidfd), nor is that process's session, and the Stop
+/// completes: with cgroups, and with the token and the tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_never_signals_a_reused_pid() {
+    stop_never_signals_a_reused_pid_in(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_never_signals_a_reused_pid_without_cgroups() {
+    stop_never_signals_a_reused_pid_in(false).await;
+}
+
+async fn stop_never_signals_a_reused_pid_in(cgroups: bool) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to choose the next pid");
         return;
     }
-    let b = Bus::new(|_| {});
-    let script = b.file("reaping.py");
-    std::fs::write(&script, REAPING_PARENT_PY).unwrap();
+    let b = Bus::in_mode(cgroups, |_| {});
     let child_file = b.file("child");
-    let services = concat!(env!("CARGO_MANIFEST_DIR"), "/services.d");
-    write_def(
-        &b.dir,
-        "reaping",
-        "org.busvisor.Reaping",
-        &[
-            "python3",
-            script.to_str().unwrap(),
-            "org.busvisor.Reaping",
-            child_file.to_str().unwrap(),
-            services,
-        ],
-        "stop_timeout = \"4s\"",
-    );
-    let conn = connect(b.addr()).await;
-    bus_call(&conn, "ReloadConfig", &()).await.unwrap();
+    let conn = b
+        .python_service(
+            "reaping",
+            REAPING_PARENT_PY,
+            &["org.busvisor.Reaping", child_file.to_str().unwrap()],
+            "stop_timeout = \"4s\"",
+        )
+        .await;
     let main = call_pid(&conn, "org.busvisor.Reaping").await;
     let mut guard = PidGuard::default();
     guard.add(main);
@@ -647,29 +712,34 @@ fn write_helpers(dir: &Path, pids: &Path, escapes: bool) {
 
 /// Helpers that drop the invocation's token end with their service: Stop
 /// ends them and each restart leaves none of the previous run's behind.
-async fn helpers_without_token_end_with_their_service(cgroups: bool) {
-    let env: &[(&str, &str)] = if cgroups {
-        &[]
-    } else {
-        &[("BUSVISOR_CGROUPS", "0")]
-    };
+/// A bus serving the helpers service (see [`write_helpers`]), with or
+/// without cgroups, and the file its helpers append their pids to.
+fn helpers_bus(cgroups: bool, escapes: bool) -> (Bus, PathBuf) {
     let pids_file = std::sync::OnceLock::new();
-    let b = Bus::with_env(
-        |d| {
-            let f = d.parent().unwrap().join("helper-pids");
-            write_helpers(d, &f, cgroups);
-            pids_file.set(f).unwrap();
-        },
-        env,
-    );
-    let pids_file = pids_file.get().unwrap();
-    let read = || -> Vec<u32> {
-        std::fs::read_to_string(pids_file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
+    let b = Bus::in_mode(cgroups, |d| {
+        let f = d.parent().unwrap().join("helper-pids");
+        write_helpers(d, &f, escapes);
+        pids_file.set(f).unwrap();
+    });
+    (b, pids_file.into_inner().unwrap())
+}
+
+/// Those of `pids` still there (alive, or zombies not yet reaped).
+fn not_gone(pids: &[u32]) -> Vec<u32> {
+    pids.iter().copied().filter(|p| !pid_gone(*p)).collect()
+}
+
+fn read_pids(file: &Path) -> Vec<u32> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+async fn helpers_without_token_end_with_their_service(cgroups: bool) {
+    let (b, pids_file) = helpers_bus(cgroups, cgroups);
+    let read = || read_pids(&pids_file);
     let per_run = if cgroups { 4 } else { 3 };
     let conn = connect(b.addr()).await;
     let mut guard = PidGuard::default();
@@ -685,12 +755,7 @@ async fn helpers_without_token_end_with_their_service(cgroups: bool) {
         let all = read();
         guard.pids = all.clone();
         let (old, new) = all.split_at(per_run * run);
-        let leaked = || {
-            old.iter()
-                .copied()
-                .filter(|p| !pid_gone(*p))
-                .collect::<Vec<_>>()
-        };
+        let leaked = || not_gone(old);
         assert!(
             wait_until(OP_TIMEOUT, || leaked().is_empty()),
             "run {run}: the previous runs' helpers {:?} are still there",
@@ -704,12 +769,7 @@ async fn helpers_without_token_end_with_their_service(cgroups: bool) {
     let t = Instant::now();
     sup_call(&conn, "Stop", &("helpers",)).await.expect("Stop");
     let all = read();
-    let left = || {
-        all.iter()
-            .copied()
-            .filter(|p| !pid_gone(*p))
-            .collect::<Vec<_>>()
-    };
+    let left = || not_gone(&all);
     assert!(
         wait_until(OP_TIMEOUT, || left().is_empty()),
         "helpers {:?} outlived Stop",
@@ -760,4 +820,280 @@ async fn a_daemon_that_drops_its_environment_is_still_the_service() {
         "{pid} outlived Stop"
     );
     assert_eq!(state(&conn, "bare").await, "inactive");
+}
+
+// ---------------------------------------------------------------- apps
+
+/// A service that launches an application for the user the way a desktop
+/// portal's OpenURI does (GLib's app launcher, in process), and that
+/// double-forks a daemon of its own at start.
+const LAUNCHER_PY: &str = r#"
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+import minibus
+from gi.repository import Gio
+desktop, daemon_file = sys.argv[1], sys.argv[2]
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        with open(daemon_file + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(daemon_file + ".tmp", daemon_file)
+        while True:
+            time.sleep(60)
+    os._exit(0)
+obj = minibus.Object("/org/busvisor/Test", "org.busvisor.Test")
+
+@obj.method("", "u")
+def Pid():
+    return os.getpid()
+
+@obj.method("", "b")
+def Launch():
+    return Gio.DesktopAppInfo.new_from_filename(desktop).launch([], None)
+
+minibus.serve("org.busvisor.Portal", obj)
+"#;
+
+/// The application: it records its pid and its child's.
+const APP_SH: &str = "#!/bin/sh\nsleep 300 &\necho \"$$ $!\" > \"$0.pids.tmp\"\nmv \"$0.pids.tmp\" \"$0.pids.$$\"\nwait\n";
+
+fn app_pids(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("app.sh.pids.") {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// Applications a service launches for the user (GLib's launcher marks
+/// them) outlive the service when it crashes and when it is stopped; the
+/// daemon the service double-forked does not.
+async fn apps_a_service_launches_are_the_users(cgroups: bool) {
+    // Debian's python3 has python3-gi; one earlier in PATH may not.
+    let Some(python) = ["python3", "/usr/bin/python3"].into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "from gi.repository import Gio"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }) else {
+        eprintln!("skipped: needs python3-gi");
+        return;
+    };
+    let b = Bus::in_mode(cgroups, |_| {});
+    let apps = b.file("apps");
+    std::fs::create_dir(&apps).unwrap();
+    let app = apps.join("app.sh");
+    std::fs::write(&app, APP_SH).unwrap();
+    std::fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let desktop = b.file("busvisor-test-app.desktop");
+    std::fs::write(
+        &desktop,
+        format!(
+            "[Desktop Entry]\nType=Application\nName=Test app\nExec={}\n",
+            app.display()
+        ),
+    )
+    .unwrap();
+    let daemon_file = b.file("daemon");
+    let conn = b
+        .python_service_with(
+            python,
+            "portal",
+            LAUNCHER_PY,
+            &[desktop.to_str().unwrap(), daemon_file.to_str().unwrap()],
+            // Started again by the next call, not at once: the next run's
+            // daemon is then known to be the one after the crash.
+            "stop_timeout = \"2s\"\nrestart = \"no\"",
+        )
+        .await;
+    let mut guard = PidGuard::default();
+    let launch = |conn: zbus::Connection| async move {
+        let m = call(&conn, "org.busvisor.Portal", "Launch")
+            .await
+            .expect("Launch");
+        assert!(m.body().deserialize::<bool>().unwrap());
+    };
+
+    // The portal crashes: the app it launched lives on.
+    launch(conn.clone()).await;
+    assert!(wait_until(Duration::from_secs(10), || app_pids(&apps)
+        .len()
+        == 2));
+    let first = app_pids(&apps);
+    first.iter().for_each(|p| guard.add(*p));
+    let main = call_pid(&conn, "org.busvisor.Portal").await;
+    guard.add(main);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(main as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut settled = false;
+    for _ in 0..100 {
+        if state(&conn, "portal").await != "running" {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(settled, "the service still runs after its crash");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for p in &first {
+        assert!(
+            pid_alive(*p),
+            "app process {p} died with the crashed service"
+        );
+    }
+
+    // Started again, then stopped: its daemon goes, both apps stay.
+    let _ = std::fs::remove_file(&daemon_file);
+    launch(conn.clone()).await;
+    assert!(wait_until(Duration::from_secs(10), || app_pids(&apps)
+        .len()
+        == 4));
+    app_pids(&apps).iter().for_each(|p| guard.add(*p));
+    assert!(wait_until(Duration::from_secs(10), || daemon_file.exists()));
+    let daemon: u32 = std::fs::read_to_string(&daemon_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    guard.add(daemon);
+    sup_call(&conn, "Stop", &("portal",)).await.expect("Stop");
+    assert!(
+        wait_until(Duration::from_secs(5), || !pid_alive(daemon)),
+        "the service's own daemon survived Stop"
+    );
+    for p in app_pids(&apps) {
+        assert!(
+            pid_alive(p),
+            "app process {p} died with the stopped service"
+        );
+    }
+    let pids: Vec<u32> = prop(&conn, "portal", "PIDs").await.try_into().unwrap();
+    assert!(pids.is_empty(), "{pids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_a_service_launches_are_the_users_in_a_cgroup() {
+    apps_a_service_launches_are_the_users(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_a_service_launches_are_the_users_without_cgroups() {
+    apps_a_service_launches_are_the_users(false).await;
+}
+
+// ---------------------------------------------------------------- the keeper
+
+/// A bus with the helpers service running: its helper pids (all four kinds,
+/// the one that leaves the session included) and the service's main pid.
+async fn bus_with_helpers(cgroups: bool) -> (Bus, Vec<u32>, PidGuard) {
+    let (b, pids_file) = helpers_bus(cgroups, true);
+    let read = || read_pids(&pids_file);
+    let conn = connect(b.addr()).await;
+    let main = call_pid(&conn, "org.busvisor.Helpers").await;
+    assert!(wait_until(OP_TIMEOUT, || read().len() >= 4));
+    let mut all = read();
+    all.push(main);
+    let guard = PidGuard { pids: all.clone() };
+    (b, all, guard)
+}
+
+/// The bus killed with SIGKILL: the keeper above it ends every process
+/// the bus started (those that left the session and the token included),
+/// removes its cgroups and socket, and exits with 128 + 9.
+async fn nothing_outlives_a_bus_killed_with_sigkill(cgroups: bool) {
+    let (mut b, all, _guard) = bus_with_helpers(cgroups).await;
+    let bus = b.bus.pid();
+    assert_ne!(bus, b.bus.keeper_pid(), "no keeper above the bus");
+    let cgroup_dir = std::fs::read_to_string(format!("/proc/{}/cgroup", all[0]))
+        .unwrap()
+        .contains(&format!("busvisor-{bus}/"));
+    assert_eq!(cgroup_dir, cgroups);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bus as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let left = || not_gone(&all);
+    // The helper that ignores SIGTERM gets SIGKILL after the grace period.
+    assert!(
+        wait_until(Duration::from_secs(10), || left().is_empty()),
+        "{:?} outlived the bus",
+        left()
+    );
+    let status = b
+        .bus
+        .proc
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the keeper stayed");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::into_raw(status) >> 8,
+        128 + 9
+    );
+    assert!(!b.bus.socket.exists(), "the socket file was left");
+    let leftover = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+        })
+        .any(|mount| walk_has(Path::new(&mount), &format!("busvisor-{bus}"), 3));
+    assert!(!leftover, "the bus's cgroup directory was left");
+}
+
+/// Whether a directory named `name` is within `depth` levels below `dir`.
+fn walk_has(dir: &Path, name: &str, depth: usize) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten()
+        .filter(|e| e.path().is_dir())
+        .any(|e| e.file_name() == name || (depth > 0 && walk_has(&e.path(), name, depth - 1)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_outlives_a_bus_killed_with_sigkill_in_a_cgroup() {
+    nothing_outlives_a_bus_killed_with_sigkill(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_outlives_a_bus_killed_with_sigkill_without_cgroups() {
+    nothing_outlives_a_bus_killed_with_sigkill(false).await;
+}
+
+/// The keeper (the pid busvisor publishes) killed with SIGKILL: the bus
+/// gets SIGTERM and stops its services itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_whose_keeper_is_killed_stops_its_services() {
+    let (b, all, _guard) = bus_with_helpers(false).await;
+    let bus = b.bus.pid();
+    b.bus.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    let left = || {
+        all.iter()
+            .copied()
+            .filter(|p| pid_alive(*p))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || left().is_empty()
+            && !pid_alive(bus)),
+        "the bus or its services {:?} outlived the keeper",
+        left()
+    );
 }

@@ -238,11 +238,13 @@ fn the_router_runs_as_user_and_services_as_theirs_under_the_warden() {
     let mut bus = start_system_bus(&fx);
     let warden = bus.pid();
 
-    // The warden is root and the bus's main process; the router is its child,
-    // as messagebus.
+    // The warden is root, the keeper's child (the keeper is the bus's main
+    // process, in the pidfile); the router is the warden's child, as
+    // messagebus.
     assert_eq!(proc_info(warden).unwrap().0, 0);
+    assert_eq!(proc_info(warden).unwrap().1, bus.keeper_pid());
     let pidfile = std::fs::read_to_string(fx.path("pidfile")).unwrap();
-    assert_eq!(pidfile.trim(), warden.to_string());
+    assert_eq!(pidfile.trim(), bus.keeper_pid().to_string());
     let router = router_of(warden);
     assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
 
@@ -442,7 +444,7 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         return;
     }
     let mut bus = NamespacedBus::start(&["--system", "--nosyslog"]);
-    let warden = bus.proc.pid();
+    let warden = children(bus.proc.pid())[0];
     // The process that handles messages runs as messagebus.
     let router = router_of(warden);
     assert_eq!(proc_info(router).unwrap().0, uid_of("messagebus"));
@@ -511,17 +513,17 @@ fn debians_polkitd_runs_supervised_under_the_warden() {
         &[
             common::busvisor_bin(),
             "--system",
-            "status",
+            "show",
             "org.freedesktop.PolicyKit1",
         ],
     );
     status.assert_ok();
     assert!(
-        status.stdout.contains("State:           running")
+        status.stdout.lines().any(|l| l == "State=running")
             && status
                 .stdout
                 .lines()
-                .any(|l| l.starts_with("PIDs:") && l.contains(&pid.to_string())),
+                .any(|l| l.starts_with("PIDs=") && l.contains(&pid.to_string())),
         "{}",
         status.stdout
     );
@@ -615,13 +617,10 @@ fn a_double_forking_daemon_of_another_user_stays_supervised() {
         .unwrap();
     assert_eq!(ppid, warden, "re-parented to the warden, not to init");
     assert_eq!(proc_info(pid).unwrap().0, uid_of("nobody"));
-    let status = busvisor_cli(&bus, &["status", dest]);
+    let status = busvisor_cli(&bus, &["show", dest]);
     status.assert_ok();
     assert!(
-        status
-            .stdout
-            .lines()
-            .any(|l| l.starts_with("MainPID:") && l.ends_with(&pid.to_string())),
+        status.stdout.lines().any(|l| l == format!("MainPID={pid}")),
         "{}",
         status.stdout
     );
@@ -675,11 +674,11 @@ fn a_crashed_service_of_another_user_is_restarted() {
     );
     // Restarted by its policy, not by a call (none is made meanwhile).
     let main_pid = || {
-        let out = busvisor_cli(&bus, &["status", "crashy"]);
-        let running = out.stdout.lines().any(|l| l == "State:           running");
+        let out = busvisor_cli(&bus, &["show", "crashy", "-p", "State,MainPID"]);
+        let running = out.stdout.lines().any(|l| l == "State=running");
         out.stdout
             .lines()
-            .find_map(|l| l.strip_prefix("MainPID:"))
+            .find_map(|l| l.strip_prefix("MainPID="))
             .and_then(|v| v.trim().parse::<u32>().ok())
             .filter(|_| running)
     };
@@ -691,4 +690,56 @@ fn a_crashed_service_of_another_user_is_restarted() {
     assert_eq!(Some(second), main_pid());
     let (uid, ppid, _) = proc_info(second).unwrap();
     assert_eq!((uid, ppid), (uid_of("nobody"), bus.pid()));
+}
+
+/// A service of another user whose helper ignores SIGTERM and keeps
+/// replacing itself (each generation starts the next and exits: its pid is
+/// never the same for long) is stopped within its stop timeout: the warden
+/// kills the invocation's cgroup (which the router, running as messagebus,
+/// may not write) as the router signals each process it knows.
+#[test]
+fn a_stop_under_the_warden_kills_the_whole_cgroup() {
+    if !runnable() || busvisor_cgroups_off() {
+        return;
+    }
+    let fx = Fixtures::new();
+    let chain = fx.path("scratch/chain.sh");
+    std::fs::write(&chain, "#!/bin/sh\ntrap '' TERM\n\"$0\" &\nexit 0\n").unwrap();
+    chmod(&chain, 0o755);
+    let script = fx.path("tests/fixtures/testsvc.py");
+    fx.add_toml(
+        "chain",
+        &format!(
+            "name = \"org.busvisor.Test\"\nexec = [\"/bin/sh\", \"-c\", \"{} & exec /usr/bin/python3 {} org.busvisor.Test\"]\nuser = \"nobody\"\nstop_timeout = \"500ms\"\n",
+            chain.display(),
+            script.display()
+        ),
+    );
+    let toml = fx.path("toml");
+    let dir = format!("--services-dir={}", toml.display());
+    let bus = start_system_bus_with(&fx, &[&dir]);
+    let _: u32 = call_as_nobody(&bus, "Pid", &[]).parse().unwrap();
+    let t = Instant::now();
+    busvisor_cli(&bus, &["stop", "chain"]).assert_ok();
+    let took = t.elapsed();
+    let chains = || {
+        common::pids_with_env("BUSVISOR_INVOCATION", "chain-").len()
+            + std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("cmdline"))
+                        .is_ok_and(|c| c.contains("chain.sh"))
+                })
+                .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || chains() == 0),
+        "the chain survived the stop ({took:?})"
+    );
+    assert!(took < Duration::from_secs(3), "the stop took {took:?}");
+}
+
+fn busvisor_cgroups_off() -> bool {
+    std::env::var("BUSVISOR_CGROUPS").as_deref() == Ok("0")
 }

@@ -79,6 +79,12 @@ pub const DEFAULT_START_LIMIT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`ServiceDef::stop_signal`].
 pub const DEFAULT_STOP_SIGNAL: Signal = Signal::SIGTERM;
+/// Default [`ServiceDef::log_lines`].
+pub const DEFAULT_LOG_LINES: u32 = 1000;
+/// The most [`ServiceDef::log_lines`] may be.
+pub const MAX_LOG_LINES: u32 = 100_000;
+/// The output buffer's bytes per kept line, on average (1000 lines: 256 KiB).
+pub const LOG_BYTES_PER_LINE: usize = 256;
 /// Largest TOML definition file read by [`Catalog::scan`].
 pub const MAX_TOML_FILE_SIZE: usize = 1024 * 1024;
 
@@ -129,6 +135,10 @@ pub struct ServiceDef {
     /// `SystemdService=` of a `[D-BUS Service]` file: with
     /// `--systemd-activation`, systemd starts this unit instead.
     pub systemd_service: Option<String>,
+    /// Lines of output kept for `busvisor logs` (TOML `log_lines`, default
+    /// 1000); the buffer holds at most [`LOG_BYTES_PER_LINE`] bytes a line
+    /// on average.
+    pub log_lines: u32,
     /// The user the service runs as (`User=`; TOML `user`). Required on the
     /// system bus; on a session bus every service runs as the bus's user.
     pub user: Option<String>,
@@ -169,6 +179,7 @@ impl ServiceDef {
             file,
             source,
             systemd_service: None,
+            log_lines: DEFAULT_LOG_LINES,
             user: None,
             unknown_user: false,
         }
@@ -580,6 +591,7 @@ struct TomlService {
     stop_signal: Option<Sig>,
     idle_timeout: Option<Dur<true>>,
     user: Option<String>,
+    log_lines: Option<u32>,
 }
 
 /// Byte offset -> 1-based (line, column in characters).
@@ -743,6 +755,15 @@ pub fn parse_toml(path: &Path, text: &str) -> Result<ServiceDef, DefinitionError
     }
     def.idle_timeout = raw.idle_timeout.map(|d| d.0);
     def.user = raw.user;
+    if let Some(n) = raw.log_lines {
+        if !(1..=MAX_LOG_LINES).contains(&n) {
+            return Err(at_key(
+                "log_lines",
+                format!("log_lines must be between 1 and {MAX_LOG_LINES}, not {n}"),
+            ));
+        }
+        def.log_lines = n;
+    }
     Ok(def)
 }
 
@@ -809,6 +830,20 @@ pub struct Catalog {
     by_name: BTreeMap<String, Arc<ServiceDef>>,
     by_id: BTreeMap<String, Arc<ServiceDef>>,
     order: Vec<Arc<ServiceDef>>,
+    /// Files that could not be read or parsed (also in the warnings), for
+    /// the admin's view (`busvisor list` shows them as `bad-definition`).
+    skipped: Vec<Skipped>,
+}
+
+/// A definition file skipped because it could not be read or parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The file's name without `.toml` or `.service`.
+    pub id: String,
+    pub file: PathBuf,
+    pub source: Source,
+    /// The error, located (`FILE:LINE:COLUMN: key `K`: ...`).
+    pub error: String,
 }
 
 impl Catalog {
@@ -859,7 +894,7 @@ impl Catalog {
                         }
                         catalog.add_or_warn(def, &mut warnings)
                     }
-                    Err(e) => warnings.push(format!("{e}; skipping this file")),
+                    Err(e) => catalog.skip(&path, Source::Toml, e.to_string(), &mut warnings),
                 }
             }
         }
@@ -874,18 +909,19 @@ impl Catalog {
                 let service = match result {
                     Ok(service) => service,
                     Err(e) => {
-                        warnings.push(format!("{e}; skipping this file"));
+                        catalog.skip(&path, Source::DBusService, e.to_string(), &mut warnings);
                         continue;
                     }
                 };
                 let expected = format!("{}.service", service.name);
                 if spec.strict_naming && file_name != expected {
-                    warnings.push(format!(
+                    let e = format!(
                         "{}: service file should have been named \"{expected}\" \
-                         (strict naming in {}); skipping this file",
+                         (strict naming in {})",
                         path.display(),
                         spec.path.display()
-                    ));
+                    );
+                    catalog.skip(&path, Source::DBusService, e, &mut warnings);
                     continue;
                 }
                 let mut def = def_from_service_file(&path, service);
@@ -917,6 +953,29 @@ impl Catalog {
             catalog.add_or_warn(def, &mut warnings);
         }
         (catalog, warnings)
+    }
+
+    /// A file that could not be loaded: said once in the warnings, and kept.
+    fn skip(&mut self, path: &Path, source: Source, error: String, warnings: &mut Vec<String>) {
+        warnings.push(format!("{error}; skipping this file"));
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_default();
+        let id = name
+            .strip_suffix(".toml")
+            .or_else(|| name.strip_suffix(".service"))
+            .unwrap_or(&name)
+            .to_owned();
+        self.skipped.push(Skipped {
+            id,
+            file: path.to_path_buf(),
+            source,
+            error,
+        });
+    }
+
+    /// The files that could not be loaded, in scan order.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
     }
 
     fn add_or_warn(&mut self, def: ServiceDef, warnings: &mut Vec<String>) {
@@ -1458,6 +1517,21 @@ idle_timeout = "1.5s"
         assert!(e.contains("invalid environment variable name"), "{e}");
         let e = toml_err(&format!("{MINIMAL}environment = {{ \"\" = \"x\" }}\n"));
         assert!(e.contains("invalid environment variable name"), "{e}");
+    }
+
+    #[test]
+    fn log_lines_sets_the_buffer_within_bounds() {
+        assert_eq!(
+            toml_ok("name = \"a.b\"\nexec = [\"/x\"]\n").log_lines,
+            DEFAULT_LOG_LINES
+        );
+        let def = toml_ok("name = \"a.b\"\nexec = [\"/x\"]\nlog_lines = 50\n");
+        assert_eq!(def.log_lines, 50);
+        let e = toml_err("name = \"a.b\"\nexec = [\"/x\"]\nlog_lines = 0\n");
+        assert!(
+            e.contains(":3:1: ") && e.contains("between 1 and 100000"),
+            "{e}"
+        );
     }
 
     #[test]

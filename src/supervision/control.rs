@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use super::output::LogEntry;
 use super::service::Service;
 use super::{Cmd, SupervisorState};
 use crate::bus::{Answer, BusState, CallRef, Facts};
@@ -81,15 +82,56 @@ const METHODS: &[Method] = &[
     m(On::Manager, SUPERVISOR_IFACE, "Restart", "s", restart_named),
     m(On::Manager, SUPERVISOR_IFACE, "Reload", "", reload),
     m(On::Manager, SUPERVISOR_IFACE, "GetLogs", "su", logs_named),
+    m(
+        On::Manager,
+        SUPERVISOR_IFACE,
+        "GetLogEntries",
+        "sut",
+        log_entries_named,
+    ),
+    m(
+        On::Manager,
+        SUPERVISOR_IFACE,
+        "ListServiceProperties",
+        "",
+        list_service_properties,
+    ),
+    m(
+        On::Manager,
+        SUPERVISOR_IFACE,
+        "ResetFailed",
+        "s",
+        reset_failed_named,
+    ),
+    m(On::Manager, SUPERVISOR_IFACE, "Kill", "ssi", kill_named),
+    m(On::Manager, SUPERVISOR_IFACE, "Enable", "s", enable_named),
+    m(On::Manager, SUPERVISOR_IFACE, "Disable", "s", disable_named),
     m(On::Manager, IFACE_PROPS, "GetAll", "s", manager_get_all),
     m(On::Manager, IFACE_PROPS, "Get", "ss", manager_get),
-    m(On::Service, IFACE_PROPS, "Get", "ss", prop_get),
-    m(On::Service, IFACE_PROPS, "GetAll", "s", prop_get_all),
+    m(On::Service, IFACE_PROPS, "Get", "ss", prop_read),
+    m(On::Service, IFACE_PROPS, "GetAll", "s", prop_read),
     m(On::Service, IFACE_PROPS, "Set", "ssv", prop_set),
     m(On::Service, SERVICE_IFACE, "Start", "", start_this),
     m(On::Service, SERVICE_IFACE, "Stop", "", stop_this),
     m(On::Service, SERVICE_IFACE, "Restart", "", restart_this),
     m(On::Service, SERVICE_IFACE, "GetLogs", "u", logs_this),
+    m(
+        On::Service,
+        SERVICE_IFACE,
+        "GetLogEntries",
+        "ut",
+        log_entries_this,
+    ),
+    m(
+        On::Service,
+        SERVICE_IFACE,
+        "ResetFailed",
+        "",
+        reset_failed_this,
+    ),
+    m(On::Service, SERVICE_IFACE, "Kill", "si", kill_this),
+    m(On::Service, SERVICE_IFACE, "Enable", "", enable_this),
+    m(On::Service, SERVICE_IFACE, "Disable", "", disable_this),
 ];
 
 /// Handle a method call to org.busvisor.Supervisor1.
@@ -121,6 +163,18 @@ pub(super) fn call(
             && (r.on == On::Any || r.on == on)
     });
     let Some(row) = row else {
+        // A method that exists, called with other arguments: InvalidArgs,
+        // as the driver, dbus-daemon, GDBus and sd-bus answer.
+        if let Some(r) = METHODS.iter().find(|r| {
+            r.member == member
+                && iface.is_none_or(|i| i == r.iface)
+                && (r.on == On::Any || r.on == on)
+        }) {
+            return Err(BusError::invalid_args(format!(
+                "Call to {member} has wrong args ({sig}, expected {})",
+                r.sig
+            )));
+        }
         if on == On::Any
             && !METHODS
                 .iter()
@@ -260,10 +314,140 @@ fn reload(cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
     Ok(None)
 }
 
+/// The last `n` entries (0: all) of a service's output, from `since_us`
+/// (µs since the epoch; 0: from the first kept).
+fn entries(svc: &Service, n: u32, since_us: u64) -> impl Iterator<Item = &LogEntry> {
+    let first = svc
+        .logs
+        .partition_point(|e| lifecycle::micros(Some(e.time)) < since_us);
+    let kept = svc.logs.len() - first;
+    let n = if n == 0 { kept } else { (n as usize).min(kept) };
+    svc.logs.range(svc.logs.len() - n..)
+}
+
 fn logs(svc: &Service, n: u32) -> Vec<String> {
-    let n = if n == 0 { svc.logs.len() } else { n as usize };
-    let skip = svc.logs.len().saturating_sub(n);
-    svc.logs.iter().skip(skip).cloned().collect()
+    entries(svc, n, 0).map(|e| e.line.clone()).collect()
+}
+
+/// (time in µs, pid, stream, line) for GetLogEntries.
+type EntryRow<'a> = (u64, u32, &'static str, &'a str);
+
+fn log_entries(svc: &Service, n: u32, since_us: u64) -> Vec<EntryRow<'_>> {
+    entries(svc, n, since_us)
+        .map(|e| {
+            let t = lifecycle::micros(Some(e.time));
+            (t, e.pid as u32, e.stream.as_str(), e.line.as_str())
+        })
+        .collect()
+}
+
+fn log_entries_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (name, n, since): (&str, u32, u64) = wire::args(&body)?;
+    let id = find(cx.sup, name)?;
+    ok(msg, &(log_entries(&cx.sup.services[&id], n, since),))
+}
+
+fn log_entries_this(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (n, since): (u32, u64) = wire::args(&body)?;
+    ok(
+        msg,
+        &(log_entries(&cx.sup.services[&cx.service], n, since),),
+    )
+}
+
+/// Every service's properties, by id, in one call (`busvisor list`).
+fn list_service_properties(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let all: HashMap<&str, HashMap<&str, OwnedVariant>> = cx
+        .sup
+        .services
+        .iter()
+        .map(|(id, svc)| (id.as_str(), properties(svc).into_iter().collect()))
+        .collect();
+    ok(msg, &(&all,))
+}
+
+fn reset_failed_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let name = named(msg)?;
+    // "": every failed service.
+    let id = if name.is_empty() {
+        None
+    } else {
+        Some(find(cx.sup, &name)?)
+    };
+    cx.sup.cmd.send(Cmd::ResetFailed(id, cx.call.clone()));
+    Ok(None)
+}
+
+fn reset_failed_this(cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
+    cx.sup
+        .cmd
+        .send(Cmd::ResetFailed(Some(cx.service.clone()), cx.call.clone()));
+    Ok(None)
+}
+
+/// `whom` (`all`: every process of the service, `main`: its main process)
+/// and a signal number.
+fn kill_args(whom: &str, signal: i32) -> Result<(bool, nix::sys::signal::Signal), BusError> {
+    let main = match whom {
+        "all" | "" => false,
+        "main" => true,
+        other => {
+            return Err(BusError::invalid_args(format!(
+                "whom must be \"all\" or \"main\", not {other:?}"
+            )));
+        }
+    };
+    let sig = nix::sys::signal::Signal::try_from(signal)
+        .map_err(|_| BusError::invalid_args(format!("no such signal: {signal}")))?;
+    Ok((main, sig))
+}
+
+fn kill_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (name, whom, signal): (&str, &str, i32) = wire::args(&body)?;
+    let id = find(cx.sup, name)?;
+    let (main, sig) = kill_args(whom, signal)?;
+    cx.sup.cmd.send(Cmd::Kill(id, main, sig, cx.call.clone()));
+    Ok(None)
+}
+
+fn kill_this(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let body = msg.body();
+    let (whom, signal): (&str, i32) = wire::args(&body)?;
+    let (main, sig) = kill_args(whom, signal)?;
+    let id = cx.service.clone();
+    cx.sup.cmd.send(Cmd::Kill(id, main, sig, cx.call.clone()));
+    Ok(None)
+}
+
+fn set_enabled(cx: &mut Ctx<'_>, id: String, enable: bool) -> Answer {
+    let file = cx.sup.services[&id].def.file.clone();
+    cx.sup
+        .cmd
+        .send(Cmd::SetEnabled(id, file, enable, cx.call.clone()));
+    Ok(None)
+}
+
+fn enable_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let id = find(cx.sup, &named(msg)?)?;
+    set_enabled(cx, id, true)
+}
+
+fn disable_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let id = find(cx.sup, &named(msg)?)?;
+    set_enabled(cx, id, false)
+}
+
+fn enable_this(cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
+    let id = cx.service.clone();
+    set_enabled(cx, id, true)
+}
+
+fn disable_this(cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
+    let id = cx.service.clone();
+    set_enabled(cx, id, false)
 }
 
 fn logs_named(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
@@ -291,8 +475,36 @@ fn manager_get(_cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
     ))
 }
 
-fn prop_get(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+/// Get and GetAll of a service that has processes: answered by the task
+/// after a look at them, so that `PIDs` is complete and current (a
+/// service's helpers are otherwise found only when something happens to
+/// it). An idle service is answered at once.
+fn prop_read(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
+    let svc = &cx.sup.services[&cx.service];
+    if svc.is_idle() && svc.pids.is_empty() {
+        return properties_reply(svc, msg);
+    }
+    let id = cx.service.clone();
+    cx.sup.cmd.send(Cmd::Properties(id, cx.call.clone()));
+    Ok(None)
+}
+
+/// The answer to Get or GetAll (`msg`) of `svc`'s properties.
+pub(super) fn properties_reply(svc: &Service, msg: &Message) -> Answer {
     let body = msg.body();
+    if msg
+        .header()
+        .member()
+        .is_some_and(|m| m.as_str() == "GetAll")
+    {
+        let i: &str = wire::args(&body)?;
+        let all: HashMap<&str, OwnedVariant> = if i == SERVICE_IFACE || i.is_empty() {
+            properties(svc).into_iter().collect()
+        } else {
+            HashMap::new()
+        };
+        return ok(msg, &(&all,));
+    }
     let (i, prop): (&str, &str) = wire::args(&body)?;
     if i != SERVICE_IFACE {
         return Err(BusError::new(
@@ -300,7 +512,7 @@ fn prop_get(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
             format!("No such interface '{i}'"),
         ));
     }
-    let props = properties(&cx.sup.services[&cx.service]);
+    let props = properties(svc);
     let Some((_, v)) = props.iter().find(|(k, _)| *k == prop) else {
         return Err(BusError::new(
             ErrorName::UnknownProperty,
@@ -311,19 +523,6 @@ fn prop_get(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
         .try_clone()
         .map_err(|e| BusError::invalid_args(e.to_string()))?;
     ok(msg, &(v,))
-}
-
-fn prop_get_all(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
-    let body = msg.body();
-    let i: &str = wire::args(&body)?;
-    let all: HashMap<&str, OwnedVariant> = if i == SERVICE_IFACE || i.is_empty() {
-        properties(&cx.sup.services[&cx.service])
-            .into_iter()
-            .collect()
-    } else {
-        HashMap::new()
-    };
-    ok(msg, &(&all,))
 }
 
 fn prop_set(_cx: &mut Ctx<'_>, _msg: &Message) -> Answer {
@@ -345,13 +544,6 @@ fn introspect(cx: &mut Ctx<'_>, msg: &Message) -> Answer {
 
 /// The manager's interface, with its arguments and signals.
 const MANAGER_XML: &str = include_str!("manager.xml");
-
-fn method_xml(xml: &mut String, on: On, iface: &str) {
-    xml.push_str(&format!("  <interface name=\"{iface}\">\n"));
-    for r in METHODS.iter().filter(|r| r.on == on && r.iface == iface) {
-        xml.push_str(&format!("    <method name=\"{}\"/>\n", r.member));
-    }
-}
 
 fn introspect_xml(sup: &SupervisorState, path: &str) -> String {
     let mut xml = format!("{INTROSPECT_HEADER}<node>\n");
@@ -388,14 +580,13 @@ fn introspect_xml(sup: &SupervisorState, path: &str) -> String {
     xml
 }
 
+/// A service object's methods, with their arguments.
+const SERVICE_XML: &str = include_str!("service.xml");
+
 /// A service object's interface: its methods, and its properties from the
 /// one property schema (`lifecycle::properties`).
 fn service_xml(xml: &mut String, svc: &Service) {
-    method_xml(xml, On::Service, SERVICE_IFACE);
-    // GetLogs has arguments: replace its bare line.
-    let bare = "    <method name=\"GetLogs\"/>\n";
-    let full = "    <method name=\"GetLogs\">\n      <arg name=\"lines\" type=\"u\" direction=\"in\"/>\n      <arg name=\"output\" type=\"as\" direction=\"out\"/>\n    </method>\n";
-    *xml = xml.replace(bare, full);
+    xml.push_str(SERVICE_XML);
     for (name, value) in properties(svc) {
         xml.push_str(&format!(
             "    <property name=\"{name}\" type=\"{}\" access=\"read\"/>\n",
@@ -403,4 +594,42 @@ fn service_xml(xml: &mut String, svc: &Service) {
         ));
     }
     xml.push_str("  </interface>\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every method of the table is in the introspection data, with the
+    /// signature the table answers.
+    #[test]
+    fn introspection_lists_every_method() {
+        for r in METHODS
+            .iter()
+            .filter(|r| r.iface != IFACE_PROPS && r.on != On::Any)
+        {
+            let xml = if r.on == On::Manager {
+                MANAGER_XML
+            } else {
+                SERVICE_XML
+            };
+            let start = xml
+                .find(&format!("<method name=\"{}\"", r.member))
+                .unwrap_or_else(|| panic!("{} missing", r.member));
+            let tag_end = start + xml[start..].find('>').unwrap();
+            let sig: String = if xml[..=tag_end].ends_with("/>") {
+                // No arguments.
+                String::new()
+            } else {
+                let end = start + xml[start..].find("</method>").unwrap();
+                xml[start..end]
+                    .split("<arg ")
+                    .skip(1)
+                    .filter(|a| a.contains("direction=\"in\""))
+                    .filter_map(|a| a.split("type=\"").nth(1)?.split('"').next())
+                    .collect()
+            };
+            assert_eq!(sig, r.sig, "{}", r.member);
+        }
+    }
 }

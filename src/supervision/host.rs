@@ -42,6 +42,27 @@ pub(crate) enum Killer {
 }
 
 impl Killer {
+    /// Kill the invocation `token`'s whole cgroup at once where there is
+    /// one: here, or by the warden (the cgroups are root's). True only when
+    /// it is known done: the warden's answer is not awaited, so the caller
+    /// signals each process it knows as well.
+    pub(crate) fn kill_cgroup(&self, token: &str) -> bool {
+        match self {
+            Killer::Local => super::procs::kill_cgroup(token),
+            Killer::Warden(tx) => {
+                if super::procs::cgroups().is_some() {
+                    let _ = tx.send(
+                        Request::KillCgroup {
+                            token: token.to_owned(),
+                        }
+                        .encode(),
+                    );
+                }
+                false
+            }
+        }
+    }
+
     /// Signal `pid`: through its pidfd where busvisor holds one, so that
     /// a process that got the pid after it was reaped is never signalled.
     /// The warden checks with a pidfd of its own that the pid is one of its

@@ -140,6 +140,11 @@ impl Launch<'_> {
             env.insert("DBUS_SESSION_BUS_ADDRESS".into(), self.address.into());
         }
         env.insert(procs::TOKEN_VAR.into(), self.token.into());
+        // What GLib's app launcher sets marks an application for the user
+        // (procs::APP_MARKER), never a service, even one of a bus an app
+        // launcher started.
+        env.remove(std::ffi::OsStr::new(procs::APP_MARKER));
+        env.remove(std::ffi::OsStr::new("GIO_LAUNCHED_DESKTOP_FILE"));
         env
     }
 }

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::activation::definition::Source;
 use crate::bus::{BusState, Requester};
+use crate::supervision::output::LogEntry;
 use crate::supervision::reaper::ExitKind;
 use crate::supervision::service::Service;
 use crate::wire::names::{
@@ -57,7 +59,7 @@ pub(crate) fn service_path(id: &str) -> String {
     format!("{SERVICE_PATH_PREFIX}{}", escape_id(id))
 }
 
-fn micros(t: Option<SystemTime>) -> u64 {
+pub(crate) fn micros(t: Option<SystemTime>) -> u64 {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_micros() as u64)
 }
@@ -84,6 +86,11 @@ pub const PROPERTY_NAMES: &[&str] = &[
     "LastExitTime",
     "NextRestartTime",
     "IdleTimeout",
+    "Source",
+    "Enabled",
+    "DefinitionError",
+    "LastFailure",
+    "LastFailureTime",
 ];
 
 /// Every property of a service, in [`PROPERTY_NAMES`]' order.
@@ -124,6 +131,17 @@ pub(crate) fn properties(svc: &Service) -> Vec<(&'static str, OwnedVariant)> {
         v(exit_time),
         v(micros(svc.next_restart)),
         v(svc.def.idle_timeout.map_or(0, |d| d.as_micros() as u64)),
+        v(match svc.def.source {
+            Source::Toml => "busvisor",
+            Source::DBusService => "dbus",
+        }),
+        v(svc.enabled),
+        v(svc.definition_error.clone().unwrap_or_default()),
+        v(svc
+            .last_failure
+            .as_ref()
+            .map_or(String::new(), |f| f.text.clone())),
+        v(micros(svc.last_failure.as_ref().map(|f| f.at))),
     ];
     PROPERTY_NAMES.iter().copied().zip(values).collect()
 }
@@ -263,13 +281,21 @@ where
 const LOG_QUEUE_CAP: usize = 1024 * 1024;
 
 /// Lines of a service's output, for `busvisor logs -f` (no serial: not a
-/// transition).
-pub(crate) fn log_lines(core: &mut BusState, id: &str, pid: i32, lines: &[String]) {
+/// transition): id, pid, line, then (added after the first three, so that
+/// clients reading those keep working) the stream and the time in µs.
+pub(crate) fn log_lines(core: &mut BusState, id: &str, entries: &[LogEntry]) {
     if !core.wants_signals() {
         return;
     }
-    for line in lines {
-        if let Some(sig) = signal("LogLine", &(id, pid as u32, line)) {
+    for e in entries {
+        let body = (
+            id,
+            e.pid as u32,
+            &e.line,
+            e.stream.as_str(),
+            micros(Some(e.time)),
+        );
+        if let Some(sig) = signal("LogLine", &body) {
             core.emit_lossy(&sig, LOG_QUEUE_CAP);
         }
     }

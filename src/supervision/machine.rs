@@ -7,6 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
+use super::output::LogEntry;
 use super::procs;
 use super::reaper::ExitKind;
 use super::service::{
@@ -27,9 +28,10 @@ fn signal_all(killer: &super::host::Killer, pids: &procs::ProcSet, sig: Signal) 
 }
 
 /// SIGKILL every process of a service: its whole cgroup at once where it
-/// has one we may write to, else each process it is known to have.
+/// has one (written here or by the warden), and each process it is known
+/// to have unless the cgroup is known killed.
 fn kill_all(killer: &super::host::Killer, svc: &super::service::Service) {
-    if !procs::kill_cgroup(&svc.token) {
+    if !killer.kill_cgroup(&svc.token) {
         signal_all(killer, &svc.pids, Signal::SIGKILL);
     }
 }
@@ -48,7 +50,15 @@ impl SupervisorState {
             Cmd::Stop(id, call) => self.stop_request(&id, call, core, scan),
             Cmd::Start(id, call) => self.start_request(&id, call, core),
             Cmd::Restart(id, call) => self.restart_request(&id, call, core, scan),
-            Cmd::Spawn(_) | Cmd::Resolve | Cmd::Reload | Cmd::Shutdown(_) | Cmd::RunCommand(..) => {
+            Cmd::Properties(id, call) => self.properties_request(&id, &call, core, scan),
+            Cmd::Kill(id, main, sig, call) => self.kill_request(&id, main, sig, &call, core, scan),
+            Cmd::ResetFailed(id, call) => self.reset_failed(id.as_deref(), &call, core),
+            Cmd::Spawn(_)
+            | Cmd::Resolve
+            | Cmd::Reload
+            | Cmd::Shutdown(_)
+            | Cmd::RunCommand(..)
+            | Cmd::SetEnabled(..) => {
                 unreachable!("handled by the task")
             }
         }
@@ -139,14 +149,14 @@ impl SupervisorState {
     }
 
     /// Lines a service printed.
-    pub(super) fn output(&mut self, id: &str, pid: i32, lines: Vec<String>, core: &mut BusState) {
+    pub(super) fn output(&mut self, id: &str, entries: Vec<LogEntry>, core: &mut BusState) {
         if !self.services.contains_key(id) {
             return;
         }
-        crate::supervision::lifecycle::log_lines(core, id, pid, &lines);
+        crate::supervision::lifecycle::log_lines(core, id, &entries);
         if let Some(svc) = self.services.get_mut(id) {
-            for line in lines {
-                svc.push_log(line);
+            for e in entries {
+                svc.push_log(e);
             }
         }
     }
@@ -173,7 +183,14 @@ impl SupervisorState {
         let (failure, meaning) = attribute_exit(&facts, &svc.def.names[0]);
         info!(service = %id, pid, "process {kind}");
         let owned = facts.is_launched || facts.is_main;
-        if owned {
+        // The last exit is the main process's, or the launcher's when it
+        // fails a start. A launcher that exits 0 before the name is taken
+        // has forked its daemon (or the recheck will say it failed), and one
+        // killed by a stop is a leftover: neither hides the exit before.
+        let failed_start = facts.state == ServiceState::Activating
+            && facts.is_launched
+            && !matches!(kind, ExitKind::Code(0));
+        if facts.is_main || failed_start {
             svc.last_exit = Some(LastExit {
                 pid,
                 kind,
@@ -215,6 +232,10 @@ impl SupervisorState {
                 self.start_failed(id, &BusError::new(name, text), core, scan);
             }
             ExitMeaning::RunEnded => {
+                if failure && let Some(e) = &svc.last_exit {
+                    let text = format!("main process {} {}", e.pid, e.kind);
+                    svc.record_failure(text);
+                }
                 svc.ended_with_failure |= failure;
                 svc.main_pid = None;
                 self.begin_stop(id, StopReason::Ended, core, scan);
@@ -238,6 +259,7 @@ impl SupervisorState {
         };
         if svc.auto_restart && svc.def.restart != RestartPolicy::No {
             warn!(service = id, "restart failed: {}", e.text);
+            svc.record_failure(e.text.clone());
             svc.last_start_error = Some(e.text.clone());
             svc.ended_with_failure = true;
             self.begin_stop(id, StopReason::Ended, core, scan);
@@ -256,6 +278,7 @@ impl SupervisorState {
         };
         if svc.state() == ServiceState::Running {
             // A service that drops its name while alive is not working.
+            svc.record_failure("its bus name was released while it ran");
             svc.ended_with_failure = true;
             self.begin_stop(id, StopReason::Ended, core, scan);
         }
@@ -394,6 +417,7 @@ impl SupervisorState {
                 if let Some(last) = svc.last_start_error.take() {
                     text.push_str(&format!(" (last attempt: {last})"));
                 }
+                svc.record_failure(text.clone());
                 let names = svc.def.names.clone();
                 let callers = std::mem::take(&mut svc.waiting_start);
                 self.event(core, id, Event::Failed("start-limit"));
@@ -480,6 +504,8 @@ impl SupervisorState {
                 svc.cancel_restart("stopped");
                 core.fail_pending(&names, &stopped);
                 core.complete(&call, Ok(()));
+                // An events follower waits for the restart otherwise.
+                self.event(core, id, Event::Stopped);
             }
             ServiceState::Stopping => svc.waiting_stop.push(call),
             _ => {
@@ -490,10 +516,126 @@ impl SupervisorState {
         }
     }
 
+    /// A Get or GetAll of a service, answered with its processes as they
+    /// are now.
+    fn properties_request(
+        &mut self,
+        id: &str,
+        call: &CallRef,
+        core: &mut BusState,
+        scan: &procs::Scan,
+    ) {
+        self.refresh_pids(id, scan);
+        let answer = match self.services.get(id) {
+            Some(svc) => super::control::properties_reply(svc, &call.call),
+            None => Err(no_such_service(id)),
+        };
+        core.answer(call, answer);
+    }
+
+    /// Send `sig` to every process of the service, or to its main process,
+    /// through the pidfds it is held by: a pid reused by another process is
+    /// never signalled. Answers how many processes were signalled.
+    fn kill_request(
+        &mut self,
+        id: &str,
+        main: bool,
+        sig: Signal,
+        call: &CallRef,
+        core: &mut BusState,
+        scan: &procs::Scan,
+    ) {
+        self.refresh_pids(id, scan);
+        let Some(svc) = self.services.get(id) else {
+            return core.complete(call, Err(no_such_service(id)));
+        };
+        let targets: Vec<_> = svc
+            .pids
+            .held()
+            .filter(|(pid, _)| !main || svc.main_pid == Some(*pid))
+            .collect();
+        if targets.is_empty() {
+            let what = if main { "main process" } else { "process" };
+            let e = BusError::failed(format!("Service {id} has no {what} to signal"));
+            return core.complete(call, Err(e));
+        }
+        info!(service = %id, ?sig, pids = ?targets.iter().map(|t| t.0).collect::<Vec<_>>(), "signalled by request");
+        for (pid, fd) in &targets {
+            self.killer.kill(*pid, *fd, sig);
+        }
+        let n = targets.len() as u32;
+        core.answer(call, Ok(crate::wire::reply(&call.call, &(n,))));
+    }
+
+    /// `reset-failed`: one service, or every failed one.
+    fn reset_failed(&mut self, id: Option<&str>, call: &CallRef, core: &mut BusState) {
+        let ids: Vec<String> = match id {
+            Some(id) => vec![id.to_owned()],
+            None => self
+                .services
+                .iter()
+                .filter(|(_, s)| s.state() == ServiceState::Failed)
+                .map(|(id, _)| id.clone())
+                .collect(),
+        };
+        for id in ids {
+            if let Some(svc) = self.svc_mut(&id) {
+                svc.reset_failed();
+            }
+        }
+        core.complete(call, Ok(()));
+    }
+
+    /// `enable`/`disable` once the marker file was written (or not:
+    /// `written`): the setting holds until the bus stops where the file
+    /// could not be. Answers whether it persists.
+    pub(super) fn set_enabled(
+        &mut self,
+        id: &str,
+        enable: bool,
+        written: std::io::Result<()>,
+        call: &CallRef,
+        core: &mut BusState,
+    ) {
+        let persistent = match written {
+            Ok(()) => true,
+            Err(e) => {
+                let file = self.services.get(id).map(|s| s.def.file.clone());
+                warn!(service = %id, "cannot {} it persistently beside {:?} ({e}): until the bus stops", if enable { "enable" } else { "disable" }, file.unwrap_or_default());
+                false
+            }
+        };
+        let c = &mut self.catalog;
+        if enable {
+            c.disabled.remove(id);
+            if persistent {
+                c.marked.remove(id);
+                c.enabled.remove(id);
+            } else {
+                c.enabled.insert(id.to_owned());
+            }
+        } else {
+            c.enabled.remove(id);
+            if persistent {
+                c.marked.insert(id.to_owned());
+            } else {
+                c.disabled.insert(id.to_owned());
+            }
+        }
+        let now = self.catalog.is_enabled(id);
+        if let Some(svc) = self.svc_mut(id) {
+            svc.enabled = now;
+        }
+        core.answer(call, Ok(crate::wire::reply(&call.call, &(persistent,))));
+    }
+
     fn start_request(&mut self, id: &str, call: CallRef, core: &mut BusState) {
         let Some(svc) = self.svc_mut(id) else {
             return core.complete(&call, Err(no_such_service(id)));
         };
+        if let Some(e) = bad_definition(id, svc) {
+            return core.complete(&call, Err(e));
+        }
         if svc.state() == ServiceState::Running {
             svc.explicit_start();
             return core.complete(&call, Ok(()));
@@ -530,6 +672,9 @@ impl SupervisorState {
         let Some(svc) = self.svc_mut(id) else {
             return core.complete(&call, Err(no_such_service(id)));
         };
+        if let Some(e) = bad_definition(id, svc) {
+            return core.complete(&call, Err(e));
+        }
         match svc.state() {
             ServiceState::Inactive | ServiceState::Failed => {
                 if let Some(text) = self.provided_elsewhere(id, core) {
@@ -583,6 +728,17 @@ impl SupervisorState {
                 .values()
                 .any(|s| s.state() == ServiceState::Stopping)
     }
+}
+
+/// A service whose definition file cannot be loaded cannot start.
+fn bad_definition(id: &str, svc: &super::service::Service) -> Option<BusError> {
+    (svc.state() == ServiceState::BadDefinition).then(|| {
+        let e = svc.definition_error.as_deref().unwrap_or("");
+        BusError::new(
+            ErrorName::StartFailed,
+            format!("the definition of {id} cannot be loaded: {e}"),
+        )
+    })
 }
 
 fn no_such_service(id: &str) -> BusError {

@@ -63,6 +63,16 @@ pub(crate) enum Cmd {
     Stop(String, CallRef),
     Start(String, CallRef),
     Restart(String, CallRef),
+    /// Answer a Get or GetAll of a service's properties after a look at its
+    /// processes.
+    Properties(String, CallRef),
+    /// Signal the service's processes (true: its main process only).
+    Kill(String, bool, nix::sys::signal::Signal, CallRef),
+    /// Forget the failure of one service, or of every failed one (None).
+    ResetFailed(Option<String>, CallRef),
+    /// Enable (true) or disable a service, by the marker beside its file
+    /// (written off the lock), or until the bus stops where it cannot be.
+    SetEnabled(String, std::path::PathBuf, bool, CallRef),
     /// Run a command that is not a service (`busvisor run`): its exit status
     /// comes back on the channel.
     RunCommand(
@@ -205,6 +215,7 @@ impl SupervisorState {
         let Some(svc) = self.svc_mut(id) else {
             return;
         };
+        svc.record_failure(e.text.clone());
         svc.start_failed(&e.text);
         let via_systemd = svc.via_systemd;
         let names = svc.def.names.clone();
@@ -374,11 +385,19 @@ impl SupervisorState {
 
 impl Activator for SupervisorState {
     fn provides(&self, name: &str) -> bool {
-        self.catalog.catalog.lookup(name).is_some()
+        self.catalog
+            .catalog
+            .lookup(name)
+            .is_some_and(|d| self.catalog.is_enabled(&d.id))
     }
 
     fn activatable_names(&self) -> Vec<String> {
-        self.catalog.catalog.names().map(str::to_owned).collect()
+        let c = &self.catalog;
+        c.catalog
+            .names()
+            .filter(|n| c.catalog.lookup(n).is_some_and(|d| c.is_enabled(&d.id)))
+            .map(str::to_owned)
+            .collect()
     }
 
     fn start(
@@ -395,6 +414,15 @@ impl Activator for SupervisorState {
             }
             return Ok(());
         };
+        if !self.catalog.is_enabled(&def.id) {
+            return Err(BusError::new(
+                ErrorName::ServiceUnknown,
+                format!(
+                    "The name {name} is provided by the service {}, which is disabled (busvisor enable {} allows it again)",
+                    def.id, def.id
+                ),
+            ));
+        }
         if self.systemd_activation {
             if name == SYSTEMD_NAME {
                 // systemd itself is missing: its messages wait for it.
@@ -521,11 +549,13 @@ fn in_session_of(pid: i32, svc: &Service) -> bool {
     let Some(st) = procs::stat_full(pid) else {
         return false;
     };
-    let mut leaders = svc
-        .launched_pid
-        .into_iter()
-        .chain(svc.session)
-        .chain(svc.pids.iter());
+    // Only processes that are still the service's stand for it: a pid that
+    // has gone may be another program's now (see procs::Tree). The session
+    // busvisor made counts while its pid is no other process's.
+    let session = svc
+        .session
+        .filter(|s| svc.pids.live().any(|p| p == *s) || procs::stat_of(*s).is_none());
+    let mut leaders = svc.pids.live().chain(session);
     leaders.any(|l| l > 1 && (l == st.sid || l == st.pgid))
 }
 

@@ -4,7 +4,7 @@
 //! can costs the bus a bounded share of its one worker and of its memory.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
@@ -34,6 +34,47 @@ const READ_WINDOW: Duration = Duration::from_millis(100);
 
 /// One read: big enough that a fast writer costs few wake-ups.
 const CHUNK: usize = 64 * 1024;
+
+/// Where a line of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stream {
+    Stdout,
+    Stderr,
+    /// busvisor's own note in the output (lines dropped over the budget).
+    Busvisor,
+}
+
+impl Stream {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+            Stream::Busvisor => "busvisor",
+        }
+    }
+}
+
+/// One line of a service's output, as kept and as `LogLine` sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LogEntry {
+    /// When busvisor read it.
+    pub(crate) time: SystemTime,
+    /// The process busvisor started, whose stdout or stderr it came from
+    /// (its children share the pipe: see docs/SERVICES.md).
+    pub(crate) pid: i32,
+    pub(crate) stream: Stream,
+    pub(crate) line: String,
+}
+
+impl LogEntry {
+    /// The bytes it holds, for the buffer's byte limit.
+    pub(crate) fn size(&self) -> usize {
+        self.line.len()
+    }
+}
+
+/// How the budget's notice starts.
+const DROPPED_NOTICE: &str = "busvisor: ";
 
 /// A service's output budget (a token bucket for lines and one for bytes).
 pub(crate) struct Budget {
@@ -79,7 +120,7 @@ impl Budget {
     fn admit(&mut self, len: usize, out: &mut Vec<String>) -> bool {
         if self.dropped > 0 {
             let notice = format!(
-                "busvisor: {} lines of output dropped (over {LINES_PER_SEC} lines or {} KiB a second)",
+                "{DROPPED_NOTICE}{} lines of output dropped (over {LINES_PER_SEC} lines or {} KiB a second)",
                 self.dropped,
                 BYTES_PER_SEC as usize / 1024
             );
@@ -212,6 +253,7 @@ pub(super) fn capture(
     bus: Arc<SupervisedBus>,
     id: String,
     pid: i32,
+    stream: Stream,
     fd: std::os::fd::OwnedFd,
     budget: &Arc<Mutex<Budget>>,
 ) {
@@ -250,7 +292,7 @@ pub(super) fn capture(
             if end {
                 burst.extend(lines.finish());
             }
-            pass_on(&bus, &id, pid, burst);
+            pass_on(&bus, &id, pid, stream, burst);
             if end {
                 return;
             }
@@ -260,16 +302,34 @@ pub(super) fn capture(
 
 /// Lines that passed the budget: to the log, then under the lock to the
 /// service's buffer and its subscribers.
-fn pass_on(bus: &SupervisedBus, id: &str, pid: i32, burst: Vec<String>) {
+fn pass_on(bus: &SupervisedBus, id: &str, pid: i32, stream: Stream, burst: Vec<String>) {
     if burst.is_empty() {
         return;
     }
-    for text in &burst {
-        info!(service = %id, pid, "{text}");
-    }
+    let time = SystemTime::now();
+    let entries: Vec<LogEntry> = burst
+        .into_iter()
+        .map(|line| {
+            info!(service = %id, pid, stream = stream.as_str(), "{line}");
+            // The budget's own notice is busvisor's, whatever pipe it was on.
+            let stream = if line.starts_with(DROPPED_NOTICE)
+                && line.contains(" lines of output dropped (over ")
+            {
+                Stream::Busvisor
+            } else {
+                stream
+            };
+            LogEntry {
+                time,
+                pid,
+                stream,
+                line,
+            }
+        })
+        .collect();
     let mut g = bus.lock();
     let Shared { core, sup } = &mut *g;
-    sup.output(id, pid, burst, core);
+    sup.output(id, entries, core);
 }
 
 #[cfg(test)]

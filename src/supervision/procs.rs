@@ -25,6 +25,18 @@ use nix::sys::signal::Signal;
 
 pub const TOKEN_VAR: &str = "BUSVISOR_INVOCATION";
 
+/// Set by GLib's app launcher (gio-launch-desktop) in each application it
+/// starts for the user, as a desktop portal's OpenURI does. Such a process,
+/// and what it starts, is the user's, not the service's that launched it:
+/// it is left out of the service (and, with cgroups, moved out of its
+/// cgroup), so that stopping or losing the service does not end it. The
+/// services' own environments never carry it (see `launch`).
+pub(crate) const APP_MARKER: &str = "GIO_LAUNCHED_DESKTOP_FILE_PID";
+
+/// The cgroup, beside the invocations', that applications handed to the
+/// user are moved to (not a token: tokens are `<id>-<pid>-<n>`).
+const APPS_CGROUP: &str = "apps";
+
 /// Where services' cgroups go: the directory, and its path in the cgroup
 /// hierarchy as `/proc/PID/cgroup` shows it.
 #[derive(Debug)]
@@ -111,6 +123,117 @@ pub(crate) fn setup_cgroups(now: bool) -> Option<&'static CgroupRoot> {
         .as_ref()
 }
 
+/// As the keeper, once the bus `bus` is gone: kill every process left in
+/// its services' cgroups at once (`cgroup.kill` on the bus's directory
+/// covers the ones below).
+pub(crate) fn kill_cgroups_of(bus: u32) {
+    if let Some(root) = cgroup_root_of(bus)
+        && root.dir.is_dir()
+    {
+        let _ = std::fs::write(root.dir.join("cgroup.kill"), "1");
+    }
+}
+
+/// As the keeper, once the bus `bus` and its processes are gone: remove
+/// its cgroup directories.
+pub(crate) fn remove_cgroups_of(bus: u32) {
+    if let Some(root) = cgroup_root_of(bus) {
+        remove_bus_dir(&root.dir);
+    }
+}
+
+fn remove_bus_dir(dir: &std::path::Path) {
+    if let Ok(services) = std::fs::read_dir(dir) {
+        for s in services.flatten().filter(|s| s.path().is_dir()) {
+            let _ = std::fs::remove_dir(s.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Every live (non-zombie) process below `root` in the process tree.
+pub(crate) fn descendants_of(root: i32) -> Vec<i32> {
+    let parents: HashMap<i32, i32> = proc_pids()
+        .filter_map(|p| {
+            stat_of(p)
+                .filter(|(_, state)| *state != 'Z')
+                .map(|(ppid, _)| (p, ppid))
+        })
+        .collect();
+    parents
+        .keys()
+        .copied()
+        .filter(|&p| is_below(p, root, |at| parents.get(&at).copied()))
+        .collect()
+}
+
+/// Whether `pid` is below `root`, following `parent_of`.
+fn is_below(pid: i32, root: i32, parent_of: impl Fn(i32) -> Option<i32>) -> bool {
+    let mut at = pid;
+    // Bounded: /proc changes under a walk.
+    for _ in 0..256 {
+        match parent_of(at) {
+            Some(pp) if pp == root => return true,
+            Some(pp) if pp > 1 => at = pp,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// End every process below this one: SIGTERM, then SIGKILL after `grace`
+/// to what is left, until nothing is (a process may fork while it is being
+/// killed). `reap` runs between looks, for a caller that reaps itself.
+/// Returns how many got SIGTERM.
+pub(crate) fn end_descendants(grace: std::time::Duration, reap: impl Fn()) -> usize {
+    use std::time::{Duration, Instant};
+    let me = std::process::id() as i32;
+    let termed = signal_descendants(me, Signal::SIGTERM);
+    if termed > 0 {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && !descendants_of(me).is_empty() {
+            reap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for _ in 0..50 {
+        reap();
+        if signal_descendants(me, Signal::SIGKILL) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reap();
+    termed
+}
+
+/// Send `sig` to every live process below `root`; returns how many. Each
+/// is held by a pidfd before it is checked to be below `root` again, so
+/// that a pid reused since the scan is not signalled.
+pub(crate) fn signal_descendants(root: i32, sig: Signal) -> usize {
+    let mut sent = 0;
+    for pid in descendants_of(root) {
+        let fd = match pidfd_open(pid) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+            Err(_) => None,
+        };
+        if !is_below(pid, root, |at| stat_of(at).map(|(pp, _)| pp)) {
+            continue;
+        }
+        let r = match &fd {
+            Some(fd) => pidfd_send_signal(fd, Some(sig)),
+            None => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(Into::into)
+            }
+        };
+        if r.is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}
+
 /// Remove the (empty) cgroup directories of buses no longer running: a bus
 /// killed with SIGKILL cannot remove its own.
 fn remove_dead_buses(parent: &std::path::Path) {
@@ -129,12 +252,7 @@ fn remove_dead_buses(parent: &std::path::Path) {
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
-        if let Ok(services) = std::fs::read_dir(e.path()) {
-            for s in services.flatten().filter(|s| s.path().is_dir()) {
-                let _ = std::fs::remove_dir(s.path());
-            }
-        }
-        let _ = std::fs::remove_dir(e.path());
+        remove_bus_dir(&e.path());
     }
 }
 
@@ -212,10 +330,14 @@ fn cgroup_scan(root: &CgroupRoot) -> ByToken {
         let Some(token) = e.file_name().to_str().map(str::to_owned) else {
             continue;
         };
+        if token == APPS_CGROUP {
+            continue;
+        }
         let Ok(procs) = std::fs::read_to_string(e.path().join("cgroup.procs")) else {
             continue;
         };
-        let pids: BTreeSet<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        let mut pids: BTreeSet<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        hand_over_apps(root, &token, &mut pids);
         if !pids.is_empty() {
             out.insert(token, pids);
         }
@@ -361,12 +483,27 @@ fn proc_pids() -> impl Iterator<Item = i32> {
 /// group of a service process (busvisor starts each service in a session
 /// of its own, and the kernel does not reuse a pid while it names a
 /// session or group); and any descendant of those.
+///
+/// A pid is taken for a service's only while it is known to be that
+/// service's process: a pid whose process has gone may already be another
+/// program's, and its session (a terminal's, say) is not the service's.
 #[derive(Default)]
 pub(crate) struct Tree {
     /// Each service's processes as the supervisor holds them, set before
     /// each scan.
-    pub(crate) known: HashMap<String, Vec<i32>>,
+    pub(crate) known: HashMap<String, Known>,
     remembered: HashMap<(i32, u64), String>,
+}
+
+/// What the supervisor holds of one invocation, for a scan.
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    /// Its processes whose pidfds said, just before the scan, that they
+    /// still exist.
+    pub(crate) live: Vec<i32>,
+    /// The session busvisor made for it (led by the launched process, which
+    /// may have exited since).
+    pub(crate) session: Option<i32>,
 }
 
 impl Tree {
@@ -375,24 +512,37 @@ impl Tree {
     fn scan(&mut self) -> (ByToken, HashMap<i32, u64>) {
         let mut stats = HashMap::new();
         let mut owner: HashMap<i32, String> = HashMap::new();
+        let mut apps = std::collections::HashSet::new();
         for pid in proc_pids() {
             let Some(st) = stat_full(pid).filter(|s| !s.zombie) else {
                 continue;
             };
-            if let Some(token) = env_var_of(pid, TOKEN_VAR) {
-                owner.insert(pid, token);
+            if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+                if value_in(&env, APP_MARKER).is_some() {
+                    apps.insert(pid);
+                }
+                if let Some(token) = value_in(&env, TOKEN_VAR) {
+                    owner.insert(pid, token);
+                }
             }
             stats.insert(pid, st);
         }
+        let handed = handed_over(stats.keys().copied(), &apps, |p| {
+            stats.get(&p).map(|s| s.ppid)
+        });
+        owner.retain(|pid, _| !handed.contains(pid));
         let mut by_tree = HashMap::new();
         let mut claim = |pid: i32, token: &String, owner: &mut HashMap<i32, String>| {
+            if handed.contains(&pid) {
+                return;
+            }
             if let (Some(st), false) = (stats.get(&pid), owner.contains_key(&pid)) {
                 owner.insert(pid, token.clone());
                 by_tree.insert(pid, st.start);
             }
         };
-        for (token, pids) in &self.known {
-            for pid in pids {
+        for (token, known) in &self.known {
+            for pid in &known.live {
                 claim(*pid, token, &mut owner);
             }
         }
@@ -401,11 +551,16 @@ impl Tree {
                 claim(*pid, token, &mut owner);
             }
         }
-        // A known pid names its service's session even once it has exited
-        // (the launched process leads it: busvisor called setsid for it).
+        // The session busvisor made names the service even once its leader
+        // has exited, as long as the pid is not some other process's now:
+        // while the session has members the kernel reuses no pid for it.
         let mut groups: HashMap<i32, String> = HashMap::new();
-        for (token, pids) in &self.known {
-            groups.extend(pids.iter().map(|p| (*p, token.clone())));
+        for (token, known) in &self.known {
+            if let Some(sid) = known.session
+                && (!stats.contains_key(&sid) || owner.get(&sid) == Some(token))
+            {
+                groups.insert(sid, token.clone());
+            }
         }
         groups.extend(
             owner
@@ -433,6 +588,92 @@ impl Tree {
             found.entry(token).or_default().insert(pid);
         }
         (found, by_tree)
+    }
+}
+
+/// Which of `candidates` are applications in `apps` (see [`APP_MARKER`])
+/// or below one, found by walking up from each (`parent_of`) until the
+/// bus: the bus's own environment may carry the marker, when an app
+/// launcher started it.
+fn handed_over(
+    candidates: impl IntoIterator<Item = i32>,
+    apps: &std::collections::HashSet<i32>,
+    parent_of: impl Fn(i32) -> Option<i32>,
+) -> std::collections::HashSet<i32> {
+    let bus = std::process::id() as i32;
+    let mut out = std::collections::HashSet::new();
+    if apps.is_empty() {
+        return out;
+    }
+    let mut walk = |pid: i32| {
+        let mut at = pid;
+        for _ in 0..64 {
+            if at <= 1 || at == bus {
+                return;
+            }
+            if apps.contains(&at) {
+                out.insert(pid);
+                return;
+            }
+            match parent_of(at) {
+                Some(pp) => at = pp,
+                None => return,
+            }
+        }
+    };
+    for pid in candidates {
+        walk(pid);
+    }
+    out
+}
+
+/// With cgroups: move the applications an invocation launched for the user
+/// (and what they started) out of its cgroup, so that a stop, which kills
+/// the cgroup, spares them; they leave `pids` too. A few passes, for what
+/// they fork meanwhile.
+fn hand_over_apps(root: &CgroupRoot, token: &str, pids: &mut BTreeSet<i32>) {
+    for _ in 0..3 {
+        let apps: std::collections::HashSet<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| env_var_of(*p, APP_MARKER).is_some())
+            .collect();
+        let handed = handed_over(pids.iter().copied(), &apps, |p| {
+            stat_of(p).map(|(pp, _)| pp)
+        });
+        let moving: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| handed.contains(p))
+            .collect();
+        if moving.is_empty() {
+            return;
+        }
+        let dir = root.dir.join(APPS_CGROUP);
+        // Not while a prune may remove the directory.
+        let _lock = super::spawner::SPAWN_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = std::fs::create_dir(&dir)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return tracing::warn!("cannot make {}: {e}", dir.display());
+        }
+        for pid in &moving {
+            match std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
+                Ok(()) => tracing::info!(
+                    pid,
+                    invocation = token,
+                    "an application it launched is left to the user"
+                ),
+                Err(e) => tracing::warn!(pid, "cannot move an application out of {token}: {e}"),
+            }
+            pids.remove(pid);
+        }
+        let Ok(now) = std::fs::read_to_string(root.dir.join(token).join("cgroup.procs")) else {
+            return;
+        };
+        *pids = now.lines().filter_map(|l| l.parse().ok()).collect();
     }
 }
 
@@ -543,14 +784,29 @@ impl ProcSet {
     /// someone else (its own parent) goes, even if its pid is reused,
     /// because its pidfd says so.
     pub(crate) fn retain_live(&mut self) {
-        self.0.retain(|pid, fd| match fd {
-            Some(fd) => match pidfd_send_signal(fd, None) {
-                Ok(()) => true,
-                // Alive, and another user's (a router's root service).
-                Err(e) => e.raw_os_error() != Some(libc::ESRCH),
-            },
-            None => stat_of(*pid).is_some(),
-        });
+        self.0.retain(|pid, fd| exists(*pid, fd.as_deref()));
+    }
+
+    /// The pids whose processes still exist (zombies included): the only
+    /// ones that may stand for the service in a scan.
+    pub(crate) fn live(&self) -> impl Iterator<Item = i32> + '_ {
+        self.0
+            .iter()
+            .filter(|(pid, fd)| exists(**pid, fd.as_deref()))
+            .map(|(pid, _)| *pid)
+    }
+}
+
+/// Whether the process held by `fd` (or, on kernels without pidfds, some
+/// process with its pid) still exists.
+fn exists(pid: i32, fd: Option<&OwnedFd>) -> bool {
+    match fd {
+        Some(fd) => match pidfd_send_signal(fd, None) {
+            Ok(()) => true,
+            // Alive, and another user's (a router's root service).
+            Err(e) => e.raw_os_error() != Some(libc::ESRCH),
+        },
+        None => stat_of(pid).is_some(),
     }
 }
 
@@ -590,6 +846,21 @@ pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: Option<Signal>) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_an_app_starts_is_handed_over_with_it_and_the_bus_is_the_limit() {
+        let bus = std::process::id() as i32;
+        // bus -> 100 (service) -> 101 (app) -> 102 -> 103; 100 -> 104.
+        let parents: HashMap<i32, i32> =
+            [(100, bus), (101, 100), (102, 101), (103, 102), (104, 100)].into();
+        let parent_of = |p: i32| parents.get(&p).copied();
+        let apps = [101].into();
+        let handed = handed_over(parents.keys().copied(), &apps, parent_of);
+        assert_eq!(handed, [101, 102, 103].into());
+        // The bus itself launched as an app marks nothing.
+        let apps = [bus].into();
+        assert!(handed_over(parents.keys().copied(), &apps, parent_of).is_empty());
+    }
 
     #[test]
     fn pidfd_signals_reach_the_process_and_tell_when_it_is_reaped() {

@@ -12,19 +12,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::info;
 
+use super::output::LogEntry;
 use super::reaper::ExitKind;
-use crate::activation::definition::{RestartPolicy, ServiceDef};
+use crate::activation::definition::{LOG_BYTES_PER_LINE, RestartPolicy, ServiceDef, Skipped};
 use crate::bus::{CallRef, PeerId, Requester};
 use crate::wire::ErrorName;
 
 /// Part of the reason of an idle service whose name another connection owns.
 pub(crate) const PROVIDED_ELSEWHERE: &str = "is already provided by";
 
-/// Lines of output kept per service.
-pub(crate) const LOG_LINES: usize = 1000;
-
-/// Bytes of output kept per service (lines are up to `output::MAX_LINE`).
-pub(crate) const LOG_BYTES: usize = 256 * 1024;
+/// Bytes of output kept per service, at least (lines are up to
+/// `output::MAX_LINE`): a small buffer still holds a few long lines.
+const LOG_BYTES_MIN: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ServiceState {
@@ -34,6 +33,8 @@ pub(crate) enum ServiceState {
     Stopping,
     Restarting,
     Failed,
+    /// Its definition file could not be read or parsed: it cannot start.
+    BadDefinition,
 }
 
 impl ServiceState {
@@ -45,6 +46,7 @@ impl ServiceState {
             ServiceState::Stopping => "stopping",
             ServiceState::Restarting => "restarting",
             ServiceState::Failed => "failed",
+            ServiceState::BadDefinition => "bad-definition",
         }
     }
 }
@@ -71,6 +73,14 @@ impl StopReason {
             StopReason::Failed => "start failed",
         }
     }
+}
+
+/// The last failure of a service: what `busvisor status` shows until
+/// `reset-failed`, whatever happened since (a restart, a launcher's exit 0).
+#[derive(Debug, Clone)]
+pub(crate) struct LastFailure {
+    pub(crate) text: String,
+    pub(crate) at: SystemTime,
 }
 
 #[derive(Debug, Clone)]
@@ -111,9 +121,16 @@ pub(crate) struct Service {
     /// When the start limit was hit: activation is refused for the
     /// start-limit interval from then, or until an explicit start.
     pub(crate) start_limited: Option<Instant>,
-    pub(crate) logs: VecDeque<String>,
+    pub(crate) logs: VecDeque<LogEntry>,
     /// The bytes in `logs`.
     logs_bytes: usize,
+    /// Why its definition file could not be loaded (state `bad-definition`
+    /// while idle; a running service keeps the definition it started with).
+    pub(crate) definition_error: Option<String>,
+    /// The last failure, kept until `reset-failed`.
+    pub(crate) last_failure: Option<LastFailure>,
+    /// False when `busvisor disable` stopped messages from activating it.
+    pub(crate) enabled: bool,
     /// Control calls waiting for this service to stop, to start, or to stop
     /// and start again; answered where that completes.
     pub(crate) waiting_stop: Vec<CallRef>,
@@ -130,6 +147,20 @@ pub(crate) struct Service {
 }
 
 impl Service {
+    /// A definition file that could not be loaded, shown as its own entry.
+    pub(crate) fn bad(skipped: &Skipped) -> Self {
+        let def = ServiceDef::with_defaults(
+            skipped.id.clone(),
+            Vec::new(),
+            Ok(Vec::new()),
+            skipped.file.clone(),
+            skipped.source,
+        );
+        let mut svc = Service::new(Arc::new(def));
+        svc.definition_broken(Some(skipped.error.clone()));
+        svc
+    }
+
     pub(crate) fn new(def: Arc<ServiceDef>) -> Self {
         Service {
             def,
@@ -155,6 +186,9 @@ impl Service {
             start_limited: None,
             logs: VecDeque::new(),
             logs_bytes: 0,
+            definition_error: None,
+            last_failure: None,
+            enabled: true,
             waiting_stop: Vec::new(),
             waiting_start: Vec::new(),
             waiting_restart: Vec::new(),
@@ -174,7 +208,8 @@ impl Service {
 
     fn set_state(&mut self, state: ServiceState, reason: impl Into<String>) {
         let reason = reason.into();
-        if state != self.state || reason != self.reason {
+        // A broken definition is logged once, as the scan's warning.
+        if (state != self.state || reason != self.reason) && state != ServiceState::BadDefinition {
             info!(service = %self.def.id, from = self.state.as_str(), to = state.as_str(), %reason, "state");
         }
         self.state = state;
@@ -193,18 +228,31 @@ impl Service {
 
     /// Neither running nor on its way somewhere: its definition may change.
     pub(crate) fn is_idle(&self) -> bool {
-        matches!(self.state, ServiceState::Inactive | ServiceState::Failed)
+        matches!(
+            self.state,
+            ServiceState::Inactive | ServiceState::Failed | ServiceState::BadDefinition
+        )
     }
 
-    pub(crate) fn push_log(&mut self, line: String) {
-        self.logs_bytes += line.len();
-        self.logs.push_back(line);
-        while self.logs.len() > LOG_LINES || self.logs_bytes > LOG_BYTES {
+    pub(crate) fn push_log(&mut self, entry: LogEntry) {
+        let lines = self.def.log_lines as usize;
+        let bytes = (lines * LOG_BYTES_PER_LINE).max(LOG_BYTES_MIN);
+        self.logs_bytes += entry.size();
+        self.logs.push_back(entry);
+        while self.logs.len() > lines || self.logs_bytes > bytes {
             let Some(old) = self.logs.pop_front() else {
                 break;
             };
-            self.logs_bytes -= old.len();
+            self.logs_bytes -= old.size();
         }
+    }
+
+    /// Remember a failure (see [`LastFailure`]).
+    pub(crate) fn record_failure(&mut self, text: impl Into<String>) {
+        self.last_failure = Some(LastFailure {
+            text: text.into(),
+            at: SystemTime::now(),
+        });
     }
 
     /// Whether the reason says another connection provides its name.
@@ -309,13 +357,56 @@ impl Service {
             state,
             ServiceState::Inactive | ServiceState::Failed
         ));
-        self.set_state(state, why.to_owned());
+        match &self.definition_error {
+            // Its file broke while it ran: now it shows.
+            Some(e) if state == ServiceState::Inactive => {
+                let e = e.clone();
+                self.set_state(ServiceState::BadDefinition, e);
+            }
+            _ => self.set_state(state, why.to_owned()),
+        }
     }
 
-    /// After a failed start, leftovers went: failed unless something moved on.
+    /// After a failed start, leftovers went: failed unless something moved
+    /// on, with the cause of the failure (a timeout stays a timeout).
     pub(crate) fn failed_start_cleaned(&mut self) {
         if self.state == ServiceState::Stopping {
-            self.set_state(ServiceState::Failed, "start failed");
+            let why = self
+                .last_failure
+                .as_ref()
+                .map_or_else(|| "start failed".to_owned(), |f| f.text.clone());
+            self.set_state(ServiceState::Failed, why);
+        }
+    }
+
+    /// `reset-failed`: a failed service becomes inactive, its start limit,
+    /// backoff and last failure forgotten. False when it was not failed.
+    pub(crate) fn reset_failed(&mut self) -> bool {
+        let was_failed = self.state == ServiceState::Failed;
+        self.start_limited = None;
+        self.consecutive_failures = 0;
+        self.restarts = 0;
+        self.last_failure = None;
+        if was_failed {
+            self.set_state(ServiceState::Inactive, "failure reset");
+        }
+        was_failed
+    }
+
+    /// Its definition file can no longer be loaded (`error`), or again
+    /// (`None`). Only an idle service changes state: a running one keeps
+    /// the definition it started with.
+    pub(crate) fn definition_broken(&mut self, error: Option<String>) {
+        self.definition_error = error;
+        match (&self.definition_error, self.is_idle()) {
+            (Some(e), true) => {
+                let e = e.clone();
+                self.set_state(ServiceState::BadDefinition, e);
+            }
+            (None, true) if self.state == ServiceState::BadDefinition => {
+                self.set_state(ServiceState::Inactive, "definition fixed");
+            }
+            _ => {}
         }
     }
 
@@ -631,6 +722,46 @@ mod tests {
             ..rules
         };
         assert_eq!(decide_restart(&no, true, None, 0, 50).next, Next::Failed);
+    }
+
+    fn service() -> Service {
+        let def = ServiceDef::with_defaults(
+            "x".into(),
+            vec!["org.x.Y".into()],
+            Ok(vec!["/bin/true".into()]),
+            "/x.toml".into(),
+            crate::activation::definition::Source::Toml,
+        );
+        Service::new(Arc::new(def))
+    }
+
+    #[test]
+    fn a_broken_definition_shows_once_the_service_is_idle() {
+        let mut s = service();
+        s.activation_requested(None);
+        s.definition_broken(Some("/x.toml:1:1: bad".into()));
+        assert_eq!(s.state(), ServiceState::Activating, "a start goes on");
+        s.stopping(StopReason::Requested);
+        s.settle(ServiceState::Inactive, "stopped");
+        assert_eq!(s.state(), ServiceState::BadDefinition);
+        assert_eq!(s.reason(), "/x.toml:1:1: bad");
+        s.definition_broken(None);
+        assert_eq!(s.state(), ServiceState::Inactive);
+    }
+
+    #[test]
+    fn a_failure_stays_until_reset() {
+        let mut s = service();
+        s.activation_requested(None);
+        s.record_failure("timed out");
+        s.start_failed("timed out");
+        s.stopping(StopReason::Failed);
+        s.failed_start_cleaned();
+        assert_eq!((s.state(), s.reason()), (ServiceState::Failed, "timed out"));
+        assert!(s.reset_failed());
+        assert_eq!(s.state(), ServiceState::Inactive);
+        assert!(s.last_failure.is_none());
+        assert!(!s.reset_failed(), "not failed any more");
     }
 
     fn exit(state: ServiceState, kind: ExitKind) -> ExitFacts {

@@ -32,7 +32,11 @@ pub struct SpawnRequest {
     pub search_path: Option<OsString>,
     pub env: HashMap<OsString, OsString>,
     pub cwd: Option<PathBuf>,
-    /// Capture stdout/stderr (services); inherit them otherwise (`run`'s command).
+    /// A service's stdio: stdin from /dev/null, stdout and stderr
+    /// captured, no other descriptor. Otherwise (`run`'s command) stdin,
+    /// stdout, stderr and every descriptor busvisor inherited are passed
+    /// through, as dbus-run-session passes them: a pipe or a terminal on
+    /// stdin reaches the command.
     pub capture: bool,
     /// Put the process in a session of its own (services).
     pub new_session: bool,
@@ -204,6 +208,8 @@ struct ChildSetup {
     born_in_cgroup: bool,
     reset_oom: bool,
     new_session: bool,
+    /// Keep what busvisor inherited open (`run`'s command).
+    inherit_fds: bool,
     nofile: Option<(u64, u64)>,
     user: Option<Credentials>,
 }
@@ -215,6 +221,7 @@ impl ChildSetup {
             born_in_cgroup: false,
             reset_oom: req.reset_oom,
             new_session: req.new_session,
+            inherit_fds: !req.capture,
             nofile: INITIAL_NOFILE.get().copied(),
             user: req.user.clone(),
         }
@@ -224,7 +231,9 @@ impl ChildSetup {
     /// open, write, close, setsid, sigprocmask, sigaction, setrlimit, setgroups, setresgid,
     /// setresuid, prctl).
     fn run(&self) -> std::io::Result<()> {
-        cloexec_above_stdio();
+        if !self.inherit_fds {
+            cloexec_above_stdio();
+        }
         if let Some(procs) = self.cgroup_procs.as_ref().filter(|_| !self.born_in_cgroup) {
             // Into the invocation's cgroup first, while still privileged.
             write_file(procs, b"0");
@@ -273,8 +282,8 @@ impl ChildSetup {
 /// gets only its stdio and not what busvisor inherited (a harness's pipe
 /// would never reach EOF while a service lives). std passes the stdio as
 /// 0, 1 and 2, and its exec-error pipe is close-on-exec already.
-/// Async-signal-safe: raw syscalls only.
-fn cloexec_above_stdio() {
+/// Async-signal-safe: raw syscalls only (also what `launch` gives the bus).
+pub(crate) fn cloexec_above_stdio() {
     // SAFETY: close_range(2) takes three integers and touches no memory
     // of this process; nix has no wrapper.
     let r = unsafe {
@@ -324,13 +333,11 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
         setup.born_in_cgroup = false;
     }
     let mut cmd = Command::new(&resolved);
-    cmd.arg0(program)
-        .args(args)
-        .env_clear()
-        .envs(&req.env)
-        .stdin(Stdio::null());
+    cmd.arg0(program).args(args).env_clear().envs(&req.env);
     if req.capture {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
     }
     if let Some(dir) = &req.cwd {
         cmd.current_dir(dir);
@@ -439,11 +446,17 @@ mod clone3 {
                 .as_ref()
                 .map(|d| cstring(d.as_os_str().as_bytes()))
                 .transpose()?;
-            let null = open(
-                c"/dev/null",
-                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
+            // A service's stdin is /dev/null; `run`'s command keeps busvisor's.
+            let null = req
+                .capture
+                .then(|| {
+                    open(
+                        c"/dev/null",
+                        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                })
+                .transpose()?;
             let out = req
                 .capture
                 .then(|| nix::unistd::pipe2(OFlag::O_CLOEXEC))
@@ -493,7 +506,7 @@ mod clone3 {
                 &argv_p,
                 &envp_p,
                 cwd.as_deref(),
-                &null,
+                null.as_ref(),
                 out.as_ref().map(|p| &p.1),
                 err.as_ref().map(|p| &p.1),
             );
@@ -552,13 +565,13 @@ mod clone3 {
         argv: &[*const c_char],
         envp: &[*const c_char],
         cwd: Option<&std::ffi::CStr>,
-        null: &OwnedFd,
+        null: Option<&OwnedFd>,
         out: Option<&OwnedFd>,
         err: Option<&OwnedFd>,
     ) -> i32 {
         let errno = |e: nix::errno::Errno| e as i32;
         // dup2 leaves the new fds without close-on-exec.
-        let stdio = [(Some(null), 0), (out, 1), (err, 2)];
+        let stdio = [(null, 0), (out, 1), (err, 2)];
         for (fd, to) in stdio {
             if let Some(fd) = fd {
                 // SAFETY: dup2(2) on two integer fds, in the child.

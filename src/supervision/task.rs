@@ -2,7 +2,7 @@
 //! lock after whatever it must wait for (a /proc scan, a spawn, a
 //! definitions scan) has been done without it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use super::reaper::ExitKind;
 use super::service::{Service, ServiceState};
 use super::{Cmd, SupervisedBus, SupervisorHandle, SupervisorState, output, procs};
 use crate::activation::catalog;
+use crate::activation::definition::Skipped;
 use crate::bus::{BusState, Requester, Shared};
 use crate::wire::{self, BusError, ErrorName, names};
 
@@ -91,6 +92,16 @@ impl Task {
             Cmd::Spawn(id) => self.spawn(&id).await,
             Cmd::Resolve => self.resolve().await,
             Cmd::Reload => self.reload().await,
+            Cmd::SetEnabled(id, file, enable, call) => {
+                let written = tokio::task::spawn_blocking(move || {
+                    catalog::set_disabled_marker(&file, !enable)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                let mut g = self.bus.lock();
+                let Shared { core, sup } = &mut *g;
+                sup.set_enabled(&id, enable, written, &call, core);
+            }
             Cmd::RunCommand(req, reply) => {
                 let r = self.host.spawn_command(req).await.map(|s| {
                     let (tx, rx) = oneshot::channel();
@@ -145,6 +156,8 @@ impl Task {
             Cmd::Spawn(_)
             | Cmd::RestartDue(..)
             | Cmd::Start(..)
+            | Cmd::ResetFailed(..)
+            | Cmd::SetEnabled(..)
             | Cmd::RunCommand(..)
             | Cmd::Resolve
             | Cmd::Reload => false,
@@ -154,7 +167,9 @@ impl Task {
             | Cmd::Recheck(..)
             | Cmd::Shutdown(_)
             | Cmd::Stop(..)
-            | Cmd::Restart(..) => true,
+            | Cmd::Restart(..)
+            | Cmd::Properties(..)
+            | Cmd::Kill(..) => true,
         }
     }
 
@@ -188,8 +203,15 @@ impl Task {
                 }
                 drop(g);
                 let budget = output::Budget::shared();
-                for fd in [spawned.stdout, spawned.stderr].into_iter().flatten() {
-                    output::capture(self.bus.clone(), id.to_owned(), pid, fd, &budget);
+                let pipes = [
+                    (output::Stream::Stdout, spawned.stdout),
+                    (output::Stream::Stderr, spawned.stderr),
+                ];
+                for (stream, fd) in pipes {
+                    if let Some(fd) = fd {
+                        let bus = self.bus.clone();
+                        output::capture(bus, id.to_owned(), pid, stream, fd, &budget);
+                    }
                 }
             }
         }
@@ -278,23 +300,49 @@ impl Task {
 
 impl SupervisorState {
     /// Install scanned definitions; running services keep their definition
-    /// until they start again, and those gone from the files leave once stopped.
-    pub(crate) fn install(&mut self, (catalog, warnings): catalog::Scanned, core: &mut BusState) {
-        for w in &warnings {
+    /// until they start again, and those gone from the files leave once
+    /// stopped. A file that could not be loaded stays in view as a
+    /// `bad-definition` entry (or, for a running service, its
+    /// `DefinitionError`). Each problem is logged here, once per scan.
+    pub(crate) fn install(&mut self, scanned: catalog::Scanned, core: &mut BusState) {
+        let catalog::Scanned {
+            catalog,
+            warnings,
+            disabled,
+        } = scanned;
+        for w in self.catalog.new_warnings(&warnings) {
             warn!("{w}");
         }
-        info!(services = catalog.len(), "service definitions loaded");
-        self.services
-            .retain(|id, svc| catalog.get(id).is_some() || !svc.is_idle());
+        info!(
+            services = catalog.len(),
+            skipped = catalog.skipped().len(),
+            "service definitions loaded"
+        );
+        // The skipped file that names each id (the first, as for definitions).
+        let mut bad: BTreeMap<&str, &Skipped> = BTreeMap::new();
+        for s in catalog.skipped() {
+            if catalog.get(&s.id).is_none() {
+                bad.entry(s.id.as_str()).or_insert(s);
+            }
+        }
+        self.services.retain(|id, svc| {
+            catalog.get(id).is_some() || bad.contains_key(id.as_str()) || !svc.is_idle()
+        });
         for def in catalog.defs() {
             match self.services.get_mut(&def.id) {
                 Some(svc) if svc.is_idle() => {
-                    if !Arc::ptr_eq(&svc.def, def) {
+                    if !Arc::ptr_eq(&svc.def, def) || svc.definition_error.is_some() {
                         svc.def = Arc::clone(def);
+                        svc.definition_broken(None);
                         self.events.touch(&def.id);
                     }
                 }
-                Some(_) => {}
+                Some(svc) => {
+                    if svc.definition_error.is_some() {
+                        svc.definition_broken(None);
+                        self.events.touch(&def.id);
+                    }
+                }
                 None => {
                     self.services
                         .insert(def.id.clone(), Service::new(Arc::clone(def)));
@@ -302,7 +350,28 @@ impl SupervisorState {
                 }
             }
         }
-        self.catalog.install(catalog);
+        for (id, skipped) in bad {
+            match self.services.get_mut(id) {
+                Some(svc) if svc.definition_error.as_deref() == Some(&skipped.error) => {}
+                Some(svc) => {
+                    // Its history (output, failures) stays with the entry.
+                    svc.definition_broken(Some(skipped.error.clone()));
+                    self.events.touch(id);
+                }
+                None => {
+                    self.services.insert(id.to_owned(), Service::bad(skipped));
+                    self.events.touch(id);
+                }
+            }
+        }
+        self.catalog.install(catalog, disabled);
+        for (id, svc) in self.services.iter_mut() {
+            let enabled = self.catalog.is_enabled(id);
+            if svc.enabled != enabled {
+                svc.enabled = enabled;
+                self.events.touch(id);
+            }
+        }
         self.events.flush(&self.services, core);
     }
 
@@ -341,13 +410,16 @@ impl SupervisorState {
 
     /// Each running invocation's processes as held now, by token: where
     /// the next scan starts from.
-    pub(super) fn known_processes(&self) -> HashMap<String, Vec<i32>> {
+    pub(super) fn known_processes(&self) -> HashMap<String, procs::Known> {
         self.services
             .values()
             .filter(|s| !s.token.is_empty())
             .map(|s| {
-                let pids = s.pids.iter().chain(s.launched_pid).collect();
-                (s.token.clone(), pids)
+                let known = procs::Known {
+                    live: s.pids.live().collect(),
+                    session: s.session,
+                };
+                (s.token.clone(), known)
             })
             .collect()
     }

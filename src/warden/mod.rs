@@ -9,13 +9,15 @@
 //! - it starts a service by its definition's id, reading the root-owned
 //!   definition itself and deriving the command line, user and environment
 //!   from it (the router never sends those);
-//! - it signals processes, only its own descendants other than the router;
+//! - it signals processes, only its own descendants other than the router,
+//!   and kills an invocation's cgroup (`cgroup.kill`) by its token;
 //! - it reaps every process (it is the child subreaper, so services and
 //!   what they double-fork stay in its tree) and reports the exits.
 //!
-//! The warden is the bus's main process: its pid is the pidfile's, SIGTERM
-//! and SIGHUP sent to it are passed to the router. When the router ends, for
-//! whatever reason, the warden ends every process left and exits.
+//! The warden is the keeper's child (see `keeper`: the keeper's pid is the
+//! pidfile's); SIGTERM and SIGHUP sent to it are passed to the router. When
+//! the router ends, for whatever reason, the warden ends every process left
+//! and exits.
 
 pub(crate) mod protocol;
 
@@ -241,6 +243,14 @@ impl Warden {
                 self.send(&reply.0, &fds);
             }
             Ok(Request::Kill { pid, signal }) => self.kill(pid, signal),
+            Ok(Request::KillCgroup { token }) if valid_token(&token) => {
+                if !procs::kill_cgroup(&token) {
+                    warn!("warden: cannot kill the cgroup of {token}");
+                }
+            }
+            Ok(Request::KillCgroup { token }) => {
+                warn!("warden: refusing to kill the cgroup of {token:?}")
+            }
             Err(e) => warn!("warden: {e}"),
         }
         true
@@ -272,7 +282,7 @@ impl Warden {
                 format!("invalid invocation token {token:?}"),
             );
         }
-        let (catalog, _) = catalog::scan(&self.setup.dirs);
+        let catalog = catalog::scan(&self.setup.dirs).catalog;
         let Some(def) = catalog.get(id) else {
             return failed(
                 "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
@@ -358,22 +368,18 @@ impl Warden {
     fn finish(mut self) -> u8 {
         // A router that ended cleanly stopped its services; one that
         // crashed did not: TERM first, then KILL what remains.
-        let kill_all = |w: &Warden, sig| {
-            for p in w.descendants() {
-                let _ = nix::sys::signal::kill(Pid::from_raw(p), sig);
-            }
-        };
-        kill_all(&self, Signal::SIGTERM);
+        let me = self.me.as_raw();
+        procs::signal_descendants(me, Signal::SIGTERM);
         let deadline = Instant::now() + FINAL_REAP;
         loop {
             self.reap_quietly();
             // The router's threads may still be ending after its main one
             // shows as a zombie: done only once it is reaped.
-            if self.router_exit.is_some() && self.descendants().is_empty() {
+            if self.router_exit.is_some() && procs::descendants_of(me).is_empty() {
                 break;
             }
             if Instant::now() >= deadline {
-                kill_all(&self, Signal::SIGKILL);
+                procs::signal_descendants(me, Signal::SIGKILL);
                 if self.router_exit.is_none() {
                     let _ = nix::sys::signal::kill(self.router, Signal::SIGKILL);
                     if let Ok(st) = nix::sys::wait::waitpid(self.router, None) {
@@ -414,20 +420,6 @@ impl Warden {
                 self.router_exit = Some(kind);
             }
         }
-    }
-
-    /// Every live process below the warden.
-    fn descendants(&self) -> Vec<i32> {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&p| {
-                procs::stat_of(p).is_some_and(|(_, state)| state != 'Z')
-                    && (p == self.router.as_raw() || self.is_service_process(p))
-            })
-            .collect()
     }
 }
 

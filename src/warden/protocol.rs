@@ -20,6 +20,8 @@ pub(crate) enum Request {
     Spawn { seq: u64, id: String, token: String },
     /// Send `signal` to `pid`, if it is a process of the services'.
     Kill { pid: i32, signal: i32 },
+    /// Kill every process of the invocation `token`'s cgroup at once.
+    KillCgroup { token: String },
 }
 
 /// Warden → router.
@@ -61,6 +63,7 @@ impl Request {
         match self {
             Request::Spawn { seq, id, token } => join(&["spawn", &seq.to_string(), id, token]),
             Request::Kill { pid, signal } => join(&["kill", &pid.to_string(), &signal.to_string()]),
+            Request::KillCgroup { token } => join(&["killcgroup", token]),
         }
     }
 
@@ -74,6 +77,9 @@ impl Request {
             ["kill", pid, signal] => Ok(Request::Kill {
                 pid: num(pid)?,
                 signal: num(signal)?,
+            }),
+            ["killcgroup", token] => Ok(Request::KillCgroup {
+                token: (*token).to_owned(),
             }),
             other => Err(ProtocolError(format!(
                 "unknown request {:?}",
@@ -175,6 +181,9 @@ mod tests {
             Request::Kill {
                 pid: 42,
                 signal: 15,
+            },
+            Request::KillCgroup {
+                token: "org.freedesktop.PolicyKit1-12-1".into(),
             },
         ] {
             assert_eq!(Request::decode(&r.encode()), Ok(r));

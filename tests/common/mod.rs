@@ -91,7 +91,20 @@ impl TestBus {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The bus process: busvisor's process started by the test is the
+    /// keeper above it (see src/keeper.rs); the bus is its one child (on
+    /// a system bus, the warden). dbus-daemon is its own bus.
     pub fn pid(&self) -> u32 {
+        let keeper = self.proc.pid();
+        if is_reference() {
+            return keeper;
+        }
+        children_of(keeper).into_iter().next().unwrap_or(keeper)
+    }
+
+    /// The process the test started: the keeper, whose pid busvisor
+    /// prints with --print-pid and writes to its pidfile.
+    pub fn keeper_pid(&self) -> u32 {
         self.proc.pid()
     }
 
@@ -809,6 +822,21 @@ pub fn service_pids_of(bus_pid: u32) -> Vec<u32> {
     pids_with_env("BUSVISOR_INVOCATION", &format!("-{bus_pid}-"))
 }
 
+/// Live direct children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                && proc_stat(p).is_some_and(|(pp, s)| pp == pid && s != 'Z')
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// Direct children of `pid` that are zombies (exited, not reaped).
 pub fn zombie_children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -882,6 +910,14 @@ pub fn kill_marked(mark: &str) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Run `busvisor ARGS --address=ADDRESS` (a control command) to completion.
+pub fn busvisor_at(address: &str, args: &[&str]) -> ToolOutput {
+    let addr = format!("--address={address}");
+    let mut v = args.to_vec();
+    v.push(&addr);
+    run_tool(busvisor_bin(), &v, Duration::from_secs(30))
 }
 
 /// Where the test services live.
