@@ -43,6 +43,17 @@
 # Unset: the stock session configuration only).
 #
 #   scripts/bench.sh --main     the main table only, no activation section
+#
+# Then the libdbus section (`--only busbench` runs it alone): busbench.py
+# (../shared/bench/busbench.py beside the repository, or $BUSBENCH), whose
+# clients are libdbus's (dbus-test-tool spam/echo) and raw sockets, against
+# busvisor (and BASELINE as busvisor-before) and dbus-daemon, each scenario on
+# a fresh bus, BUSBENCH_RUNS runs (default 3; busbench rotates the bus
+# order), and its table of medians with every bus's ratio to dbus-daemon;
+# then scripts/flat-bench.py: fan-out to 10 subscribers alone, with 10,000
+# idle peers holding non-matching rules, and with 100,000 such rules, each
+# bus against its own first row (target: within 1.1). Skipped, with a
+# note, when busbench.py or dbus-test-tool is missing.
 set -euo pipefail
 
 if [ -n "${BASELINE:-}" ]; then
@@ -69,9 +80,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-# 1,000 idle clients plus the bench's own sockets: both the bench and the
-# buses (started from this shell) inherit the raised limit.
-ulimit -n 4096 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# 1,000 idle clients plus the bench's own sockets (10,000 in flat-bench):
+# both the bench and the buses (started from this shell) inherit the raised
+# soft limit; the hard one stays as it is.
+ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || ulimit -Sn 4096 2>/dev/null || true
 
 command -v "$DBUS_DAEMON" >/dev/null || { echo "bench.sh: $DBUS_DAEMON not found (apt-get install dbus-daemon)" >&2; exit 1; }
 
@@ -81,9 +93,11 @@ cargo build --release --quiet
 # activation section runs unless --only names something it does not contain.
 RUN_MAIN=1
 RUN_ACT=1
-[ "$ONLY" = activation ] && RUN_MAIN=
+RUN_BB=1
+case "$ONLY" in activation | busbench) RUN_MAIN= ;; esac
 [ -n "$ONLY" ] && case activation in *"$ONLY"*) ;; *) RUN_ACT= ;; esac
-[ -n "$NO_ACT" ] && RUN_ACT=
+[ -n "$ONLY" ] && case busbench in *"$ONLY"*) ;; *) RUN_BB= ;; esac
+[ -n "$NO_ACT" ] && RUN_ACT= && RUN_BB=
 # POLICY: the configuration of the -large (-policy) buses.
 POLICY_CONF=
 POLICY_TAG=
@@ -96,14 +110,17 @@ if [ -n "$POLICY_CONF" ]; then
     [ -f "$POLICY_CONF" ] || { echo "bench.sh: POLICY=$POLICY: no file $POLICY_CONF" >&2; exit 2; }
     POLICY_CONF=$(cd "$(dirname "$POLICY_CONF")" && pwd)/$(basename "$POLICY_CONF")
 fi
-ARTIFACTS=$(cargo bench --bench bus --bench activation --no-run --message-format=json 2>/dev/null)
-bench_exe() {
-    grep '"kind":\["bench"\]' <<<"$ARTIFACTS" | grep "\"name\":\"$1\"" \
-        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1
-}
-BENCH_EXE=$(bench_exe bus)
-ACT_EXE=$(bench_exe activation)
-[ -x "$BENCH_EXE" ] && [ -x "$ACT_EXE" ] || { echo "bench.sh: bench executable not found" >&2; exit 1; }
+# The zbus benches are built only for the sections that run them.
+if [ -n "$RUN_MAIN$RUN_ACT" ]; then
+    ARTIFACTS=$(cargo bench --bench bus --bench activation --no-run --message-format=json 2>/dev/null)
+    bench_exe() {
+        grep '"kind":\["bench"\]' <<<"$ARTIFACTS" | grep "\"name\":\"$1\"" \
+            | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1
+    }
+    BENCH_EXE=$(bench_exe bus)
+    ACT_EXE=$(bench_exe activation)
+    [ -x "$BENCH_EXE" ] && [ -x "$ACT_EXE" ] || { echo "bench.sh: bench executable not found" >&2; exit 1; }
+fi
 BUSVISOR=$CARGO_TARGET_DIR/release/busvisor
 
 D1=$(mktemp -d /tmp/busvisor-bench.XXXXXX)
@@ -224,6 +241,31 @@ if [ -n "$RUN_MAIN" ]; then
         check_buses "${MAIN_BUSES[i]}" "${MAIN_BUSES[i + 2]}" "${MAIN_BUSES[i + 1]}"
     done
     stop_buses "${PIDS[@]}"
+fi
+
+if [ -n "$RUN_BB" ]; then
+    BUSBENCH=${BUSBENCH:-$ROOT/../shared/bench/busbench.py}
+    if [ ! -f "$BUSBENCH" ] || ! command -v dbus-test-tool >/dev/null; then
+        echo "bench.sh: libdbus section skipped: needs $BUSBENCH and dbus-test-tool (package dbus-tests)" >&2
+    else
+        echo "== libdbus section: busbench.py, ${BUSBENCH_RUNS:-3} runs, load average $(cut -d" " -f1-3 /proc/loadavg)" >&2
+        D6=$(mktemp -d /tmp/busbench.XXXXXX)
+        BB_BUSES=(--bus "busvisor=$BUSVISOR --nofork --print-address --config-file={config}")
+        [ -n "${BASELINE:-}" ] && BB_BUSES+=(--bus "busvisor-before=$BASELINE --nofork --print-address --config-file={config}")
+        BB_BUSES+=(--bus "dbus-daemon=$DBUS_DAEMON --nofork --print-address --config-file={config}")
+        BB_ARGS=(--runs "${BUSBENCH_RUNS:-3}" --baseline dbus-daemon --workdir "$D6")
+        # --quick: a tenth of the work per row.
+        for a in "${BENCH_ARGS[@]}"; do
+            [ "$a" = --quick ] && BB_ARGS+=(--rtt-count 2000 --pipe-count 10000 --connect-count 300 --fanout-deliveries 50000 --act-count 5)
+        done
+        python3 "$BUSBENCH" "${BB_BUSES[@]}" "${BB_ARGS[@]}" --out "$D6/busbench.jsonl" \
+            --scenarios rtt,pipelined,payload4k,pairs,driver,fanout,fanoutbg,connect,memory,activation \
+            2> >(grep -v '^\[run .* {' >&2) || status=$?
+        BUSBENCH=$BUSBENCH python3 "$ROOT/scripts/flat-bench.py" "${BB_BUSES[@]}" "${BB_ARGS[@]}" \
+            --out "$D6/flat.jsonl" 2> >(grep -v '^\[run .* {' >&2) || status=$?
+        echo "== load average after the libdbus section: $(cut -d" " -f1-3 /proc/loadavg)" >&2
+        rm -rf "$D6"
+    fi
 fi
 
 if [ -n "$RUN_ACT" ]; then

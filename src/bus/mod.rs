@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Limits;
 use crate::wire::{BusError, Message};
-pub(crate) use outbox::{Cutter, Incoming, Outbox};
+pub(crate) use outbox::{Cutter, Outbox};
 pub(crate) use peer::{Credentials, Identity, PeerId, unique_name};
 pub(crate) use state::BusState;
 

@@ -239,6 +239,10 @@ impl Outbox {
                 if q.closed {
                     return false;
                 }
+                // About to wait: an idle peer keeps no buffer, neither the
+                // queue's nor the writer's.
+                q.messages = VecDeque::new();
+                *batch = Vec::new();
             }
             self.ready.notified().await;
         }

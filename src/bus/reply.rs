@@ -9,7 +9,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::peer::PeerId;
+use super::peer::{IdMap, PeerId};
 
 /// One expected reply: the caller and the serial of its call.
 pub(crate) type Slot = (PeerId, u32);
@@ -20,9 +20,9 @@ pub(crate) struct ReplyRegistry {
     /// number (which tells a slot from a later one with the same serial).
     slots: HashMap<Slot, (PeerId, u64)>,
     /// Per caller, the serials it waits for.
-    waiting: HashMap<PeerId, HashSet<u32>>,
+    waiting: IdMap<HashSet<u32>>,
     /// Per callee, the slots it owes.
-    owed: HashMap<PeerId, HashSet<Slot>>,
+    owed: IdMap<HashSet<Slot>>,
     /// `reply_timeout`, when calls time out at all.
     timeout: Option<Duration>,
     /// With a timeout: every slot's deadline, in order (one timeout for all
@@ -144,11 +144,7 @@ impl ReplyRegistry {
 
 /// Remove `value` from `key`'s set. An emptied set stays until its peer
 /// leaves, so that a peer's next call allocates nothing.
-fn remove_from<K: std::hash::Hash + Eq, V: std::hash::Hash + Eq>(
-    map: &mut HashMap<K, HashSet<V>>,
-    key: K,
-    value: &V,
-) {
+fn remove_from<V: std::hash::Hash + Eq>(map: &mut IdMap<HashSet<V>>, key: PeerId, value: &V) {
     if let Some(set) = map.get_mut(&key) {
         set.remove(value);
     }

@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::names::Names;
 use super::outbox::{Cutter, Incoming, Outbox};
-use super::peer::{Identity, PeerEntry, PeerId, unique_name};
+use super::peer::{IdMap, Identity, PeerEntry, PeerId, unique_name};
 use super::pending::Pending;
 use super::reply::ReplyRegistry;
 use super::{Activator, Answer, CallRef};
@@ -21,7 +21,7 @@ use crate::wire::{self, BusError, ErrorName, Message};
 
 /// Everything the bus core owns, behind the one lock.
 pub(crate) struct BusState {
-    pub(super) peers: HashMap<PeerId, PeerEntry>,
+    pub(super) peers: IdMap<PeerEntry>,
     pub(super) names: Names,
     pub(super) matches: MatchIndex<PeerId>,
     /// Rules with eavesdrop=true, bus-wide: unicast fan-out is skipped when 0.
@@ -64,7 +64,7 @@ impl BusState {
         let timeout = (limits.reply_timeout_ms != crate::config::REPLY_TIMEOUT_NEVER)
             .then(|| Duration::from_millis(limits.reply_timeout_ms));
         BusState {
-            peers: HashMap::new(),
+            peers: IdMap::default(),
             names: Names::default(),
             matches: MatchIndex::default(),
             eavesdrop_rules: 0,
@@ -134,6 +134,10 @@ impl BusState {
             self.matches.remove_all(id);
         } else {
             let peer = self.peers.remove(&id).expect("looked up above");
+            // Room left by a crowd that came and went is given back.
+            if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
+                self.peers.shrink_to_fit();
+            }
             peer.outbox.close();
             if peer.hello {
                 self.uncount_completed(peer.creds.uid);

@@ -178,8 +178,8 @@ pub fn resolve_program(program: &str, req: &SpawnRequest) -> std::io::Result<Pat
 }
 
 /// Create an invocation's cgroup; the path of its `cgroup.procs`, which the
-/// child writes itself into. None if the cgroup cannot be made (the
-/// environment token still finds the service).
+/// child writes itself into when it cannot be born there. None if the
+/// cgroup cannot be made (the environment token still finds the service).
 fn join_cgroup_path(dir: &Path) -> Option<std::ffi::CString> {
     // The bus's own cgroup directory too, made by the first spawn.
     if let Err(e) = std::fs::create_dir_all(dir) {
@@ -204,6 +204,8 @@ fn write_file(path: &std::ffi::CStr, data: &[u8]) {
 /// child may not allocate.
 struct ChildSetup {
     cgroup_procs: Option<std::ffi::CString>,
+    /// The child was created in its cgroup (clone3): no move.
+    born_in_cgroup: bool,
     reset_oom: bool,
     new_session: bool,
     /// Keep what busvisor inherited open (`run`'s command).
@@ -216,6 +218,7 @@ impl ChildSetup {
     fn new(req: &SpawnRequest) -> ChildSetup {
         ChildSetup {
             cgroup_procs: req.cgroup.as_deref().and_then(join_cgroup_path),
+            born_in_cgroup: false,
             reset_oom: req.reset_oom,
             new_session: req.new_session,
             inherit_fds: !req.capture,
@@ -231,7 +234,7 @@ impl ChildSetup {
         if !self.inherit_fds {
             cloexec_above_stdio();
         }
-        if let Some(procs) = &self.cgroup_procs {
+        if let Some(procs) = self.cgroup_procs.as_ref().filter(|_| !self.born_in_cgroup) {
             // Into the invocation's cgroup first, while still privileged.
             write_file(procs, b"0");
         }
@@ -314,6 +317,21 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
         ));
     };
     let resolved = resolve_program(program, req)?;
+    // Held from the cgroup's creation until the child is in it (spawn
+    // returns after the exec): pruning empty cgroups takes it too, so it
+    // cannot remove a cgroup between its mkdir and its first process.
+    let guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut setup = ChildSetup::new(req);
+    if setup.cgroup_procs.is_some() {
+        // Born in its cgroup where the kernel can (clone3, Linux 5.7): a
+        // move costs an RCU grace period, about 10 ms.
+        setup.born_in_cgroup = true;
+        if let Some(spawned) = clone3::spawn(req, program, &resolved, &setup) {
+            drop(guard);
+            return spawned;
+        }
+        setup.born_in_cgroup = false;
+    }
     let mut cmd = Command::new(&resolved);
     cmd.arg0(program).args(args).env_clear().envs(&req.env);
     if req.capture {
@@ -324,11 +342,6 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
     if let Some(dir) = &req.cwd {
         cmd.current_dir(dir);
     }
-    // Held from the cgroup's creation until the child is in it (spawn
-    // returns after the exec): pruning empty cgroups takes it too, so it
-    // cannot remove a cgroup between its mkdir and its first process.
-    let guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let setup = ChildSetup::new(req);
     // SAFETY: the closure runs in the forked child before exec; `run` calls
     // only async-signal-safe syscalls on data made before the fork, and
     // allocates nothing and touches no lock.
@@ -347,4 +360,238 @@ pub(crate) fn spawn_now(req: &SpawnRequest) -> std::io::Result<Spawned> {
         stdout,
         stderr,
     })
+}
+
+/// Starting a process in its cgroup: `clone3(CLONE_INTO_CGROUP)`, then
+/// what std's `Command::spawn` does (stdio, directory, exec, the exec
+/// error reported through a close-on-exec pipe), since std cannot pass a
+/// cgroup to the kernel.
+mod clone3 {
+    use std::ffi::{CString, c_char};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+
+    use super::{ChildSetup, SpawnRequest, Spawned};
+
+    /// `struct clone_args` of linux/sched.h, to its `cgroup` field (v2).
+    #[repr(C, align(8))]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+    fn cstring(b: &[u8]) -> std::io::Result<CString> {
+        CString::new(b).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a NUL byte in an argument",
+            )
+        })
+    }
+
+    /// A null-terminated array of pointers into `strings` (which must
+    /// outlive it), for execve.
+    fn pointers(strings: &[CString]) -> Vec<*const c_char> {
+        strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    }
+
+    /// None when the kernel cannot (no clone3 or no CLONE_INTO_CGROUP, or
+    /// the cgroup cannot be opened): the caller forks the usual way.
+    pub(super) fn spawn(
+        req: &SpawnRequest,
+        program: &str,
+        resolved: &Path,
+        setup: &ChildSetup,
+    ) -> Option<std::io::Result<Spawned>> {
+        let dir = req.cgroup.as_deref()?;
+        let cgroup = open(
+            dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        // Everything the child uses, made before the fork.
+        let prepared = (|| -> std::io::Result<_> {
+            let path = cstring(resolved.as_os_str().as_bytes())?;
+            let argv = std::iter::once(program)
+                .chain(req.argv[1..].iter().map(String::as_str))
+                .map(|a| cstring(a.as_bytes()))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let envp = req
+                .env
+                .iter()
+                .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let cwd = req
+                .cwd
+                .as_ref()
+                .map(|d| cstring(d.as_os_str().as_bytes()))
+                .transpose()?;
+            // A service's stdin is /dev/null; `run`'s command keeps busvisor's.
+            let null = req
+                .capture
+                .then(|| {
+                    open(
+                        c"/dev/null",
+                        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                })
+                .transpose()?;
+            let out = req
+                .capture
+                .then(|| nix::unistd::pipe2(OFlag::O_CLOEXEC))
+                .transpose()?;
+            let err = req
+                .capture
+                .then(|| nix::unistd::pipe2(OFlag::O_CLOEXEC))
+                .transpose()?;
+            let report = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+            Ok((path, argv, envp, cwd, null, out, err, report))
+        })();
+        let (path, argv, envp, cwd, null, out, err, report) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let argv_p = pointers(&argv);
+        let envp_p = pointers(&envp);
+        let args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            pidfd: 0,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: 0,
+            stack_size: 0,
+            tls: 0,
+            set_tid: 0,
+            set_tid_size: 0,
+            cgroup: cgroup.as_raw_fd() as u64,
+        };
+        // SAFETY: clone3(2), which nix lacks, with no stack of its own and
+        // no CLONE_VM: fork semantics, the child a copy of this process
+        // with only this thread. In the child, `child` makes only
+        // async-signal-safe system calls on memory made before the fork
+        // (no allocation, no lock) and ends in execve or _exit.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid == 0 {
+            let errno = child(
+                setup,
+                &path,
+                &argv_p,
+                &envp_p,
+                cwd.as_deref(),
+                null.as_ref(),
+                out.as_ref().map(|p| &p.1),
+                err.as_ref().map(|p| &p.1),
+            );
+            let bytes = errno.to_ne_bytes();
+            // SAFETY: write(2) and _exit(2) in the forked child, on a pipe
+            // fd and a stack buffer; nothing else runs after.
+            unsafe {
+                libc::write(report.1.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(127);
+            }
+        }
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOSYS: no clone3; E2BIG or EINVAL: no cgroup field or flag.
+            return match e.raw_os_error() {
+                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL) => None,
+                _ => Some(Err(e)),
+            };
+        }
+        let pid = pid as i32;
+        drop(report.1);
+        drop(null);
+        // The exec's outcome: the pipe closes on exec, or carries the errno.
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match nix::unistd::read(&report.0, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        if got == 4 {
+            // The exec failed: the child is ours to reap (the reaper waits
+            // for the spawn lock, which the caller holds).
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            return Some(Err(std::io::Error::from_raw_os_error(i32::from_ne_bytes(
+                buf,
+            ))));
+        }
+        Some(Ok(Spawned {
+            pid,
+            program: resolved.to_owned(),
+            stdout: out.map(|p| p.0),
+            stderr: err.map(|p| p.0),
+        }))
+    }
+
+    /// In the forked child: stdio, directory, the rest of the setup, exec.
+    /// Returns the errno of what failed.
+    #[allow(clippy::too_many_arguments)]
+    fn child(
+        setup: &ChildSetup,
+        path: &CString,
+        argv: &[*const c_char],
+        envp: &[*const c_char],
+        cwd: Option<&std::ffi::CStr>,
+        null: Option<&OwnedFd>,
+        out: Option<&OwnedFd>,
+        err: Option<&OwnedFd>,
+    ) -> i32 {
+        let errno = |e: nix::errno::Errno| e as i32;
+        // dup2 leaves the new fds without close-on-exec.
+        let stdio = [(null, 0), (out, 1), (err, 2)];
+        for (fd, to) in stdio {
+            if let Some(fd) = fd {
+                // SAFETY: dup2(2) on two integer fds, in the child.
+                if unsafe { libc::dup2(fd.as_raw_fd(), to) } < 0 {
+                    return errno(nix::errno::Errno::last());
+                }
+            }
+        }
+        if let Some(dir) = cwd
+            && let Err(e) = nix::unistd::chdir(dir)
+        {
+            return errno(e);
+        }
+        if let Err(e) = setup.run() {
+            return e.raw_os_error().unwrap_or(libc::EINVAL);
+        }
+        // SAFETY: execve(2) with a path and two null-terminated pointer
+        // arrays built before the fork, whose strings are alive (the
+        // parent's copies, in this copy of its memory).
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        errno(nix::errno::Errno::last())
+    }
 }

@@ -26,8 +26,7 @@ use zbus::message::Message;
 use zbus::names::OwnedUniqueName;
 
 use crate::bus::{
-    Activator, Bus, Credentials, Cutter, Facts, Identity, Incoming, Outbox, PeerId, Verdict,
-    unique_name,
+    Activator, Bus, Credentials, Cutter, Facts, Identity, Outbox, PeerId, Verdict, unique_name,
 };
 use crate::config::address::ListenAddress;
 use crate::wire::{self, BusError, ErrorName};
@@ -231,7 +230,16 @@ async fn connection<S: Activator + Send + 'static>(
     // there. The guard gives the slot back however this task ends.
     let incomplete = Incomplete::hold(gate);
     let deadline = Deadline::start(&bus.facts);
-    let Some(negotiated) = authenticate(&stream, &bus.facts.guid, uid, creds.pid, deadline).await
+    // The handshake's futures are boxed: the task keeps, for as long as it
+    // lives, room for its largest state, and an idle peer is past these.
+    let Some(negotiated) = Box::pin(authenticate(
+        &stream,
+        &bus.facts.guid,
+        uid,
+        creds.pid,
+        deadline,
+    ))
+    .await
     else {
         return;
     };
@@ -241,13 +249,14 @@ async fn connection<S: Activator + Send + 'static>(
         fds: negotiated.fds,
     };
     let mut link = Link::new(stream, limits, negotiated.leftover);
-    let Some(hello) = await_hello(&mut link, creds.pid, deadline).await else {
+    let Some(hello) = Box::pin(await_hello(&mut link, creds.pid, deadline)).await else {
         return;
     };
     drop(incomplete);
     let Some(peer) = register(&bus, &link, creds, negotiated.fds) else {
         return;
     };
+    link.reader.stamp(&peer.name);
     read_loop(&bus, &mut link, &peer, hello).await;
     teardown(&bus, peer, &link.cutter).await;
 }
@@ -404,8 +413,8 @@ struct Registered {
     id: PeerId,
     name: OwnedUniqueName,
     writer: JoinHandle<()>,
-    /// Its messages queued for others (max_incoming_bytes).
-    incoming: Arc<Incoming>,
+    /// Its queue (and its messages queued for others: max_incoming_bytes).
+    outbox: Arc<Outbox>,
 }
 
 /// What the bus keeps of who the peer is, read here, off the bus lock: its
@@ -422,14 +431,23 @@ fn identity(facts: &Facts, cutter: &Cutter, creds: Credentials) -> Identity {
     };
     groups.sort_unstable();
     groups.dedup();
-    let cmdline = creds
-        .pid
-        .and_then(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok());
+    let cmdline = creds.pid.and_then(cmdline_head);
     Identity {
         loginfo: Identity::loginfo(&creds, cmdline.as_deref()).into(),
         groups: groups.into(),
         creds,
     }
+}
+
+/// The start of a process's command line, as much as the log shows of it:
+/// one read (`std::fs::read` would stat the file and read it in growing
+/// steps, seven system calls instead of three).
+fn cmdline_head(pid: u32) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut head = [0u8; 64];
+    let n = f.read(&mut head).ok()?;
+    Some(head[..n].to_vec())
 }
 
 /// Join the bus with the Hello: the peer gets its unique name and an
@@ -460,18 +478,18 @@ fn register<S: Activator>(
         }
     };
     info!(peer = %name, pid = ?creds.pid, "connected");
+    trim::joined();
     let writer = tokio::spawn(write_loop(
         id,
         link.stream.clone(),
         outbox.clone(),
         link.cutter.clone(),
     ));
-    let incoming = outbox.incoming.clone();
     Some(Registered {
         id,
         name,
         writer,
-        incoming,
+        outbox,
     })
 }
 
@@ -480,6 +498,8 @@ fn register<S: Activator>(
 async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registered, hello: Message) {
     let me = &peer.name;
     let mut msg = hello;
+    // The Hello came before the peer had a name; the reader stamps the rest.
+    let mut stamped = false;
     // A pipelining peer's messages are all in its socket and the chunk
     // read ahead: reading them never waits, so without a bound one peer
     // could keep the worker for its whole backlog. Each turn is TURN
@@ -493,10 +513,11 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
             turn = 0;
             tokio::task::yield_now().await;
         }
-        let Some(stamped) = admit(msg, me) else {
+        let Some(admitted) = admit(msg, me, stamped) else {
             return;
         };
-        match bus.handle(peer.id, stamped) {
+        stamped = true;
+        match bus.handle(peer.id, admitted) {
             Verdict::Continue => {}
             Verdict::Disconnect(why) => return info!(peer = %me, "disconnecting: {why}"),
             // Backpressure: read no more from this peer until a recipient that
@@ -506,8 +527,8 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
         }
         // max_incoming_bytes: while this peer's messages queued for others
         // pass it, read no more of them (dbus-daemon's live messages).
-        if peer.incoming.over() {
-            peer.incoming.wait_within().await;
+        if peer.outbox.incoming.over() {
+            peer.outbox.incoming.wait_within().await;
         }
         msg = match link.receive().await {
             Ok(m) => m,
@@ -525,15 +546,15 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
 }
 
 /// The message as the bus may route it: its body valid and its sender
-/// stamped. None (logged) on a protocol error.
-fn admit(msg: Message, me: &OwnedUniqueName) -> Option<Message> {
+/// stamped (`stamped`: the reader did). None (logged) on a protocol error.
+fn admit(msg: Message, me: &OwnedUniqueName, stamped: bool) -> Option<Message> {
     // A body that does not match its signature is a protocol error.
     if let Err(e) = msg.body().validate() {
         info!(peer = %me, "invalid message body: {e}");
         return None;
     }
     // Stamp the sender: peers may not speak for anyone else.
-    if msg.header().sender().is_some_and(|s| *s == **me) {
+    if stamped || msg.header().sender().is_some_and(|s| *s == **me) {
         return Some(msg);
     }
     match msg.with_sender(me) {
@@ -550,12 +571,76 @@ fn admit(msg: Message, me: &OwnedUniqueName) -> Option<Message> {
 /// connection task.
 async fn teardown<S: Activator>(bus: &Bus<S>, peer: Registered, cutter: &Cutter) {
     bus.remove_peer(peer.id);
-    if tokio::time::timeout(Duration::from_millis(200), peer.writer)
-        .await
-        .is_err()
+    trim::left();
+    // Its outbox is closed: a writer with nothing queued or being written
+    // ends by itself as soon as it runs, so no timer is armed for it
+    // (arming one wakes the runtime's driver: a system call and a turn of
+    // its loop per connection).
+    if peer.outbox.queued_bytes() == 0 {
+        return;
+    }
+    if Box::pin(tokio::time::timeout(
+        Duration::from_millis(200),
+        peer.writer,
+    ))
+    .await
+    .is_err()
     {
         cutter.cut();
     }
+}
+
+/// Memory given back after a mass disconnect. glibc keeps what is freed
+/// for reuse, and the connections of many peers leave it spread over the
+/// heap; once the bus has `DROP` fewer registered peers than at its peak
+/// since the last trim, `malloc_trim` runs when they stop leaving (no
+/// fewer peers than 200 ms before; one trim at a time, so a storm of
+/// disconnects costs one), returning the free pages.
+mod trim {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+    static ARMED: AtomicBool = AtomicBool::new(false);
+
+    /// How many peers must have left since the peak.
+    const DROP: usize = 256;
+
+    pub(super) fn joined() {
+        let live = LIVE.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
+
+    pub(super) fn left() {
+        let live = LIVE.fetch_sub(1, Ordering::Relaxed) - 1;
+        if PEAK.load(Ordering::Relaxed) < live + DROP || ARMED.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tokio::spawn(async {
+            // Once they stop leaving.
+            loop {
+                let before = LIVE.load(Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if LIVE.load(Ordering::Relaxed) >= before {
+                    break;
+                }
+            }
+            PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+            ARMED.store(false, Ordering::Relaxed);
+            release();
+        });
+    }
+
+    #[cfg(target_env = "gnu")]
+    fn release() {
+        // SAFETY: malloc_trim only walks glibc's own heap under its locks
+        // and gives free pages back; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    #[cfg(not(target_env = "gnu"))]
+    fn release() {}
 }
 
 async fn write_loop(id: PeerId, stream: Arc<UnixStream>, outbox: Arc<Outbox>, cutter: Arc<Cutter>) {

@@ -29,14 +29,20 @@ pub(crate) struct ReadLimits {
     pub fds: bool,
 }
 
-/// The read side of a peer's socket: frames, filters and parses each
-/// message itself, so that nothing is committed before bytes arrive.
+/// The read side of a peer's socket: frames, filters, stamps and parses
+/// each message itself, so that nothing is committed before bytes arrive.
 ///
-/// Small reads are served from a chunk read ahead (one system call serves
-/// several small messages), and the chunk is freed once served (an idle
-/// peer holds no buffer). A message longer than a chunk is read straight
-/// into its own buffer, which grows as its bytes arrive: a declared length
-/// commits no memory.
+/// Bytes are read ahead into a buffer whose size follows the traffic: it
+/// doubles while reads fill it (a peer with a backlog gets up to
+/// `MAX_AHEAD` per system call), and it is freed whenever everything in it
+/// was handed out before the bus waits on the socket (an idle peer holds no
+/// buffer). Each message is copied once out of it into a buffer of its
+/// own, its header rewritten on the way (unknown fields removed, the
+/// sender stamped), so the body is never copied twice. The rest of a
+/// message longer than what was read ahead is read straight into its
+/// buffer, together with what follows it (two iovecs, one system call); a
+/// message's buffer grows as its bytes arrive: a declared length commits
+/// no memory.
 ///
 /// File descriptors are kept in arrival order, as dbus-daemon's loader
 /// keeps them, and each message takes as many as its UNIX_FDS field says.
@@ -47,9 +53,11 @@ pub(crate) struct ReadLimits {
 pub(crate) struct Reader {
     stream: Arc<UnixStream>,
     limits: ReadLimits,
-    chunk: Vec<u8>,
-    /// Next byte of `chunk` to hand out.
+    /// Bytes read ahead; `buf[pos..]` are not handed out yet.
+    buf: Vec<u8>,
     pos: usize,
+    /// How much the next read ahead asks for.
+    ahead: usize,
     /// Stream offset of the end of what was read from the socket.
     read: u64,
     /// Received fds no message has taken yet.
@@ -60,6 +68,9 @@ pub(crate) struct Reader {
     fds_since: Option<Instant>,
     /// Some bytes of a message were taken and not all of them.
     partial: bool,
+    /// The peer's unique name, stamped as the sender of each message read
+    /// once it is set (after Hello).
+    sender: Option<Box<str>>,
 }
 
 /// The spec's longest message (2^27 bytes).
@@ -69,8 +80,39 @@ const MAX_MESSAGE_LEN: u64 = 1 << 27;
 /// least growth step after that.
 const GROW_MIN: usize = 64 * 1024;
 
+/// The first read ahead, and the least.
+const CHUNK: usize = 4096;
+
+/// The largest read ahead.
+const MAX_AHEAD: usize = 64 * 1024;
+
 fn invalid(why: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, why)
+}
+
+/// Up to `n` bytes appended to `v` by a `recvmsg` into its spare capacity.
+struct Room<'a> {
+    v: &'a mut Vec<u8>,
+    n: usize,
+}
+
+impl Room<'_> {
+    fn iovec(&mut self) -> libc::iovec {
+        let spare = self.v.spare_capacity_mut();
+        self.n = self.n.min(spare.len());
+        libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: self.n,
+        }
+    }
+
+    /// The kernel wrote `got` bytes (at most `n`) at the start of the room.
+    fn commit(&mut self, got: usize) {
+        assert!(got <= self.n);
+        // SAFETY: `iovec` handed recvmsg `n` bytes of `v`'s spare capacity,
+        // and recvmsg wrote the first `got` of them: they are initialised.
+        unsafe { self.v.set_len(self.v.len() + got) };
+    }
 }
 
 impl Reader {
@@ -80,13 +122,20 @@ impl Reader {
             stream,
             limits,
             read: leftover.len() as u64,
-            chunk: leftover,
+            buf: leftover,
             pos: 0,
+            ahead: CHUNK,
             fds: Vec::new(),
             fds_until: 0,
             fds_since: None,
             partial: false,
+            sender: None,
         }
+    }
+
+    /// Stamp `name` as the sender of every message read from now on.
+    pub(crate) fn stamp(&mut self, name: &str) {
+        self.sender = Some(name.into());
     }
 
     /// Whether everything handed out so far ends at a message boundary: an
@@ -95,37 +144,45 @@ impl Reader {
         !self.partial
     }
 
-    /// The next message the bus should see. Messages of a type the
-    /// specification does not define are read and dropped, as it asks.
-    /// Errors are protocol errors or the end of the stream: the caller
-    /// ends the connection.
+    /// The next message the bus should see, its sender stamped once
+    /// `stamp` was called. Messages of a type the specification does not
+    /// define are read and dropped, as it asks. Errors are protocol errors
+    /// or the end of the stream: the caller ends the connection.
     pub(crate) async fn receive(&mut self) -> std::io::Result<Message> {
         loop {
-            let mut head = [0u8; 16];
-            self.fill_small(&mut head).await?;
+            self.want(16).await?;
+            self.partial = true;
+            let head: [u8; 16] = self.buf[self.pos..self.pos + 16]
+                .try_into()
+                .expect("16 bytes");
             let (header_end, total) = self.frame(&head)?;
-            let mut out = Vec::with_capacity(total.min(GROW_MIN));
-            out.extend_from_slice(&head);
-            let mut filled = out.len();
-            self.fill(&mut out, &mut filled, header_end).await?;
-            let mut total = total;
-            // Fields the bus does not understand go, as dbus-daemon 1.14
-            // filters them (zbus's parser would refuse the message). The
-            // whole header is in, wherever the reads fell.
-            if let Some((old, new)) = crate::wire::args::filter_header(&out) {
-                // Their values must still be well-formed.
-                if !crate::wire::header_well_formed(&out) {
-                    return Err(invalid("malformed header field".into()));
-                }
-                total = total - old + new.len();
-                out.clear();
-                out.extend_from_slice(&new);
-                filled = out.len();
+            self.want(header_end).await?;
+            let known = matches!(head[1], 1..=4);
+            // An unknown-type message is checked and dropped: no stamp.
+            let sender = self.sender.as_deref().filter(|_| known);
+            let body_len = total - header_end;
+            let ready = (self.buf.len() - self.pos - header_end).min(body_len);
+            let stamp_room = sender.map_or(0, |s| s.len() + 16);
+            let mut out =
+                Vec::with_capacity(header_end + stamp_room + body_len.min(ready.max(GROW_MIN)));
+            let header = &self.buf[self.pos..self.pos + header_end];
+            let rewritten = crate::wire::args::rewrite_header(header, sender, &mut out)
+                .ok_or_else(|| invalid("malformed header".into()))?;
+            // Fields the bus does not understand went, as dbus-daemon 1.14
+            // filters them (zbus's parser would refuse the message); their
+            // values must still be well-formed.
+            if rewritten.dropped && !crate::wire::header_well_formed(header) {
+                return Err(invalid("malformed header field".into()));
             }
-            self.fill(&mut out, &mut filled, total).await?;
+            self.advance(header_end);
+            let total = out.len() + body_len;
+            if total as u64 > MAX_MESSAGE_LEN {
+                return Err(invalid(format!("message of {total} bytes is too long")));
+            }
+            self.fill(&mut out, total).await?;
             self.partial = false;
-            let fds = self.take_fds(unix_fds(&out).unwrap_or(0))?;
-            if !matches!(head[1], 1..=4) && head[1] != 0 {
+            let fds = self.take_fds(rewritten.unix_fds)?;
+            if !known && head[1] != 0 {
                 if !crate::wire::well_formed_unknown(&out) {
                     return Err(invalid(format!("malformed message of type {}", head[1])));
                 }
@@ -192,7 +249,7 @@ impl Reader {
         } else {
             self.fds.drain(..n).collect()
         };
-        let at = self.read - (self.chunk.len() - self.pos) as u64;
+        let at = self.read - (self.buf.len() - self.pos) as u64;
         if !self.fds.is_empty() && self.fds_until <= at {
             tracing::debug!("closed {} fds no message declared", self.fds.len());
             self.fds.clear();
@@ -203,85 +260,137 @@ impl Reader {
         Ok(taken)
     }
 
-    /// Fill `dst` from the chunk (and the socket behind it).
-    async fn fill_small(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
-        let mut got = 0;
-        while got < dst.len() {
-            if self.pos >= self.chunk.len() {
-                self.read_chunk().await?;
-            }
-            self.partial = true;
-            let n = (dst.len() - got).min(self.chunk.len() - self.pos);
-            dst[got..got + n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-            got += n;
+    /// Have at least `n` bytes read ahead. A header longer than what was
+    /// read grows the buffer at most by what arrived (doubling).
+    async fn want(&mut self, n: usize) -> std::io::Result<()> {
+        while self.buf.len() - self.pos < n {
+            let have = self.buf.len() - self.pos;
+            let ask = self.ahead.max((n - have).min(have.max(CHUNK)));
+            self.read_ahead(None, ask).await?;
+        }
+        Ok(())
+    }
+
+    /// Fill `out` up to `want` bytes: what was read ahead first, then
+    /// straight from the socket, with a read ahead behind it.
+    async fn fill(&mut self, out: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+        loop {
+            // What a read brought past the room it had is read ahead.
+            let n = (want - out.len()).min(self.buf.len() - self.pos);
+            out.extend_from_slice(&self.buf[self.pos..self.pos + n]);
             self.advance(n);
+            if out.len() == want {
+                return Ok(());
+            }
+            // Its buffer grows by doubling as bytes arrive, never past its length.
+            if out.len() == out.capacity() {
+                out.reserve_exact((want - out.len()).min(out.len().max(GROW_MIN)));
+            }
+            let room = (want - out.len()).min(out.capacity() - out.len());
+            self.read_ahead(Some((out, room)), self.ahead).await?;
         }
-        Ok(())
     }
 
-    /// Fill `out` up to `want` bytes; `filled` of them are in, the rest of
-    /// `out.len()` is zeroed room (kept between reads, so that a peer
-    /// trickling bytes does not make the bus zero the same room again).
-    async fn fill(
-        &mut self,
-        out: &mut Vec<u8>,
-        filled: &mut usize,
-        want: usize,
-    ) -> std::io::Result<()> {
-        while *filled < want {
-            if self.pos < self.chunk.len() {
-                let n = (want - *filled).min(self.chunk.len() - self.pos);
-                if out.len() < *filled + n {
-                    out.resize(*filled + n, 0);
-                }
-                out[*filled..*filled + n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-                *filled += n;
-                self.advance(n);
-                continue;
-            }
-            if want - *filled < CHUNK {
-                self.read_chunk().await?;
-                continue;
-            }
-            // A big message: straight into place, its buffer growing by
-            // doubling as bytes arrive, never past its length.
-            if *filled == out.len() {
-                let step = (want - *filled).min((*filled).max(GROW_MIN));
-                out.reserve_exact(step);
-                out.resize(*filled + step, 0);
-            }
-            let n = self.recv(&mut out[*filled..]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            *filled += n;
-        }
-        out.truncate(*filled);
-        Ok(())
-    }
-
+    /// Hand out `n` bytes of what was read ahead.
     fn advance(&mut self, n: usize) {
         self.pos += n;
-        if self.pos >= self.chunk.len() {
-            // Served: freed, so that an idle peer holds no buffer.
-            self.chunk = Vec::new();
+        if self.pos == self.buf.len() {
+            // Everything handed out: the room is reused, or freed before
+            // the next wait.
+            self.buf.clear();
             self.pos = 0;
         }
     }
 
-    /// Read a chunk ahead; the socket's end is an error (UnexpectedEof).
-    async fn read_chunk(&mut self) -> std::io::Result<()> {
-        // Wait first, allocate after: an idle peer holds no buffer.
-        self.readable().await?;
-        let mut chunk = vec![0u8; CHUNK];
-        let n = self.recv(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+    /// One read from the socket, waiting for it: first into `direct`'s
+    /// room (the rest of a message, into its own buffer), then up to
+    /// `ahead` bytes into the read-ahead buffer. The socket's end is an
+    /// error (UnexpectedEof).
+    async fn read_ahead(
+        &mut self,
+        mut direct: Option<(&mut Vec<u8>, usize)>,
+        ahead: usize,
+    ) -> std::io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        let want_fds = self.limits.fds;
+        loop {
+            if self.pos == self.buf.len() {
+                // Nothing pending: an idle peer holds no buffer.
+                self.buf = Vec::new();
+                self.pos = 0;
+            }
+            self.readable().await?;
+            // Allocated after the wait: only the room to read into.
+            if self.pos > 0 && self.buf.capacity() - self.buf.len() < ahead {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            self.buf.reserve_exact(ahead);
+            let mut room = Room {
+                v: &mut self.buf,
+                n: ahead,
+            };
+            let mut first = direct.as_mut().map(|(v, n)| Room { v, n: *n });
+            let mut got = None;
+            let r = self.stream.try_io(Interest::READABLE, || {
+                let mut iov = [room.iovec(), room.iovec()];
+                let iov: &mut [libc::iovec] = match first.as_mut() {
+                    Some(d) => {
+                        iov[0] = d.iovec();
+                        &mut iov
+                    }
+                    None => &mut iov[..1],
+                };
+                let asked: usize = iov.iter().map(|v| v.iov_len).sum();
+                let (n, fds) = recv_now(fd, iov, want_fds)?;
+                // A short read without fds emptied the socket: report it
+                // drained, so that the next read waits for the next edge
+                // instead of spending a recvmsg on EAGAIN (bytes that
+                // arrive later raise a new edge). One system call less per
+                // message. With fds it proves nothing: the kernel ends a
+                // read after the data that carried them. (Nothing else ends
+                // a unix stream read early but SO_PASSCRED, which busvisor
+                // does not set, and out-of-band data, which delays only the
+                // client that sends it.)
+                let drained = n > 0 && n < asked && fds.is_empty();
+                got = Some((n, fds));
+                if drained {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match (r, got) {
+                (_, Some((0, _))) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                (_, Some((n, fds))) => {
+                    self.read += n as u64;
+                    let direct_n = first.as_ref().map_or(0, |d| d.n.min(n));
+                    if let Some(d) = first.as_mut() {
+                        d.commit(direct_n);
+                    }
+                    let rest = n - direct_n;
+                    room.commit(rest);
+                    // Reads that fill the read ahead ask for more next
+                    // time, and half-empty ones for less.
+                    if rest == room.n && room.n >= self.ahead {
+                        self.ahead = (self.ahead * 2).min(MAX_AHEAD);
+                    } else if rest < room.n / 2 {
+                        self.ahead = (self.ahead / 2).max(CHUNK);
+                    }
+                    if !fds.is_empty() {
+                        if self.fds.is_empty() {
+                            self.fds_since = Some(Instant::now());
+                        }
+                        self.fds.extend(fds);
+                        self.fds_until = self.read;
+                    }
+                    return Ok(());
+                }
+                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Err(e),
+                (Ok(()), None) => continue,
+            }
         }
-        chunk.truncate(n);
-        self.chunk = chunk;
-        self.pos = 0;
-        Ok(())
     }
 
     /// The socket's readiness; while fds wait for the rest of their
@@ -292,7 +401,9 @@ impl Reader {
             return self.stream.readable().await;
         };
         let until = since + self.limits.pending_fd_timeout;
-        match tokio::time::timeout_at(until, self.stream.readable()).await {
+        // Boxed: a timer is large, and rarely armed (an idle peer's task
+        // keeps room for its largest state).
+        match Box::pin(tokio::time::timeout_at(until, self.stream.readable())).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -300,107 +411,7 @@ impl Reader {
             )),
         }
     }
-
-    /// One read into `buf`; received fds join the queue.
-    async fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let fd = self.stream.as_raw_fd();
-        let want_fds = self.limits.fds;
-        loop {
-            self.readable().await?;
-            let mut got = None;
-            let r = self.stream.try_io(Interest::READABLE, || {
-                let (n, fds) = recv_now(fd, buf, want_fds)?;
-                // A short read without fds emptied the socket: report it
-                // drained, so that the next read waits for the next edge
-                // instead of spending a recvmsg on EAGAIN (bytes that
-                // arrive later raise a new edge). One system call less per
-                // message. With fds it proves nothing: the kernel ends a
-                // read after the data that carried them. (Nothing else ends
-                // a unix stream read early but SO_PASSCRED, which busvisor
-                // does not set, and out-of-band data, which delays only the
-                // client that sends it.)
-                let drained = n > 0 && n < buf.len() && fds.is_empty();
-                got = Some((n, fds));
-                if drained {
-                    Err(std::io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(())
-                }
-            });
-            match (r, got) {
-                (_, Some((n, fds))) => {
-                    self.read += n as u64;
-                    if !fds.is_empty() {
-                        if self.fds.is_empty() {
-                            self.fds_since = Some(Instant::now());
-                        }
-                        self.fds.extend(fds);
-                        self.fds_until = self.read;
-                    }
-                    return Ok(n);
-                }
-                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                (Err(e), None) => return Err(e),
-                (Ok(()), None) => continue,
-            }
-        }
-    }
 }
-
-/// The UNIX_FDS field of the message whose whole header starts `b`; None
-/// when the header fields cannot be walked.
-fn unix_fds(b: &[u8]) -> Option<u32> {
-    let h = b.get(..16)?;
-    let big = h[0] == b'B';
-    let u32_at = |x: &[u8], at: usize| -> Option<u32> {
-        let v: [u8; 4] = x.get(at..at + 4)?.try_into().ok()?;
-        Some(if big {
-            u32::from_be_bytes(v)
-        } else {
-            u32::from_le_bytes(v)
-        })
-    };
-    let fields_len = u32_at(h, 12)? as usize;
-    let fields = b.get(16..16usize.checked_add(fields_len)?)?;
-    // Each field: 8-aligned (BYTE code, SIGNATURE of one type, value).
-    let mut i = 0;
-    while i < fields.len() {
-        i = i.next_multiple_of(8);
-        if i >= fields.len() {
-            break;
-        }
-        let code = fields[i];
-        let sig_len = *fields.get(i + 1)? as usize;
-        let sig = fields.get(i + 2..i + 2 + sig_len)?;
-        let mut v = i + 2 + sig_len + 1;
-        match sig {
-            b"u" => {
-                v = v.next_multiple_of(4);
-                let n = u32_at(fields, v)?;
-                if code == 9 {
-                    return Some(n);
-                }
-                v += 4;
-            }
-            b"s" | b"o" => {
-                v = v.next_multiple_of(4);
-                let len = u32_at(fields, v)? as usize;
-                v += 4 + len + 1;
-            }
-            b"g" => {
-                let len = *fields.get(v)? as usize;
-                v += 1 + len + 1;
-            }
-            // No header field has another type: zbus refuses the message.
-            _ => return None,
-        }
-        i = v;
-    }
-    Some(0)
-}
-
-/// Reads of this size or more go straight into the message's buffer.
-const CHUNK: usize = 4096;
 
 /// The most fds one read may bring (the kernel's SCM_MAX_FD); the router
 /// enforces max_message_unix_fds.
@@ -415,23 +426,23 @@ const CMSG_WORDS: usize = (16 + MAX_FDS_PER_READ * 4).div_ceil(8) + 1;
 /// make the bus hold them). libc rather than nix: nix reports a truncated
 /// control buffer as an error before handing out the fds that did arrive,
 /// which then stay open for good.
-fn recv_now(fd: RawFd, buf: &mut [u8], want_fds: bool) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+fn recv_now(
+    fd: RawFd,
+    iov: &mut [libc::iovec],
+    want_fds: bool,
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     // On the stack: no allocation per read.
     let mut space = [0u64; CMSG_WORDS];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
     // SAFETY: msghdr is plain data; all-zero is a valid empty value.
     let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
+    mh.msg_iov = iov.as_mut_ptr();
+    mh.msg_iovlen = iov.len() as _;
     if want_fds {
         mh.msg_control = space.as_mut_ptr().cast();
         mh.msg_controllen = std::mem::size_of_val(&space) as _;
     }
-    // SAFETY: `mh` points at `iov` (over `buf`) and `space`, both alive
-    // and writable for the call.
+    // SAFETY: `mh` points at `iov` (each over writable memory of its
+    // caller's, alive for the call) and `space`.
     let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
@@ -470,7 +481,6 @@ fn recv_now(fd: RawFd, buf: &mut [u8], want_fds: bool) -> std::io::Result<(usize
 /// buffers, a message with fds always first in its call (fds travel with the
 /// first byte). Partial writes continue where they stopped.
 pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result<()> {
-    const PER_CALL: usize = 16;
     let fd = stream.as_raw_fd();
     let mut i = 0;
     while i < msgs.len() {
@@ -484,25 +494,15 @@ pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result
         let total: usize = msgs[i..end].iter().map(|m| m.data().len()).sum();
         let mut fds_sent = raw_fds.is_empty();
         while offset < total {
-            // On the stack: no allocation per write.
-            let mut buffers = [IoSlice::new(&[]); PER_CALL];
-            let mut used = 0;
-            let mut skip = offset;
-            for m in &msgs[i..end] {
-                let bytes: &[u8] = m.data();
-                if skip >= bytes.len() {
-                    skip -= bytes.len();
-                    continue;
-                }
-                buffers[used] = IoSlice::new(&bytes[skip..]);
-                used += 1;
-                skip = 0;
-            }
-            let slices = &buffers[..used];
             let rights = [ControlMessage::ScmRights(&raw_fds)];
             let cmsgs: &[ControlMessage<'_>] = if fds_sent { &[] } else { &rights };
+            let batch = &msgs[i..end];
             let n = stream
                 .async_io(Interest::WRITABLE, || {
+                    // Built on the stack of each attempt, not kept in the
+                    // writer's future (which an idle peer's task holds).
+                    let mut buffers = [IoSlice::new(&[]); PER_CALL];
+                    let slices = unwritten(batch, offset, &mut buffers);
                     sendmsg::<UnixAddr>(fd, slices, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
                         .map_err(std::io::Error::from)
                 })
@@ -516,6 +516,30 @@ pub async fn write_all(stream: &UnixStream, msgs: &[Message]) -> std::io::Result
         i = end;
     }
     Ok(())
+}
+
+/// The most messages one `sendmsg` carries.
+const PER_CALL: usize = 16;
+
+/// The bytes of `msgs` past the first `offset`, in `buffers`.
+fn unwritten<'a, 'b>(
+    msgs: &'a [Message],
+    offset: usize,
+    buffers: &'b mut [IoSlice<'a>; PER_CALL],
+) -> &'b [IoSlice<'a>] {
+    let mut used = 0;
+    let mut skip = offset;
+    for m in msgs {
+        let bytes: &[u8] = m.data();
+        if skip >= bytes.len() {
+            skip -= bytes.len();
+            continue;
+        }
+        buffers[used] = IoSlice::new(&bytes[skip..]);
+        used += 1;
+        skip = 0;
+    }
+    &buffers[..used]
 }
 
 #[cfg(test)]
@@ -537,9 +561,69 @@ mod tests {
 
     #[test]
     fn finds_unix_fds_field() {
-        assert_eq!(unix_fds(call(false).data()), Some(0));
-        assert_eq!(unix_fds(call(true).data()), Some(1));
+        let fds = |m: &Message| {
+            let mut out = Vec::new();
+            crate::wire::args::rewrite_header(m.data(), None, &mut out).map(|r| r.unix_fds)
+        };
+        assert_eq!(fds(&call(false)), Some(0));
+        assert_eq!(fds(&call(true)), Some(1));
         let m = call(true);
-        assert_eq!(unix_fds(&m.data()[..20]), None);
+        let mut out = Vec::new();
+        assert!(crate::wire::args::rewrite_header(&m.data()[..20], None, &mut out).is_none());
+    }
+
+    fn limits() -> ReadLimits {
+        ReadLimits {
+            max_message_size: 1 << 27,
+            pending_fd_timeout: Duration::from_secs(1),
+            fds: false,
+        }
+    }
+
+    /// Messages of every size, back to back, some split across reads,
+    /// come out whole, in order, with their sender stamped.
+    #[tokio::test]
+    async fn messages_longer_than_a_read_ahead_come_whole_and_stamped() {
+        let sizes = [0usize, 10, 4000, 4096, 70_000, 300_000, 5, 2_000_000, 1];
+        let msgs: Vec<Message> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                Message::method_call("/a", "M")
+                    .destination("x.y")
+                    .sender(":1.99")
+                    .build(&(i as u32, vec![i as u8; *n]))
+                    .unwrap()
+            })
+            .collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        let wire: Vec<u8> = msgs.iter().flat_map(|m| m.data().to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut a = a;
+            // In uneven pieces, so that reads fall anywhere.
+            for piece in wire.chunks(12_345) {
+                a.write_all(piece).await.unwrap();
+            }
+            a
+        });
+        let mut r = Reader::new(Arc::new(b), limits(), Vec::new());
+        r.stamp(":1.7");
+        for (i, n) in sizes.iter().enumerate() {
+            let m = r.receive().await.unwrap();
+            assert_eq!(m.header().sender().unwrap().as_str(), ":1.7");
+            let (k, body): (u32, Vec<u8>) = m.body().deserialize().unwrap();
+            assert_eq!((k as usize, body.len()), (i, *n));
+            assert!(body.iter().all(|b| *b == i as u8));
+        }
+        assert!(r.at_message_boundary());
+        let a = writer.await.unwrap();
+        // Waiting on an idle peer: no buffer held.
+        let wait = tokio::time::timeout(Duration::from_millis(20), r.receive()).await;
+        assert!(wait.is_err());
+        assert_eq!(r.buf.capacity(), 0);
+        drop(a);
+        let end = r.receive().await.unwrap_err();
+        assert_eq!(end.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }

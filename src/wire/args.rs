@@ -219,6 +219,8 @@ const KNOWN_FIELDS: std::ops::RangeInclusive<u8> = 1..=9;
 
 const SENDER_FIELD: u8 = 7;
 
+const UNIX_FDS_FIELD: u8 = 9;
+
 /// Whether the header field whose value `r` is about to read is a SENDER
 /// holding a well-known name. dbus-daemon accepts any valid bus name there
 /// and sets its own; zbus's parser would refuse the message, so the field
@@ -246,7 +248,38 @@ fn well_known_sender(code: u8, sig: &[u8], r: &Reader<'_>) -> bool {
 /// header). None when there is nothing to remove, or `bytes` does not hold
 /// the whole header, or the header is malformed (which the parser then
 /// refuses as before).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn filter_header(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut out = Vec::new();
+    let r = rewrite_header(bytes, None, &mut out)?;
+    r.dropped.then_some((r.old_len, out))
+}
+
+/// What `rewrite_header` found in the header it rewrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rewritten {
+    /// The length of the header it replaces, padding included.
+    pub(crate) old_len: usize,
+    /// Fields were removed: unknown ones, or a SENDER holding a well-known
+    /// name (their values are for the caller to check, as dbus-daemon does).
+    pub(crate) dropped: bool,
+    /// The UNIX_FDS field's value (0 without one).
+    pub(crate) unix_fds: u32,
+}
+
+/// The header of the message starting `bytes` as the bus relays it, written
+/// to `out` (cleared first), in one walk over its fields: the fields the bus
+/// does not understand and a SENDER holding a well-known name removed, and
+/// with `sender`, the SENDER field set to it (after the others), so that the
+/// body can follow without the message being copied again. None when
+/// `bytes` does not hold the whole header, or the header is malformed, or,
+/// with `sender`, a SENDER field to replace is not a valid unique name
+/// (zbus's parser refuses those).
+pub(crate) fn rewrite_header(
+    bytes: &[u8],
+    sender: Option<&str>,
+    out: &mut Vec<u8>,
+) -> Option<Rewritten> {
     let big_endian = match bytes.first()? {
         b'l' => false,
         b'B' => true,
@@ -265,8 +298,10 @@ pub(crate) fn filter_header(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
         pos: 16,
         big_endian,
     };
-    let mut kept = Vec::new();
+    out.clear();
+    out.extend_from_slice(&header[..16]);
     let mut dropped = false;
+    let mut unix_fds = 0;
     loop {
         let start = r.pos.next_multiple_of(8);
         if start >= end {
@@ -276,34 +311,54 @@ pub(crate) fn filter_header(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
         let code = r.byte()?;
         let sig = r.signature()?;
         let forged = well_known_sender(code, sig, &r);
+        let value = r.pos;
         if !r.skip(sig, 1)?.is_empty() {
             return None;
         }
-        if KNOWN_FIELDS.contains(&code) && !forged {
-            kept.push(start..r.pos);
-        } else {
-            dropped = true;
+        if code == UNIX_FDS_FIELD && sig == b"u" {
+            unix_fds = (Reader { pos: value, ..r }).u32()?;
         }
-    }
-    if !dropped {
-        return None;
-    }
-    // Each field starts on 8 bytes in both, so the values inside keep
-    // their alignment.
-    let mut out = header[..16].to_vec();
-    for range in kept {
+        if forged || !KNOWN_FIELDS.contains(&code) {
+            dropped = true;
+            continue;
+        }
+        if code == SENDER_FIELD && sender.is_some() {
+            // Replaced below; what it held must still be a unique name.
+            let name = (Reader { pos: value, ..r })
+                .string()
+                .filter(|_| sig == b"s")?;
+            if !super::validate::unique_name(name) {
+                return None;
+            }
+            continue;
+        }
+        // Each field starts on 8 bytes in both, so the values inside keep
+        // their alignment.
         out.resize(out.len().next_multiple_of(8), 0);
-        out.extend_from_slice(&header[range]);
+        out.extend_from_slice(&header[start..r.pos]);
+    }
+    let u32_bytes = |x: u32| {
+        if big_endian {
+            x.to_be_bytes()
+        } else {
+            x.to_le_bytes()
+        }
+    };
+    if let Some(name) = sender {
+        out.resize(out.len().next_multiple_of(8), 0);
+        out.extend_from_slice(&[SENDER_FIELD, 1, b's', 0]);
+        out.extend_from_slice(&u32_bytes(u32::try_from(name.len()).ok()?));
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
     }
     let fields = u32::try_from(out.len() - 16).ok()?;
-    let len = if big_endian {
-        fields.to_be_bytes()
-    } else {
-        fields.to_le_bytes()
-    };
-    out[12..16].copy_from_slice(&len);
+    out[12..16].copy_from_slice(&u32_bytes(fields));
     out.resize(out.len().next_multiple_of(8), 0);
-    Some((old_len, out))
+    Some(Rewritten {
+        old_len,
+        dropped,
+        unix_fds,
+    })
 }
 
 /// The body signature exactly as the header carries it ("" for no body):

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Instruction counts of a bus process for a fixed workload, under callgrind.
+
+    scripts/callgrind.py BUS WORKLOAD N [--out FILE] [--services DIR]
+
+BUS is `busvisor` (target/release/busvisor, or $BUSVISOR) or `dbus-daemon`.
+WORKLOAD is one of
+    payload4k   N method calls of 4 KiB (dbus-test-tool spam --queue=64 --bytes)
+                to a dbus-test-tool echo, as busbench.py's payload4k row
+    pipelined   N empty method calls, --queue=64 (busbench.py's pipelined row)
+    connect     N sequential connect + SASL + Hello + close (raw socket
+                client, busbench.py's connect row)
+    idle        N idle clients (Hello + AddMatch) held, then closed: prints
+                the bus's RSS before, with them and after (no callgrind)
+
+The bus runs under `valgrind --tool=callgrind`; after a warm-up the counters
+are zeroed (callgrind_control -z), the workload runs, and they are dumped
+(callgrind_control -d): the total is the instructions of the workload alone
+(user space only: the kernel's share of each system call is not counted).
+Prints the total and the per-unit figure; with --out, the callgrind file is
+kept for callgrind_annotate. Instruction counts do not move with the
+machine's load, unlike CPU time: the tool to compare two builds with.
+"""
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import busbench_module  # noqa: E402
+
+
+def rss_kib(pid, field="VmRSS:"):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bus", choices=["busvisor", "dbus-daemon"])
+    ap.add_argument("workload", choices=["payload4k", "pipelined", "connect", "idle"])
+    ap.add_argument("n", type=int)
+    ap.add_argument("--out", help="keep the callgrind output here")
+    ap.add_argument("--services", help="a services directory to load (busvisor --services-dir / <servicedir>)")
+    ap.add_argument("--binary", help="the busvisor binary (default: $BUSVISOR or target/release/busvisor)")
+    ap.add_argument("--native", action="store_true",
+                    help="no callgrind: the bus's CPU time (schedstat, ns) and its system calls (perf stat)")
+    a = ap.parse_args()
+    bb = busbench_module.load()
+    if a.native:
+        NATIVE["on"] = True
+
+    work = tempfile.mkdtemp(prefix="callgrind-bus.")
+    sock = os.path.join(work, "bus")
+    address = "unix:path=" + sock
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    if a.bus == "busvisor":
+        exe = a.binary or os.environ.get("BUSVISOR") or os.path.join(target, "release", "busvisor")
+        cmd = [exe, "--nofork", "--print-address", "--address=" + address]
+        if a.services:
+            cmd += ["--services-dir", a.services]
+    else:
+        conf = os.path.join(work, "bus.conf")
+        with open(conf, "w") as f:
+            f.write("<busconfig><type>session</type><listen>%s</listen>"
+                    "<auth>EXTERNAL</auth>%s"
+                    "<include ignore_missing=\"yes\">/usr/share/dbus-1/session.conf</include>"
+                    "<policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>"
+                    "<allow eavesdrop=\"true\"/><allow own=\"*\"/></policy></busconfig>"
+                    % (address, "<servicedir>%s</servicedir>" % a.services if a.services else ""))
+        cmd = ["dbus-daemon", "--nofork", "--print-address", "--config-file=" + conf]
+    out = a.out or os.path.join(work, "callgrind.out")
+    grind = a.workload != "idle" and not a.native
+    if grind:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out + ".%p"] + cmd
+    env = dict(os.environ)
+    NATIVE["file"] = os.path.join(work, "perf.txt")
+    bus = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(os.path.join(work, "log"), "w"), env=env)
+    try:
+        line = bus.stdout.readline().decode()
+        if not line:
+            sys.exit("callgrind.py: the bus printed no address; log in " + work)
+        pid = bus.pid
+        result = run(bb, a, address, pid, grind)
+    finally:
+        bus.terminate()
+        bus.wait(60)
+    unit = {"connect": "conn", "idle": "client"}.get(a.workload, "call")
+    if NATIVE.get("result"):
+        cpu, counts = NATIVE["result"]
+        per = " ".join("%s=%.2f" % (k, v / a.n) for k, v in sorted(counts.items()) if v)
+        u, s = NATIVE["split"]
+        print("%s %s N=%d: %.2f us CPU per %s (user %d%%); syscalls per %s: %s" % (
+            a.bus, a.workload, a.n, cpu / 1e3 / a.n, unit, 100 * u // max(1, u + s), unit, per))
+    elif grind:
+        files = sorted(glob.glob(out + ".*"), key=os.path.getmtime)
+        total = None
+        for f in files:
+            if not f.endswith(".1"):
+                continue
+            with open(f) as fh:
+                for l in fh:
+                    if l.startswith("summary:") or l.startswith("totals:"):
+                        total = int(l.split()[1])
+            if a.out:
+                os.replace(f, a.out)
+        if total is None:
+            sys.exit("callgrind.py: no dump found (%s)" % files)
+        print("%s %s N=%d: %d instructions, %.0f per %s" % (a.bus, a.workload, a.n, total, total / a.n, unit))
+    else:
+        print(result)
+
+
+NATIVE = {}
+SYSCALLS = ["recvmsg", "sendmsg", "epoll_wait", "read", "write", "writev", "futex", "accept4", "close",
+            "poll", "getsockopt"]
+
+
+def ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_ns(pid):
+    total = 0
+    for t in glob.glob("/proc/%d/task/*/schedstat" % pid):
+        with open(t) as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def zero(pid):
+    if NATIVE.get("on"):
+        ev = ["-e", "raw_syscalls:sys_enter", "-e", "page-faults", "-e", "context-switches", "-e", "cpu-migrations"] + sum((["-e", "syscalls:sys_enter_" + s] for s in SYSCALLS), [])
+        NATIVE["perf"] = subprocess.Popen(["perf", "stat", "-x", ",", "-o", NATIVE["file"]] + ev + ["-p", str(pid)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        NATIVE["cpu"] = cpu_ns(pid)
+        NATIVE["ticks"] = ticks(pid)
+        return
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
+def dump(pid):
+    if NATIVE.get("on"):
+        cpu = cpu_ns(pid) - NATIVE["cpu"]
+        u, s = ticks(pid)
+        NATIVE["split"] = (u - NATIVE["ticks"][0], s - NATIVE["ticks"][1])
+        NATIVE["perf"].send_signal(2)
+        NATIVE["perf"].wait()
+        counts = {}
+        with open(NATIVE["file"]) as f:
+            for l in f:
+                parts = l.strip().split(",")
+                if len(parts) > 2 and parts[0].replace(".", "").isdigit():
+                    counts[parts[2].split(":")[-1].replace("sys_enter_", "").replace("context-switches", "cs").replace("page-faults", "pf").replace("cpu-migrations", "migr")] = int(float(parts[0]))
+        NATIVE["result"] = (cpu, counts)
+        return
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
+def run(bb, a, address, pid, grind):
+    env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=address)
+    if a.workload in ("payload4k", "pipelined"):
+        echo = subprocess.Popen(["dbus-test-tool", "echo", "--name=com.example.Echo"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            c = bb.Conn(address)
+            deadline = time.monotonic() + 60
+            while not c.name_has_owner("com.example.Echo"):
+                if time.monotonic() > deadline:
+                    sys.exit("echo did not appear")
+                time.sleep(0.05)
+            c.close()
+            extra = ["--bytes", "--stdin"] if a.workload == "payload4k" else []
+            data = b"x" * 4096 if a.workload == "payload4k" else None
+
+            def spam(n):
+                p = subprocess.Popen(["dbus-test-tool", "spam", "--dest=com.example.Echo", "--count=%d" % n,
+                                      "--queue=64"] + extra, env=env, stdout=subprocess.DEVNULL,
+                                     stdin=subprocess.PIPE if data else subprocess.DEVNULL)
+                if data:
+                    p.stdin.write(data)
+                    p.stdin.close()
+                if p.wait() != 0:
+                    sys.exit("spam failed")
+            spam(200)
+            zero(pid)
+            spam(a.n)
+            dump(pid)
+        finally:
+            echo.terminate()
+            echo.wait()
+    elif a.workload == "connect":
+        for _ in range(20):
+            bb.Conn(address).close()
+        time.sleep(0.5)
+        zero(pid)
+        for _ in range(a.n):
+            bb.Conn(address).close()
+        time.sleep(0.5)
+        dump(pid)
+    else:
+        time.sleep(0.5)
+        before = rss_kib(pid)
+        anon_before = rss_kib(pid, "RssAnon:")
+        conns = [bb.Conn(address) for _ in range(a.n)]
+        for c in conns:
+            s = c.next_serial()
+            c.send(bb.build_msg(1, s, "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch",
+                                "org.freedesktop.DBus", "s", bb.body_s("type='signal',member='Nope%d'" % s)))
+            c.wait_reply(s)
+        time.sleep(0.5)
+        loaded = rss_kib(pid)
+        for c in conns:
+            c.close()
+        # busvisor trims its heap a second after a mass disconnect.
+        time.sleep(2.5)
+        after = rss_kib(pid)
+        anon_after = rss_kib(pid, "RssAnon:")
+        return ("%s idle N=%d: RSS idle %d KiB, with clients %d KiB (%.2f KiB/client), after %d KiB (%+.1f%%); "
+                "anonymous %d -> %d KiB") % (
+            a.bus, a.n, before, loaded, (loaded - before) / a.n, after, (after - before) * 100.0 / before,
+            anon_before, anon_after)
+
+
+if __name__ == "__main__":
+    main()
