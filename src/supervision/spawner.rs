@@ -414,6 +414,78 @@ mod clone3 {
             .collect()
     }
 
+    /// Everything the child uses, made before the fork.
+    struct Prepared {
+        path: CString,
+        argv: Vec<CString>,
+        envp: Vec<CString>,
+        cwd: Option<CString>,
+        /// stdin for a service (`run`'s command keeps busvisor's).
+        null: Option<OwnedFd>,
+        out: Option<(OwnedFd, OwnedFd)>,
+        err: Option<(OwnedFd, OwnedFd)>,
+        /// Carries the exec's errno; closes on a successful exec.
+        report: (OwnedFd, OwnedFd),
+    }
+
+    fn prepare(req: &SpawnRequest, program: &str, resolved: &Path) -> std::io::Result<Prepared> {
+        let argv = std::iter::once(program)
+            .chain(req.argv[1..].iter().map(String::as_str))
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let envp = req
+            .env
+            .iter()
+            .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let cwd = req
+            .cwd
+            .as_ref()
+            .map(|d| cstring(d.as_os_str().as_bytes()))
+            .transpose()?;
+        let pipe = || {
+            req.capture
+                .then(|| nix::unistd::pipe2(OFlag::O_CLOEXEC))
+                .transpose()
+        };
+        let null = req
+            .capture
+            .then(|| {
+                open(
+                    c"/dev/null",
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+            })
+            .transpose()?;
+        Ok(Prepared {
+            path: cstring(resolved.as_os_str().as_bytes())?,
+            argv,
+            envp,
+            cwd,
+            null,
+            out: pipe()?,
+            err: pipe()?,
+            report: nix::unistd::pipe2(OFlag::O_CLOEXEC)?,
+        })
+    }
+
+    /// The exec's outcome, from the report pipe: None when it closed empty
+    /// (the exec succeeded), else the errno the child sent.
+    fn exec_error(report: &OwnedFd) -> Option<i32> {
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match nix::unistd::read(report, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        (got == 4).then(|| i32::from_ne_bytes(buf))
+    }
+
     /// None when the kernel cannot (no clone3 or no CLONE_INTO_CGROUP, or
     /// the cgroup cannot be opened): the caller forks the usual way.
     pub(super) fn spawn(
@@ -429,51 +501,46 @@ mod clone3 {
             Mode::empty(),
         )
         .ok()?;
-        // Everything the child uses, made before the fork.
-        let prepared = (|| -> std::io::Result<_> {
-            let path = cstring(resolved.as_os_str().as_bytes())?;
-            let argv = std::iter::once(program)
-                .chain(req.argv[1..].iter().map(String::as_str))
-                .map(|a| cstring(a.as_bytes()))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            let envp = req
-                .env
-                .iter()
-                .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            let cwd = req
-                .cwd
-                .as_ref()
-                .map(|d| cstring(d.as_os_str().as_bytes()))
-                .transpose()?;
-            // A service's stdin is /dev/null; `run`'s command keeps busvisor's.
-            let null = req
-                .capture
-                .then(|| {
-                    open(
-                        c"/dev/null",
-                        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                })
-                .transpose()?;
-            let out = req
-                .capture
-                .then(|| nix::unistd::pipe2(OFlag::O_CLOEXEC))
-                .transpose()?;
-            let err = req
-                .capture
-                .then(|| nix::unistd::pipe2(OFlag::O_CLOEXEC))
-                .transpose()?;
-            let report = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-            Ok((path, argv, envp, cwd, null, out, err, report))
-        })();
-        let (path, argv, envp, cwd, null, out, err, report) = match prepared {
+        let p = match prepare(req, program, resolved) {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
-        let argv_p = pointers(&argv);
-        let envp_p = pointers(&envp);
+        let argv_p = pointers(&p.argv);
+        let envp_p = pointers(&p.envp);
+        let pid = clone_into(&cgroup);
+        if pid == 0 {
+            in_child(setup, &p, &argv_p, &envp_p);
+        }
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOSYS: no clone3; E2BIG or EINVAL: no cgroup field or flag.
+            return match e.raw_os_error() {
+                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL) => None,
+                _ => Some(Err(e)),
+            };
+        }
+        let pid = pid as i32;
+        let Prepared {
+            out, err, report, ..
+        } = p;
+        drop(report.1);
+        if let Some(errno) = exec_error(&report.0) {
+            // The exec failed: the child is ours to reap (the reaper waits
+            // for the spawn lock, which the caller holds).
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            return Some(Err(std::io::Error::from_raw_os_error(errno)));
+        }
+        Some(Ok(Spawned {
+            pid,
+            program: resolved.to_owned(),
+            stdout: out.map(|p| p.0),
+            stderr: err.map(|p| p.0),
+        }))
+    }
+
+    /// clone3(2) into `cgroup`, with fork semantics: returns twice, the
+    /// child's pid in the parent and 0 in the child, or -1.
+    fn clone_into(cgroup: &OwnedFd) -> libc::c_long {
         let args = CloneArgs {
             flags: CLONE_INTO_CGROUP,
             pidfd: 0,
@@ -489,71 +556,43 @@ mod clone3 {
         };
         // SAFETY: clone3(2), which nix lacks, with no stack of its own and
         // no CLONE_VM: fork semantics, the child a copy of this process
-        // with only this thread. In the child, `child` makes only
-        // async-signal-safe system calls on memory made before the fork
-        // (no allocation, no lock) and ends in execve or _exit.
-        let pid = unsafe {
+        // with only this thread. In the child, the caller goes straight to
+        // `in_child`, which makes only async-signal-safe system calls on
+        // memory made before the fork (no allocation, no lock) and ends in
+        // execve or _exit.
+        unsafe {
             libc::syscall(
                 libc::SYS_clone3,
                 &args as *const CloneArgs,
                 std::mem::size_of::<CloneArgs>(),
             )
-        };
-        if pid == 0 {
-            let errno = child(
-                setup,
-                &path,
-                &argv_p,
-                &envp_p,
-                cwd.as_deref(),
-                null.as_ref(),
-                out.as_ref().map(|p| &p.1),
-                err.as_ref().map(|p| &p.1),
-            );
-            let bytes = errno.to_ne_bytes();
-            // SAFETY: write(2) and _exit(2) in the forked child, on a pipe
-            // fd and a stack buffer; nothing else runs after.
-            unsafe {
-                libc::write(report.1.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
-                libc::_exit(127);
-            }
         }
-        if pid < 0 {
-            let e = std::io::Error::last_os_error();
-            // ENOSYS: no clone3; E2BIG or EINVAL: no cgroup field or flag.
-            return match e.raw_os_error() {
-                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL) => None,
-                _ => Some(Err(e)),
-            };
+    }
+
+    /// The forked child: set up and exec, or report the errno and exit.
+    fn in_child(
+        setup: &ChildSetup,
+        p: &Prepared,
+        argv: &[*const c_char],
+        envp: &[*const c_char],
+    ) -> ! {
+        let errno = child(
+            setup,
+            &p.path,
+            argv,
+            envp,
+            p.cwd.as_deref(),
+            p.null.as_ref(),
+            p.out.as_ref().map(|p| &p.1),
+            p.err.as_ref().map(|p| &p.1),
+        );
+        let bytes = errno.to_ne_bytes();
+        // SAFETY: write(2) and _exit(2) in the forked child, on a pipe fd
+        // and a stack buffer; nothing else runs after.
+        unsafe {
+            libc::write(p.report.1.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127);
         }
-        let pid = pid as i32;
-        drop(report.1);
-        drop(null);
-        // The exec's outcome: the pipe closes on exec, or carries the errno.
-        let mut buf = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match nix::unistd::read(&report.0, &mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => break,
-            }
-        }
-        if got == 4 {
-            // The exec failed: the child is ours to reap (the reaper waits
-            // for the spawn lock, which the caller holds).
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            return Some(Err(std::io::Error::from_raw_os_error(i32::from_ne_bytes(
-                buf,
-            ))));
-        }
-        Some(Ok(Spawned {
-            pid,
-            program: resolved.to_owned(),
-            stdout: out.map(|p| p.0),
-            stderr: err.map(|p| p.0),
-        }))
     }
 
     /// In the forked child: stdio, directory, the rest of the setup, exec.
