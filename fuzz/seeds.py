@@ -154,6 +154,12 @@ def capture(out, busvisor):
              "ListActivatableNames"],
             ["busctl", f"--address={addr}", "emit", "/a", "org.example.I", "Sig",
              "a{sv}", "1", "k", "s", "v"],
+            # Longer than the reader's 4 KiB chunk, and than its first 64 KiB
+            # buffer: read straight into a buffer that grows.
+            ["dbus-send", "--session", "--type=signal", "/a", "org.example.I.Big",
+             "string:" + "x" * 9000],
+            ["dbus-send", "--session", "--type=signal", "/a", "org.example.I.Big",
+             "string:" + "y" * 70000],
         ]
         if busvisor:
             run.append([busvisor, f"--address={addr}", "list"])
