@@ -44,7 +44,7 @@ fn block_on<F: Future>(f: F) -> F::Output {
 ///
 /// Invariants: a stamped message re-parses to the same header with the
 /// peer as sender and the same body, and a validated body re-encodes to
-/// the same bytes.
+/// the same bytes (or, where it may hold a dict, stably).
 pub fn message_reader(data: &[u8]) {
     if data.len() <= MAX_INPUT {
         read_messages(data);
