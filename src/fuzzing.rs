@@ -39,8 +39,9 @@ fn block_on<F: Future>(f: F) -> F::Output {
 
 /// The message reader: `data` is what a client sends after the handshake
 /// (its first half as the bytes read with BEGIN, the rest through the
-/// socket), framed and parsed by `transport::socket::Reader` and admitted
-/// (body validated, sender stamped) as the bus admits each message.
+/// socket), framed, parsed and (after the first message, as after Hello)
+/// stamped by `transport::socket::Reader`, and admitted (body validated,
+/// sender stamped if not yet) as the bus admits each message.
 ///
 /// Invariants: a stamped message re-parses to the same header with the
 /// peer as sender and the same body, and a validated body re-encodes to
@@ -68,10 +69,17 @@ fn read_messages(data: &[u8]) -> usize {
             // The reader may stop early (a protocol error): then this fails.
             let _ = theirs.write_all(sent).await;
         };
+        // As a connection reads: the first message (the Hello) before the
+        // peer has a name, then the reader stamps each with it.
         let read = async {
             let mut admitted = 0;
+            let mut stamped = false;
             while let Ok(msg) = reader.receive().await {
-                admitted += usize::from(check_admitted(&msg, &me));
+                admitted += usize::from(check_admitted(&msg, &me, stamped));
+                if !stamped {
+                    reader.stamp(&me);
+                    stamped = true;
+                }
             }
             admitted
         };
@@ -79,9 +87,10 @@ fn read_messages(data: &[u8]) -> usize {
     })
 }
 
-/// Whether the bus admitted `msg`; panics if an invariant breaks.
-fn check_admitted(msg: &Message, me: &zbus::names::OwnedUniqueName) -> bool {
-    let Some(stamped) = crate::transport::admit(msg.clone(), me) else {
+/// Whether the bus admitted `msg` (which the reader stamped, if
+/// `by_reader`); panics if an invariant breaks.
+fn check_admitted(msg: &Message, me: &zbus::names::OwnedUniqueName, by_reader: bool) -> bool {
+    let Some(stamped) = crate::transport::admit(msg.clone(), me, by_reader) else {
         return false;
     };
     let (before, after) = (msg.header(), stamped.header());
