@@ -438,9 +438,9 @@ pub fn service_file(data: &[u8]) {
 /// bus configuration (`config::busvisor_toml`).
 ///
 /// Invariants: a definition has valid, distinct names, an argv whose
-/// program is set, restart_delay <= restart_delay_max; an error's line and
-/// column are in the file; the configuration as for `xml_config`, and
-/// its listen addresses parse (this parser checks them).
+/// program is set, restart_delay <= restart_delay_max, log_lines in range;
+/// an error's line and column are in the file; the configuration as for
+/// `xml_config`, and its listen addresses parse (this parser checks them).
 pub fn toml_files(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -459,6 +459,8 @@ pub fn toml_files(data: &[u8]) {
             let argv = def.argv.as_ref().expect("a TOML exec is an argv");
             assert!(!argv.is_empty() && !argv[0].is_empty());
             assert!(def.restart_delay <= def.restart_delay_max);
+            let max_lines = crate::activation::definition::MAX_LOG_LINES;
+            assert!((1..=max_lines).contains(&def.log_lines));
         }
         Err(e) => {
             if let crate::activation::definition::DefinitionError::Toml(t) = &e {
