@@ -13,6 +13,8 @@ pub mod client;
 pub(crate) mod config;
 pub mod daemon;
 pub(crate) mod forwarding;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod keeper;
 pub mod launch;

@@ -777,7 +777,7 @@ pub fn parse_dbus_service(path: &Path, text: &str) -> Result<ServiceDef, Definit
     Ok(def_from_service_file(path, service))
 }
 
-fn def_from_service_file(path: &Path, service: ServiceFile) -> ServiceDef {
+pub(crate) fn def_from_service_file(path: &Path, service: ServiceFile) -> ServiceDef {
     let mut def = ServiceDef::with_defaults(
         service.name.clone(),
         vec![service.name],

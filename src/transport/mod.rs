@@ -547,7 +547,7 @@ async fn read_loop<S: Activator>(bus: &Bus<S>, link: &mut Link, peer: &Registere
 
 /// The message as the bus may route it: its body valid and its sender
 /// stamped (`stamped`: the reader did). None (logged) on a protocol error.
-fn admit(msg: Message, me: &OwnedUniqueName, stamped: bool) -> Option<Message> {
+pub(crate) fn admit(msg: Message, me: &OwnedUniqueName, stamped: bool) -> Option<Message> {
     // A body that does not match its signature is a protocol error.
     if let Err(e) = msg.body().validate() {
         info!(peer = %me, "invalid message body: {e}");

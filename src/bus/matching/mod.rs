@@ -24,7 +24,7 @@ use crate::wire::args::{Arg, decode_args};
 
 pub use crate::wire::args::body_signature;
 pub use index::MatchIndex;
-pub use rule::{MAX_ARG_NUMBER, MatchRule};
+pub use rule::{MAX_ARG_NUMBER, MAX_RULE_LENGTH, MatchRule};
 
 /// How the bus tells whether a message's sender or destination is known by a name.
 pub trait Owners {
