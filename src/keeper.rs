@@ -77,9 +77,8 @@ fn signals() -> SigSet {
 /// the signal mask it had; the keeper never returns: it exits with the
 /// bus's status. `forked` (started by `--fork`) makes the keeper let go of
 /// its stdout (`--fork`'s parent waits for it to close) and, as dbus-daemon
-/// does unless `DBUS_DEBUG_OUTPUT` is set, of its stderr:
-/// (`--fork`'s parent waits for it to close). Call before any other thread
-/// exists.
+/// does unless `DBUS_DEBUG_OUTPUT` is set, of its stderr. Call before any
+/// other thread exists.
 pub fn keep(leftovers: Leftovers, forked: bool) -> Result<(), KeeperError> {
     reaper::become_subreaper().map_err(KeeperError::Subreaper)?;
     let mut old = SigSet::empty();
