@@ -949,7 +949,10 @@ async fn apps_a_service_launches_are_the_users(cgroups: bool) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(settled, "the service did not settle as failed after its crash");
+    assert!(
+        settled,
+        "the service did not settle as failed after its crash"
+    );
     for p in &first {
         assert!(
             pid_alive(*p),
