@@ -8,6 +8,7 @@ WORKLOAD is one of
     payload4k   N method calls of 4 KiB (dbus-test-tool spam --queue=64 --bytes)
                 to a dbus-test-tool echo, as busbench.py's payload4k row
     pipelined   N empty method calls, --queue=64 (busbench.py's pipelined row)
+    rtt         N empty method calls, one in flight (busbench.py's rtt row)
     connect     N sequential connect + SASL + Hello + close (raw socket
                 client, busbench.py's connect row)
     idle        N idle clients (Hello + AddMatch) held, then closed: prints
@@ -46,7 +47,7 @@ def rss_kib(pid, field="VmRSS:"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bus", choices=["busvisor", "dbus-daemon"])
-    ap.add_argument("workload", choices=["payload4k", "pipelined", "connect", "idle"])
+    ap.add_argument("workload", choices=["payload4k", "pipelined", "rtt", "connect", "idle"])
     ap.add_argument("n", type=int)
     ap.add_argument("--out", help="keep the callgrind output here")
     ap.add_argument("--services", help="a services directory to load (busvisor --services-dir / <servicedir>)")
@@ -88,7 +89,7 @@ def main():
         line = bus.stdout.readline().decode()
         if not line:
             sys.exit("callgrind.py: the bus printed no address; log in " + work)
-        pid = bus.pid
+        pid = bus_pid(bus.pid)
         result = run(bb, a, address, pid, grind)
     finally:
         bus.terminate()
@@ -117,6 +118,17 @@ def main():
         print("%s %s N=%d: %d instructions, %.0f per %s" % (a.bus, a.workload, a.n, total, total / a.n, unit))
     else:
         print(result)
+
+
+def bus_pid(started):
+    """The process that is the bus: busvisor's keeper (the started process)
+    forks it and stays above it; dbus-daemon --nofork is the bus itself."""
+    try:
+        with open("/proc/%d/task/%d/children" % (started, started)) as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    return kids[0] if len(kids) == 1 else started
 
 
 NATIVE = {}
@@ -170,7 +182,7 @@ def dump(pid):
 
 def run(bb, a, address, pid, grind):
     env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=address)
-    if a.workload in ("payload4k", "pipelined"):
+    if a.workload in ("payload4k", "pipelined", "rtt"):
         echo = subprocess.Popen(["dbus-test-tool", "echo", "--name=com.example.Echo"], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
@@ -186,7 +198,7 @@ def run(bb, a, address, pid, grind):
 
             def spam(n):
                 p = subprocess.Popen(["dbus-test-tool", "spam", "--dest=com.example.Echo", "--count=%d" % n,
-                                      "--queue=64"] + extra, env=env, stdout=subprocess.DEVNULL,
+                                      "--queue=%d" % (1 if a.workload == "rtt" else 64)] + extra, env=env, stdout=subprocess.DEVNULL,
                                      stdin=subprocess.PIPE if data else subprocess.DEVNULL)
                 if data:
                     p.stdin.write(data)

@@ -109,6 +109,8 @@ pub fn keep(leftovers: Leftovers, forked: bool) -> Result<(), KeeperError> {
                     let _ = nix::unistd::dup2_stderr(&null);
                 }
             }
+            // The keeper ran the start-up and from now on only waits.
+            crate::resident::settle();
             let code = Keeper {
                 bus: child,
                 leftovers,

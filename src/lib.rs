@@ -20,6 +20,7 @@ pub mod keeper;
 pub mod launch;
 pub mod logging;
 pub(crate) mod policy;
+pub(crate) mod resident;
 pub mod supervision;
 pub(crate) mod transport;
 pub(crate) mod warden;

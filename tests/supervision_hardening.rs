@@ -1001,6 +1001,67 @@ async fn apps_a_service_launches_are_the_users_without_cgroups() {
 
 // ---------------------------------------------------------------- the keeper
 
+/// KiB of `pid`'s resident set that are pages of the busvisor executable.
+fn resident_kib_of_busvisor(pid: u32) -> u64 {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe
+        .to_str()
+        .unwrap()
+        .trim_end_matches(" (deleted)")
+        .to_owned();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut ours = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if ours {
+                kib += rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        } else if line.split_whitespace().nth(1).is_some_and(|p| p.len() == 4) {
+            ours = line.split_whitespace().nth(5) == Some(exe.as_str());
+        }
+    }
+    kib
+}
+
+/// The keeper ran busvisor's start-up and then only waits: it gives the
+/// pages of the executable back (they stay in the page cache), so that a
+/// bus costs about one process's worth of resident code, not two. Before
+/// it did, the keeper held more of the binary than the bus itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_holds_little_of_the_binary() {
+    if is_reference() {
+        return; // busvisor's keeper: dbus-daemon has none
+    }
+    let b = start_bus(None);
+    let conn = connect(&b.address).await;
+    conn.call_method(
+        Some("org.freedesktop.DBus"),
+        "/org/freedesktop/DBus",
+        Some("org.freedesktop.DBus"),
+        "GetId",
+        &(),
+    )
+    .await
+    .unwrap();
+    let (keeper, bus) = (b.keeper_pid(), b.pid());
+    assert_ne!(keeper, bus, "no keeper above the bus");
+    let (k, s) = (
+        resident_kib_of_busvisor(keeper),
+        resident_kib_of_busvisor(bus),
+    );
+    assert!(s > 0, "the bus maps none of its executable?");
+    assert!(
+        k * 2 < s,
+        "the keeper holds {k} KiB of the executable, the bus {s} KiB"
+    );
+}
+
 /// A bus with the helpers service running: its helper pids (all four kinds,
 /// the one that leaves the session included) and the service's main pid.
 async fn bus_with_helpers(cgroups: bool) -> (Bus, Vec<u32>, PidGuard) {

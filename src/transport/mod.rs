@@ -628,19 +628,9 @@ mod trim {
             }
             PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
             ARMED.store(false, Ordering::Relaxed);
-            release();
+            crate::resident::trim_heap();
         });
     }
-
-    #[cfg(target_env = "gnu")]
-    fn release() {
-        // SAFETY: malloc_trim only walks glibc's own heap under its locks
-        // and gives free pages back; it has no preconditions.
-        unsafe { libc::malloc_trim(0) };
-    }
-
-    #[cfg(not(target_env = "gnu"))]
-    fn release() {}
 }
 
 async fn write_loop(id: PeerId, stream: Arc<UnixStream>, outbox: Arc<Outbox>, cutter: Arc<Cutter>) {

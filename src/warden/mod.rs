@@ -158,6 +158,8 @@ impl Warden {
     /// Serve the router until it ends; then end what is left. Returns the
     /// exit code for the bus.
     pub(crate) fn run(mut self) -> u8 {
+        // The warden ran the start-up and from now on only waits.
+        crate::resident::settle();
         let sfd = match SignalFd::with_flags(
             &signals(),
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
