@@ -463,8 +463,14 @@ impl Running {
 /// /proc scan) goes to the blocking pool; spawning and inotify have threads
 /// of their own.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let batch = crate::scheduling::batch_wanted();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .on_thread_start(move || {
+            if batch {
+                crate::scheduling::enter_batch();
+            }
+        })
         .enable_all()
         .build()
 }

@@ -21,6 +21,7 @@ pub mod launch;
 pub mod logging;
 pub(crate) mod policy;
 pub(crate) mod resident;
+pub(crate) mod scheduling;
 pub mod supervision;
 pub(crate) mod transport;
 pub(crate) mod warden;

@@ -209,6 +209,50 @@ async fn services_do_not_inherit_what_busvisor_inherited() {
     );
 }
 
+// ---------------------------------------------------------------- scheduling
+
+/// The scheduling policy of each thread of `pid` (field 41 of its stat).
+fn thread_policies(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            after.split_whitespace().nth(38).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+/// The bus's runtime runs under SCHED_BATCH (src/scheduling.rs), the
+/// services it starts under the default policy, and
+/// BUSVISOR_BATCH_SCHEDULING=0 keeps the bus on the default too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_runs_as_a_batch_task_and_its_services_do_not() {
+    if is_reference() {
+        return; // busvisor's scheduling
+    }
+    let (other, batch) = (libc::SCHED_OTHER, libc::SCHED_BATCH);
+    let off: &[(&str, &str)] = &[("BUSVISOR_BATCH_SCHEDULING", "0")];
+    for (env, want) in [(&[][..], true), (off, false)] {
+        let b = Bus::with_env(
+            |d| write_testsvc(d, "plain", "org.busvisor.Plain", &[], ""),
+            env,
+        );
+        let conn = connect(b.addr()).await;
+        let pid = call_pid(&conn, "org.busvisor.Plain").await;
+        let bus = thread_policies(b.bus.pid());
+        assert_eq!(
+            bus.contains(&batch),
+            want,
+            "bus threads {bus:?}, env {env:?}"
+        );
+        assert!(bus.iter().all(|p| *p == other || *p == batch), "{bus:?}");
+        let service = thread_policies(pid);
+        assert!(service.iter().all(|p| *p == other), "service {service:?}");
+    }
+}
+
 // ---------------------------------------------------------------- /proc scan
 
 /// A /proc scan by environment (how busvisor finds service processes where
