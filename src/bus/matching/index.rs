@@ -27,6 +27,9 @@ pub struct MatchIndex<K: Copy + Eq + Hash> {
     wildcard: Bucket,
 }
 
+/// Below this many slots the index never compacts.
+const ROOM: usize = 64;
+
 #[derive(Debug)]
 struct Entry<K> {
     rule: MatchRule,
@@ -309,6 +312,7 @@ impl<K: Copy + Eq + Hash> MatchIndex<K> {
         }
         if last_of_key {
             self.release_if_unused(slot);
+            self.give_back_room();
         }
         true
     }
@@ -324,6 +328,7 @@ impl<K: Copy + Eq + Hash> MatchIndex<K> {
             }
             self.release_if_unused(slot);
         }
+        self.give_back_room();
     }
 
     fn release_if_unused(&mut self, slot: usize) {
@@ -343,6 +348,59 @@ impl<K: Copy + Eq + Hash> MatchIndex<K> {
         }
         self.drop_bucket_if_empty(place);
         self.free.push(slot);
+    }
+
+    /// Room left by a crowd of rules that came and went is given back. Not
+    /// while slots are held outside the index (`remove_all`'s list).
+    fn give_back_room(&mut self) {
+        if self.entries.len() > ROOM && self.free.len() * 4 > self.entries.len() * 3 {
+            self.compact();
+        }
+    }
+
+    /// Renumbers the live entries into the lowest slots, in their order,
+    /// and lets every table shrink to what it holds. O(entries), once less
+    /// than a quarter of the slots is live: amortised over the removals
+    /// that freed them.
+    fn compact(&mut self) {
+        let mut to = vec![usize::MAX; self.entries.len()];
+        let mut entries = Vec::with_capacity(self.entries.len() - self.free.len());
+        for (old, e) in std::mem::take(&mut self.entries).into_iter().enumerate() {
+            if let Some(e) = e {
+                to[old] = entries.len();
+                entries.push(Some(e));
+            }
+        }
+        self.entries = entries;
+        self.free = Vec::new();
+        let renumber = |slots: &mut Vec<usize>| {
+            for s in slots.iter_mut() {
+                *s = to[*s];
+            }
+        };
+        for slot in self.by_rule.values_mut() {
+            *slot = to[*slot];
+        }
+        for k in self.keys.values_mut() {
+            renumber(&mut k.slots);
+        }
+        let buckets = self
+            .members
+            .values_mut()
+            .chain(self.interfaces.values_mut())
+            .chain(self.senders.values_mut())
+            .chain(std::iter::once(&mut self.wildcard));
+        for b in buckets {
+            renumber(&mut b.rest);
+            b.rest.shrink_to_fit();
+            b.by_arg0.values_mut().for_each(renumber);
+            b.by_arg0.shrink_to_fit();
+        }
+        self.by_rule.shrink_to_fit();
+        self.keys.shrink_to_fit();
+        self.members.shrink_to_fit();
+        self.interfaces.shrink_to_fit();
+        self.senders.shrink_to_fit();
     }
 
     /// How many rules `key` holds, duplicates included.
@@ -507,6 +565,123 @@ mod tests {
             idx.entries.iter().filter(|e| e.is_some()).count() + idx.free.len()
         );
         assert_eq!(visited(&idx, &m, &o), [4]);
+    }
+
+    /// A crowd of subscribers that came and went leaves the index no bigger
+    /// than what stays, and what stays still matches.
+    #[test]
+    fn room_is_given_back_after_a_crowd_leaves() {
+        let mut idx = MatchIndex::new();
+        idx.add(0u32, rule("type='signal',member='Sig'"));
+        for k in 1..1000u32 {
+            idx.add(k, rule(&format!("type='signal',member='Nope{k}'")));
+            idx.add(k, rule(&format!("type='signal',arg0='a{k}'")));
+            idx.add(k, rule(&format!("interface='org.x.I{k}'")));
+        }
+        // One that stays in a high slot, in a bucket shared with the crowd.
+        idx.add(5000, rule("type='signal',arg0='x'"));
+        let m = sig0("x");
+        let o = TestOwners::for_msg(&m);
+        assert_eq!(visited(&idx, &m, &o), [0, 5000]);
+        for k in 1..1000u32 {
+            idx.remove_all(k);
+        }
+        let live = idx.entries.iter().flatten().count();
+        assert_eq!(live, 2);
+        assert!(
+            idx.entries.len() <= ROOM,
+            "{} slots left",
+            idx.entries.len()
+        );
+        assert!(idx.entries.capacity() <= ROOM && idx.by_rule.capacity() < 64);
+        assert!(idx.members.capacity() < 64 && idx.interfaces.capacity() < 64);
+        assert!(idx.wildcard.by_arg0.capacity() < 64);
+        assert_eq!(visited(&idx, &m, &o), [0, 5000]);
+        assert_eq!(idx.count(0) + idx.count(5000), 2);
+        assert!(idx.keys.capacity() < 64);
+        // The renumbered index takes and drops rules as before.
+        idx.add(7, rule("type='signal',member='Sig'"));
+        assert_eq!(visited(&idx, &m, &o), [0, 7, 5000]);
+        assert!(idx.remove(5000, &rule("type='signal',arg0='x'")));
+        idx.remove_all(0);
+        assert_eq!(visited(&idx, &m, &o), [7]);
+        idx.remove_all(7);
+        assert!(idx.is_empty() && idx.wildcard.is_empty());
+    }
+
+    /// Random adds and removals, with crowds that come and go (so that
+    /// slots are reused and the index compacts many times), against a plain
+    /// list of every key's rules: the index finds exactly the keys the list
+    /// does.
+    #[test]
+    fn index_equals_a_plain_list_through_compactions() {
+        let pool: Vec<MatchRule> = [
+            "type='signal',member='Sig'",
+            "type='signal',member='Other'",
+            "type='signal',arg0='x'",
+            "member='Sig',arg0='y'",
+            "interface='org.x.Iface'",
+            "interface='org.x.Iface',arg0='x'",
+            "sender=':1.7'",
+            "type='signal'",
+            "path='/a/b'",
+            "member='Nope'",
+        ]
+        .iter()
+        .map(|r| rule(r))
+        .collect();
+        let msgs = [sig0("x"), sig0("y"), sig0("z")];
+        let mut idx = MatchIndex::new();
+        let mut list: HashMap<u32, Vec<MatchRule>> = HashMap::new();
+        let (mut compactions, mut slots) = (0, 0);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..3000u32 {
+            // A crowd comes (mostly adds), then leaves (mostly removals).
+            let coming = round % 600 < 300;
+            let key = next(30) as u32;
+            let op = next(10);
+            if (coming && op < 8) || (!coming && op < 1) {
+                // Many rules of their own too, so the crowd takes many slots.
+                let r = if next(2) == 0 {
+                    pool[next(pool.len() as u64) as usize].clone()
+                } else {
+                    rule(&format!("type='signal',member='M{round}'"))
+                };
+                idx.add(key, r.clone());
+                list.entry(key).or_default().push(r);
+            } else if (coming && op < 9) || (!coming && op < 4) {
+                let held = list.entry(key).or_default();
+                if let Some(r) = held.pop() {
+                    assert!(idx.remove(key, &r));
+                }
+            } else {
+                idx.remove_all(key);
+                list.remove(&key);
+            }
+            for m in &msgs {
+                let o = TestOwners::for_msg(m);
+                let info = MessageInfo::new(m);
+                let mut want: Vec<u32> = list
+                    .iter()
+                    .filter(|(_, rules)| rules.iter().any(|r| r.matches(&info, &o)))
+                    .map(|(k, _)| *k)
+                    .collect();
+                want.sort_unstable();
+                assert_eq!(visited(&idx, m, &o), want, "round {round}");
+            }
+            let held: usize = list.values().map(Vec::len).sum();
+            assert_eq!(idx.total(), held, "round {round}");
+            // Only a compaction takes slots away.
+            compactions += usize::from(idx.entries.len() < slots);
+            slots = idx.entries.len();
+        }
+        assert!(compactions >= 3, "{compactions} compactions");
     }
 
     /// `may_match` is false only where `for_each_match` finds nothing, and
