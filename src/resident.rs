@@ -3,7 +3,8 @@
 //!
 //! A process's program text is mapped from its files (busvisor's binary,
 //! libc), and every page it ever ran stays in its resident set, along with
-//! its neighbours (the kernel maps up to 64 KiB around each fault). The
+//! its neighbours (a fault maps 64 KiB around it, or the whole large folio
+//! the page cache holds it in). The
 //! keeper ran busvisor's whole start-up (arguments, configuration, service
 //! definitions) and then only waits; the bus ran it too and then serves
 //! messages. `drop_code` unmaps the file pages of a process that waits
@@ -13,8 +14,8 @@
 //!
 //! The bus itself does not drop its code once it is ready: what serves one
 //! client (the Hello, one call) is most of the code it ran (measured: the
-//! same resident set with and without the drop), because the kernel maps
-//! each fault's neighbours too.
+//! same resident set with and without the drop, and with its hot functions
+//! laid out first), because each fault maps its neighbours too.
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
