@@ -153,6 +153,9 @@ read_address() {
     return 1
 }
 
+# bus_pid: the process whose CPU and memory the table reads.
+. "$ROOT/scripts/bus-pid.sh"
+
 # Stops the buses of one section by PID (and forgets them).
 stop_buses() {
     local p
@@ -191,7 +194,7 @@ start_baseline() {
     PIDS+=("$BL_PID")
     BL_ADDR=$(read_address "$D5/$name.address" "$BL_PID") || { cat "$D5/$name.log" >&2; exit 1; }
     echo "== busvisor-before pid $BL_PID  $BL_ADDR  ($BASELINE)" >&2
-    BUS_ARGS+=(--bus "busvisor-before,$BL_PID,$BL_ADDR")
+    BUS_ARGS+=(--bus "busvisor-before,$(bus_pid "$BL_PID"),$BL_ADDR")
 }
 
 echo "== $(nproc) CPUs, load average $(cut -d" " -f1-3 /proc/loadavg), RLIMIT_NOFILE $(ulimit -n), CLK_TCK $(getconf CLK_TCK)" >&2
@@ -210,7 +213,7 @@ start_bus() {
     PIDS+=("$pid")
     addr=$(read_address "$dir/$name.address" "$pid") || { cat "$dir/$name.log" >&2; exit 1; }
     echo "== $name pid $pid  $addr  ($*)" >&2
-    BUS_ARGS+=(--bus "$name,$pid,$addr")
+    BUS_ARGS+=(--bus "$name,$(bus_pid "$pid"),$addr")
     MAIN_BUSES+=("$name" "$pid" "$dir/$name.log")
 }
 
@@ -343,7 +346,7 @@ EOT
     echo "== dbus-daemon pid $DD2_PID  $DD2_ADDR  --config-file $D4/session.conf" >&2
     [ -n "$PYTHON" ] && echo "== python: $PYTHON ($("$PYTHON" --version 2>&1))" >&2
     # The baseline reads the same definitions: each bus starts its own instances.
-    BUS_ARGS=(--bus "busvisor,$BV2_PID,$BV2_ADDR")
+    BUS_ARGS=(--bus "busvisor,$(bus_pid "$BV2_PID"),$BV2_ADDR")
     start_baseline act --address="unix:path=$D5/act-bus" --services-dir "$D3/services"
 
     "$ACT_EXE" "${ACT_ARGS[@]}" "${BUS_ARGS[@]}" \

@@ -65,7 +65,8 @@ start() {
 }
 start a "$A" "$A_CONF"
 start b "$B" "$B_CONF"
-PA=${PIDS[0]} PB=${PIDS[1]}
+. "$(dirname "$0")/bus-pid.sh"
+PA=$(bus_pid "${PIDS[0]}") PB=$(bus_pid "${PIDS[1]}")
 ns() {
     python3 -c "import glob,sys; print(sum(int(open(f).read().split()[0]) for f in glob.glob(f'/proc/{sys.argv[1]}/task/*/schedstat')))" "$1"
 }
