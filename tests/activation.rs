@@ -121,29 +121,6 @@ fn read_epoch(path: &Path) -> f64 {
         .unwrap()
 }
 
-/// Pids appended one per line by `testsvc.py --record`.
-fn read_pids(path: &Path) -> Vec<u32> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-fn read_pid_file(path: &Path) -> u32 {
-    assert!(
-        wait_until(OP_TIMEOUT, || std::fs::read_to_string(path)
-            .is_ok_and(|s| s.trim().parse::<u32>().is_ok())),
-        "no pid in {}",
-        path.display()
-    );
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// `n_calls` method calls and `n_starts` StartServiceByName calls to `name`,
 /// each from its own connection, all at once. Each must fail: returns
 /// (error name, error text, epoch seconds when it arrived).

@@ -267,11 +267,7 @@ fn status_shows_every_process_the_last_lines_and_lasting_causes() {
         );
     });
     a.ok(&["start", "tree"]);
-    let helper: u64 = std::fs::read_to_string(&gc)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let helper = u64::from(read_pid_file(&gc));
     let j = a.json(&["status", "tree"], 0);
     let s = &j["services"][0];
     let main = s["main_pid"].as_u64().unwrap();
@@ -446,11 +442,7 @@ fn verbs_kill_disable_enable_cat_and_no_block() {
     assert_eq!(a.json(&["cat", "k"], 0)["file"], file.to_str().unwrap());
     // kill --main: only the main process; kill: every process.
     a.ok(&["start", "k"]);
-    let helper: i32 = std::fs::read_to_string(&gc)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let helper = read_pid_file(&gc) as i32;
     let main = a.json(&["show", "k", "-p", "MainPID"], 0)["main_pid"]
         .as_u64()
         .unwrap() as i32;

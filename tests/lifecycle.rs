@@ -207,16 +207,7 @@ async fn full_lifecycle_signals_and_properties_in_order() {
     expected.dedup();
     assert_eq!(states, expected, "{states:?}");
     // And the Requester property names the client.
-    let m = within(client.call_method(
-        Some(SUP),
-        "/org/busvisor/Supervisor1/service/crasher",
-        Some("org.freedesktop.DBus.Properties"),
-        "Get",
-        &("org.busvisor.Service1", "Restarts"),
-    ))
-    .await
-    .expect("Get Restarts");
-    let v: OwnedVariant = m.body().deserialize().unwrap();
+    let v = service_prop(&client, "crasher", "Restarts").await;
     assert_eq!(u32::try_from(v).unwrap(), 1);
     let _ = me;
     bus.assert_alive();
@@ -324,6 +315,56 @@ async fn exit_service(client: &zbus::Connection, name: &str, code: i32) {
     assert!(r.is_err(), "Exit does not reply");
 }
 
+/// A Service1 property of service `id`.
+async fn service_prop(client: &zbus::Connection, id: &str, name: &str) -> OwnedVariant {
+    let m = within(client.call_method(
+        Some(SUP),
+        format!("/org/busvisor/Supervisor1/service/{id}").as_str(),
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &("org.busvisor.Service1", name),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("Get {name}: {e}"));
+    m.body().deserialize().unwrap()
+}
+
+/// A testsvc service that ran once and exited with status 3, and the
+/// lifecycle events from its activation until `until` held.
+struct Crashed {
+    _tmp: tempfile::TempDir,
+    bus: TestBus,
+    signals: zbus::MessageStream,
+    client: zbus::Connection,
+    _pids: PidGuard,
+    events: Vec<Event>,
+    states: Vec<String>,
+}
+
+async fn crash_once(name: &str, definition: &str, until: impl Fn(&Event) -> bool) -> Crashed {
+    let (_tmp, bus, mut signals) = testsvc_bus(
+        name,
+        definition,
+        "type='signal',sender='org.busvisor.Supervisor1'",
+    )
+    .await;
+    let client = connect(&bus.address).await;
+    let mut pids = PidGuard::default();
+    pids.add(call_pid(&client, name).await);
+    exit_service(&client, name, 3).await;
+    let (mut events, mut states) = (Vec::new(), Vec::new());
+    collect_until(&mut signals, &mut events, &mut states, until).await;
+    Crashed {
+        _tmp,
+        bus,
+        signals,
+        client,
+        _pids: pids,
+        events,
+        states,
+    }
+}
+
 /// A run that ends in failure with `restart = "no"` is announced: Exited
 /// (a failure), Stopped, then Failed with reason `exited`, and the state
 /// property reads `failed`.
@@ -332,18 +373,11 @@ async fn a_failed_run_without_restart_is_announced_as_failed() {
     if is_reference() {
         return; // busvisor-only: lifecycle events are busvisor's own API
     }
-    let (_tmp, mut bus, mut s) = testsvc_bus(
-        "org.busvisor.Once",
-        "restart = \"no\"\n",
-        "type='signal',sender='org.busvisor.Supervisor1'",
-    )
+    let mut c = crash_once("org.busvisor.Once", "restart = \"no\"\n", |e| {
+        e.member == "Failed"
+    })
     .await;
-    let client = connect(&bus.address).await;
-    let mut pids = PidGuard::default();
-    pids.add(call_pid(&client, "org.busvisor.Once").await);
-    exit_service(&client, "org.busvisor.Once", 3).await;
-    let (mut events, mut states) = (Vec::new(), Vec::new());
-    collect_until(&mut s, &mut events, &mut states, |e| e.member == "Failed").await;
+    let events = &c.events;
     let members: Vec<&str> = events.iter().map(|e| e.member.as_str()).collect();
     assert_eq!(
         members,
@@ -357,21 +391,9 @@ async fn a_failed_run_without_restart_is_announced_as_failed() {
         ],
         "{events:?}"
     );
-    let state: String = {
-        let m = within(client.call_method(
-            Some(SUP),
-            "/org/busvisor/Supervisor1/service/svc",
-            Some("org.freedesktop.DBus.Properties"),
-            "Get",
-            &("org.busvisor.Service1", "State"),
-        ))
-        .await
-        .expect("Get State");
-        let v: OwnedVariant = m.body().deserialize().unwrap();
-        String::try_from(v).unwrap()
-    };
+    let state = String::try_from(service_prop(&c.client, "svc", "State").await).unwrap();
     assert_eq!(state, "failed");
-    bus.assert_alive();
+    c.bus.assert_alive();
 }
 
 /// A stop while a restart waits out its delay is announced (Stopped), so
@@ -381,26 +403,20 @@ async fn a_stop_during_a_restart_delay_is_announced() {
     if is_reference() {
         return; // busvisor-only: lifecycle events are busvisor's own API
     }
-    let (_tmp, mut bus, mut s) = testsvc_bus(
+    let mut c = crash_once(
         "org.busvisor.Again",
         "restart = \"always\"\nrestart_delay = \"30s\"\n",
-        "type='signal',sender='org.busvisor.Supervisor1'",
+        |e| e.member == "Restarting",
     )
     .await;
-    let client = connect(&bus.address).await;
-    let mut pids = PidGuard::default();
-    pids.add(call_pid(&client, "org.busvisor.Again").await);
-    exit_service(&client, "org.busvisor.Again", 3).await;
-    let (mut events, mut states) = (Vec::new(), Vec::new());
-    collect_until(&mut s, &mut events, &mut states, |e| {
-        e.member == "Restarting"
+    sup_call::<_, ()>(&c.client, "Stop", &("svc",)).await;
+    c.events.clear();
+    collect_until(&mut c.signals, &mut c.events, &mut c.states, |e| {
+        e.member == "Stopped"
     })
     .await;
-    sup_call::<_, ()>(&client, "Stop", &("svc",)).await;
-    events.clear();
-    collect_until(&mut s, &mut events, &mut states, |e| e.member == "Stopped").await;
-    assert_eq!(events.len(), 1, "{events:?}");
-    bus.assert_alive();
+    assert_eq!(c.events.len(), 1, "{:?}", c.events);
+    c.bus.assert_alive();
 }
 
 /// The backoff as announced by Restarting's delay: it doubles per

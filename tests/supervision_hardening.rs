@@ -773,14 +773,6 @@ fn not_gone(pids: &[u32]) -> Vec<u32> {
     pids.iter().copied().filter(|p| !pid_gone(*p)).collect()
 }
 
-fn read_pids(file: &Path) -> Vec<u32> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
 async fn helpers_without_token_end_with_their_service(cgroups: bool) {
     let (b, pids_file) = helpers_bus(cgroups, cgroups);
     let read = || read_pids(&pids_file);

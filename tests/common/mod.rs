@@ -371,6 +371,30 @@ pub fn which(program: &str) -> String {
     panic!("{program} not in PATH");
 }
 
+/// Pids appended one per line by `testsvc.py --record`.
+pub fn read_pids(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The pid a service writes to `path`, once it is there.
+pub fn read_pid_file(path: &Path) -> u32 {
+    assert!(
+        wait_until(OP_TIMEOUT, || std::fs::read_to_string(path)
+            .is_ok_and(|s| s.trim().parse::<u32>().is_ok())),
+        "no pid in {}",
+        path.display()
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Poll `cond` until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
