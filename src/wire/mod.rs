@@ -6,6 +6,7 @@
 //! of [`names`]. The transport and the CLI client use zbus directly.
 
 pub(crate) mod args;
+mod encode;
 pub(crate) mod names;
 pub(crate) mod validate;
 
@@ -78,23 +79,35 @@ pub(crate) fn wants_reply(msg: &Message) -> bool {
             .contains(Flags::NO_REPLY_EXPECTED)
 }
 
+/// The header of the bus's answer to `call`: to its sender, in its byte
+/// order.
+fn answer_head<'a>(call: &'a Header<'_>, kind: Type) -> encode::Head<'a> {
+    encode::Head {
+        endian: call.primary().endian_sig().into(),
+        reply_serial: Some(call.primary().serial_num()),
+        destination: call.sender().map(|s| s.as_str()),
+        ..encode::Head::new(kind, names::BUS_NAME)
+    }
+}
+
 /// A method return from the bus to `call`.
 pub(crate) fn reply<B>(call: &Message, body: &B) -> Option<Message>
 where
     B: serde::Serialize + DynamicType,
 {
-    Message::method_return(&call.header())
-        .sender(names::BUS_NAME)
-        .build(body)
+    encode::encode(&answer_head(&call.header(), Type::MethodReturn), body)
         .map_err(|e| warn!("cannot build reply: {e}"))
         .ok()
 }
 
 /// An error from the bus in reply to `call`.
 pub(crate) fn error(call: &Message, e: &BusError) -> Option<Message> {
-    Message::error(&call.header(), e.name_str())
-        .sender(names::BUS_NAME)
-        .build(&(e.text.as_str(),))
+    let header = call.header();
+    let head = encode::Head {
+        error_name: Some(e.name_str()),
+        ..answer_head(&header, Type::Error)
+    };
+    encode::encode(&head, &(e.text.as_str(),))
         .map_err(|err| warn!("cannot build error {}: {err}", e.name_str()))
         .ok()
 }
@@ -110,11 +123,14 @@ pub(crate) fn signal<B>(
 where
     B: serde::Serialize + DynamicType,
 {
-    let mut b = Message::signal(path, iface, member).sender(names::BUS_NAME);
-    if let Some(d) = dest {
-        b = b.destination(d.to_owned());
-    }
-    b.build(body)
+    let head = encode::Head {
+        path: Some(path),
+        interface: Some(iface),
+        member: Some(member),
+        destination: dest,
+        ..encode::Head::new(Type::Signal, names::BUS_NAME)
+    };
+    encode::encode(&head, body)
         .map_err(|e| warn!("cannot build signal {member}: {e}"))
         .ok()
 }
@@ -131,12 +147,15 @@ pub(crate) fn call_from_bus<B>(
 where
     B: serde::Serialize + DynamicType,
 {
-    Message::method_call(path, member)
-        .interface(iface)
-        .destination(dest)
-        .sender(names::BUS_NAME)
-        .with_flags(Flags::NO_REPLY_EXPECTED)
-        .build(body)
+    let head = encode::Head {
+        flags: Flags::NO_REPLY_EXPECTED,
+        path: Some(path),
+        interface: Some(iface),
+        member: Some(member),
+        destination: Some(dest),
+        ..encode::Head::new(Type::MethodCall, names::BUS_NAME)
+    };
+    encode::encode(&head, body)
         .map_err(|e| warn!("cannot build call {member}: {e}"))
         .ok()
 }
