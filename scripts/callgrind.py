@@ -9,6 +9,8 @@ WORKLOAD is one of
                 to a dbus-test-tool echo, as busbench.py's payload4k row
     pipelined   N empty method calls, --queue=64 (busbench.py's pipelined row)
     rtt         N empty method calls, one in flight (busbench.py's rtt row)
+    driver      N calls of org.freedesktop.DBus.GetNameOwner, one in flight
+                (raw socket client, busbench.py's driver row)
     connect     N sequential connect + SASL + Hello + close (raw socket
                 client, busbench.py's connect row)
     idle        N idle clients (Hello + AddMatch) held, then closed: prints
@@ -50,7 +52,7 @@ def rss_kib(pid, field="VmRSS:"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bus", choices=["busvisor", "dbus-daemon"])
-    ap.add_argument("workload", choices=["payload4k", "pipelined", "rtt", "connect", "idle"])
+    ap.add_argument("workload", choices=["payload4k", "pipelined", "rtt", "driver", "connect", "idle"])
     ap.add_argument("n", type=int)
     ap.add_argument("--out", help="keep the callgrind output here")
     ap.add_argument("--services", help="a services directory to load (busvisor --services-dir / <servicedir>)")
@@ -247,6 +249,19 @@ def run(bb, a, address, pid, grind):
         finally:
             echo.terminate()
             echo.wait()
+    elif a.workload == "driver":
+        c = bb.Conn(address)
+        body = bb.body_s(c.unique)
+
+        def calls(n):
+            for _ in range(n):
+                if c.bus_call("GetNameOwner", "s", body)[0] != 2:
+                    sys.exit("GetNameOwner failed")
+        calls(200)
+        zero(pid)
+        calls(a.n)
+        dump(pid)
+        c.close()
     elif a.workload == "connect":
         for _ in range(20):
             bb.Conn(address).close()
