@@ -474,9 +474,12 @@ pub fn set_target(target: LogTarget) {
 mod tests {
     use super::*;
 
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+
     #[test]
     fn the_clock_writes_tracing_subscribers_timestamps() {
-        use std::time::Duration;
         let clock = Clock::default();
         let at = |secs, us: u32| {
             let mut s = String::new();
@@ -504,9 +507,6 @@ mod tests {
         let shape = |t: &str| t.replace(|c: char| c.is_ascii_digit(), "0");
         assert_eq!(shape(&ours), shape(&theirs), "{ours} {theirs}");
     }
-    use std::io::{Read, Write};
-    use std::os::fd::OwnedFd;
-    use std::time::Duration;
 
     fn set_nonblocking(fd: &OwnedFd, on: bool) {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
