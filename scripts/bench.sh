@@ -52,8 +52,11 @@
 # order), and its table of medians with every bus's ratio to dbus-daemon;
 # then scripts/flat-bench.py: fan-out to 10 subscribers alone, with 10,000
 # idle peers holding non-matching rules, and with 100,000 such rules, each
-# bus against its own first row (target: within 1.1). Skipped, with a
-# note, when busbench.py or dbus-test-tool is missing.
+# bus against its own first row (target: within 1.1); then
+# scripts/kernel-floor.py: the least any bus spends per connection and per
+# call with one in flight on this machine, beside busvisor and dbus-daemon
+# (needs gcc). Skipped, with a note, when busbench.py or dbus-test-tool is
+# missing.
 set -euo pipefail
 
 if [ -n "${BASELINE:-}" ]; then
@@ -266,6 +269,15 @@ if [ -n "$RUN_BB" ]; then
             2> >(grep -v '^\[run .* {' >&2) || status=$?
         BUSBENCH=$BUSBENCH python3 "$ROOT/scripts/flat-bench.py" "${BB_BUSES[@]}" "${BB_ARGS[@]}" \
             --out "$D6/flat.jsonl" 2> >(grep -v '^\[run .* {' >&2) || status=$?
+        if command -v gcc >/dev/null; then
+            FLOOR_ARGS=(--busvisor "$BUSVISOR" --dbus-daemon "$DBUS_DAEMON")
+            for a in "${BENCH_ARGS[@]}"; do
+                [ "$a" = --quick ] && FLOOR_ARGS+=(--runs 3 --connections 300 --calls 2000)
+            done
+            BUSBENCH=$BUSBENCH python3 "$ROOT/scripts/kernel-floor.py" "${FLOOR_ARGS[@]}" 2>/dev/null || status=$?
+        else
+            echo "bench.sh: the kernel's floor skipped: needs gcc" >&2
+        fi
         echo "== load average after the libdbus section: $(cut -d" " -f1-3 /proc/loadavg)" >&2
         rm -rf "$D6"
     fi
