@@ -56,6 +56,23 @@ impl<'a> Head<'a> {
             sender,
         }
     }
+
+    /// A signal or method call from `sender` to `member` of `interface` at
+    /// `path`.
+    pub(crate) fn to_member(
+        kind: Type,
+        sender: &'a str,
+        path: &'a str,
+        interface: &'a str,
+        member: &'a str,
+    ) -> Self {
+        Head {
+            path: Some(path),
+            interface: Some(interface),
+            member: Some(member),
+            ..Head::new(kind, sender)
+        }
+    }
 }
 
 /// Serials of the messages the bus sends: unique among them, never 0.
@@ -276,12 +293,13 @@ mod tests {
 
     #[test]
     fn signals_and_calls_are_the_builders() {
-        let noc = Head {
-            path: Some("/org/freedesktop/DBus"),
-            interface: Some("org.freedesktop.DBus"),
-            member: Some("NameOwnerChanged"),
-            ..Head::new(Type::Signal, "org.freedesktop.DBus")
-        };
+        let noc = Head::to_member(
+            Type::Signal,
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameOwnerChanged",
+        );
         let builder = || {
             Message::signal(
                 "/org/freedesktop/DBus",
@@ -300,12 +318,15 @@ mod tests {
             &(ObjectPath::try_from("/a/b").unwrap(),),
         );
         let env = Head {
-            path: Some("/org/freedesktop/systemd1"),
-            interface: Some("org.freedesktop.systemd1.Manager"),
-            member: Some("SetEnvironment"),
             destination: Some("org.freedesktop.systemd1"),
             flags: Flags::NO_REPLY_EXPECTED,
-            ..Head::new(Type::MethodCall, "org.freedesktop.DBus")
+            ..Head::to_member(
+                Type::MethodCall,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+                "SetEnvironment",
+            )
         };
         same(
             Message::method_call("/org/freedesktop/systemd1", "SetEnvironment")
@@ -320,12 +341,13 @@ mod tests {
 
     #[test]
     fn what_the_builder_refuses_is_refused() {
-        let bad_path = Head {
-            path: Some("not/a/path"),
-            interface: Some("org.x"),
-            member: Some("S"),
-            ..Head::new(Type::Signal, "org.freedesktop.DBus")
-        };
+        let bad_path = Head::to_member(
+            Type::Signal,
+            "org.freedesktop.DBus",
+            "not/a/path",
+            "org.x",
+            "S",
+        );
         assert!(encode(&bad_path, &()).is_err());
         let bad_member = Head {
             path: Some("/a"),
@@ -365,12 +387,7 @@ mod tests {
 
     #[test]
     fn serials_are_fresh() {
-        let h = Head {
-            path: Some("/a"),
-            interface: Some("org.x"),
-            member: Some("S"),
-            ..Head::new(Type::Signal, "org.freedesktop.DBus")
-        };
+        let h = Head::to_member(Type::Signal, "org.freedesktop.DBus", "/a", "org.x", "S");
         let a = encode(&h, &()).unwrap().primary_header().serial_num();
         let b = encode(&h, &()).unwrap().primary_header().serial_num();
         assert_ne!(a, b);

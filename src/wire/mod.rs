@@ -124,11 +124,8 @@ where
     B: serde::Serialize + DynamicType,
 {
     let head = encode::Head {
-        path: Some(path),
-        interface: Some(iface),
-        member: Some(member),
         destination: dest,
-        ..encode::Head::new(Type::Signal, names::BUS_NAME)
+        ..encode::Head::to_member(Type::Signal, names::BUS_NAME, path, iface, member)
     };
     encode::encode(&head, body)
         .map_err(|e| warn!("cannot build signal {member}: {e}"))
@@ -149,11 +146,8 @@ where
 {
     let head = encode::Head {
         flags: Flags::NO_REPLY_EXPECTED,
-        path: Some(path),
-        interface: Some(iface),
-        member: Some(member),
         destination: Some(dest),
-        ..encode::Head::new(Type::MethodCall, names::BUS_NAME)
+        ..encode::Head::to_member(Type::MethodCall, names::BUS_NAME, path, iface, member)
     };
     encode::encode(&head, body)
         .map_err(|e| warn!("cannot build call {member}: {e}"))
